@@ -1,0 +1,16 @@
+//! cnnc's compiler: the data flow is **source -> graph -> passes -> kernels**.
+//!
+//! - [`lang`]: the model language (one grammar for `.cnn` files and the `cnn_model!` macro),
+//!   parsed with `syn` and expanded into a [`ir::Graph`].
+//! - [`ir`]: the graph IR, shape inference and the verifier.
+//! - [`cost`]: the architecture cost report (parameters, MACs, FLOPs, memory, receptive field).
+//! - [`passes`] and [`pipeline`]: graph-to-plan passes, one per file, in order.
+//! - `lower` (feature `jit`): Cranelift code generation for the planned kernels.
+#![deny(missing_docs)]
+
+pub mod cost;
+pub mod error;
+pub mod ir;
+pub mod lang;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! cnn_model! proc macro.
