@@ -12,5 +12,7 @@ pub mod cost;
 pub mod error;
 pub mod ir;
 pub mod lang;
+#[cfg(feature = "jit")]
+pub mod lower;
 
 pub use error::{Error, Result};

@@ -1,1 +1,14 @@
-//! cnnc runtime.
+//! cnnc's runtime: the data flow's last stage, **kernels -> execution**.
+//!
+//! - [`reference`]: a plain `ndarray` interpreter of every op, forward and backward: the oracle.
+//! - [`params`]: named parameter tensors (PyTorch layouts), shared by every executor.
+//! - [`init`]: Xavier/Glorot and He initialisers.
+//! - [`optim`]: optimisers as pure `step(param, grad, state)` functions built from a config.
+//! - [`data`]: IDX and image-folder loaders, normalisation, batching, augmentation.
+#![deny(missing_docs)]
+
+pub mod data;
+pub mod init;
+pub mod optim;
+pub mod params;
+pub mod reference;

@@ -1,0 +1,1 @@
+//! Lowering to Cranelift IR and JIT compilation (in progress).
