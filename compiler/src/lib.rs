@@ -12,6 +12,9 @@ pub mod cost;
 pub mod error;
 pub mod ir;
 pub mod lang;
+pub mod passes;
+pub mod pipeline;
+pub mod plan;
 #[cfg(feature = "jit")]
 pub mod lower;
 

@@ -1,0 +1,43 @@
+//! The passes from a verified graph to an execution [`Plan`], in order:
+//!
+//! 1. `ir::verify` — the graph's invariants (debug builds, and always on entry).
+//! 2. [`passes::fuse::fuse`] — cut the graph into fused groups by the fusion table.
+//! 3. [`passes::concat_inplace::concat_inplace`] — place concatenation operands in slices.
+//!
+//! Batch-norm folding happens on parameters, not on the graph: a `Gemm -> BatchNorm` group in
+//! inference mode tells the runtime to fold the running statistics into the weights.
+
+use crate::error::Result;
+use crate::ir::{verify, Graph};
+use crate::passes;
+use crate::plan::{Fusion, Mode, Plan};
+
+/// Compile `g` into a plan for `mode` with `fusion`.
+pub fn plan(g: &Graph, mode: Mode, fusion: Fusion) -> Result<Plan> {
+    verify(g)?;
+    let groups = passes::fuse::fuse(g, mode, fusion);
+    let (placement, inplace_concats) = passes::concat_inplace::concat_inplace(g, &groups, fusion == Fusion::Full);
+    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats };
+    #[cfg(debug_assertions)]
+    check(&plan);
+    Ok(plan)
+}
+
+/// Debug-build invariant check of a plan (see `passes::fuse::fuse`'s "after" clause).
+#[cfg(debug_assertions)]
+fn check(p: &Plan) {
+    let mut seen = std::collections::HashSet::new();
+    let mut ready: std::collections::HashSet<_> = p.graph.inputs().into_iter().collect();
+    for gr in &p.groups {
+        for (i, &n) in gr.nodes.iter().enumerate() {
+            assert!(seen.insert(n), "node {n} in two groups");
+            if i > 0 {
+                assert!(p.graph.operands(n).contains(&gr.nodes[i - 1]), "group chain broken at {n}");
+            }
+            for o in p.graph.operands(n) {
+                assert!(gr.nodes.contains(&o) || ready.contains(&o), "operand {o} of {n} not ready");
+            }
+        }
+        ready.insert(gr.output());
+    }
+}

@@ -1,0 +1,106 @@
+//! The execution plan: what the passes produce and the runtime executes.
+//!
+//! A [`Plan`] is the graph cut into [`Group`]s — chains of nodes one kernel computes
+//! (a convolution with its bias, folded batch-norm, residual add and activation, say) — in an
+//! order where every group's operands are ready, plus where each group writes its result
+//! ([`Placement`]: its own buffer, or a channel slice of a concatenation's buffer).
+
+use crate::ir::{Graph, NodeId};
+use std::fmt;
+
+/// What the plan is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Forward only, batch-norm with running statistics (foldable into weights), dropout off.
+    Inference,
+    /// Forward and backward, batch-norm with batch statistics, dropout on.
+    Training,
+}
+
+/// How aggressively nodes are grouped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fusion {
+    /// Every node is its own group and every value its own buffer ("naive" kernels).
+    None,
+    /// The fusion table of `passes::fuse` and in-place concatenation.
+    Full,
+}
+
+/// A chain of nodes computed by one kernel: `nodes[0]` is the anchor (the op that does the
+/// work); each later node takes the previous one's value as an operand and is applied in the
+/// anchor's epilogue. Only the last node's value is materialised.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// The chain, anchor first.
+    pub nodes: Vec<NodeId>,
+}
+
+impl Group {
+    /// The anchor.
+    pub fn anchor(&self) -> NodeId {
+        self.nodes[0]
+    }
+    /// The node whose value the group produces.
+    pub fn output(&self) -> NodeId {
+        *self.nodes.last().expect("groups are non-empty")
+    }
+}
+
+/// Where a group's value lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Its own buffer.
+    Own,
+    /// Channels `offset..offset + C` of the buffer of the concatenation node `concat`
+    /// (concatenation written in place; the concat node itself then runs no kernel).
+    Slice {
+        /// The concatenation node.
+        concat: NodeId,
+        /// First channel of the slice.
+        offset: usize,
+    },
+}
+
+/// The compiled schedule of a graph.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The graph the plan refers to.
+    pub graph: Graph,
+    /// Inference or training.
+    pub mode: Mode,
+    /// Fusion level used.
+    pub fusion: Fusion,
+    /// Groups in execution order.
+    pub groups: Vec<Group>,
+    /// Placement of each node's value, indexed by `NodeId::index()`; values computed inside a
+    /// group (not its output) are `None`: they never exist in memory.
+    pub placement: Vec<Option<Placement>>,
+    /// Concatenations computed in place (no kernel runs for them).
+    pub inplace_concats: Vec<NodeId>,
+}
+
+impl Plan {
+    /// The group that produces `node`'s value, if it is materialised.
+    pub fn group_of(&self, node: NodeId) -> Option<&Group> {
+        self.groups.iter().find(|g| g.output() == node)
+    }
+}
+
+impl fmt::Display for Plan {
+    /// One line per group: `group %3 [conv1 -> bn1 -> relu1] -> slice of %9 @ 64`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "plan {} ({:?}, fusion {:?}) {{", self.graph.name, self.mode, self.fusion)?;
+        for g in &self.groups {
+            let names: Vec<&str> = g.nodes.iter().map(|&n| self.graph.node(n).name.as_str()).collect();
+            write!(f, "  {} [{}]", g.output(), names.join(" -> "))?;
+            match self.placement[g.output().index()] {
+                Some(Placement::Slice { concat, offset }) => writeln!(f, " -> slice of {concat} @ {offset}")?,
+                _ => writeln!(f)?,
+            }
+        }
+        for c in &self.inplace_concats {
+            writeln!(f, "  {c} {} in place", self.graph.node(*c).name)?;
+        }
+        writeln!(f, "}}")
+    }
+}
