@@ -162,8 +162,9 @@ pub(crate) fn bind<'c>(what: &str, spec: &ParamSpec, call: &'c Call) -> Result<V
             }
         }
     }
+    // Missing arguments are usually a consequence of the errors above: report them alone.
     for (i, req) in spec.required.iter().enumerate() {
-        if *req && out[i].is_none() {
+        if errs.is_empty() && *req && out[i].is_none() {
             errs.push(
                 Diagnostic::new(call.span, format!("{what} `{callee}` is missing its argument `{}`", spec.names[i]))
                     .help(format!("usage: {}", spec.usage(callee))),
