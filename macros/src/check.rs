@@ -1,0 +1,143 @@
+//! Checking: the model language parses and checks the program, every model is expanded into a
+//! graph (which infers and checks every shape), and the numbers the generated constants hold
+//! are computed here, during expansion.
+//!
+//! Inline programs report each diagnostic at the user's own token. A `.cnn` file is parsed with
+//! proc-macro2's fallback lexer so its spans carry line and column; its diagnostics are rendered
+//! rustc-style (`--> path:line:col`, the source line and carets) and reported at the path
+//! literal.
+
+use crate::ctxt::Ctxt;
+use crate::input::FileRef;
+use cnnc_compiler::cost;
+use cnnc_compiler::ir::Shape;
+use cnnc_compiler::lang::{self, Diagnostics, Program};
+use proc_macro2::Span;
+use std::path::PathBuf;
+
+/// What the generated code needs to know about one model.
+pub(crate) struct CheckedModel {
+    /// The model's name.
+    pub name: String,
+    /// Its doc comment lines (used for models read from a file).
+    pub docs: Vec<String>,
+    /// Per-sample input shape.
+    pub input: Shape,
+    /// Per-sample output shapes, the main output first.
+    pub outputs: Vec<Shape>,
+    /// Parameter count.
+    pub params: u64,
+    /// Multiply-accumulates for one sample.
+    pub macs: u64,
+    /// Number of graph nodes (input included).
+    pub layers: usize,
+}
+
+/// Check an inline program; diagnostics are reported at the user's tokens.
+pub(crate) fn inline(cx: &Ctxt, program: proc_macro2::TokenStream) -> Vec<CheckedModel> {
+    match lang::parse_tokens(program) {
+        Ok(p) => summarize(&p, &mut |d| cx.push(d.to_syn_error())),
+        Err(d) => {
+            cx.push(d.to_syn_error());
+            Vec::new()
+        }
+    }
+}
+
+/// A model file, read and checked.
+pub(crate) struct CheckedFile {
+    /// Absolute path (for `include_bytes!`, so edits trigger recompilation).
+    pub path: PathBuf,
+    /// The file's text, exactly as checked.
+    pub text: String,
+    /// Its models.
+    pub models: Vec<CheckedModel>,
+}
+
+/// Read and check the file named by `file`; every error is reported at the path literal.
+pub(crate) fn file(cx: &Ctxt, file: &FileRef) -> Option<CheckedFile> {
+    let shown = file.path.value();
+    let at = file.path.span();
+    let path = match std::env::var_os("CARGO_MANIFEST_DIR") {
+        Some(dir) => PathBuf::from(dir).join(&shown),
+        None => PathBuf::from(&shown),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            cx.push(syn::Error::new(
+                at,
+                format!("cannot read model file `{}`: {e}\n  = note: the path is relative to the crate's directory (CARGO_MANIFEST_DIR)", path.display()),
+            ));
+            return None;
+        }
+    };
+    let path = path.canonicalize().unwrap_or(path);
+
+    // Lex and check with proc-macro2's own implementation: its spans know line and column in
+    // `text`, which the compiler's spans for a string parsed inside a macro do not. Nothing
+    // created while forced leaves this block except strings and numbers.
+    proc_macro2::fallback::force();
+    let mut rendered = Vec::new();
+    let models = match lang::parse_source(&shown, &text) {
+        Ok(p) => summarize(&p, &mut |d| rendered.extend(render(&d, &shown, &text))),
+        Err(d) => {
+            rendered.extend(render(&d, &shown, &text));
+            Vec::new()
+        }
+    };
+    proc_macro2::fallback::unforce();
+
+    for r in rendered {
+        cx.push(syn::Error::new(at, r));
+    }
+    Some(CheckedFile { path, text, models })
+}
+
+/// Each diagnostic rendered against the file (without the leading `error: `, which rustc adds).
+fn render(d: &Diagnostics, shown: &str, text: &str) -> Vec<String> {
+    d.iter()
+        .map(|d| {
+            let r = d.render(shown, text);
+            let r = r.strip_prefix("error: ").unwrap_or(&r);
+            r.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// Expand every model and compute its constants; failures go to `report`.
+fn summarize(p: &Program, report: &mut dyn FnMut(Diagnostics)) -> Vec<CheckedModel> {
+    let mut out = Vec::new();
+    for m in p.models() {
+        match p.expand(&m.name) {
+            Ok(g) => {
+                let c = cost::analyze(&g, 1);
+                out.push(CheckedModel {
+                    name: m.name.clone(),
+                    docs: m.docs.clone(),
+                    input: m.input,
+                    outputs: g.outputs().into_iter().map(|o| g.node(o).shape).collect(),
+                    params: c.totals.params,
+                    macs: c.totals.macs,
+                    layers: g.len(),
+                });
+            }
+            Err(d) => report(d),
+        }
+    }
+    out
+}
+
+/// A Rust identifier for a model read from a file (inline models keep the user's own token).
+pub(crate) fn type_ident(cx: &Ctxt, name: &str, span: Span) -> Option<syn::Ident> {
+    match syn::parse_str::<syn::Ident>(name) {
+        Ok(mut id) => {
+            id.set_span(span);
+            Some(id)
+        }
+        Err(_) => {
+            cx.push(syn::Error::new(span, format!("model name `{name}` is not a valid Rust type name")));
+            None
+        }
+    }
+}
