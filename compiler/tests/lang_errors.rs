@@ -45,8 +45,16 @@ fn only(text: &str) -> Diagnostic {
 #[test]
 fn lexing_error_is_located() {
     let d = only("model M(input: 1x8x8) {\n    relu;\n    conv(4, 3x3));\n}\n");
-    assert!(d.message.starts_with("cannot read the tokens"), "{}", d.message);
-    assert_eq!(d.line_col().map(|l| l.0), Some(3));
+    is(&d, "unmatched closing `)`", (3, 17), None);
+    let d = only("model M(input: 1x8x8) {\n    relu;\n    conv(4, 3x3;\n}\n");
+    is(&d, "unclosed `(`", (3, 9), None);
+    assert_eq!(d.label.as_deref(), Some("this `(` is closed by the `}` at 4:1"));
+    let d = only("model M(input: 1x8x8) { // a ( in a comment\n    relu; /* and ) here */\n    conv(4, 3x3);\n");
+    is(&d, "unclosed `{`", (1, 23), None);
+    let d = only("model M(input: 1x8x8) {\n    relu; €\n}\n");
+    is(&d, "unexpected character `€`", (2, 11), None);
+    let d = only("model M(input: 1x8x8) {\n    relu; \"oops;\n}\n");
+    is(&d, "unterminated string", (2, 11), None);
 }
 
 #[test]

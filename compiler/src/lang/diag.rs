@@ -213,6 +213,92 @@ impl IntoIterator for Diagnostics {
     }
 }
 
+/// A span at 1-based `line` and 0-based `column`, for rendering only: text parsed on its
+/// own, padded so its single token starts there (proc-macro2 gives every parsed string its
+/// own line numbering).
+fn span_at(line: usize, column: usize) -> Span {
+    let text = format!("{}{}x", "\n".repeat(line.saturating_sub(1)), " ".repeat(column));
+    text.parse::<proc_macro2::TokenStream>()
+        .ok()
+        .and_then(|ts| ts.into_iter().next())
+        .map_or_else(Span::call_site, |t| t.span())
+}
+
+/// Explain why `text` does not split into tokens. The lexer only says where it stopped
+/// (`fallback`); delimiters are matched here (skipping comments, strings and characters) so
+/// an unclosed `(` is reported at the `(`.
+pub(crate) fn lex_error(text: &str, fallback: Span) -> Diagnostic {
+    let help = "a model file must be valid Rust tokens: balanced `()`, `{}` and `[]`, closed strings and `/* */` comments";
+    let mut stack: Vec<(char, usize, usize)> = Vec::new();
+    let lines: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
+    let (mut block_comment, mut string): (usize, Option<(usize, usize)>) = (0, None);
+    for (li, l) in lines.iter().enumerate() {
+        let mut i = 0;
+        while i < l.len() {
+            let (c, next) = (l[i], l.get(i + 1).copied());
+            if block_comment > 0 {
+                if c == '*' && next == Some('/') {
+                    block_comment -= 1;
+                    i += 1;
+                } else if c == '/' && next == Some('*') {
+                    block_comment += 1;
+                    i += 1;
+                }
+            } else if string.is_some() {
+                if c == '\\' {
+                    i += 1;
+                } else if c == '"' {
+                    string = None;
+                }
+            } else {
+                match c {
+                    '/' if next == Some('/') => break,
+                    '/' if next == Some('*') => {
+                        block_comment = 1;
+                        i += 1;
+                    }
+                    '"' => string = Some((li + 1, i)),
+                    '(' | '[' | '{' => stack.push((c, li + 1, i)),
+                    ')' | ']' | '}' => {
+                        let open = match c {
+                            ')' => '(',
+                            ']' => '[',
+                            _ => '{',
+                        };
+                        let deeper = stack.iter().any(|s| s.0 == open);
+                        match stack.pop() {
+                            Some((o, ..)) if o == open => {}
+                            Some((o, ol, oc)) if deeper => {
+                                return Diagnostic::new(span_at(ol, oc), format!("unclosed `{o}`"))
+                                    .label(format!("this `{o}` is closed by the `{c}` at {}:{}", li + 1, i + 1))
+                                    .help(help)
+                            }
+                            _ => {
+                                return Diagnostic::new(span_at(li + 1, i), format!("unmatched closing `{c}`")).help(help)
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+    }
+    if let Some((l, c)) = string {
+        return Diagnostic::new(span_at(l, c), "unterminated string").help(help);
+    }
+    if let Some((o, l, c)) = stack.pop() {
+        return Diagnostic::new(span_at(l, c), format!("unclosed `{o}`")).label("never closed").help(help);
+    }
+    let at = fallback.start();
+    let ch = lines.get(at.line.saturating_sub(1)).and_then(|l| l.get(at.column)).copied();
+    let msg = match ch {
+        Some(c) if !c.is_whitespace() => format!("unexpected character `{c}`"),
+        _ => "cannot split the text into tokens".to_string(),
+    };
+    Diagnostic::new(fallback, msg).help(help)
+}
+
 /// Join two spans into one covering both (falls back to `a` where joining is unsupported,
 /// i.e. inside a proc macro on stable Rust).
 pub(crate) fn join(a: Span, b: Span) -> Span {
@@ -234,13 +320,13 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The candidate closest to `name`, if it is close enough to be a plausible typo
-/// (distance at most one third of the length, and at least 1 allowed).
+/// (edit distance at most a third of the name's length, and at least 1).
 pub(crate) fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (name.chars().count() / 3).max(1);
     candidates
         .into_iter()
         .map(|c| (edit_distance(name, c), c))
-        .filter(|&(d, c)| d <= limit || (c.len() > name.len() && c.starts_with(name)) || name.starts_with(c) && c.len() >= 3)
+        .filter(|&(d, _)| d <= limit)
         .min_by_key(|&(d, _)| d)
         .map(|(_, c)| c)
 }

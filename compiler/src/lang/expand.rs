@@ -214,7 +214,6 @@ impl<'a> Expander<'a> {
                 })
             }
             StmtKind::Side(b) => {
-                let named = label.is_some();
                 let group = label.map(|l| format!("{}{}", ns.prefix, l.text));
                 let out = match &group {
                     Some(gname) => self.scoped(gname, |x| {
@@ -223,7 +222,6 @@ impl<'a> Expander<'a> {
                     })?,
                     None => self.body(b, env, ns, cur)?,
                 };
-                debug_assert!(named || group.is_none());
                 self.sides.push(out);
                 Ok(cur)
             }
@@ -279,7 +277,7 @@ impl<'a> Expander<'a> {
         if let Some(sig) = layers::lookup(&c.name.text) {
             let bound = bind("layer", &sig.spec(), c).map_err(first)?;
             let args: Args = bound.iter().map(|a| a.map(|a| eval(&a.value, env).map(|v| (v, a.span))).transpose()).collect::<R<_>>()?;
-            let op = layers::build(sig, &args, self.g.node(cur).shape).map_err(|d| d)?;
+            let op = layers::build(sig, &args, self.g.node(cur).shape)?;
             return self.g.add(full, op, &[cur]).map_err(|e| self.layer_error(e, c.span, &c.name.text, cur));
         }
         let Some(block) = self.blocks.get(c.name.text.as_str()).copied() else {

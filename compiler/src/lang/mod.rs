@@ -65,17 +65,20 @@ pub fn parse_tokens(ts: TokenStream) -> Result<Program, Diagnostics> {
     let (items, syntax) = parse::parse_program(ts);
     let mut diags: Vec<Diagnostic> =
         syntax.into_iter().flat_map(|e| e.into_iter()).map(|e| Diagnostic::new(e.span(), e.to_string())).collect();
-    let (models, errs) = check::check(&items);
-    diags.extend(errs);
+    // A checker run on a partly parsed program would report the skipped parts as missing,
+    // so syntax errors are reported alone.
     if diags.is_empty() {
-        Ok(Program { items, models })
-    } else {
-        diags.sort_by_key(|d| {
-            let s = d.span.start();
-            (s.line, s.column)
-        });
-        Err(Diagnostics(diags))
+        let (models, errs) = check::check(&items);
+        if errs.is_empty() {
+            return Ok(Program { items, models });
+        }
+        diags = errs;
     }
+    diags.sort_by_key(|d| {
+        let s = d.span.start();
+        (s.line, s.column)
+    });
+    Err(Diagnostics(diags))
 }
 
 /// Parse and check the text of a `.cnn` file. Spans carry line and column (relative to `text`),
@@ -85,11 +88,7 @@ pub fn parse_source(file_name: &str, text: &str) -> Result<Program, Diagnostics>
         Ok(ts) => parse_tokens(ts),
         Err(e) => {
             let _ = file_name;
-            let msg = e.to_string();
-            let msg = msg.split(" at ").next().unwrap_or(&msg).to_string();
-            let d = Diagnostic::new(e.span(), format!("cannot read the tokens: {msg}"))
-                .help("the file must be valid Rust tokens: balanced `()`, `{}` and `[]`, terminated strings, and `//`/`/* */` comments");
-            Err(Diagnostics::single(d))
+            Err(Diagnostics::single(diag::lex_error(text, e.span())))
         }
     }
 }
@@ -119,6 +118,14 @@ impl Program {
         self.items.iter().filter_map(|i| match i {
             ast::Item::Block(b) => Some(b.name.text.as_str()),
             ast::Item::Model(_) => None,
+        })
+    }
+
+    /// The doc comment lines of block `name`.
+    pub fn block_docs(&self, name: &str) -> Option<&[String]> {
+        self.items.iter().find_map(|i| match i {
+            ast::Item::Block(b) if b.name.text == name => Some(b.docs.as_slice()),
+            _ => None,
         })
     }
 
