@@ -312,3 +312,18 @@ fn parse_tokens_accepts_macro_input() {
     let g = p.expand("Vec784").unwrap();
     assert_eq!(names(&g), ["input", "dense1", "relu1", "dense2"]);
 }
+
+#[test]
+fn else_if_chains_and_positionals_by_name() {
+    let p = src("
+        model M(input: 3x8x8, mode = 2) {
+            if mode == 1 { a: relu; } else if mode == 2 { a: conv(out = 5, kernel = 1x1) } else { a: tanh }
+        }
+    ");
+    let g = p.expand("M").unwrap();
+    assert_eq!(shape(&g, "a"), Shape::chw(5, 8, 8));
+    let g = p.expand_with("M", &[("mode", Value::Int(1))]).unwrap();
+    assert_eq!(g.node(g.find("a").unwrap()).op.kind(), "relu");
+    let g = p.expand_with("M", &[("mode", Value::Int(7))]).unwrap();
+    assert_eq!(g.node(g.find("a").unwrap()).op.kind(), "tanh");
+}
