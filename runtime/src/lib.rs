@@ -5,8 +5,12 @@
 //! - [`init`]: Xavier/Glorot and He initialisers.
 //! - [`optim`]: optimisers as pure `step(param, grad, state)` functions built from a config.
 //! - [`data`]: IDX and image-folder loaders, normalisation, batching, augmentation.
+//! - [`checkpoint`]: atomic safetensors checkpoints with architecture/fingerprint checks.
+//! - [`curves`]: training-curve CSV logs and PNG plots.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
+pub mod curves;
 pub mod data;
 pub mod init;
 pub mod optim;

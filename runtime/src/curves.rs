@@ -1,0 +1,1 @@
+//! Training curves (in progress).
