@@ -1,1 +1,51 @@
-//! Lowering to Cranelift IR and JIT compilation (in progress).
+//! Lowering to Cranelift: JIT-compiled, shape-specialised kernels for the compute-heavy ops,
+//! forward and backward, behind a safe per-layer API that a graph executor calls.
+//!
+//! ## Structure
+//! - [`jit`]: the `JITModule` wrapper ([`jit::Jit`]); every kernel has one uniform signature
+//!   (seven `f32` pointers) and declares how far it may read/write behind each.
+//! - [`entry`]: **all** `unsafe` code (function-pointer transmute, calls, freeing the code),
+//!   with the bounds it relies on listed in its header.
+//! - [`gemm`]: the register-blocked `4 x 8` `f32x4`+`fma` micro-kernel with its fused epilogue
+//!   (bias, folded batch-norm scale/shift, residual add, relu/leaky relu, accumulate, output
+//!   leading dimension for concat slices), packing and the panel driver.
+//! - [`conv`]: [`ConvKernels`] — convolution forward / backward-data / backward-weight via
+//!   implicit im2col + GEMM (any kernel, stride, asymmetric padding, dilation, groups).
+//! - [`dense`]: [`DenseKernels`] — fully connected layers as GEMMs over the batch.
+//! - [`naive`]: scalar JIT loop nests for the same conv/dense maths ([`Mode::Naive`]), the
+//!   baseline of the benchmarks.
+//! - [`pool`], [`pointwise`]: max/avg pooling, activations, batch norm (plain Rust written to
+//!   auto-vectorise; memory-bound, so JIT buys little there).
+//! - [`peak`]: a JIT'd FMA throughput loop measuring this machine's 128-bit peak, and GFLOP/s
+//!   helpers used by `benches/kernels.rs`.
+//!
+//! ## Conventions for the executor
+//! Tensors are NCHW `f32` slices; one call processes as many samples as the slices hold, so the
+//! batch can be split over threads by sample (kernels are `Send + Sync` and take `&self`).
+//! Gradients are accumulated (`+=`), llm.c style: zero them once per step. Every public call
+//! checks all slice lengths and returns [`crate::Error::Codegen`] naming the layer on a
+//! mismatch; nothing enters JIT code unchecked.
+
+pub mod conv;
+pub mod dense;
+pub mod entry;
+pub mod gemm;
+pub mod jit;
+pub mod naive;
+pub mod peak;
+pub mod pointwise;
+pub mod pool;
+
+pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, Epilogue, EpilogueArgs};
+pub use dense::DenseKernels;
+pub use gemm::FusedAct;
+
+/// Which implementation a layer's kernels use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Packed, register-blocked, vectorised GEMM with the epilogue fused (the fast path).
+    #[default]
+    Blocked,
+    /// Scalar loop nests compiled one kernel per op, epilogue as a separate pass (baseline).
+    Naive,
+}

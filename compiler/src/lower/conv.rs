@@ -1,0 +1,677 @@
+//! Convolution forward and backward on the JIT GEMM ([`gemm`](super::gemm)), or on naive JIT
+//! loops ([`naive`](super::naive)) for comparison.
+//!
+//! ## Layouts (NCHW, as PyTorch)
+//! - input `x`: `[n, Cin, H, W]`; weights `w`: `[Cout, Cin/g, kh, kw]`; bias `b`: `[Cout]`;
+//! - output `out`: `[n, Ctot, OH, OW]` where this layer owns channels
+//!   `offset..offset+Cout` (`Ctot = Cout`, `offset = 0` unless [`Epilogue::concat`] is set: a
+//!   concat branch then writes straight into its slice of the shared output);
+//! - `d_out` has the same layout as `out` (the concat gradient, sliced the same way);
+//! - `residual`: `[n, Cout, OH, OW]`; `scale`, `shift`: `[Cout]`.
+//!
+//! `n` (the number of samples) is whatever the slices hold: `x.len() / (Cin*H*W)`; every other
+//! slice must match it exactly, so a runtime can split a batch over threads by handing each
+//! thread whole samples (weight gradients then go to per-thread buffers that it sums).
+//!
+//! ## Maths (per sample, per group `g`, `P = OH*OW`, `Kc = Cin/g*kh*kw`)
+//! - forward: `out_g[Cout/g, P] = epi(W_g[Cout/g, Kc] · col_g[Kc, P])`, where
+//!   `col[(ci,ky,kx), (oy,ox)] = x[ci, oy*sh - pt + ky*dh, ox*sw - pl + kx*dw]` (0 outside);
+//!   `col` is never materialised: each `Kc x 8` B panel is gathered straight from `x`.
+//!   A 1x1 stride-1 unpadded convolution reads `x` itself as `col`.
+//! - backward data: `d_col = W_gᵀ · d_out_g`, then `d_x += col2im(d_col)` (the adjoint of the
+//!   gather above: every `col` element's gradient is added to the `x` element it was read from).
+//! - backward weight: `d_W_g += d_out_g · col_gᵀ` (reduction over pixels, blocked by 256),
+//!   `d_b[co] += Σ_p d_out[co, p]`.
+//!
+//! The fused epilogue applies to `forward` only. `backward_*` take the gradient with respect to
+//! the convolution's own result (`W·col + b`): a runtime that fused an activation or residual
+//! must first take the gradient through them.
+
+use super::gemm::{self, pack_a, BiasKind, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, MR, NR};
+use super::jit::{Jit, KernelId};
+use super::naive;
+use super::Mode;
+use crate::ir::Conv2d;
+use crate::{Error, Result};
+use std::time::Duration;
+
+/// A convolution's geometry, resolved and validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub cin: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// Stride `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// Padding `[top, bottom, left, right]`.
+    pub pads: [usize; 4],
+    /// Dilation `[dh, dw]`.
+    pub dilation: [usize; 2],
+    /// Channel groups.
+    pub groups: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+impl ConvGeometry {
+    /// Resolve `conv` on a `cin x h x w` input; errors name `layer`.
+    pub fn new(layer: &str, conv: &Conv2d, (cin, h, w): (usize, usize, usize)) -> Result<ConvGeometry> {
+        let err = |m: String| Error::Codegen { layer: layer.to_string(), message: m };
+        let [kh, kw] = conv.kernel;
+        let [sh, sw] = conv.stride;
+        let [dh, dw] = conv.dilation;
+        if kh == 0 || kw == 0 || sh == 0 || sw == 0 || dh == 0 || dw == 0 {
+            return Err(err(format!(
+                "conv kernel {kh}x{kw}, stride {sh}x{sw}, dilation {dh}x{dw}: all must be >= 1"
+            )));
+        }
+        let g = conv.groups;
+        if g == 0 || cin % g != 0 || conv.out_channels % g != 0 || conv.out_channels == 0 || cin == 0 {
+            return Err(err(format!(
+                "groups {g} must divide input channels {cin} and output channels {}",
+                conv.out_channels
+            )));
+        }
+        let dk = conv.dilated_kernel();
+        let pads = conv.padding.resolve([h, w], dk, conv.stride);
+        let (ph, pw) = (h + pads[0] + pads[1], w + pads[2] + pads[3]);
+        if ph < dk[0] || pw < dk[1] {
+            return Err(err(format!(
+                "padded input {ph}x{pw} smaller than the dilated kernel {}x{}",
+                dk[0], dk[1]
+            )));
+        }
+        Ok(ConvGeometry {
+            cin,
+            h,
+            w,
+            cout: conv.out_channels,
+            kernel: conv.kernel,
+            stride: conv.stride,
+            pads,
+            dilation: conv.dilation,
+            groups: g,
+            oh: (ph - dk[0]) / sh + 1,
+            ow: (pw - dk[1]) / sw + 1,
+        })
+    }
+
+    /// Input elements per sample.
+    pub fn in_numel(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    /// Output pixels per channel `OH*OW`.
+    pub fn pixels(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Weight elements `Cout*Cin/g*kh*kw`.
+    pub fn weight_numel(&self) -> usize {
+        self.cout * self.kc()
+    }
+    /// Reduction length of one group's GEMM, `Cin/g*kh*kw`.
+    pub fn kc(&self) -> usize {
+        self.cin / self.groups * self.kernel[0] * self.kernel[1]
+    }
+    /// Multiply-accumulates per sample (forward).
+    pub fn macs(&self) -> usize {
+        self.cout * self.pixels() * self.kc()
+    }
+    /// Whether `col` is the input itself (1x1, stride 1, no padding).
+    pub fn is_direct(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.pads == [0; 4]
+    }
+}
+
+/// A concat destination: this layer's output is channels `offset..offset+Cout` of a tensor with
+/// `total` channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelSlice {
+    /// Channels of the shared output tensor.
+    pub total: usize,
+    /// First channel this layer writes.
+    pub offset: usize,
+}
+
+/// What a convolution's forward kernel fuses into its stores (bias comes from
+/// [`Conv2d::bias`]). Order: `act((acc + b) * scale + shift + residual)`, then `=` or `+=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Epilogue {
+    /// Per-channel `scale`, `shift` (a folded inference batch norm).
+    pub affine: bool,
+    /// Add a residual tensor (`[n, Cout, OH, OW]`) before the activation.
+    pub residual: bool,
+    /// Fused activation.
+    pub act: FusedAct,
+    /// Add into the output instead of overwriting it.
+    pub accumulate: bool,
+    /// Write into a channel slice of a larger (concat) output.
+    pub concat: Option<ChannelSlice>,
+}
+
+/// Extra forward operands for a fused epilogue.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EpilogueArgs<'a> {
+    /// `(scale, shift)`, each `[Cout]`; required iff [`Epilogue::affine`].
+    pub affine: Option<(&'a [f32], &'a [f32])>,
+    /// `[n, Cout, OH, OW]`; required iff [`Epilogue::residual`].
+    pub residual: Option<&'a [f32]>,
+}
+
+/// Pixels per block of the weight-gradient reduction.
+const WGRAD_BLOCK: usize = 256;
+
+#[derive(Debug)]
+enum Impl {
+    Blocked { fwd: Gemm, bwd_data: Gemm, bwd_w: Gemm, bwd_w_tail: Option<Gemm> },
+    Naive { fwd: super::entry::Kernel, bwd_data: super::entry::Kernel, bwd_w: super::entry::Kernel },
+}
+
+/// The compiled kernels of one convolution layer: forward, backward-data, backward-weight.
+/// `Send + Sync`; calls take `&self` and may run concurrently on disjoint outputs.
+#[derive(Debug)]
+pub struct ConvKernels {
+    layer: String,
+    geom: ConvGeometry,
+    bias: bool,
+    epi: Epilogue,
+    imp: Impl,
+    /// `(channel offset, dy, dx)` per row of `col` within a group.
+    ktab: Vec<(usize, isize, isize)>,
+    compile_time: Duration,
+}
+
+fn conv_err(layer: &str, m: String) -> Error {
+    Error::Codegen { layer: layer.to_string(), message: m }
+}
+
+impl ConvKernels {
+    /// Compile the kernels of `conv` (named `layer` in errors) on a per-sample input
+    /// `(Cin, H, W)`, with the forward epilogue `epi`, blocked or naive.
+    pub fn compile(layer: &str, conv: &Conv2d, in_shape: (usize, usize, usize), epi: Epilogue, mode: Mode) -> Result<ConvKernels> {
+        let geom = ConvGeometry::new(layer, conv, in_shape)?;
+        if let Some(cs) = epi.concat {
+            if cs.offset + geom.cout > cs.total {
+                return Err(conv_err(layer, format!(
+                    "concat slice {}..{} exceeds the {} output channels",
+                    cs.offset,
+                    cs.offset + geom.cout,
+                    cs.total
+                )));
+            }
+        }
+        let g = &geom;
+        let p = g.pixels();
+        let mg = g.cout / g.groups;
+        let kc = g.kc();
+        let mut jit = Jit::new(layer)?;
+        enum Plan {
+            Blocked(GemmPlan, GemmPlan, GemmPlan, Option<GemmPlan>),
+            Naive(KernelId, KernelId, KernelId),
+        }
+        let plan = match mode {
+            Mode::Blocked => {
+                let fwd = GemmSpec {
+                    m: Some(mg),
+                    n: p,
+                    k: kc,
+                    ldc: p,
+                    ldr: p,
+                    bias: if conv.bias { BiasKind::Row } else { BiasKind::None },
+                    affine: epi.affine,
+                    residual: epi.residual,
+                    act: epi.act,
+                    accumulate: epi.accumulate,
+                };
+                let fwd = GemmPlan::define(&mut jit, "conv_fwd", fwd)?;
+                // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
+                let bd = if g.is_direct() {
+                    GemmSpec::plain(Some(kc), p, mg, p, true)
+                } else {
+                    GemmSpec::plain(Some(kc), NR, mg, NR, false)
+                };
+                let bd = GemmPlan::define(&mut jit, "conv_bwd_data", bd)?;
+                let kb = WGRAD_BLOCK.min(p);
+                let bw = GemmPlan::define(&mut jit, "conv_bwd_w", GemmSpec::plain(Some(mg), kc, kb, kc, true))?;
+                let bwt = if p % kb != 0 {
+                    Some(GemmPlan::define(&mut jit, "conv_bwd_w_tail", GemmSpec::plain(Some(mg), kc, p % kb, kc, true))?)
+                } else {
+                    None
+                };
+                Plan::Blocked(fwd, bd, bw, bwt)
+            }
+            Mode::Naive => {
+                let (f, d, w) = naive::define_conv(&mut jit, g, conv.bias)?;
+                Plan::Naive(f, d, w)
+            }
+        };
+        let fin = jit.finish()?;
+        let imp = match plan {
+            Plan::Blocked(f, d, w, t) => Impl::Blocked {
+                fwd: f.resolve(&fin),
+                bwd_data: d.resolve(&fin),
+                bwd_w: w.resolve(&fin),
+                bwd_w_tail: t.map(|t| t.resolve(&fin)),
+            },
+            Plan::Naive(f, d, w) => Impl::Naive {
+                fwd: fin.kernels[f.0].clone(),
+                bwd_data: fin.kernels[d.0].clone(),
+                bwd_w: fin.kernels[w.0].clone(),
+            },
+        };
+        let [kh, kw] = g.kernel;
+        let mut ktab = Vec::with_capacity(kc);
+        for ci in 0..g.cin / g.groups {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    ktab.push((
+                        ci * g.h * g.w,
+                        (ky * g.dilation[0]) as isize - g.pads[0] as isize,
+                        (kx * g.dilation[1]) as isize - g.pads[2] as isize,
+                    ));
+                }
+            }
+        }
+        Ok(ConvKernels {
+            layer: layer.to_string(),
+            geom,
+            bias: conv.bias,
+            epi,
+            imp,
+            ktab,
+            compile_time: fin.compile_time,
+        })
+    }
+
+    /// The resolved geometry.
+    pub fn geometry(&self) -> &ConvGeometry {
+        &self.geom
+    }
+
+    /// Time spent in Cranelift for this layer.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// Number of kernels (JIT functions) compiled for this layer.
+    pub fn kernel_count(&self) -> usize {
+        match &self.imp {
+            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail } => {
+                fwd.tile_count() + bwd_data.tile_count() + bwd_w.tile_count() + bwd_w_tail.as_ref().map_or(0, Gemm::tile_count)
+            }
+            Impl::Naive { .. } => 3,
+        }
+    }
+
+    fn slice(&self) -> ChannelSlice {
+        self.epi.concat.unwrap_or(ChannelSlice { total: self.geom.cout, offset: 0 })
+    }
+
+    /// Samples in `x`, checking it holds a whole number of them.
+    fn samples(&self, what: &str, len: usize, per: usize) -> Result<usize> {
+        if per == 0 || len % per != 0 {
+            return Err(conv_err(&self.layer, format!("{what} has {len} elements, not a multiple of {per} per sample")));
+        }
+        Ok(len / per)
+    }
+
+    fn check(&self, what: &str, len: usize, want: usize) -> Result<()> {
+        if len != want {
+            return Err(conv_err(&self.layer, format!("{what} has {len} elements, expected {want}")));
+        }
+        Ok(())
+    }
+
+    /// Forward: `out = epi(conv(x, w) + b)` for every sample in `x` (layouts in the module doc).
+    /// `b` is required iff the layer has a bias; `extra` holds the epilogue's operands.
+    pub fn forward(&self, out: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, extra: EpilogueArgs) -> Result<()> {
+        let g = &self.geom;
+        let n = self.samples("input", x.len(), g.in_numel())?;
+        let cs = self.slice();
+        let p = g.pixels();
+        self.check("output", out.len(), n * cs.total * p)?;
+        self.check("weights", w.len(), g.weight_numel())?;
+        let bias: &[f32] = match (self.bias, b) {
+            (true, Some(b)) => {
+                self.check("bias", b.len(), g.cout)?;
+                b
+            }
+            (false, None) => &[],
+            (true, None) => return Err(conv_err(&self.layer, "bias missing".into())),
+            (false, Some(_)) => return Err(conv_err(&self.layer, "bias given to a layer without one".into())),
+        };
+        let (scale, shift): (&[f32], &[f32]) = match (self.epi.affine, extra.affine) {
+            (true, Some((s, t))) => {
+                self.check("scale", s.len(), g.cout)?;
+                self.check("shift", t.len(), g.cout)?;
+                (s, t)
+            }
+            (false, None) => (&[], &[]),
+            _ => return Err(conv_err(&self.layer, "scale/shift must be given iff the epilogue has them".into())),
+        };
+        let residual: &[f32] = match (self.epi.residual, extra.residual) {
+            (true, Some(r)) => {
+                self.check("residual", r.len(), n * g.cout * p)?;
+                r
+            }
+            (false, None) => &[],
+            _ => return Err(conv_err(&self.layer, "residual must be given iff the epilogue has one".into())),
+        };
+        let mg = g.cout / g.groups;
+        let cg = g.cin / g.groups;
+        let kc = g.kc();
+        let hw = g.h * g.w;
+        match &self.imp {
+            Impl::Blocked { fwd, .. } => {
+                let mut apack = Vec::new();
+                let mut packs = Vec::with_capacity(g.groups);
+                for gi in 0..g.groups {
+                    pack_a(&mut apack, &w[gi * mg * kc..], mg, kc, kc, 1);
+                    packs.push(apack.clone());
+                }
+                let mut panel = vec![0.0f32; kc * NR];
+                for s in 0..n {
+                    for (gi, ap) in packs.iter().enumerate() {
+                        let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
+                        let c_off = (s * cs.total + cs.offset + gi * mg) * p;
+                        let r0 = gi * mg;
+                        let epi = EpiArgs {
+                            bias: if self.bias { &bias[r0..] } else { &[] },
+                            scale: if self.epi.affine { &scale[r0..] } else { &[] },
+                            shift: if self.epi.affine { &shift[r0..] } else { &[] },
+                            residual: if self.epi.residual { &residual[(s * g.cout + r0) * p..] } else { &[] },
+                        };
+                        for j0 in (0..p).step_by(NR) {
+                            let nr = NR.min(p - j0);
+                            if g.is_direct() {
+                                gemm::pack_b_panel(&mut panel, xs, kc, j0, nr, hw, 1);
+                            } else {
+                                self.im2col_panel(&mut panel, xs, j0, nr);
+                            }
+                            fwd.run_panel(out, c_off + j0, mg, j0, ap, &panel, &epi);
+                        }
+                    }
+                }
+            }
+            Impl::Naive { fwd, .. } => {
+                // Unfused: the kernel writes conv + bias, the epilogue is a separate pass.
+                let mut tmp = vec![0.0f32; g.cout * p];
+                for s in 0..n {
+                    fwd.call(&mut tmp, [&x[s * g.in_numel()..][..g.in_numel()], w, bias, &[], &[], &[]]);
+                    let base = (s * cs.total + cs.offset) * p;
+                    for co in 0..g.cout {
+                        for q in 0..p {
+                            let mut t = tmp[co * p + q];
+                            if self.epi.affine {
+                                t = t * scale[co] + shift[co];
+                            }
+                            if self.epi.residual {
+                                t += residual[(s * g.cout + co) * p + q];
+                            }
+                            t = self.epi.act.apply(t);
+                            let o = &mut out[base + co * p + q];
+                            *o = if self.epi.accumulate { *o + t } else { t };
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Backward data: `d_x += ∂L/∂x` from `d_out` (same layout as `out`) and the weights.
+    pub fn backward_data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> Result<()> {
+        let g = &self.geom;
+        let n = self.samples("input gradient", d_x.len(), g.in_numel())?;
+        let cs = self.slice();
+        let p = g.pixels();
+        self.check("output gradient", d_out.len(), n * cs.total * p)?;
+        self.check("weights", w.len(), g.weight_numel())?;
+        let mg = g.cout / g.groups;
+        let cg = g.cin / g.groups;
+        let kc = g.kc();
+        let hw = g.h * g.w;
+        match &self.imp {
+            Impl::Blocked { bwd_data, .. } => {
+                // A = W_gᵀ: element (kk, co) at co*kc + kk.
+                let packs: Vec<Vec<f32>> = (0..g.groups)
+                    .map(|gi| {
+                        let mut a = Vec::new();
+                        pack_a(&mut a, &w[gi * mg * kc..], kc, mg, 1, kc);
+                        a
+                    })
+                    .collect();
+                let mut panel = vec![0.0f32; mg * NR];
+                let mut dcol = vec![0.0f32; kc * NR];
+                for s in 0..n {
+                    for (gi, ap) in packs.iter().enumerate() {
+                        let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
+                        let dx_off = s * g.in_numel() + gi * cg * hw;
+                        for j0 in (0..p).step_by(NR) {
+                            let nr = NR.min(p - j0);
+                            gemm::pack_b_panel(&mut panel, dout, mg, j0, nr, p, 1);
+                            if g.is_direct() {
+                                bwd_data.run_panel(d_x, dx_off + j0, kc, j0, ap, &panel, &EpiArgs::default());
+                            } else {
+                                bwd_data.run_panel(&mut dcol, 0, kc, 0, ap, &panel, &EpiArgs::default());
+                                self.col2im_panel(&mut d_x[dx_off..dx_off + cg * hw], &dcol, j0, nr);
+                            }
+                        }
+                    }
+                }
+            }
+            Impl::Naive { bwd_data, .. } => {
+                let mut dout = vec![0.0f32; g.cout * p];
+                for s in 0..n {
+                    dout.copy_from_slice(&d_out[(s * cs.total + cs.offset) * p..][..g.cout * p]);
+                    bwd_data.call(&mut d_x[s * g.in_numel()..][..g.in_numel()], [&dout, w, &[], &[], &[], &[]]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Backward weight: `d_w += ∂L/∂W` and, for a layer with bias, `d_b += ∂L/∂b`
+    /// (`d_b[co] = Σ_{n,p} d_out[n, co, p]`), summed over every sample in `x`.
+    pub fn backward_weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> Result<()> {
+        let g = &self.geom;
+        let n = self.samples("input", x.len(), g.in_numel())?;
+        let cs = self.slice();
+        let p = g.pixels();
+        self.check("output gradient", d_out.len(), n * cs.total * p)?;
+        self.check("weight gradient", d_w.len(), g.weight_numel())?;
+        match (self.bias, d_b) {
+            (true, Some(db)) => {
+                self.check("bias gradient", db.len(), g.cout)?;
+                for s in 0..n {
+                    let base = (s * cs.total + cs.offset) * p;
+                    for (co, d) in db.iter_mut().enumerate() {
+                        *d += d_out[base + co * p..base + (co + 1) * p].iter().sum::<f32>();
+                    }
+                }
+            }
+            (false, None) => {}
+            (true, None) => return Err(conv_err(&self.layer, "bias gradient missing".into())),
+            (false, Some(_)) => return Err(conv_err(&self.layer, "bias gradient given to a layer without bias".into())),
+        }
+        let mg = g.cout / g.groups;
+        let cg = g.cin / g.groups;
+        let kc = g.kc();
+        let hw = g.h * g.w;
+        match &self.imp {
+            Impl::Blocked { bwd_w, bwd_w_tail, .. } => {
+                let mut apack = Vec::new();
+                let mut panel = vec![0.0f32; WGRAD_BLOCK * NR];
+                for s in 0..n {
+                    for gi in 0..g.groups {
+                        let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
+                        let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
+                        let dw_off = gi * mg * kc;
+                        for p0 in (0..p).step_by(WGRAD_BLOCK) {
+                            let kb = WGRAD_BLOCK.min(p - p0);
+                            let gm = if kb == WGRAD_BLOCK.min(p) { bwd_w } else { bwd_w_tail.as_ref().expect("tail GEMM") };
+                            // A = d_out block: element (co, q) at co*p + p0 + q.
+                            pack_a(&mut apack, &dout[p0..], mg, kb, p, 1);
+                            for j0 in (0..kc).step_by(NR) {
+                                let nr = NR.min(kc - j0);
+                                if g.is_direct() {
+                                    // B = colᵀ = xᵀ: element (q, kk) at kk*hw + p0 + q.
+                                    gemm::pack_b_panel(&mut panel, &xs[p0..], kb, j0, nr, 1, hw);
+                                } else {
+                                    self.im2col_t_panel(&mut panel, xs, p0, kb, j0, nr);
+                                }
+                                gm.run_panel(d_w, dw_off + j0, mg, j0, &apack, &panel, &EpiArgs::default());
+                            }
+                        }
+                    }
+                }
+            }
+            Impl::Naive { bwd_w, .. } => {
+                let mut dout = vec![0.0f32; g.cout * p];
+                for s in 0..n {
+                    dout.copy_from_slice(&d_out[(s * cs.total + cs.offset) * p..][..g.cout * p]);
+                    bwd_w.call(d_w, [&dout, &x[s * g.in_numel()..][..g.in_numel()], &[], &[], &[], &[]]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs of consecutive output pixels `j0..j0+nr` that share an output row:
+    /// `(oy, ox0, len, t0)` with `t0` the position in the panel.
+    fn segments(&self, j0: usize, nr: usize, out: &mut [(usize, usize, usize, usize); NR]) -> usize {
+        let ow = self.geom.ow;
+        let (mut q, mut cnt) = (j0, 0);
+        while q < j0 + nr {
+            let (oy, ox0) = (q / ow, q % ow);
+            let len = (ow - ox0).min(j0 + nr - q);
+            out[cnt] = (oy, ox0, len, q - j0);
+            cnt += 1;
+            q += len;
+        }
+        cnt
+    }
+
+    /// Gather the `Kc x 8` B panel of `col` for pixels `j0..j0+nr` from one group's input.
+    fn im2col_panel(&self, dst: &mut [f32], xs: &[f32], j0: usize, nr: usize) {
+        let g = &self.geom;
+        let (h, w) = (g.h as isize, g.w as isize);
+        let (sh, sw) = (g.stride[0] as isize, g.stride[1] as isize);
+        let mut segs = [(0, 0, 0, 0); NR];
+        let ns = self.segments(j0, nr, &mut segs);
+        if nr < NR {
+            dst[..self.ktab.len() * NR].fill(0.0);
+        }
+        for (kk, &(coff, dy, dx)) in self.ktab.iter().enumerate() {
+            let row = &mut dst[kk * NR..kk * NR + NR];
+            for &(oy, ox0, len, t0) in &segs[..ns] {
+                let iy = oy as isize * sh + dy;
+                let seg = &mut row[t0..t0 + len];
+                if iy < 0 || iy >= h {
+                    seg.fill(0.0);
+                    continue;
+                }
+                let base = coff + (iy * w) as usize;
+                let ix0 = ox0 as isize * sw + dx;
+                if sw == 1 && ix0 >= 0 && ix0 + len as isize <= w {
+                    let s = base + ix0 as usize;
+                    seg.copy_from_slice(&xs[s..s + len]);
+                } else {
+                    for (q, v) in seg.iter_mut().enumerate() {
+                        let ix = ix0 + q as isize * sw;
+                        *v = if ix >= 0 && ix < w { xs[base + ix as usize] } else { 0.0 };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::im2col_panel`]: add a `Kc x 8` panel of `d_col` into one group's
+    /// input gradient.
+    fn col2im_panel(&self, dxs: &mut [f32], dcol: &[f32], j0: usize, nr: usize) {
+        let g = &self.geom;
+        let (h, w) = (g.h as isize, g.w as isize);
+        let (sh, sw) = (g.stride[0] as isize, g.stride[1] as isize);
+        let mut segs = [(0, 0, 0, 0); NR];
+        let ns = self.segments(j0, nr, &mut segs);
+        for (kk, &(coff, dy, dx)) in self.ktab.iter().enumerate() {
+            let row = &dcol[kk * NR..kk * NR + NR];
+            for &(oy, ox0, len, t0) in &segs[..ns] {
+                let iy = oy as isize * sh + dy;
+                if iy < 0 || iy >= h {
+                    continue;
+                }
+                let seg = &row[t0..t0 + len];
+                let base = coff + (iy * w) as usize;
+                let ix0 = ox0 as isize * sw + dx;
+                if sw == 1 && ix0 >= 0 && ix0 + len as isize <= w {
+                    let s = base + ix0 as usize;
+                    for (d, v) in dxs[s..s + len].iter_mut().zip(seg) {
+                        *d += v;
+                    }
+                } else {
+                    for (q, v) in seg.iter().enumerate() {
+                        let ix = ix0 + q as isize * sw;
+                        if ix >= 0 && ix < w {
+                            dxs[base + ix as usize] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The B panel of `colᵀ` for the weight gradient: `dst[q*8 + t] = col[j0 + t][p0 + q]` for
+    /// `q < kb`, `t < nr` (other columns zero).
+    fn im2col_t_panel(&self, dst: &mut [f32], xs: &[f32], p0: usize, kb: usize, j0: usize, nr: usize) {
+        let g = &self.geom;
+        let (h, w) = (g.h as isize, g.w as isize);
+        let (sh, sw) = (g.stride[0] as isize, g.stride[1] as isize);
+        let ow = g.ow;
+        let dst = &mut dst[..kb * NR];
+        if nr < NR {
+            dst.fill(0.0);
+        }
+        for t in 0..nr {
+            let (coff, dy, dx) = self.ktab[j0 + t];
+            let mut q = p0;
+            while q < p0 + kb {
+                let (oy, ox0) = (q / ow, q % ow);
+                let len = (ow - ox0).min(p0 + kb - q);
+                let iy = oy as isize * sh + dy;
+                let d0 = q - p0;
+                if iy < 0 || iy >= h {
+                    for i in 0..len {
+                        dst[(d0 + i) * NR + t] = 0.0;
+                    }
+                } else {
+                    let base = coff + (iy * w) as usize;
+                    let ix0 = ox0 as isize * sw + dx;
+                    if sw == 1 && ix0 >= 0 && ix0 + len as isize <= w {
+                        let src = &xs[base + ix0 as usize..base + ix0 as usize + len];
+                        for (i, &v) in src.iter().enumerate() {
+                            dst[(d0 + i) * NR + t] = v;
+                        }
+                    } else {
+                        for i in 0..len {
+                            let ix = ix0 + i as isize * sw;
+                            dst[(d0 + i) * NR + t] = if ix >= 0 && ix < w { xs[base + ix as usize] } else { 0.0 };
+                        }
+                    }
+                }
+                q += len;
+            }
+        }
+    }
+}
+
+#[allow(dead_code)]
+const _: () = assert!(MR == 4 && NR == 8);

@@ -1,0 +1,120 @@
+//! The only `unsafe` code of the lowering: turning finalized JIT addresses into function
+//! pointers, calling them, and freeing the code when the last handle goes.
+//!
+//! Every generated kernel has the native signature
+//! `extern "C" fn(*mut f32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32)`
+//! (see [`jit`](super::jit)): argument 0 is written, arguments 1..7 are only read.
+//!
+//! Bounds this module relies on (and checks):
+//! 1. **Extents.** When a kernel is defined, its generator declares, per argument, how many
+//!    `f32` elements the code may touch from that pointer ([`Extents`]). [`Kernel::call`]
+//!    checks `slice.len() >= extent` for all seven slices before the call and panics otherwise
+//!    (a bug in a driver, never a user input error: the public APIs check user buffers and
+//!    return errors first). The generators in `gemm.rs`, `naive.rs`, `peak.rs` compute every
+//!    address from compile-time constants inside those extents; that is the one fact this
+//!    module takes on trust, and every kernel is tested against a scalar reference over its
+//!    full extents (`compiler/tests/lower_*.rs`).
+//! 2. **Aliasing.** Argument 0 comes from a `&mut [f32]`, the others from `&[f32]`, so the
+//!    written memory never overlaps memory read through another argument. Kernels do not keep
+//!    pointers after returning.
+//! 3. **Lifetime of the code.** Each [`Kernel`] holds an `Arc<CodeOwner>`; the JIT module (and
+//!    its executable memory) is freed only when the last kernel of its set is dropped. The
+//!    function pointer is private and never leaves a `Kernel`.
+//! 4. **Signature.** [`Jit::define`](super::jit::Jit::define) is the only way to create a
+//!    kernel, and it always declares the seven-pointer signature above with the module's default
+//!    (host C) calling convention, which is what `extern "C"` means on the host.
+//! 5. **Threads.** Kernels are pure functions of their arguments (no globals, no state), so
+//!    calling one from several threads at once is sound; `Kernel` is `Send + Sync`.
+
+use super::jit::{Extents, KERNEL_ARGS};
+use cranelift_jit::JITModule;
+use std::sync::{Arc, Mutex};
+
+type RawFn = unsafe extern "C" fn(*mut f32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32);
+
+/// Owns a finalized JIT module; frees its code on drop. Shared by every [`Kernel`] of a set.
+pub struct CodeOwner(Mutex<Option<JITModule>>);
+
+impl CodeOwner {
+    /// Take ownership of a module whose definitions are finalized.
+    pub(crate) fn new(module: JITModule) -> CodeOwner {
+        CodeOwner(Mutex::new(Some(module)))
+    }
+}
+
+impl Drop for CodeOwner {
+    fn drop(&mut self) {
+        let slot = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(module) = slot.take() {
+            // SAFETY: we are the last owner (Drop of the Arc's content), so no Kernel — the
+            // only holder of pointers into this module — exists any more (bound 3).
+            unsafe { module.free_memory() };
+        }
+    }
+}
+
+/// One callable JIT kernel: a function pointer, the extents it may touch, and a share of the
+/// code's owner.
+#[derive(Clone)]
+pub struct Kernel {
+    f: RawFn,
+    extents: Extents,
+    _owner: Arc<CodeOwner>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel").field("extents", &self.extents).finish()
+    }
+}
+
+impl Kernel {
+    /// Wrap the finalized address of a kernel defined by [`Jit::define`](super::jit::Jit::define).
+    pub(crate) fn from_finalized(owner: &Arc<CodeOwner>, addr: *const u8, extents: Extents) -> Kernel {
+        assert!(!addr.is_null(), "finalized JIT function has a null address");
+        // SAFETY: `addr` is the entry of a finalized function of `owner`'s module declared with
+        // exactly this seven-pointer, no-result signature in the host calling convention
+        // (bound 4); the module outlives the pointer (bound 3).
+        let f = unsafe { std::mem::transmute::<*const u8, RawFn>(addr) };
+        Kernel { f, extents, _owner: Arc::clone(owner) }
+    }
+
+    /// The per-argument element extents the kernel was declared with.
+    pub fn extents(&self) -> Extents {
+        self.extents
+    }
+
+    /// Call the kernel: `out` is argument 0, `ins` arguments 1..7. Panics if any slice is
+    /// shorter than the kernel's declared extent for it (bound 1).
+    #[inline]
+    pub fn call(&self, out: &mut [f32], ins: [&[f32]; KERNEL_ARGS - 1]) {
+        assert!(
+            out.len() >= self.extents[0],
+            "JIT kernel output slice too short: {} < {}",
+            out.len(),
+            self.extents[0]
+        );
+        for (i, s) in ins.iter().enumerate() {
+            assert!(
+                s.len() >= self.extents[i + 1],
+                "JIT kernel argument {} too short: {} < {}",
+                i + 1,
+                s.len(),
+                self.extents[i + 1]
+            );
+        }
+        // SAFETY: bounds 1-4 above: every access the code makes is inside the slices whose
+        // lengths were checked just now, `out` is exclusive, the code is alive.
+        unsafe {
+            (self.f)(
+                out.as_mut_ptr(),
+                ins[0].as_ptr(),
+                ins[1].as_ptr(),
+                ins[2].as_ptr(),
+                ins[3].as_ptr(),
+                ins[4].as_ptr(),
+                ins[5].as_ptr(),
+            )
+        };
+    }
+}

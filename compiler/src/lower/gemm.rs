@@ -1,0 +1,472 @@
+//! The register-blocked GEMM: a Cranelift-generated `4 x 8` micro-kernel (eight `f32x4`
+//! accumulators, `K` loop unrolled by 4, `fma` per step) with a fused epilogue, plus the packing
+//! routines and the panel driver that every convolution and dense kernel runs on.
+//!
+//! ## Computation
+//! For one GEMM `C[M, N] (=|+=) epi(A[M, K] · B[K, N])`, with `A` and `B` packed:
+//! - **packed A** (see [`pack_a`]): `ceil(M/4)` panels, panel `i` is `K x 4` row-major —
+//!   `a[i*4K + k*4 + r] = A[4i + r][k]`, rows past `M` zero;
+//! - **packed B panel** (see [`pack_b_panel`]): one `K x 8` block for columns `j0..j0+8` —
+//!   `b[k*8 + t] = B[k][j0 + t]`, columns past `N` zero;
+//! - **C**: row-major with leading dimension `ldc` (`C[i][j]` at `i*ldc + j` from the GEMM's
+//!   base offset), so a GEMM may write a slice of a larger tensor (a concat branch's channels).
+//!
+//! ## Epilogue (applied in registers as each tile is stored)
+//! `t = acc (+ bias) ; t = t*scale[i] + shift[i] ; t += residual[i][j] ; t = act(t) ;
+//! C[i][j] = t` or, in accumulate mode, `C[i][j] += t`. Bias is per row (a convolution's output
+//! channel) or per column (a dense layer's output feature); the residual has its own leading
+//! dimension `ldr`.
+//!
+//! Each kernel is specialised to `K`, `ldc`, `ldr`, the epilogue and its tile shape `mr x nr`
+//! (`mr <= 4`, `nr <= 8`); a GEMM compiles only the edge variants its `M` and `N` need.
+
+use super::entry::Kernel;
+use super::jit::{emit, Extents, Finished, Jit, KernelId};
+use crate::Result;
+use cranelift_codegen::ir::types::{F32, F32X4};
+use cranelift_codegen::ir::{self, BlockArg, InstBuilder};
+use cranelift_frontend::FunctionBuilder;
+
+/// Rows of the micro-tile (`A` panel width).
+pub const MR: usize = 4;
+/// Columns of the micro-tile (`B` panel width, two `f32x4`).
+pub const NR: usize = 8;
+/// Unroll factor of the `K` loop.
+const KU: usize = 4;
+
+/// An activation that can be fused into a GEMM epilogue (the ones without `exp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum FusedAct {
+    /// Identity.
+    #[default]
+    None,
+    /// `max(t, 0)`.
+    Relu,
+    /// `t` if positive else `slope * t` (computed as `max(t,0) + slope*min(t,0)`).
+    LeakyRelu(f32),
+}
+
+impl FusedAct {
+    /// The fusable form of an IR activation, if it has one (`elu`, `sigmoid`, `tanh` do not).
+    pub fn from_ir(a: &crate::ir::Activation) -> Option<FusedAct> {
+        match *a {
+            crate::ir::Activation::Relu => Some(FusedAct::Relu),
+            crate::ir::Activation::LeakyRelu { slope } => Some(FusedAct::LeakyRelu(slope)),
+            _ => None,
+        }
+    }
+
+    /// Apply to one scalar (the reference the generated code must match).
+    pub fn apply(self, t: f32) -> f32 {
+        match self {
+            FusedAct::None => t,
+            FusedAct::Relu => t.max(0.0),
+            FusedAct::LeakyRelu(s) => t.max(0.0) + s * t.min(0.0),
+        }
+    }
+}
+
+/// Where a GEMM's bias vector is indexed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BiasKind {
+    /// No bias.
+    #[default]
+    None,
+    /// `bias[i]` for row `i` (convolution output channels).
+    Row,
+    /// `bias[j]` for column `j` (dense output features).
+    Col,
+}
+
+/// Everything a GEMM's tile kernels are specialised on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmSpec {
+    /// Rows `M`; `None` when it varies between calls (a batch dimension): then every `mr` in
+    /// `1..=4` is compiled.
+    pub m: Option<usize>,
+    /// Columns `N`.
+    pub n: usize,
+    /// Reduction length `K`.
+    pub k: usize,
+    /// Leading dimension of `C`.
+    pub ldc: usize,
+    /// Leading dimension of the residual (ignored without one).
+    pub ldr: usize,
+    /// Bias indexing.
+    pub bias: BiasKind,
+    /// Per-row `scale`, `shift` (folded batch norm).
+    pub affine: bool,
+    /// Add a residual tensor before the activation.
+    pub residual: bool,
+    /// Fused activation.
+    pub act: FusedAct,
+    /// `C += epi(acc)` instead of `C = epi(acc)`.
+    pub accumulate: bool,
+}
+
+impl GemmSpec {
+    /// A plain `C = A·B` (or `C += A·B` when `accumulate`) with leading dimension `ldc`.
+    pub fn plain(m: Option<usize>, n: usize, k: usize, ldc: usize, accumulate: bool) -> GemmSpec {
+        GemmSpec {
+            m,
+            n,
+            k,
+            ldc,
+            ldr: 0,
+            bias: BiasKind::None,
+            affine: false,
+            residual: false,
+            act: FusedAct::None,
+            accumulate,
+        }
+    }
+}
+
+/// The tile kernels of one GEMM, before the module is finalized.
+#[derive(Debug, Clone)]
+pub struct GemmPlan {
+    spec: GemmSpec,
+    ids: Vec<((usize, usize), KernelId)>,
+}
+
+/// A compiled GEMM: its tile kernels and the panel driver.
+#[derive(Debug, Clone)]
+pub struct Gemm {
+    spec: GemmSpec,
+    /// `tiles[mr - 1][nr - 1]`, present for the shapes this GEMM needs.
+    tiles: Vec<Option<Kernel>>,
+}
+
+/// Per-row / per-column epilogue operands of one GEMM call, indexed from the GEMM's row 0 /
+/// column 0 (a driver passes sub-slices for groups).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EpiArgs<'a> {
+    /// Bias (`M` or `N` long as the spec says).
+    pub bias: &'a [f32],
+    /// Per-row scale.
+    pub scale: &'a [f32],
+    /// Per-row shift.
+    pub shift: &'a [f32],
+    /// Residual, `C`-shaped with leading dimension `ldr`, from its element `(0, 0)`.
+    pub residual: &'a [f32],
+}
+
+impl GemmPlan {
+    /// Define the tile kernels `spec` needs in `jit`.
+    pub fn define(jit: &mut Jit, name: &str, spec: GemmSpec) -> Result<GemmPlan> {
+        let mrs: Vec<usize> = match spec.m {
+            None => (1..=MR).collect(),
+            Some(m) => {
+                let mut v = Vec::new();
+                if m >= MR {
+                    v.push(MR);
+                }
+                if m % MR != 0 {
+                    v.push(m % MR);
+                }
+                v
+            }
+        };
+        let mut nrs = Vec::new();
+        if spec.n >= NR {
+            nrs.push(NR);
+        }
+        if spec.n % NR != 0 {
+            nrs.push(spec.n % NR);
+        }
+        let mut ids = Vec::new();
+        for &mr in &mrs {
+            for &nr in &nrs {
+                let ext = tile_extents(&spec, mr, nr);
+                let id = jit.define(&format!("{name}_tile{mr}x{nr}_k{}", spec.k), ext, |b, args| {
+                    gen_tile(b, args, &spec, mr, nr)
+                })?;
+                ids.push(((mr, nr), id));
+            }
+        }
+        Ok(GemmPlan { spec, ids })
+    }
+
+    /// Resolve against the finalized module.
+    pub fn resolve(&self, fin: &Finished) -> Gemm {
+        let mut tiles = vec![None; MR * NR];
+        for &((mr, nr), id) in &self.ids {
+            tiles[(mr - 1) * NR + (nr - 1)] = Some(fin.kernels[id.0].clone());
+        }
+        Gemm { spec: self.spec, tiles }
+    }
+}
+
+fn tile_extents(s: &GemmSpec, mr: usize, nr: usize) -> Extents {
+    let c = (mr - 1) * s.ldc + nr;
+    let bias = match s.bias {
+        BiasKind::None => 0,
+        BiasKind::Row => mr,
+        BiasKind::Col => nr,
+    };
+    let aff = if s.affine { mr } else { 0 };
+    let res = if s.residual { (mr - 1) * s.ldr + nr } else { 0 };
+    [c, MR * s.k, NR * s.k, bias, aff, aff, res]
+}
+
+/// Emit one `mr x nr` tile: `args = [c, a, b, bias, scale, shift, residual]`.
+fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: usize, nr: usize) {
+    let [c, a, bp, bias, scale, shift, res] = *args;
+    let zero = emit::f32x4c(b, 0.0);
+    let acc: Vec<_> = (0..MR * 2)
+        .map(|_| {
+            let v = b.declare_var(F32X4);
+            b.def_var(v, zero);
+            v
+        })
+        .collect();
+    // One K step reading A at element `aoff`, B at element `boff` from the current pointers.
+    let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, aoff: i64, boff: i64| {
+        let b0 = emit::ld4(b, pb, boff);
+        let b1 = emit::ld4(b, pb, boff + 4);
+        for r in 0..MR {
+            let x = emit::ld(b, pa, aoff + r as i64);
+            let xs = b.ins().splat(F32X4, x);
+            for (h, bv) in [b0, b1].into_iter().enumerate() {
+                let v = acc[r * 2 + h];
+                let old = b.use_var(v);
+                let new = b.ins().fma(xs, bv, old);
+                b.def_var(v, new);
+            }
+        }
+    };
+    let iters = s.k / KU;
+    let rem = s.k % KU;
+    let (mut pa, mut pb) = (a, bp);
+    if iters > 0 {
+        let head = b.create_block();
+        let exit = b.create_block();
+        let ptr_ty = b.func.dfg.value_type(a);
+        let la = b.append_block_param(head, ptr_ty);
+        let lb = b.append_block_param(head, ptr_ty);
+        let a_end = emit::offset(b, a, (iters * KU * MR) as i64);
+        b.ins().jump(head, &[BlockArg::Value(a), BlockArg::Value(bp)]);
+        b.switch_to_block(head);
+        for u in 0..KU {
+            step(b, la, lb, (u * MR) as i64, (u * NR) as i64);
+        }
+        let na = emit::offset(b, la, (KU * MR) as i64);
+        let nb = emit::offset(b, lb, (KU * NR) as i64);
+        let more = b.ins().icmp(ir::condcodes::IntCC::NotEqual, na, a_end);
+        let ea = b.append_block_param(exit, ptr_ty);
+        let eb = b.append_block_param(exit, ptr_ty);
+        b.ins().brif(more, head, &[BlockArg::Value(na), BlockArg::Value(nb)], exit, &[
+            BlockArg::Value(na),
+            BlockArg::Value(nb),
+        ]);
+        b.seal_block(head);
+        b.switch_to_block(exit);
+        b.seal_block(exit);
+        pa = ea;
+        pb = eb;
+    }
+    for u in 0..rem {
+        step(b, pa, pb, (u * MR) as i64, (u * NR) as i64);
+    }
+
+    // Epilogue and store.
+    for r in 0..mr {
+        let row_bias = (s.bias == BiasKind::Row).then(|| emit::ld(b, bias, r as i64));
+        let (sc, sh) = if s.affine {
+            (Some(emit::ld(b, scale, r as i64)), Some(emit::ld(b, shift, r as i64)))
+        } else {
+            (None, None)
+        };
+        for h in 0..2 {
+            let lanes = nr.saturating_sub(4 * h).min(4);
+            if lanes == 0 {
+                continue;
+            }
+            let col0 = 4 * h;
+            let coff = (r * s.ldc + col0) as i64;
+            let roff = (r * s.ldr + col0) as i64;
+            let accv = b.use_var(acc[r * 2 + h]);
+            if lanes == 4 {
+                let mut t = accv;
+                if let Some(x) = row_bias {
+                    let xs = b.ins().splat(F32X4, x);
+                    t = b.ins().fadd(t, xs);
+                }
+                if s.bias == BiasKind::Col {
+                    let x = emit::ld4(b, bias, col0 as i64);
+                    t = b.ins().fadd(t, x);
+                }
+                if let (Some(sc), Some(sh)) = (sc, sh) {
+                    let scv = b.ins().splat(F32X4, sc);
+                    let shv = b.ins().splat(F32X4, sh);
+                    t = b.ins().fma(t, scv, shv);
+                }
+                if s.residual {
+                    let x = emit::ld4(b, res, roff);
+                    t = b.ins().fadd(t, x);
+                }
+                t = act(b, t, s.act, F32X4);
+                if s.accumulate {
+                    let old = emit::ld4(b, c, coff);
+                    t = b.ins().fadd(t, old);
+                }
+                emit::st(b, t, c, coff);
+            } else {
+                for l in 0..lanes {
+                    let mut t = b.ins().extractlane(accv, l as u8);
+                    if let Some(x) = row_bias {
+                        t = b.ins().fadd(t, x);
+                    }
+                    if s.bias == BiasKind::Col {
+                        let x = emit::ld(b, bias, (col0 + l) as i64);
+                        t = b.ins().fadd(t, x);
+                    }
+                    if let (Some(sc), Some(sh)) = (sc, sh) {
+                        t = b.ins().fma(t, sc, sh);
+                    }
+                    if s.residual {
+                        let x = emit::ld(b, res, roff + l as i64);
+                        t = b.ins().fadd(t, x);
+                    }
+                    t = act(b, t, s.act, F32);
+                    if s.accumulate {
+                        let old = emit::ld(b, c, coff + l as i64);
+                        t = b.ins().fadd(t, old);
+                    }
+                    emit::st(b, t, c, coff + l as i64);
+                }
+            }
+        }
+    }
+    b.ins().return_(&[]);
+}
+
+/// Emit a fused activation on `t` of type `ty` (`F32` or `F32X4`).
+pub(crate) fn act(b: &mut FunctionBuilder, t: ir::Value, a: FusedAct, ty: ir::Type) -> ir::Value {
+    let konst = |b: &mut FunctionBuilder, x: f32| if ty == F32 { emit::f32c(b, x) } else { emit::f32x4c(b, x) };
+    match a {
+        FusedAct::None => t,
+        FusedAct::Relu => {
+            let z = konst(b, 0.0);
+            b.ins().fmax(t, z)
+        }
+        FusedAct::LeakyRelu(slope) => {
+            let z = konst(b, 0.0);
+            let sl = konst(b, slope);
+            let pos = b.ins().fmax(t, z);
+            let neg = b.ins().fmin(t, z);
+            b.ins().fma(neg, sl, pos)
+        }
+    }
+}
+
+/// Pack `A` (`m x k`, element `(i, k)` at `src[i*rs + k*cs]`) into `ceil(m/4)` panels of
+/// `k x 4` in `dst` (resized; rows past `m` are zero).
+pub fn pack_a(dst: &mut Vec<f32>, src: &[f32], m: usize, k: usize, rs: usize, cs: usize) {
+    let panels = m.div_ceil(MR);
+    dst.clear();
+    dst.resize(panels * MR * k, 0.0);
+    for p in 0..panels {
+        let panel = &mut dst[p * MR * k..(p + 1) * MR * k];
+        for r in 0..MR.min(m - p * MR) {
+            let row = (p * MR + r) * rs;
+            if cs == 1 {
+                for (kk, &v) in src[row..row + k].iter().enumerate() {
+                    panel[kk * MR + r] = v;
+                }
+            } else {
+                for kk in 0..k {
+                    panel[kk * MR + r] = src[row + kk * cs];
+                }
+            }
+        }
+    }
+}
+
+/// Pack columns `j0..j0+nr` (`nr <= 8`) of `B` (`k` rows, element `(k, j)` at
+/// `src[k*rs + j*cs]`) into one `k x 8` panel `dst` (columns `nr..8` zero).
+pub fn pack_b_panel(dst: &mut [f32], src: &[f32], k: usize, j0: usize, nr: usize, rs: usize, cs: usize) {
+    let dst = &mut dst[..k * NR];
+    if nr < NR {
+        dst.fill(0.0);
+    }
+    if cs == 1 {
+        for kk in 0..k {
+            let s = kk * rs + j0;
+            dst[kk * NR..kk * NR + nr].copy_from_slice(&src[s..s + nr]);
+        }
+    } else if rs == 1 {
+        for t in 0..nr {
+            let col = &src[(j0 + t) * cs..(j0 + t) * cs + k];
+            for (kk, &v) in col.iter().enumerate() {
+                dst[kk * NR + t] = v;
+            }
+        }
+    } else {
+        for kk in 0..k {
+            for t in 0..nr {
+                dst[kk * NR + t] = src[kk * rs + (j0 + t) * cs];
+            }
+        }
+    }
+}
+
+impl Gemm {
+    /// Number of tile kernels compiled for this GEMM.
+    pub fn tile_count(&self) -> usize {
+        self.tiles.iter().filter(|t| t.is_some()).count()
+    }
+
+    /// The spec this GEMM was compiled for.
+    pub fn spec(&self) -> &GemmSpec {
+        &self.spec
+    }
+
+    /// Compute the `m x nr` column block starting at column `j0` (`nr = min(8, N - j0)`):
+    /// `C[i][j0 + t]` at `c[c_off + i*ldc + t]` for `i < m`, from packed `a` (all `ceil(m/4)`
+    /// panels) and the packed `b` panel for those columns. `m` must equal the spec's `M` when
+    /// that is static. Epilogue operands are indexed from row 0 / column 0 of the GEMM.
+    pub fn run_panel(&self, c: &mut [f32], c_off: usize, m: usize, j0: usize, a: &[f32], b: &[f32], epi: &EpiArgs) {
+        let s = &self.spec;
+        debug_assert!(s.m.is_none_or(|sm| sm == m));
+        let nr = NR.min(s.n - j0);
+        let k = s.k;
+        for ip in 0..m.div_ceil(MR) {
+            let i0 = ip * MR;
+            let mr = MR.min(m - i0);
+            let kern = self.tiles[(mr - 1) * NR + (nr - 1)].as_ref().expect("GEMM tile variant compiled");
+            let bias: &[f32] = match s.bias {
+                BiasKind::None => &[],
+                BiasKind::Row => &epi.bias[i0..],
+                BiasKind::Col => &epi.bias[j0..],
+            };
+            let (sc, sh): (&[f32], &[f32]) = if s.affine { (&epi.scale[i0..], &epi.shift[i0..]) } else { (&[], &[]) };
+            let res: &[f32] = if s.residual { &epi.residual[i0 * s.ldr + j0..] } else { &[] };
+            kern.call(&mut c[c_off + i0 * s.ldc..], [&a[ip * MR * k..], b, bias, sc, sh, res]);
+        }
+    }
+
+    /// A whole GEMM with `B` given as a strided matrix (element `(k, j)` at
+    /// `b_src[k*rs + j*cs]`): packs each panel into `scratch` and runs it. `a` is packed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_strided_b(
+        &self,
+        c: &mut [f32],
+        c_off: usize,
+        m: usize,
+        a: &[f32],
+        b_src: &[f32],
+        rs: usize,
+        cs: usize,
+        epi: &EpiArgs,
+        scratch: &mut Vec<f32>,
+    ) {
+        let s = &self.spec;
+        scratch.resize(s.k * NR, 0.0);
+        for j0 in (0..s.n).step_by(NR) {
+            let nr = NR.min(s.n - j0);
+            pack_b_panel(scratch, b_src, s.k, j0, nr, rs, cs);
+            self.run_panel(c, c_off + j0, m, j0, a, scratch, epi);
+        }
+    }
+}
