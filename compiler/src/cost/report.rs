@@ -246,7 +246,7 @@ fn summary(r: &CostReport, markdown: bool) -> String {
     let t = &r.totals;
     let bullet = if markdown { "- " } else { "  " };
     let mut s = String::new();
-    let mut line = |k: &str, v: String| s.push_str(&format!("{bullet}{k:<44} {v}\n"));
+    let mut line = |k: &str, v: String| s.push_str(&format!("{bullet}{k:<50} {v}\n"));
     line("parameters", format!("{} ({} trainable, {} frozen)", thousands(t.params), thousands(t.trainable_params), thousands(t.frozen_params)));
     line("MACs (conv + dense, no bias)", format!("{} ({})", thousands(t.macs), si(t.macs)));
     line("FLOPs conv + dense (2 x MACs)", si(2 * t.macs));
