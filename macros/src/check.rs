@@ -58,16 +58,31 @@ pub(crate) struct CheckedFile {
 pub(crate) fn file(cx: &Ctxt, file: &FileRef) -> Option<CheckedFile> {
     let shown = file.path.value();
     let at = file.path.span();
-    let path = match std::env::var_os("CARGO_MANIFEST_DIR") {
-        Some(dir) => PathBuf::from(dir).join(&shown),
-        None => PathBuf::from(&shown),
-    };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) => {
+    let candidates = candidates(&shown, at);
+    let mut found = None;
+    let mut first_err = None;
+    for p in &candidates {
+        match std::fs::read_to_string(p) {
+            Ok(t) => {
+                found = Some((p.clone(), t));
+                break;
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let (path, text) = match found {
+        Some(r) => r,
+        None => {
+            let tried: Vec<String> = candidates.iter().map(|p| format!("`{}`", p.display())).collect();
+            let why = first_err.map_or_else(|| "not found".to_string(), |e| e.to_string());
             cx.push(syn::Error::new(
                 at,
-                format!("cannot read model file `{}`: {e}\n  = note: the path is relative to the crate's directory (CARGO_MANIFEST_DIR)", path.display()),
+                format!(
+                    "cannot read model file `{shown}`: {why}\n  = note: tried {}\n  = note: a relative path is resolved against the crate's directory (CARGO_MANIFEST_DIR), then the directory of the invoking source file",
+                    tried.join(", ")
+                ),
             ));
             return None;
         }
@@ -92,6 +107,29 @@ pub(crate) fn file(cx: &Ctxt, file: &FileRef) -> Option<CheckedFile> {
         cx.push(syn::Error::new(at, r));
     }
     Some(CheckedFile { path, text, models })
+}
+
+/// Where `file = "shown"` may be: relative to `CARGO_MANIFEST_DIR`, then (like
+/// `include_str!`) to the directory of the file containing the invocation.
+fn candidates(shown: &str, at: Span) -> Vec<PathBuf> {
+    let p = PathBuf::from(shown);
+    if p.is_absolute() {
+        return vec![p];
+    }
+    let mut out = Vec::new();
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        out.push(PathBuf::from(dir).join(&p));
+    }
+    if let Some(dir) = at.local_file().as_deref().and_then(std::path::Path::parent) {
+        let c = dir.join(&p);
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        out.push(p);
+    }
+    out
 }
 
 /// Each diagnostic rendered against the file (without the leading `error: `, which rustc adds).
