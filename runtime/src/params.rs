@@ -1,1 +1,356 @@
-//! (in progress)
+//! Named parameter tensors in PyTorch `state_dict` naming and layouts, shared by the reference
+//! interpreter, the optimisers and the JIT runtime.
+//!
+//! | layer        | tensors (graph order)                                                    |
+//! |--------------|--------------------------------------------------------------------------|
+//! | `conv2d`     | `<layer>.weight` `[out, in/groups, kh, kw]`, `<layer>.bias` `[out]`       |
+//! | `dense`      | `<layer>.weight` `[out, in]`, `<layer>.bias` `[out]`                      |
+//! | `batchnorm`  | `<layer>.weight` (gamma) `[C]`, `<layer>.bias` (beta) `[C]`, buffers `<layer>.running_mean` `[C]`, `<layer>.running_var` `[C]` |
+//!
+//! Biases exist only for layers with `bias: true`. Running statistics are *buffers*: stored and
+//! saved, but not trainable parameters (they are updated by the forward pass, not by the
+//! optimiser). PyTorch's `num_batches_tracked` buffer is not modelled (see
+//! [`crate::reference::norm`]).
+//!
+//! # Storage
+//!
+//! A [`ParamStore`] keeps **all tensors in one contiguous `Vec<T>`**, in graph order (weight,
+//! bias, running mean, running var per layer), each tensor a row-major slice at
+//! [`ParamInfo::offset`]. So every tensor has a flat view ([`ParamStore::slice`] /
+//! [`ParamStore::slice_mut`]) and an `ndarray` view with its shape ([`ParamStore::get`] /
+//! [`ParamStore::get_mut`]), and the whole store is one flat buffer ([`ParamStore::flat`]) that
+//! an optimiser or a JIT kernel can address by offset. A gradient store made by
+//! [`ParamStore::zeros_like`] has exactly the same layout, so `params.flat()[i]` and
+//! `grads.flat()[i]` always belong together.
+
+use crate::init::{tensor_rng, Fans, Init, InitConfig};
+use crate::reference::Scalar;
+use cnnc_compiler::ir::{Graph, Op};
+use ndarray::{ArrayViewD, ArrayViewMutD, IxDyn};
+use std::collections::HashMap;
+
+/// What a tensor is to its layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamKind {
+    /// Conv/dense weight or batch-norm `gamma` (`.weight`).
+    Weight,
+    /// Conv/dense bias or batch-norm `beta` (`.bias`).
+    Bias,
+    /// Batch-norm running mean buffer (`.running_mean`).
+    RunningMean,
+    /// Batch-norm running variance buffer (`.running_var`).
+    RunningVar,
+}
+
+impl ParamKind {
+    /// The `state_dict` suffix: `weight`, `bias`, `running_mean`, `running_var`.
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            ParamKind::Weight => "weight",
+            ParamKind::Bias => "bias",
+            ParamKind::RunningMean => "running_mean",
+            ParamKind::RunningVar => "running_var",
+        }
+    }
+
+    /// True for buffers (running statistics), which are never trained.
+    pub const fn is_buffer(self) -> bool {
+        matches!(self, ParamKind::RunningMean | ParamKind::RunningVar)
+    }
+}
+
+/// Where one tensor lives in a [`ParamStore`] and what it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamInfo {
+    /// Full name, `<layer>.<suffix>` (`conv1.weight`).
+    pub name: String,
+    /// The layer (graph node) name.
+    pub layer: String,
+    /// Weight, bias or buffer.
+    pub kind: ParamKind,
+    /// Dimensions (PyTorch layout).
+    pub shape: Vec<usize>,
+    /// Offset of the first element in [`ParamStore::flat`].
+    pub offset: usize,
+    /// Number of elements.
+    pub len: usize,
+    /// Whether the layer is trainable (false for frozen layers); buffers follow their layer
+    /// but are still not trainable parameters, see [`ParamInfo::is_trainable`].
+    pub layer_trainable: bool,
+    /// The layer's weight fans (used by the initialisers; a bias uses its weight's).
+    pub fans: Fans,
+}
+
+impl ParamInfo {
+    /// True for weights and biases of trainable layers: what an optimiser updates.
+    pub fn is_trainable(&self) -> bool {
+        self.layer_trainable && !self.kind.is_buffer()
+    }
+}
+
+/// Why a parameter lookup or store operation failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamError {
+    /// No tensor has this name.
+    #[error("missing parameter `{name}`")]
+    Missing {
+        /// The name looked up.
+        name: String,
+    },
+    /// A tensor was given with the wrong dimensions.
+    #[error("parameter `{name}` has dimensions {expected:?}, got {got:?}")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// Its dimensions.
+        expected: Vec<usize>,
+        /// What was given.
+        got: Vec<usize>,
+    },
+    /// A layer's parameters could not be laid out or initialised.
+    #[error("layer `{layer}`: {message}")]
+    Layer {
+        /// The layer.
+        layer: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Named parameter tensors for one graph, in one flat buffer (module header).
+/// `T` is `f32` for training; `f64` stores (see [`ParamStore::cast`]) drive gradient checks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamStore<T = f32> {
+    infos: Vec<ParamInfo>,
+    index: HashMap<String, usize>,
+    data: Vec<T>,
+}
+
+/// The tensors of one layer: `(kind, shape, fans)`.
+fn layer_tensors(graph: &Graph, id: cnnc_compiler::ir::NodeId) -> Result<Vec<(ParamKind, Vec<usize>, Fans)>, ParamError> {
+    let node = graph.node(id);
+    let layer_err = |message: String| ParamError::Layer { layer: node.name.clone(), message };
+    Ok(match node.op {
+        Op::Conv2d(c) => {
+            let cin = graph.operand_shapes(id).first().map(|s| s.channels()).ok_or_else(|| layer_err("conv2d without an operand".into()))?;
+            if c.groups == 0 || cin % c.groups != 0 {
+                return Err(layer_err(format!("groups {} do not divide {cin} input channels", c.groups)));
+            }
+            let w = vec![c.out_channels, cin / c.groups, c.kernel[0], c.kernel[1]];
+            let fans = Fans::of_weight(&w).expect("4-d");
+            let mut v = vec![(ParamKind::Weight, w, fans)];
+            if c.bias {
+                v.push((ParamKind::Bias, vec![c.out_channels], fans));
+            }
+            v
+        }
+        Op::Dense(d) => {
+            let fin = graph.operand_shapes(id).first().map(|s| s.numel()).ok_or_else(|| layer_err("dense without an operand".into()))?;
+            let w = vec![d.out_features, fin];
+            let fans = Fans::of_weight(&w).expect("2-d");
+            let mut v = vec![(ParamKind::Weight, w, fans)];
+            if d.bias {
+                v.push((ParamKind::Bias, vec![d.out_features], fans));
+            }
+            v
+        }
+        Op::BatchNorm(_) => {
+            let c = node.shape.channels();
+            let fans = Fans { fan_in: 1, fan_out: 1 };
+            [ParamKind::Weight, ParamKind::Bias, ParamKind::RunningMean, ParamKind::RunningVar]
+                .into_iter()
+                .map(|k| (k, vec![c], fans))
+                .collect()
+        }
+        _ => vec![],
+    })
+}
+
+impl<T: Scalar> ParamStore<T> {
+    /// A store with every tensor of `graph` (layout in the module header), all zeros.
+    pub fn zeros_for_graph(graph: &Graph) -> Result<ParamStore<T>, ParamError> {
+        let mut infos = Vec::new();
+        let mut offset = 0;
+        for id in graph.nodes() {
+            let node = graph.node(id);
+            for (kind, shape, fans) in layer_tensors(graph, id)? {
+                let len = shape.iter().product();
+                infos.push(ParamInfo {
+                    name: format!("{}.{}", node.name, kind.suffix()),
+                    layer: node.name.clone(),
+                    kind,
+                    shape,
+                    offset,
+                    len,
+                    layer_trainable: node.trainable,
+                    fans,
+                });
+                offset += len;
+            }
+        }
+        let index = infos.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        Ok(ParamStore { infos, index, data: vec![T::zero(); offset] })
+    }
+
+    /// A store for `graph` initialised by `config` with model seed `seed` (see
+    /// [`crate::init`]): conv/dense weights and biases by the config, batch norm at
+    /// `gamma = 1, beta = 0, running_mean = 0, running_var = 1`. Values are drawn in `f32` and
+    /// converted, so an `f64` store with the same seed holds exactly the `f32` store's values.
+    pub fn for_graph(graph: &Graph, config: &InitConfig, seed: u64) -> Result<ParamStore<T>, ParamError> {
+        let mut store = Self::zeros_for_graph(graph)?;
+        for i in 0..store.infos.len() {
+            let info = &store.infos[i];
+            let node = graph.node(graph.find(&info.layer).map_err(|e| ParamError::Layer { layer: info.layer.clone(), message: e.to_string() })?);
+            let init = match (node.op, info.kind) {
+                (Op::Conv2d(_), ParamKind::Weight) => config.conv_weight,
+                (Op::Conv2d(_), _) => config.conv_bias,
+                (Op::Dense(_), ParamKind::Weight) => config.dense_weight,
+                (Op::Dense(_), _) => config.dense_bias,
+                (_, ParamKind::Weight | ParamKind::RunningVar) => Init::Constant(1.0),
+                (_, ParamKind::Bias | ParamKind::RunningMean) => Init::Constant(0.0),
+            };
+            let mut vals = vec![0.0f32; info.len];
+            init.fill(&mut vals, info.fans, &mut tensor_rng(seed, &info.name))
+                .map_err(|e| ParamError::Layer { layer: info.layer.clone(), message: format!("{}: {e}", info.name) })?;
+            let (off, len) = (info.offset, info.len);
+            store.data[off..off + len].iter_mut().zip(vals).for_each(|(d, v)| *d = T::of_f32(v));
+        }
+        Ok(store)
+    }
+
+    /// A store with the same tensors (names, shapes, flags, offsets), all zeros: the shape of
+    /// a gradient. Buffers are included (and stay zero) so that offsets line up.
+    pub fn zeros_like(&self) -> ParamStore<T> {
+        ParamStore { infos: self.infos.clone(), index: self.index.clone(), data: vec![T::zero(); self.data.len()] }
+    }
+
+    /// The same store converted element by element to `U` (`f32 -> f64` is exact).
+    pub fn cast<U: Scalar>(&self) -> ParamStore<U> {
+        ParamStore {
+            infos: self.infos.clone(),
+            index: self.index.clone(),
+            data: self.data.iter().map(|&v| U::lit(v.as_f64())).collect(),
+        }
+    }
+
+    /// Number of tensors (parameters and buffers).
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+
+    /// True when the graph has no parameterised layer.
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+
+    /// Every tensor's description, in graph order.
+    pub fn infos(&self) -> &[ParamInfo] {
+        &self.infos
+    }
+
+    /// The description of tensor `name`.
+    pub fn info(&self, name: &str) -> Option<&ParamInfo> {
+        self.index.get(name).map(|&i| &self.infos[i])
+    }
+
+    /// True when a tensor called `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Tensor `name` with its shape.
+    pub fn get(&self, name: &str) -> Option<ArrayViewD<'_, T>> {
+        let info = self.info(name)?;
+        ArrayViewD::from_shape(IxDyn(&info.shape), &self.data[info.offset..info.offset + info.len]).ok()
+    }
+
+    /// Tensor `name` with its shape, mutable.
+    pub fn get_mut(&mut self, name: &str) -> Option<ArrayViewMutD<'_, T>> {
+        let &i = self.index.get(name)?;
+        let info = &self.infos[i];
+        ArrayViewMutD::from_shape(IxDyn(&info.shape), &mut self.data[info.offset..info.offset + info.len]).ok()
+    }
+
+    /// Tensor `name`, or [`ParamError::Missing`] naming it.
+    pub fn tensor(&self, name: &str) -> Result<ArrayViewD<'_, T>, ParamError> {
+        self.get(name).ok_or_else(|| ParamError::Missing { name: name.to_string() })
+    }
+
+    /// Tensor `name` as a flat row-major slice.
+    pub fn slice(&self, name: &str) -> Option<&[T]> {
+        self.info(name).map(|i| &self.data[i.offset..i.offset + i.len])
+    }
+
+    /// Tensor `name` as a flat row-major mutable slice.
+    pub fn slice_mut(&mut self, name: &str) -> Option<&mut [T]> {
+        let &i = self.index.get(name)?;
+        let (off, len) = (self.infos[i].offset, self.infos[i].len);
+        Some(&mut self.data[off..off + len])
+    }
+
+    /// Copy `values` into tensor `name`, checking the dimensions.
+    pub fn set(&mut self, name: &str, values: ArrayViewD<'_, T>) -> Result<(), ParamError> {
+        let expected = self.info(name).ok_or_else(|| ParamError::Missing { name: name.to_string() })?.shape.clone();
+        if values.shape() != expected.as_slice() {
+            return Err(ParamError::Shape { name: name.to_string(), expected, got: values.shape().to_vec() });
+        }
+        self.get_mut(name).expect("checked above").assign(&values);
+        Ok(())
+    }
+
+    /// The whole store as one flat buffer (tensors at their [`ParamInfo::offset`]s).
+    pub fn flat(&self) -> &[T] {
+        &self.data
+    }
+
+    /// The whole store as one flat mutable buffer.
+    pub fn flat_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Every tensor with its description, in graph order.
+    pub fn iter(&self) -> impl Iterator<Item = (&ParamInfo, ArrayViewD<'_, T>)> + '_ {
+        self.infos.iter().map(|i| {
+            let view = ArrayViewD::from_shape(IxDyn(&i.shape), &self.data[i.offset..i.offset + i.len]).expect("layout invariant");
+            (i, view)
+        })
+    }
+
+    /// Every tensor with its description, mutable, in graph order (the views are disjoint).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&ParamInfo, ArrayViewMutD<'_, T>)> + '_ {
+        let mut rest: &mut [T] = &mut self.data;
+        let mut views = Vec::with_capacity(self.infos.len());
+        for i in &self.infos {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(i.len);
+            rest = tail;
+            views.push((i, ArrayViewMutD::from_shape(IxDyn(&i.shape), head).expect("layout invariant")));
+        }
+        views.into_iter()
+    }
+
+    /// Number of learnable scalars (weights and biases, frozen or not; buffers excluded):
+    /// PyTorch's `sum(p.numel() for p in model.parameters())`.
+    pub fn num_params(&self) -> usize {
+        self.infos.iter().filter(|i| !i.kind.is_buffer()).map(|i| i.len).sum()
+    }
+
+    /// Number of trainable scalars: weights and biases of layers that are not frozen.
+    pub fn num_trainable(&self) -> usize {
+        self.infos.iter().filter(|i| i.is_trainable()).map(|i| i.len).sum()
+    }
+
+    /// Number of buffer scalars (running statistics).
+    pub fn num_buffers(&self) -> usize {
+        self.infos.iter().filter(|i| i.kind.is_buffer()).map(|i| i.len).sum()
+    }
+
+    /// Freeze (`false`) or unfreeze every tensor of `layer`; false when no tensor belongs to it.
+    pub fn set_layer_trainable(&mut self, layer: &str, trainable: bool) -> bool {
+        let mut any = false;
+        for i in self.infos.iter_mut().filter(|i| i.layer == layer) {
+            i.layer_trainable = trainable;
+            any = true;
+        }
+        any
+    }
+}
