@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod curves;
 pub mod data;
+pub mod engine;
 pub mod init;
 pub mod optim;
 pub mod params;

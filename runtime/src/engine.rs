@@ -1,0 +1,149 @@
+//! The engine interface the trainer drives: one training step (forward, loss, backward) and
+//! inference on a mini-batch. Two implementations: [`ReferenceEngine`] (the ndarray
+//! interpreter, the oracle) and the JIT engine in `exec` (Cranelift kernels, fused plan).
+
+use crate::params::ParamStore;
+use crate::reference;
+use cnnc_compiler::ir::{Graph, Loss};
+use ndarray::ArrayViewD;
+
+/// What one batch gave.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BatchStats {
+    /// Sum of per-sample losses.
+    pub loss_sum: f64,
+    /// Samples whose arg-max logit is the label.
+    pub correct: usize,
+    /// Samples in the batch.
+    pub count: usize,
+}
+
+impl BatchStats {
+    /// Accumulate another batch.
+    pub fn add(&mut self, o: BatchStats) {
+        self.loss_sum += o.loss_sum;
+        self.correct += o.correct;
+        self.count += o.count;
+    }
+    /// Mean loss.
+    pub fn mean_loss(&self) -> f64 {
+        if self.count == 0 { 0.0 } else { self.loss_sum / self.count as f64 }
+    }
+    /// Accuracy in `[0, 1]`.
+    pub fn accuracy(&self) -> f64 {
+        if self.count == 0 { 0.0 } else { self.correct as f64 / self.count as f64 }
+    }
+}
+
+/// Why an engine could not run a batch: names the layer where one is involved.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct EngineError(pub String);
+
+/// Something that trains and infers a graph on mini-batches.
+pub trait Engine {
+    /// Short name for logs (`reference`, `jit`, `jit-naive`).
+    fn name(&self) -> &str;
+
+    /// Training-mode forward, mean loss over the batch, backward. Overwrites `grads` (same
+    /// layout as `params`) with the gradients of the mean loss for trainable tensors (frozen
+    /// ones get zeros) and updates batch-norm running statistics in `params`. `x` holds
+    /// `batch` samples NCHW; `seed` drives dropout masks.
+    fn train_step(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &mut ParamStore,
+        x: &[f32],
+        labels: &[usize],
+        seed: u64,
+    ) -> Result<BatchStats, EngineError>;
+
+    /// Inference-mode forward: the logits, `[batch, classes]` row-major.
+    fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError>;
+}
+
+/// Per-sample losses and arg-max accuracy from logits (used by every engine's evaluation).
+pub fn score(logits: &[f32], labels: &[usize], loss: Loss) -> BatchStats {
+    let n = labels.len();
+    let k = if n == 0 { 0 } else { logits.len() / n };
+    let mut s = BatchStats { count: n, ..BatchStats::default() };
+    for (row, &y) in logits.chunks_exact(k.max(1)).zip(labels) {
+        let (arg, max) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
+        if arg == y {
+            s.correct += 1;
+        }
+        s.loss_sum += match loss {
+            Loss::SoftmaxCrossEntropy => {
+                let z: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                z.ln() - (row[y] - max) as f64
+            }
+            Loss::MulticlassHinge { margin } => row
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != y)
+                .map(|(_, &v)| (v - row[y] + margin).max(0.0) as f64)
+                .sum(),
+        };
+    }
+    s
+}
+
+/// The reference interpreter as an engine (slow, obviously correct).
+pub struct ReferenceEngine {
+    graph: Graph,
+    loss: Loss,
+}
+
+impl ReferenceEngine {
+    /// An engine for `graph` trained with `loss`.
+    pub fn new(graph: Graph, loss: Loss) -> ReferenceEngine {
+        ReferenceEngine { graph, loss }
+    }
+
+    fn input_view<'a>(&self, x: &'a [f32], batch: usize) -> Result<ArrayViewD<'a, f32>, EngineError> {
+        let input = self.graph.inputs();
+        let shape = self.graph.node(input[0]).shape;
+        let mut dims = vec![batch];
+        dims.extend(shape.dims());
+        ArrayViewD::from_shape(dims, x).map_err(|e| EngineError(format!("input batch: {e}")))
+    }
+}
+
+impl Engine for ReferenceEngine {
+    fn name(&self) -> &str {
+        "reference"
+    }
+
+    fn train_step(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &mut ParamStore,
+        x: &[f32],
+        labels: &[usize],
+        seed: u64,
+    ) -> Result<BatchStats, EngineError> {
+        let view = self.input_view(x, labels.len())?;
+        let out = reference::loss_and_grad(&self.graph, params, view, labels, self.loss, reference::Mode::Train, seed)
+            .map_err(|e| EngineError(e.to_string()))?;
+        out.state.update_running_stats(&self.graph, params).map_err(|e| EngineError(e.to_string()))?;
+        grads.flat_mut().copy_from_slice(out.grads.params.flat());
+        for info in params.infos().to_vec() {
+            if !info.is_trainable() {
+                if let Some(g) = grads.slice_mut(&info.name) {
+                    g.fill(0.0);
+                }
+            }
+        }
+        let logits = out.state.outputs(&self.graph);
+        let logits: Vec<f32> = logits[0].iter().copied().collect();
+        let mut s = score(&logits, labels, self.loss);
+        s.loss_sum = out.losses.iter().map(|&v| v as f64).sum();
+        Ok(s)
+    }
+
+    fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        let view = self.input_view(x, batch)?;
+        let st = reference::forward(&self.graph, params, view, reference::Mode::Eval, 0).map_err(|e| EngineError(e.to_string()))?;
+        Ok(st.outputs(&self.graph)[0].iter().copied().collect())
+    }
+}
