@@ -91,8 +91,7 @@ fn truncated_gzip_stream_is_an_error() {
     let compressed = gz(&encode_idx_images(28, 28, &pixels).unwrap());
     for cut in [compressed.len() - 4, compressed.len() / 2, 12] {
         let m = msg(parse_idx_images(&compressed[..cut], "t.gz"));
-        assert!(m.starts_with("t.gz: "), "{m}");
-        assert!(m.contains("byte"), "{m}");
+        assert!(m.starts_with("t.gz: gzip data corrupt or truncated after decompressed byte "), "{m}");
     }
     // Garbage after a 2-byte gzip magic.
     let m = msg(parse_idx_images(&[0x1f, 0x8b, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], "g.gz"));

@@ -305,6 +305,8 @@ impl Iterator for Prefetcher {
     }
 }
 
+impl ExactSizeIterator for Prefetcher {}
+
 impl Drop for Prefetcher {
     fn drop(&mut self) {
         self.rx = None; // unblocks a worker waiting in send()

@@ -36,8 +36,8 @@ pub struct IdxImages {
     pub pixels: Vec<u8>,
 }
 
-/// Opens `path` and returns a reader of its (decompressed if gzip) bytes.
-fn open(path: &Path) -> Result<Box<dyn Read>, DataError> {
+/// Opens `path` and returns a reader of its (decompressed if gzip) bytes, and whether it is gzip.
+fn open(path: &Path) -> Result<(Box<dyn Read>, bool), DataError> {
     let mut f = BufReader::new(File::open(path).map_err(|e| DataError::io(path, e))?);
     let mut magic = [0u8; 2];
     let mut got = 0;
@@ -51,9 +51,9 @@ fn open(path: &Path) -> Result<Box<dyn Read>, DataError> {
     }
     let head = std::io::Cursor::new(magic[..got].to_vec());
     if got == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(MultiGzDecoder::new(head.chain(f))))
+        Ok((Box::new(MultiGzDecoder::new(head.chain(f))), true))
     } else {
-        Ok(Box::new(head.chain(f)))
+        Ok((Box::new(head.chain(f)), false))
     }
 }
 
@@ -62,6 +62,13 @@ struct Src<'a> {
     r: Box<dyn Read + 'a>,
     name: String,
     pos: u64,
+    gz: bool,
+}
+
+impl<'a> Src<'a> {
+    fn new((r, gz): (Box<dyn Read + 'a>, bool), name: String) -> Self {
+        Src { r, name, pos: 0, gz }
+    }
 }
 
 impl<'a> Src<'a> {
@@ -73,6 +80,12 @@ impl<'a> Src<'a> {
         self.pos += buf.len() as u64;
         match res {
             Ok(_) => Ok(buf),
+            Err(e) if self.gz => Err(DataError::Format(format!(
+                "{}: gzip data corrupt or truncated after decompressed byte {} (reading {}, which starts at byte {start}): {e}",
+                self.name,
+                self.pos,
+                what()
+            ))),
             Err(e) => Err(DataError::Format(format!(
                 "{}: read error at byte {} (reading {}, which starts at byte {start}): {e}",
                 self.name,
@@ -184,36 +197,36 @@ fn display(path: &Path) -> String {
 
 /// Reads an IDX image file (raw or gzip).
 pub fn read_idx_images(path: &Path) -> Result<IdxImages, DataError> {
-    parse_images(Src { r: open(path)?, name: display(path), pos: 0 })
+    parse_images(Src::new(open(path)?, display(path)))
 }
 
 /// Reads an IDX label file (raw or gzip); with `num_classes`, every label must be below it.
 pub fn read_idx_labels(path: &Path, num_classes: Option<usize>) -> Result<Vec<u8>, DataError> {
-    parse_labels(Src { r: open(path)?, name: display(path), pos: 0 }, num_classes)
+    parse_labels(Src::new(open(path)?, display(path)), num_classes)
 }
 
-fn bytes_reader<'a>(bytes: &'a [u8]) -> Box<dyn Read + 'a> {
+fn bytes_reader<'a>(bytes: &'a [u8]) -> (Box<dyn Read + 'a>, bool) {
     if bytes.starts_with(&[0x1f, 0x8b]) {
-        Box::new(MultiGzDecoder::new(bytes))
+        (Box::new(MultiGzDecoder::new(bytes)), true)
     } else {
-        Box::new(bytes)
+        (Box::new(bytes), false)
     }
 }
 
 /// Parses an IDX image file held in memory (raw or gzip); `name` is used in errors.
 pub fn parse_idx_images(bytes: &[u8], name: &str) -> Result<IdxImages, DataError> {
-    parse_images(Src { r: bytes_reader(bytes), name: name.to_string(), pos: 0 })
+    parse_images(Src::new(bytes_reader(bytes), name.to_string()))
 }
 
 /// Parses an IDX label file held in memory (raw or gzip); `name` is used in errors.
 pub fn parse_idx_labels(bytes: &[u8], name: &str, num_classes: Option<usize>) -> Result<Vec<u8>, DataError> {
-    parse_labels(Src { r: bytes_reader(bytes), name: name.to_string(), pos: 0 }, num_classes)
+    parse_labels(Src::new(bytes_reader(bytes), name.to_string()), num_classes)
 }
 
 /// Encodes images as a raw IDX image file (`pixels.len()` must be a multiple of `rows * cols`).
 pub fn encode_idx_images(rows: usize, cols: usize, pixels: &[u8]) -> Result<Vec<u8>, DataError> {
     let per = rows * cols;
-    if per == 0 || pixels.len() % per != 0 || rows > u32::MAX as usize || cols > u32::MAX as usize {
+    if per == 0 || !pixels.len().is_multiple_of(per) || rows > u32::MAX as usize || cols > u32::MAX as usize {
         return Err(DataError::Invalid(format!(
             "{} pixels are not a whole number of {rows}x{cols} images",
             pixels.len()
