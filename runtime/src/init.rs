@@ -164,7 +164,7 @@ impl Init {
         Ok(match *self {
             Init::Constant(v) => (v as f64, 0.0),
             Init::Uniform { low, high } => {
-                if !(low <= high) {
+                if low.partial_cmp(&high).is_none_or(|o| o == std::cmp::Ordering::Greater) {
                     return Err(InitError(format!("uniform bounds {low} > {high}")));
                 }
                 (((low + high) / 2.0) as f64, (high - low) as f64 / 12f64.sqrt())

@@ -133,7 +133,7 @@ fn layer_tensors(graph: &Graph, id: cnnc_compiler::ir::NodeId) -> Result<Vec<(Pa
     Ok(match node.op {
         Op::Conv2d(c) => {
             let cin = graph.operand_shapes(id).first().map(|s| s.channels()).ok_or_else(|| layer_err("conv2d without an operand".into()))?;
-            if c.groups == 0 || cin % c.groups != 0 {
+            if c.groups == 0 || !cin.is_multiple_of(c.groups) {
                 return Err(layer_err(format!("groups {} do not divide {cin} input channels", c.groups)));
             }
             let w = vec![c.out_channels, cin / c.groups, c.kernel[0], c.kernel[1]];

@@ -233,7 +233,7 @@ fn loss_node_in_graph_and_softmax_output() {
     let st = forward(&gs, &p, xs.view(), Mode::Eval, 0).unwrap();
     let y = st.outputs(&gs)[0];
     assert!(y.sum_axis(ndarray::Axis(1)).iter().all(|s| (s - 1.0).abs() < 1e-12));
-    let grads = backward(&gs, &p, &st, &[r.clone()]).unwrap();
+    let grads = backward(&gs, &p, &st, std::slice::from_ref(&r)).unwrap();
     let num = numerical_grad(xs.view(), H, |x| (forward(&gs, &p, x.view(), Mode::Eval, 0).unwrap().outputs(&gs)[0] * &r).sum());
     assert!(rel_error(grads.input.view(), num.view()) < TOL);
     // forward_with_labels gives the per-sample losses as the node's value.

@@ -73,7 +73,7 @@ fn geometry<T>(
     let (n, c, h, wd) = x.dim();
     let g = attrs.groups;
     let d = attrs.out_channels;
-    if g == 0 || c % g != 0 || d % g != 0 {
+    if g == 0 || !c.is_multiple_of(g) || !d.is_multiple_of(g) {
         return kerr(OP, format!("groups = {g} must divide input channels {c} and output channels {d}"));
     }
     let [kh, kw] = attrs.kernel;

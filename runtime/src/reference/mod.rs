@@ -1,4 +1,4 @@
-//! The reference interpreter: plain, obviously-correct `ndarray` code for every [`Op`], forward
+//! The reference interpreter: plain, obviously-correct `ndarray` code for every [`Op`](cnnc_compiler::ir::Op), forward
 //! and backward. It is the oracle every JIT kernel is tested against, so clarity beats speed.
 //!
 //! # Conventions
