@@ -17,3 +17,4 @@ pub mod init;
 pub mod optim;
 pub mod params;
 pub mod reference;
+pub mod train;

@@ -1,0 +1,290 @@
+//! The training loop: epochs of shuffled, augmented mini-batches (prepared on a background
+//! thread while the previous batch trains), an optimiser step per batch, a validation pass per
+//! epoch, early stopping on validation loss, atomic checkpoints and training curves.
+//!
+//! The loop is engine-agnostic ([`Engine`]): the JIT engine in production, the reference
+//! interpreter for checking. Progress is reported through [`Observer`] so the CLI can draw
+//! progress bars without the runtime depending on a terminal library.
+
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::curves::{CurveLog, CurveRow};
+use crate::data::{Augment, Dataset, LastBatch, LoaderConfig, Normalizer, Prefetcher};
+use crate::engine::{score, BatchStats, Engine};
+use crate::optim::{Optimizer, OptimizerConfig, Schedule};
+use crate::params::ParamStore;
+use cnnc_compiler::ir::{Graph, Loss};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why training stopped with an error. The last good checkpoint (if any) is never overwritten
+/// by a failed epoch.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A configuration value is invalid.
+    #[error("invalid training configuration: {0}")]
+    Config(String),
+    /// The engine failed on a batch.
+    #[error("epoch {epoch}, batch {batch}: {message}")]
+    Engine {
+        /// Epoch (1-based).
+        epoch: u64,
+        /// Batch within the epoch.
+        batch: usize,
+        /// The engine's message (names the layer).
+        message: String,
+    },
+    /// The loss became NaN or infinite.
+    #[error("loss is {loss} at epoch {epoch}, batch {batch}: training stopped{}", .kept.as_ref().map(|p| format!("; the last good checkpoint {} is kept", p.display())).unwrap_or_default())]
+    NonFinite {
+        /// Epoch (1-based).
+        epoch: u64,
+        /// Batch within the epoch.
+        batch: usize,
+        /// The loss value.
+        loss: f64,
+        /// The checkpoint left untouched.
+        kept: Option<PathBuf>,
+    },
+    /// Loading data failed.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// An optimiser error.
+    #[error(transparent)]
+    Optim(#[from] crate::optim::OptimError),
+    /// Writing or reading a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// Writing curves failed.
+    #[error(transparent)]
+    Curves(#[from] crate::curves::CurvesError),
+}
+
+/// Everything that shapes a training run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Passes over the training set.
+    pub epochs: u64,
+    /// Images per mini-batch.
+    pub batch: usize,
+    /// Optimiser.
+    pub optimizer: OptimizerConfig,
+    /// Learning rate per optimiser step (the unit of the schedule is one step).
+    pub schedule: Schedule,
+    /// Loss on the logits.
+    pub loss: Loss,
+    /// Seed for shuffling, augmentation and dropout.
+    pub seed: u64,
+    /// Augmentation of training images.
+    pub augment: Option<Augment>,
+    /// Stop when validation loss has not improved for this many epochs.
+    pub patience: Option<u64>,
+    /// Write a checkpoint here after every epoch that improves validation loss.
+    pub checkpoint: Option<PathBuf>,
+    /// Append training curves (CSV) here; a PNG is rendered beside it.
+    pub curves: Option<PathBuf>,
+}
+
+/// One epoch's outcome.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochSummary {
+    /// Epoch (1-based).
+    pub epoch: u64,
+    /// Training loss/accuracy over the epoch (as the weights changed).
+    pub train: BatchStats,
+    /// Validation loss/accuracy after the epoch.
+    pub val: Option<BatchStats>,
+    /// Learning rate at the end of the epoch.
+    pub lr: f32,
+    /// Training images per second.
+    pub images_per_s: f64,
+    /// Wall time of the epoch (training and validation).
+    pub seconds: f64,
+}
+
+/// Receives progress (the CLI draws bars from it).
+pub trait Observer {
+    /// After each batch: epoch (1-based), batch index, batches in the epoch, running stats.
+    fn batch(&mut self, _epoch: u64, _batch: usize, _batches: usize, _running: &BatchStats, _images_per_s: f64) {}
+    /// After each epoch.
+    fn epoch(&mut self, _summary: &EpochSummary) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// The result of [`train`].
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Every epoch run.
+    pub epochs: Vec<EpochSummary>,
+    /// True when early stopping ended the run.
+    pub stopped_early: bool,
+    /// The normaliser fitted on the training set (apply it to anything you infer on).
+    pub normalizer: Normalizer,
+}
+
+/// Fingerprint of a graph's architecture: FNV-1a of its IR text (names, ops, shapes).
+pub fn fingerprint(g: &Graph) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in g.to_string().bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Evaluate `params` on `ds` in inference mode, `batch` images at a time.
+pub fn evaluate(
+    engine: &mut dyn Engine,
+    params: &ParamStore,
+    ds: &Dataset,
+    normalizer: &Normalizer,
+    batch: usize,
+    loss: Loss,
+) -> Result<BatchStats, TrainError> {
+    let cfg = LoaderConfig::new(batch).normalize(normalizer.clone());
+    let mut total = BatchStats::default();
+    for (i, b) in ds.batches(&cfg, 0)?.enumerate() {
+        let logits = engine
+            .infer(params, &b.images, b.len())
+            .map_err(|e| TrainError::Engine { epoch: 0, batch: i, message: e.0 })?;
+        total.add(score(&logits, &b.labels, loss));
+    }
+    Ok(total)
+}
+
+/// Train `params` of `graph` on `train_set` with `engine`, validating on `val` after every
+/// epoch.
+pub fn train(
+    engine: &mut dyn Engine,
+    graph: &Graph,
+    params: &mut ParamStore,
+    train_set: &Dataset,
+    val: Option<&Dataset>,
+    cfg: &TrainConfig,
+    observer: &mut dyn Observer,
+) -> Result<TrainOutcome, TrainError> {
+    if cfg.batch == 0 || cfg.epochs == 0 {
+        return Err(TrainError::Config("epochs and batch size must be at least 1".into()));
+    }
+    cfg.schedule.validate()?;
+    let normalizer = Normalizer::fit(train_set)?;
+    let mut loader = LoaderConfig::new(cfg.batch).shuffled(cfg.seed).last_batch(LastBatch::Keep).normalize(normalizer.clone());
+    if let Some(a) = &cfg.augment {
+        loader = loader.augment(a.clone());
+    }
+    loader.validate(train_set)?;
+    let data = Arc::new(train_set.clone());
+    let mut optimizer = Optimizer::new(cfg.optimizer.clone())?;
+    let mut grads = params.zeros_like();
+    let mut curves = cfg.curves.as_ref().map(|p| CurveLog::open(p)).transpose()?;
+    let mut rows = Vec::new();
+    let mut best_val = f64::INFINITY;
+    let mut since_best = 0;
+    let mut outcome = TrainOutcome { epochs: Vec::new(), stopped_early: false, normalizer: normalizer.clone() };
+    let mut saved_checkpoint: Option<PathBuf> = None;
+    let mut step: u64 = 0;
+    for epoch in 1..=cfg.epochs {
+        let started = Instant::now();
+        let batches = loader.num_batches(train_set.len());
+        let mut running = BatchStats::default();
+        let mut lr = cfg.schedule.lr_at(step);
+        for (bi, b) in Prefetcher::new(Arc::clone(&data), loader.clone(), epoch - 1)?.enumerate() {
+            let seed = cfg.seed ^ (step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let stats = engine
+                .train_step(params, &mut grads, &b.images, &b.labels, seed)
+                .map_err(|e| TrainError::Engine { epoch, batch: bi, message: e.0 })?;
+            if !stats.loss_sum.is_finite() {
+                return Err(TrainError::NonFinite { epoch, batch: bi, loss: stats.loss_sum, kept: saved_checkpoint });
+            }
+            lr = cfg.schedule.lr_at(step);
+            optimizer.begin_step();
+            for info in params.infos().to_vec() {
+                if !info.is_trainable() {
+                    continue;
+                }
+                let g = grads.slice(&info.name).expect("same layout");
+                let p = params.slice_mut(&info.name).expect("same layout");
+                optimizer.update(&info.name, p, g, lr)?;
+            }
+            step += 1;
+            running.add(stats);
+            let ips = running.count as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            observer.batch(epoch, bi, batches, &running, ips);
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        let val_stats = match val {
+            Some(v) => Some(evaluate(engine, params, v, &normalizer, cfg.batch.max(64), cfg.loss)?),
+            None => None,
+        };
+        let summary = EpochSummary {
+            epoch,
+            train: running,
+            val: val_stats,
+            lr,
+            images_per_s: running.count as f64 / train_seconds.max(1e-9),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        observer.epoch(&summary);
+        outcome.epochs.push(summary);
+        let row = CurveRow {
+            epoch,
+            step,
+            train_loss: running.mean_loss(),
+            train_acc: running.accuracy(),
+            val_loss: val_stats.map(|s| s.mean_loss()),
+            val_acc: val_stats.map(|s| s.accuracy()),
+            lr: lr as f64,
+            images_per_s: summary.images_per_s,
+        };
+        if let Some(log) = curves.as_mut() {
+            log.append(&row)?;
+            rows.push(row);
+            crate::curves::render_png(&rows, &log.path().with_extension("png"), 900, 600)?;
+        }
+        let monitored = val_stats.map(|s| s.mean_loss()).unwrap_or(running.mean_loss());
+        if monitored < best_val {
+            best_val = monitored;
+            since_best = 0;
+            if let Some(path) = &cfg.checkpoint {
+                let meta = CheckpointMeta {
+                    architecture: graph.name.clone(),
+                    fingerprint: fingerprint(graph),
+                    epoch,
+                    optimizer: cfg.optimizer.name().to_string(),
+                    extra: Default::default(),
+                };
+                let infos = params.infos().to_vec();
+                checkpoint::save(
+                    path,
+                    &meta,
+                    infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice(), params.slice(&i.name).expect("own name"))),
+                )?;
+                saved_checkpoint = Some(path.clone());
+            }
+        } else {
+            since_best += 1;
+            if cfg.patience.is_some_and(|p| since_best >= p) {
+                outcome.stopped_early = true;
+                break;
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Load the tensors of a checkpoint saved by [`train`] into `params`, checking the
+/// architecture, fingerprint and every shape first (nothing is changed on a mismatch).
+pub fn load_checkpoint(path: &std::path::Path, graph: &Graph, params: &mut ParamStore) -> Result<u64, TrainError> {
+    let infos = params.infos().to_vec();
+    let expected: Vec<(&str, &[usize])> = infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice())).collect();
+    let c = checkpoint::load_checked(path, &graph.name, &fingerprint(graph), &expected)?;
+    for (name, _, data) in c.model_tensors() {
+        if let Some(dst) = params.slice_mut(name) {
+            dst.copy_from_slice(data);
+        }
+    }
+    Ok(c.meta.epoch)
+}
