@@ -297,8 +297,38 @@ fn errors_name_the_layer() {
     assert!(backward(&g, &p, &st, &[]).is_err());
     let wrong = ArrayD::zeros(IxDyn(&[3, 4]));
     assert!(backward(&g, &p, &st, &[wrong]).unwrap_err().to_string().contains("layer `fc`"));
+    // A forward state of another graph.
+    let small = {
+        let mut s = Graph::new("small");
+        let i = s.input("x", Shape::chw(3, 7, 5)).unwrap();
+        s.add("relu", Op::Act(Activation::Relu), &[i]).unwrap();
+        s
+    };
+    let e = backward(&small, &p, &st, &[x.clone()]).unwrap_err().to_string();
+    assert!(e.contains("another graph"), "{e}");
     // Batch norm in training mode with a single value per channel.
     let one = ArrayD::<f64>::zeros(IxDyn(&[1, 3, 7, 5]));
     let e = loss_and_grad(&g, &p, one.view(), &labels[..1], Loss::SoftmaxCrossEntropy, Mode::Train, 0).unwrap_err().to_string();
     assert!(e.starts_with("layer `bn3` (batchnorm)"), "{e}");
+}
+
+#[test]
+fn repeated_operand_gets_both_contributions() {
+    // add(r, r) = 2r: the gradient reaching r counts both operand slots.
+    let mut g = Graph::new("twice");
+    let x = g.input("x", Shape::chw(2, 3, 5)).unwrap();
+    let r = g.add("act", Op::Act(Activation::Tanh), &[x]).unwrap();
+    let a = g.add("twice", Op::Add, &[r, r, x]).unwrap();
+    let f = g.add("flat", Op::Flatten, &[a]).unwrap();
+    g.add("fc", Op::Dense(Dense { out_features: 3, bias: false }), &[f]).unwrap();
+    let p = ParamStore::<f64>::for_graph(&g, &InitConfig::pytorch(), 4).unwrap();
+    let xs = random_tensor(&[3, 2, 3, 5], 5);
+    let labels = [0, 2, 1];
+    let loss = Loss::SoftmaxCrossEntropy;
+    let out = loss_and_grad(&g, &p, xs.view(), &labels, loss, Mode::Train, 0).unwrap();
+    let num = numerical_grad(xs.view(), H, |x| loss_and_grad(&g, &p, x.view(), &labels, loss, Mode::Train, 0).unwrap().loss);
+    assert!(rel_error(out.grads.input.view(), num.view()) < TOL);
+    let d_act = out.grads.node(r).unwrap();
+    let d_twice = out.grads.node(a).unwrap();
+    assert!(rel_error(d_act.view(), (d_twice * 2.0).view()) < 1e-14);
 }

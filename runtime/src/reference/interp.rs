@@ -203,6 +203,18 @@ fn param<'a, T: Scalar, D: ndarray::Dimension>(params: &'a ParamStore<T>, layer:
         .map_err(|_| Error::Kernel { op: "params", message: format!("parameter `{name}` has {} dimensions ({dims:?})", dims.len()) })
 }
 
+/// The operand count the op needs (the graph guarantees it; a corrupted graph gets an error).
+fn check_arity(op: &Op, got: usize) -> Result<()> {
+    let ok = match op.arity() {
+        Some(n) => n == got,
+        None => got >= 2,
+    };
+    if !ok {
+        return super::kerr("interp", format!("{got} operand(s) do not fit the op's arity"));
+    }
+    Ok(())
+}
+
 fn single_input(graph: &Graph) -> Result<NodeId> {
     match graph.inputs().as_slice() {
         [one] => Ok(*one),
@@ -273,6 +285,7 @@ fn forward_node<T: Scalar>(
         .iter()
         .map(|&o| st.value(o).map(|v| v.view()).ok_or_else(|| Error::Kernel { op: "interp", message: format!("operand {o} has no value") }))
         .collect::<Result<_>>()?;
+    check_arity(&node.op, xs.len())?;
     let mut out = ArrayD::<T>::zeros(IxDyn(&batch_dims(node.shape, n)));
     let mut saved = Saved::Nothing;
     match node.op {
@@ -368,6 +381,10 @@ pub fn backward<T: Scalar>(graph: &Graph, params: &ParamStore<T>, state: &Forwar
             message: format!("{} output gradient(s) for {} output(s)", d_outputs.len(), outputs.len()),
         });
     }
+    let size = graph.nodes().map(|id| id.index() + 1).max().unwrap_or(0);
+    if size != state.values.len() || single_input(graph)? != state.input {
+        return Err(Error::Graph { graph: graph.name.clone(), message: "the forward state was computed for another graph".into() });
+    }
     let mut grads: Vec<Option<ArrayD<T>>> = vec![None; state.values.len()];
     for (&o, d) in outputs.iter().zip(d_outputs) {
         let v = state.value(o).ok_or_else(|| layer_err(graph, o, "no forward value"))?;
@@ -425,6 +442,7 @@ fn backward_node<T: Scalar>(
         .iter()
         .map(|&o| st.value(o).map(|v| v.view()).ok_or_else(|| Error::Kernel { op: "interp", message: format!("operand {o} has no value") }))
         .collect::<Result<_>>()?;
+    check_arity(&node.op, xs.len())?;
     let mut dxs: Vec<ArrayD<T>> = xs.iter().map(|x| ArrayD::zeros(x.raw_dim())).collect();
     match node.op {
         Op::Input => {}

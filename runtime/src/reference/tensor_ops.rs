@@ -92,7 +92,9 @@ pub fn concat_backward<T: Scalar>(d_xs: &mut [ArrayViewMutD<T>], d_out: ArrayVie
     }
     let mut off = 0;
     for (i, d) in d_xs.iter_mut().enumerate() {
-        let ci = d.shape()[1];
+        let Some(&ci) = d.shape().get(1) else {
+            return kerr("concat", format!("`d_xs[{i}]` has no axis 1"));
+        };
         let part = d_out.slice_axis(Axis(1), (off..off + ci).into());
         check_dims("concat", &format!("d_xs[{i}]"), d.shape(), part.shape())?;
         *d += &part;
