@@ -179,3 +179,83 @@ pub(crate) fn type_ident(cx: &Ctxt, name: &str, span: Span) -> Option<syn::Ident
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lit(path: &std::path::Path) -> FileRef {
+        let s = path.to_string_lossy().into_owned();
+        FileRef { vis: proc_macro2::TokenStream::new(), path: syn::LitStr::new(&s, Span::call_site()) }
+    }
+
+    fn messages(cx: Ctxt) -> Vec<String> {
+        cx.check().err().map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
+    }
+
+    fn scratch(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cnnc-macros-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_is_read_checked_and_summarized() {
+        let p = scratch("ok.cnn", "/// Doc.\nmodel M(input: 2x6x6) {\n  conv(3, 3x3); relu; flatten; dense(5);\n}\n");
+        let cx = Ctxt::new();
+        let f = file(&cx, &lit(&p)).unwrap();
+        assert!(messages(cx).is_empty());
+        assert_eq!(f.text, std::fs::read_to_string(&p).unwrap());
+        assert!(f.path.is_absolute());
+        let m = &f.models[0];
+        assert_eq!((m.name.as_str(), m.docs.clone()), ("M", vec!["Doc.".to_string()]));
+        assert_eq!(m.input, Shape::chw(2, 6, 6));
+        assert_eq!(m.outputs, vec![Shape::flat(5)]);
+        // conv: 3*2*9 + 3 = 57, 4*4*3*18 = 864 MACs; dense: 48*5 + 5 = 245, 240 MACs.
+        assert_eq!((m.params, m.macs, m.layers), (57 + 245, 864 + 240, 5));
+    }
+
+    #[test]
+    fn file_errors_are_rendered_with_line_and_column() {
+        let p = scratch("bad.cnn", "model M(input: 1x4x4) {\n    relu;\n    c: conv(2, 5x5);\n}\n\nmodel N(input: 4) { bogus; }\n");
+        let cx = Ctxt::new();
+        let shown = p.to_string_lossy().into_owned();
+        let f = file(&cx, &lit(&p)).unwrap();
+        assert!(f.models.is_empty());
+        let msgs = messages(cx);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(msgs[0].starts_with("unknown layer or block `bogus`"), "{msgs:?}");
+        assert!(msgs[0].contains(&format!("--> {shown}:6:21")), "{msgs:?}");
+        assert!(msgs[0].contains("6 | model N(input: 4) { bogus; }"), "{msgs:?}");
+
+        let p = scratch("shape.cnn", "model M(input: 1x4x4) {\n    relu;\n    c: conv(2, 5x5);\n}\n");
+        let cx = Ctxt::new();
+        file(&cx, &lit(&p)).unwrap();
+        let msgs = messages(cx);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(msgs[0].contains(":3:8"), "{msgs:?}");
+        assert!(msgs[0].contains("    c: conv(2, 5x5);\n"), "{msgs:?}");
+    }
+
+    #[test]
+    fn missing_file_says_where_it_looked() {
+        let cx = Ctxt::new();
+        let f = FileRef { vis: proc_macro2::TokenStream::new(), path: syn::LitStr::new("no/such.cnn", Span::call_site()) };
+        assert!(file(&cx, &f).is_none());
+        let msgs = messages(cx);
+        assert_eq!(msgs.len(), 1);
+        assert!(msgs[0].starts_with("cannot read model file `no/such.cnn`"), "{msgs:?}");
+        let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+        assert!(msgs[0].contains(&format!("{manifest}/no/such.cnn")), "{msgs:?}");
+    }
+
+    #[test]
+    fn type_names_must_be_rust_identifiers() {
+        let cx = Ctxt::new();
+        assert_eq!(type_ident(&cx, "LeNet5", Span::call_site()).unwrap().to_string(), "LeNet5");
+        assert!(type_ident(&cx, "type", Span::call_site()).is_none());
+        assert_eq!(messages(cx).len(), 1);
+    }
+}

@@ -40,8 +40,10 @@ use proc_macro::TokenStream;
 /// const _: () = assert!(MiniInception::PARAMS < 2_000_000);
 /// ```
 ///
-/// or, from a `.cnn` file resolved relative to the crate's `Cargo.toml` (edits to the file
-/// recompile the crate; errors are printed with the file's line, column and source line):
+/// or, from a `.cnn` file: a relative path is resolved against the crate's directory
+/// (`CARGO_MANIFEST_DIR`), then, like `include_str!`, against the directory of the file holding
+/// the invocation. Edits to the file recompile the crate; errors in it are printed with the
+/// file's line, column and source line, at the path literal:
 ///
 /// ```ignore
 /// cnnc::cnn_model!(pub file = "models/lenet5.cnn");
@@ -51,6 +53,9 @@ use proc_macro::TokenStream;
 /// `NAME`, `INPUT`, `OUTPUT`, `OUTPUTS`, `PARAMS`, `MACS`, `LAYERS` and the functions
 /// `source()`, `graph()` and `report(batch)`. Items without `pub`/`pub(crate)`/... are private,
 /// as in Rust. Blocks generate nothing.
+///
+/// Every error is reported at the offending token, and independent errors are reported
+/// together.
 #[proc_macro]
 pub fn cnn_model(input: TokenStream) -> TokenStream {
     expand::cnn_model(input.into()).into()
