@@ -92,21 +92,40 @@ pub(crate) fn file(cx: &Ctxt, file: &FileRef) -> Option<CheckedFile> {
     // Lex and check with proc-macro2's own implementation: its spans know line and column in
     // `text`, which the compiler's spans for a string parsed inside a macro do not. Nothing
     // created while forced leaves this block except strings and numbers.
-    proc_macro2::fallback::force();
     let mut rendered = Vec::new();
-    let models = match lang::parse_source(&shown, &text) {
-        Ok(p) => summarize(&p, &mut |d| rendered.extend(render(&d, &shown, &text))),
-        Err(d) => {
-            rendered.extend(render(&d, &shown, &text));
-            Vec::new()
+    let models = {
+        let _fallback = ForceFallback::new();
+        match lang::parse_source(&shown, &text) {
+            Ok(p) => summarize(&p, &mut |d| rendered.extend(render(&d, &shown, &text))),
+            Err(d) => {
+                rendered.extend(render(&d, &shown, &text));
+                Vec::new()
+            }
         }
     };
-    proc_macro2::fallback::unforce();
 
     for r in rendered {
         cx.push(syn::Error::new(at, r));
     }
     Some(CheckedFile { path, text, models })
+}
+
+/// proc-macro2's fallback implementation while alive; the compiler's again when dropped (also
+/// on unwinding, so a later invocation in the same compilation is not left with span-less
+/// tokens).
+struct ForceFallback;
+
+impl ForceFallback {
+    fn new() -> ForceFallback {
+        proc_macro2::fallback::force();
+        ForceFallback
+    }
+}
+
+impl Drop for ForceFallback {
+    fn drop(&mut self) {
+        proc_macro2::fallback::unforce();
+    }
 }
 
 /// Where `file = "shown"` may be: relative to `CARGO_MANIFEST_DIR`, then (like
