@@ -254,7 +254,12 @@ pub fn train(
                     fingerprint: fingerprint(graph),
                     epoch,
                     optimizer: cfg.optimizer.name().to_string(),
-                    extra: Default::default(),
+                    extra: [
+                        ("normalizer_mean".to_string(), join(&normalizer.mean)),
+                        ("normalizer_std".to_string(), join(&normalizer.std)),
+                    ]
+                    .into_iter()
+                    .collect(),
                 };
                 let infos = params.infos().to_vec();
                 checkpoint::save(
@@ -275,9 +280,26 @@ pub fn train(
     Ok(outcome)
 }
 
+fn join(v: &[f32]) -> String {
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn split(s: &str) -> Option<Vec<f32>> {
+    s.split(',').map(|x| x.parse().ok()).collect()
+}
+
+/// What [`load_checkpoint`] found besides the weights.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Epochs completed when saved.
+    pub epoch: u64,
+    /// The input normaliser the weights were trained with, if recorded.
+    pub normalizer: Option<Normalizer>,
+}
+
 /// Load the tensors of a checkpoint saved by [`train`] into `params`, checking the
 /// architecture, fingerprint and every shape first (nothing is changed on a mismatch).
-pub fn load_checkpoint(path: &std::path::Path, graph: &Graph, params: &mut ParamStore) -> Result<u64, TrainError> {
+pub fn load_checkpoint(path: &std::path::Path, graph: &Graph, params: &mut ParamStore) -> Result<Loaded, TrainError> {
     let infos = params.infos().to_vec();
     let expected: Vec<(&str, &[usize])> = infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice())).collect();
     let c = checkpoint::load_checked(path, &graph.name, &fingerprint(graph), &expected)?;
@@ -286,5 +308,9 @@ pub fn load_checkpoint(path: &std::path::Path, graph: &Graph, params: &mut Param
             dst.copy_from_slice(data);
         }
     }
-    Ok(c.meta.epoch)
+    let normalizer = match (c.meta.extra.get("normalizer_mean"), c.meta.extra.get("normalizer_std")) {
+        (Some(m), Some(s)) => split(m).zip(split(s)).and_then(|(m, s)| Normalizer::new(m, s).ok()),
+        _ => None,
+    };
+    Ok(Loaded { epoch: c.meta.epoch, normalizer })
 }

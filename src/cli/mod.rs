@@ -2,6 +2,7 @@
 
 mod graph;
 mod report;
+mod train;
 
 use clap::{Parser, Subcommand};
 use cnnc_compiler::ir::Graph;
@@ -23,6 +24,10 @@ enum Command {
     Report(report::Args),
     /// Check a model file and print its graph (IR text, Graphviz DOT, or SVG)
     Graph(graph::Args),
+    /// Train a model on a data set, with checkpoints and training curves
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint on the held-out data
+    Eval(train::EvalArgs),
 }
 
 /// Run a parsed command line.
@@ -30,6 +35,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Report(a) => report::run(a),
         Command::Graph(a) => graph::run(a),
+        Command::Train(a) => train::run_train(a),
+        Command::Eval(a) => train::run_eval(a),
     }
 }
 
