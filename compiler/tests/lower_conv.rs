@@ -275,8 +275,8 @@ fn concat_slice_backward_reads_its_channels() {
     }
 }
 
-/// Gradients against central finite differences of `L = Σ out * r` (in f64-free f32: h = 1e-2,
-/// the loss is linear in each input, so the difference quotient is exact up to rounding).
+/// Gradients against central finite differences of `L = Σ out * r` (h = 1e-2; the loss is
+/// linear in each input, so the difference quotient is exact up to f32 rounding).
 #[test]
 fn gradients_match_finite_differences() {
     let mut rng = StdRng::seed_from_u64(14);

@@ -510,6 +510,7 @@ impl ConvKernels {
             Impl::Blocked { bwd_w, bwd_w_tail, .. } => {
                 let mut apack = Vec::new();
                 let mut panel = vec![0.0f32; WGRAD_BLOCK * NR];
+                let mut rows = Vec::new();
                 for s in 0..n {
                     for gi in 0..g.groups {
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
@@ -526,7 +527,7 @@ impl ConvKernels {
                                     // B = colᵀ = xᵀ: element (q, kk) at kk*hw + p0 + q.
                                     gemm::pack_b_panel(&mut panel, &xs[p0..], kb, j0, nr, 1, hw);
                                 } else {
-                                    self.im2col_t_panel(&mut panel, xs, p0, kb, j0, nr);
+                                    self.im2col_t_panel(&mut panel, &mut rows, xs, p0, kb, j0, nr);
                                 }
                                 gm.run_panel(d_w, dw_off + j0, mg, j0, &apack, &panel, &EpiArgs::default());
                             }
@@ -583,7 +584,13 @@ impl ConvKernels {
                 let ix0 = ox0 as isize * sw + dx;
                 if sw == 1 && ix0 >= 0 && ix0 + len as isize <= w {
                     let s = base + ix0 as usize;
-                    seg.copy_from_slice(&xs[s..s + len]);
+                    if len == NR {
+                        // Fixed-size copy: two vector moves instead of a memcpy call.
+                        let d: &mut [f32; NR] = seg.try_into().expect("8-wide segment");
+                        *d = xs[s..s + NR].try_into().expect("8-wide source");
+                    } else {
+                        seg.copy_from_slice(&xs[s..s + len]);
+                    }
                 } else {
                     for (q, v) in seg.iter_mut().enumerate() {
                         let ix = ix0 + q as isize * sw;
@@ -614,8 +621,16 @@ impl ConvKernels {
                 let ix0 = ox0 as isize * sw + dx;
                 if sw == 1 && ix0 >= 0 && ix0 + len as isize <= w {
                     let s = base + ix0 as usize;
-                    for (d, v) in dxs[s..s + len].iter_mut().zip(seg) {
-                        *d += v;
+                    if len == NR {
+                        let d: &mut [f32; NR] = (&mut dxs[s..s + NR]).try_into().expect("8-wide target");
+                        let v: &[f32; NR] = seg.try_into().expect("8-wide segment");
+                        for t in 0..NR {
+                            d[t] += v[t];
+                        }
+                    } else {
+                        for (d, v) in dxs[s..s + len].iter_mut().zip(seg) {
+                            *d += v;
+                        }
                     }
                 } else {
                     for (q, v) in seg.iter().enumerate() {
@@ -630,46 +645,43 @@ impl ConvKernels {
     }
 
     /// The B panel of `colᵀ` for the weight gradient: `dst[q*8 + t] = col[j0 + t][p0 + q]` for
-    /// `q < kb`, `t < nr` (other columns zero).
-    fn im2col_t_panel(&self, dst: &mut [f32], xs: &[f32], p0: usize, kb: usize, j0: usize, nr: usize) {
+    /// `q < kb`, `t < nr` (other columns zero). Gathers the 8 `col` rows into `rows`
+    /// (contiguous copies), then transposes.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_t_panel(&self, dst: &mut [f32], rows: &mut Vec<f32>, xs: &[f32], p0: usize, kb: usize, j0: usize, nr: usize) {
         let g = &self.geom;
         let (h, w) = (g.h as isize, g.w as isize);
         let (sh, sw) = (g.stride[0] as isize, g.stride[1] as isize);
         let ow = g.ow;
-        let dst = &mut dst[..kb * NR];
-        if nr < NR {
-            dst.fill(0.0);
-        }
+        rows.clear();
+        rows.resize(NR * kb, 0.0);
         for t in 0..nr {
             let (coff, dy, dx) = self.ktab[j0 + t];
+            let row = &mut rows[t * kb..(t + 1) * kb];
             let mut q = p0;
             while q < p0 + kb {
                 let (oy, ox0) = (q / ow, q % ow);
                 let len = (ow - ox0).min(p0 + kb - q);
                 let iy = oy as isize * sh + dy;
-                let d0 = q - p0;
-                if iy < 0 || iy >= h {
-                    for i in 0..len {
-                        dst[(d0 + i) * NR + t] = 0.0;
-                    }
-                } else {
+                let seg = &mut row[q - p0..q - p0 + len];
+                if iy >= 0 && iy < h {
                     let base = coff + (iy * w) as usize;
                     let ix0 = ox0 as isize * sw + dx;
                     if sw == 1 && ix0 >= 0 && ix0 + len as isize <= w {
-                        let src = &xs[base + ix0 as usize..base + ix0 as usize + len];
-                        for (i, &v) in src.iter().enumerate() {
-                            dst[(d0 + i) * NR + t] = v;
-                        }
+                        seg.copy_from_slice(&xs[base + ix0 as usize..base + ix0 as usize + len]);
                     } else {
-                        for i in 0..len {
+                        for (i, v) in seg.iter_mut().enumerate() {
                             let ix = ix0 + i as isize * sw;
-                            dst[(d0 + i) * NR + t] = if ix >= 0 && ix < w { xs[base + ix as usize] } else { 0.0 };
+                            if ix >= 0 && ix < w {
+                                *v = xs[base + ix as usize];
+                            }
                         }
                     }
                 }
                 q += len;
             }
         }
+        gemm::transpose8(&mut dst[..kb * NR], rows, kb);
     }
 }
 

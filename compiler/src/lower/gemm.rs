@@ -391,17 +391,24 @@ pub fn pack_b_panel(dst: &mut [f32], src: &[f32], k: usize, j0: usize, nr: usize
         dst.fill(0.0);
     }
     if cs == 1 {
-        for kk in 0..k {
-            let s = kk * rs + j0;
-            dst[kk * NR..kk * NR + nr].copy_from_slice(&src[s..s + nr]);
-        }
-    } else if rs == 1 {
-        for t in 0..nr {
-            let col = &src[(j0 + t) * cs..(j0 + t) * cs + k];
-            for (kk, &v) in col.iter().enumerate() {
-                dst[kk * NR + t] = v;
+        if nr == NR {
+            for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
+                let s = kk * rs + j0;
+                let d: &mut [f32; NR] = d.try_into().expect("8-wide row");
+                *d = src[s..s + NR].try_into().expect("8-wide source");
+            }
+        } else {
+            for kk in 0..k {
+                let s = kk * rs + j0;
+                dst[kk * NR..kk * NR + nr].copy_from_slice(&src[s..s + nr]);
             }
         }
+    } else if rs == 1 {
+        // Columns of B are contiguous: gather eight of them per packed row.
+        let zeros = vec![0.0f32; if nr < NR { k } else { 0 }];
+        let cols: [&[f32]; NR] =
+            std::array::from_fn(|t| if t < nr { &src[(j0 + t) * cs..(j0 + t) * cs + k] } else { &zeros[..] });
+        transpose8_from(dst, &cols, k);
     } else {
         for kk in 0..k {
             for t in 0..nr {
@@ -468,5 +475,20 @@ impl Gemm {
             pack_b_panel(scratch, b_src, s.k, j0, nr, rs, cs);
             self.run_panel(c, c_off + j0, m, j0, a, scratch, epi);
         }
+    }
+}
+
+/// `dst[q*8 + t] = rows[t*k + q]` for `q < k`, `t < 8`: transpose eight rows of length `k`
+/// (stored back to back in `rows`) into a `k x 8` panel.
+pub fn transpose8(dst: &mut [f32], rows: &[f32], k: usize) {
+    let cols: [&[f32]; NR] = std::array::from_fn(|t| &rows[t * k..(t + 1) * k]);
+    transpose8_from(dst, &cols, k);
+}
+
+fn transpose8_from(dst: &mut [f32], cols: &[&[f32]; NR], k: usize) {
+    let c: [&[f32]; NR] = std::array::from_fn(|t| &cols[t][..k]);
+    for (q, d) in dst[..k * NR].chunks_exact_mut(NR).enumerate() {
+        let d: &mut [f32; NR] = d.try_into().expect("8-wide row");
+        *d = [c[0][q], c[1][q], c[2][q], c[3][q], c[4][q], c[5][q], c[6][q], c[7][q]];
     }
 }

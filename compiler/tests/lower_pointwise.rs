@@ -1,0 +1,223 @@
+//! Pooling, activations and batch norm against direct loops and finite differences.
+#![cfg(feature = "jit")]
+
+use cnnc_compiler::ir::{Activation, Padding, Pool2d, PoolKind};
+use cnnc_compiler::lower::pointwise::*;
+use cnnc_compiler::lower::pool::PoolKernels;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}: element {i}: got {g}, want {w}");
+    }
+}
+
+/// Reference pooling straight from the definition (PyTorch semantics).
+fn ref_pool(p: &Pool2d, x: &[f32], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    let [t, b, l, r] = p.pads();
+    let mut out = vec![0.0; planes * oh * ow];
+    for pl in 0..planes {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (y0, x0) = ((oy * p.stride[0]) as isize - t as isize, (ox * p.stride[1]) as isize - l as isize);
+                let (mut mx, mut sum, mut cnt, mut padded) = (f32::NEG_INFINITY, 0.0, 0, 0);
+                for ky in 0..p.kernel[0] as isize {
+                    for kx in 0..p.kernel[1] as isize {
+                        let (iy, ix) = (y0 + ky, x0 + kx);
+                        if iy < (h + b) as isize && ix < (w + r) as isize {
+                            padded += 1;
+                        }
+                        if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
+                            let v = x[pl * h * w + iy as usize * w + ix as usize];
+                            mx = mx.max(v);
+                            sum += v;
+                            cnt += 1;
+                        }
+                    }
+                }
+                out[pl * oh * ow + oy * ow + ox] = match p.kind {
+                    PoolKind::Max => mx,
+                    PoolKind::Avg => sum / if p.count_include_pad { padded } else { cnt } as f32,
+                };
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pooling_forward_backward() {
+    let mut rng = StdRng::seed_from_u64(31);
+    let (n, c, h, w) = (3, 5, 7, 9);
+    for kind in [PoolKind::Max, PoolKind::Avg] {
+        for (k, s, pad, ceil, incl) in [
+            (2, 2, [0, 0, 0, 0], false, true),
+            (3, 2, [1, 1, 1, 1], false, true),
+            (3, 2, [1, 1, 1, 1], true, false),
+            (3, 1, [0, 1, 1, 0], false, false),
+            (2, 3, [0, 0, 0, 0], true, true),
+        ] {
+            let p = Pool2d {
+                kind,
+                kernel: [k, k],
+                stride: [s, s],
+                padding: Padding::Explicit { top: pad[0], bottom: pad[1], left: pad[2], right: pad[3] },
+                ceil_mode: ceil,
+                count_include_pad: incl,
+                exact: false,
+            };
+            let what = format!("{p:?}");
+            let pk = PoolKernels::new("pool", &p, (c, h, w)).unwrap();
+            let (_, oh, ow) = pk.out_shape();
+            // Distinct values 0.01 apart: no near-ties for the max's finite differences.
+            let mut x: Vec<f32> = (0..n * c * h * w).map(|i| i as f32 * 0.01 - 4.0).collect();
+            x.shuffle(&mut rng);
+            let mut out = vec![0.0; n * c * oh * ow];
+            let mut am = vec![0u32; out.len()];
+            let amo = (kind == PoolKind::Max).then_some(&mut am[..]);
+            pk.forward(&mut out, amo, &x).unwrap();
+            close(&out, &ref_pool(&p, &x, n * c, h, w, oh, ow), 1e-5, &what);
+            // Backward vs finite differences of L = Σ out * r (max: away from ties, which
+            // random inputs avoid).
+            let r = rand_vec(&mut rng, out.len());
+            let mut dx = vec![0.0; x.len()];
+            pk.backward(&mut dx, &r, (kind == PoolKind::Max).then_some(&am[..])).unwrap();
+            let loss = |x: &[f32]| -> f64 {
+                ref_pool(&p, x, n * c, h, w, oh, ow).iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum()
+            };
+            let hstep = 1e-3f32;
+            for i in (0..x.len()).step_by(5) {
+                let (mut a, mut b) = (x.clone(), x.clone());
+                a[i] += hstep;
+                b[i] -= hstep;
+                let fd = ((loss(&a) - loss(&b)) / (2.0 * hstep as f64)) as f32;
+                assert!((dx[i] - fd).abs() < 1e-2 * (1.0 + fd.abs()), "{what}: d_x[{i}] {} vs fd {fd}", dx[i]);
+            }
+        }
+    }
+    let p = Pool2d::new(PoolKind::Max, 2, 2);
+    let pk = PoolKernels::new("pool3", &p, (c, h, w)).unwrap();
+    let mut out = vec![0.0; c * 3 * 4];
+    assert!(pk.forward(&mut out, None, &vec![0.0; c * h * w]).is_err());
+    assert!(pk.forward(&mut out[1..], Some(&mut vec![0; c * 12]), &vec![0.0; c * h * w]).is_err());
+}
+
+#[test]
+fn activations_forward_backward() {
+    let mut rng = StdRng::seed_from_u64(32);
+    let x = rand_vec(&mut rng, 301);
+    let r = rand_vec(&mut rng, 301);
+    let acts = [
+        Activation::Relu,
+        Activation::LeakyRelu { slope: 0.1 },
+        Activation::Elu { alpha: 1.3 },
+        Activation::Sigmoid,
+        Activation::Tanh,
+    ];
+    let f = |a: Activation, v: f32| -> f32 {
+        match a {
+            Activation::Relu => v.max(0.0),
+            Activation::LeakyRelu { slope } => if v > 0.0 { v } else { slope * v },
+            Activation::Elu { alpha } => if v > 0.0 { v } else { alpha * (v.exp() - 1.0) },
+            Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Activation::Tanh => v.tanh(),
+        }
+    };
+    for a in acts {
+        let mut y = vec![0.0; x.len()];
+        activation_forward("act", a, &mut y, &x).unwrap();
+        let want: Vec<f32> = x.iter().map(|&v| f(a, v)).collect();
+        close(&y, &want, 1e-5, a.name());
+        let mut d1 = vec![0.5; x.len()];
+        let mut d2 = vec![0.5; x.len()];
+        activation_backward("act", a, &mut d1, &r, &x).unwrap();
+        activation_backward_from_output("act", a, &mut d2, &r, &y).unwrap();
+        let h = 1e-3f32;
+        for i in 0..x.len() {
+            if x[i].abs() < 1e-2 {
+                continue; // kink of relu/leaky/elu
+            }
+            let fd = (f(a, x[i] + h) - f(a, x[i] - h)) / (2.0 * h) * r[i] + 0.5;
+            assert!((d1[i] - fd).abs() < 1e-2, "{}: from x at {i}: {} vs {fd}", a.name(), d1[i]);
+            assert!((d2[i] - fd).abs() < 1e-2, "{}: from y at {i}: {} vs {fd}", a.name(), d2[i]);
+        }
+    }
+    let mut y = vec![0.0; 3];
+    assert!(activation_forward("act", Activation::Relu, &mut y, &x).is_err());
+    assert!(activation_backward_from_output("act", Activation::LeakyRelu { slope: -0.5 }, &mut y, &r[..3], &x[..3]).is_err());
+}
+
+#[test]
+fn batchnorm_train_and_inference() {
+    let mut rng = StdRng::seed_from_u64(33);
+    let shape = BnShape { n: 3, c: 5, hw: 7 };
+    let len = 3 * 5 * 7;
+    let x = rand_vec(&mut rng, len);
+    let gamma = rand_vec(&mut rng, 5);
+    let beta = rand_vec(&mut rng, 5);
+    let (eps, mom) = (1e-5, 0.1);
+    let forward = |x: &[f32], gamma: &[f32], beta: &[f32]| {
+        let mut out = vec![0.0; len];
+        let mut saved = BnSaved::default();
+        let (mut rm, mut rv) = (vec![0.0; 5], vec![1.0; 5]);
+        batchnorm_forward_train("bn", shape, 0..5, &mut out, &mut saved, &mut rm, &mut rv, x, gamma, beta, eps, mom).unwrap();
+        (out, saved, rm, rv)
+    };
+    let (out, saved, rm, rv) = forward(&x, &gamma, &beta);
+    for ch in 0..5 {
+        let vals: Vec<f32> = (0..3).flat_map(|s| x[s * 35 + ch * 7..s * 35 + ch * 7 + 7].to_vec()).collect();
+        let mean = vals.iter().sum::<f32>() / 21.0;
+        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 21.0;
+        for s in 0..3 {
+            for q in 0..7 {
+                let i = s * 35 + ch * 7 + q;
+                let want = gamma[ch] * (x[i] - mean) / (var + eps).sqrt() + beta[ch];
+                assert!((out[i] - want).abs() < 1e-4, "bn out[{i}]");
+            }
+        }
+        assert!((rm[ch] - 0.1 * mean).abs() < 1e-5);
+        assert!((rv[ch] - (0.9 + 0.1 * var * 21.0 / 20.0)).abs() < 1e-5);
+    }
+    // Backward vs finite differences of L = Σ out * r.
+    let r = rand_vec(&mut rng, len);
+    let (mut dx, mut dg, mut db) = (vec![0.0; len], vec![0.0; 5], vec![0.0; 5]);
+    batchnorm_backward("bn", shape, 0..5, &mut dx, &mut dg, &mut db, &r, &x, &saved, &gamma).unwrap();
+    let loss = |x: &[f32], g: &[f32], b: &[f32]| -> f64 {
+        forward(x, g, b).0.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum()
+    };
+    let h = 1e-2f32;
+    let fd = |v: &[f32], i: usize, f: &dyn Fn(&[f32]) -> f64| {
+        let (mut a, mut b) = (v.to_vec(), v.to_vec());
+        a[i] += h;
+        b[i] -= h;
+        ((f(&a) - f(&b)) / (2.0 * h as f64)) as f32
+    };
+    for i in 0..len {
+        let want = fd(&x, i, &|x| loss(x, &gamma, &beta));
+        assert!((dx[i] - want).abs() < 2e-2 * (1.0 + want.abs()), "bn d_x[{i}] {} vs {want}", dx[i]);
+    }
+    for ch in 0..5 {
+        let wg = fd(&gamma, ch, &|g| loss(&x, g, &beta));
+        let wb = fd(&beta, ch, &|b| loss(&x, &gamma, b));
+        assert!((dg[ch] - wg).abs() < 2e-2 * (1.0 + wg.abs()), "d_gamma[{ch}]");
+        assert!((db[ch] - wb).abs() < 2e-2 * (1.0 + wb.abs()), "d_beta[{ch}]");
+    }
+    // Inference equals the folded affine map.
+    let mut inf = vec![0.0; len];
+    batchnorm_forward_infer("bn", shape, &mut inf, &x, &gamma, &beta, &rm, &rv, eps).unwrap();
+    let (scale, shift) = batchnorm_fold("bn", &gamma, &beta, &rm, &rv, eps).unwrap();
+    for i in 0..len {
+        let ch = (i / 7) % 5;
+        let want = gamma[ch] * (x[i] - rm[ch]) / (rv[ch] + eps).sqrt() + beta[ch];
+        assert!((inf[i] - want).abs() < 1e-4 && (x[i] * scale[ch] + shift[ch] - want).abs() < 1e-4);
+    }
+    let mut short = vec![0.0; len - 1];
+    assert!(batchnorm_forward_infer("bn", shape, &mut short, &x, &gamma, &beta, &rm, &rv, eps).is_err());
+}
