@@ -14,7 +14,7 @@ enum OutputFormat {
 
 /// Arguments of `cnnc report`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Examples:\n  cnnc report examples/models/lenet5.cnn\n  cnnc report examples/models/inception_naive.cnn --compare examples/models/inception_reduced.cnn\n  cnnc report examples/models/resnet50.cnn --batch 32 --format json")]
+#[command(after_help = "Examples:\n  cnnc report examples/models/lenet5.cnn\n  cnnc report examples/models/inception_naive.cnn --compare examples/models/inception_reduced.cnn\n  cnnc report examples/models/resnet.cnn --model ResNet50 --batch 32 --format json")]
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,

@@ -354,7 +354,10 @@ fn per_sample(g: &Graph, id: NodeId, ins: &[Shape], needs_grad: &HashMap<NodeId,
 
 fn receptive(op: &Op, inputs: Vec<([usize; 2], [usize; 2])>, ins: &[Shape]) -> ([usize; 2], [usize; 2]) {
     let window = |(rf, j): ([usize; 2], [usize; 2]), k: [usize; 2], s: [usize; 2]| {
-        ([rf[0] + (k[0] - 1) * j[0], rf[1] + (k[1] - 1) * j[1]], [j[0] * s[0], j[1] * s[1]])
+        (
+            [rf[0].saturating_add((k[0] - 1).saturating_mul(j[0])), rf[1].saturating_add((k[1] - 1).saturating_mul(j[1]))],
+            [j[0].saturating_mul(s[0]), j[1].saturating_mul(s[1])],
+        )
     };
     let Some(&first) = inputs.first() else { return ([1, 1], [1, 1]) };
     let joined = inputs.iter().fold(first, |(rf, j), &(r2, j2)| {
@@ -367,6 +370,9 @@ fn receptive(op: &Op, inputs: Vec<([usize; 2], [usize; 2])>, ins: &[Shape]) -> (
             Shape::Chw { h, w, .. } => window(first, [h, w], [h, w]),
             Shape::Flat { .. } => first,
         },
+        // The gate is one value per channel: outputs are spaced like `x`'s, but each sees
+        // everything the gate saw.
+        Op::ChannelMul => (joined.0, first.1),
         _ => joined,
     }
 }
