@@ -377,7 +377,8 @@ impl ConvKernels {
                     pack_a(&mut apack, &w[gi * mg * kc..], mg, kc, kc, 1);
                     packs.push(apack.clone());
                 }
-                let mut panel = vec![0.0f32; kc * NR];
+                let bp = self.block_panels();
+                let mut panel = vec![0.0f32; bp * kc * NR];
                 for s in 0..n {
                     for (gi, ap) in packs.iter().enumerate() {
                         let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
@@ -389,14 +390,18 @@ impl ConvKernels {
                             shift: if self.epi.affine { &shift[r0..] } else { &[] },
                             residual: if self.epi.residual { &residual[(s * g.cout + r0) * p..] } else { &[] },
                         };
-                        for j0 in (0..p).step_by(NR) {
-                            let nr = NR.min(p - j0);
+                        for jb in (0..p).step_by(bp * NR) {
+                            let cols = (bp * NR).min(p - jb);
                             if g.is_direct() {
-                                gemm::pack_b_panel(&mut panel, xs, kc, j0, nr, hw, 1);
+                                gemm::pack_b_block(&mut panel, xs, kc, jb, cols, hw);
+                            } else if bp > 1 {
+                                self.im2col_row_panels(&mut panel, xs, jb / g.ow, 0, bp);
                             } else {
-                                self.im2col_panel(&mut panel, xs, j0, nr);
+                                self.im2col_panel(&mut panel, xs, jb, cols);
                             }
-                            fwd.run_panel(out, c_off + j0, mg, j0, ap, &panel, &epi);
+                            for (t, j0) in (jb..jb + cols).step_by(NR).enumerate() {
+                                fwd.run_panel(out, c_off + j0, mg, j0, ap, &panel[t * kc * NR..], &epi);
+                            }
                         }
                     }
                 }
@@ -449,20 +454,32 @@ impl ConvKernels {
                         a
                     })
                     .collect();
-                let mut panel = vec![0.0f32; mg * NR];
-                let mut dcol = vec![0.0f32; kc * NR];
+                let bp = self.block_panels();
+                let mut panel = vec![0.0f32; bp * mg * NR];
+                let mut dcol = vec![0.0f32; bp * kc * NR];
                 for s in 0..n {
                     for (gi, ap) in packs.iter().enumerate() {
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
                         let dx_off = s * g.in_numel() + gi * cg * hw;
-                        for j0 in (0..p).step_by(NR) {
-                            let nr = NR.min(p - j0);
-                            gemm::pack_b_panel(&mut panel, dout, mg, j0, nr, p, 1);
+                        for jb in (0..p).step_by(bp * NR) {
+                            let cols = (bp * NR).min(p - jb);
+                            gemm::pack_b_block(&mut panel, dout, mg, jb, cols, p);
+                            for (t, j0) in (jb..jb + cols).step_by(NR).enumerate() {
+                                let b = &panel[t * mg * NR..];
+                                if g.is_direct() {
+                                    bwd_data.run_panel(d_x, dx_off + j0, kc, j0, ap, b, &EpiArgs::default());
+                                } else {
+                                    bwd_data.run_panel(&mut dcol[t * kc * NR..], 0, kc, 0, ap, b, &EpiArgs::default());
+                                }
+                            }
                             if g.is_direct() {
-                                bwd_data.run_panel(d_x, dx_off + j0, kc, j0, ap, &panel, &EpiArgs::default());
+                                continue;
+                            }
+                            let dxs = &mut d_x[dx_off..dx_off + cg * hw];
+                            if bp > 1 {
+                                self.col2im_row_panels(dxs, &dcol, jb / g.ow, 0, bp);
                             } else {
-                                bwd_data.run_panel(&mut dcol, 0, kc, 0, ap, &panel, &EpiArgs::default());
-                                self.col2im_panel(&mut d_x[dx_off..dx_off + cg * hw], &dcol, j0, nr);
+                                self.col2im_panel(dxs, &dcol, jb, cols);
                             }
                         }
                     }
@@ -546,6 +563,103 @@ impl ConvKernels {
         Ok(())
     }
 
+    /// How many 8-pixel panels one packing step covers: a whole output row for unit-stride
+    /// im2col when rows are a multiple of 8 wide (each input row segment is then read once,
+    /// sequentially), 32 panels for a direct 1x1 convolution, else one.
+    fn block_panels(&self) -> usize {
+        let g = &self.geom;
+        if g.is_direct() {
+            32
+        } else if g.stride[1] == 1 && g.ow % NR == 0 {
+            g.ow / NR
+        } else {
+            1
+        }
+    }
+
+    /// Unit-stride im2col of `np` full panels starting at output pixel `(oy, ox0)` (all in one
+    /// output row): panel `t` at `dst[t*Kc*8..]`, its row `kk` holding pixels
+    /// `ox0 + 8t .. ox0 + 8t + 8`.
+    fn im2col_row_panels(&self, dst: &mut [f32], xs: &[f32], oy: usize, ox0: usize, np: usize) {
+        let g = &self.geom;
+        let (h, w) = (g.h as isize, g.w as isize);
+        let [kh, kw] = g.kernel;
+        let hw = g.h * g.w;
+        let kc = self.ktab.len();
+        let mut kk = 0;
+        for ci in 0..g.cin / g.groups {
+            for ky in 0..kh {
+                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+                let inside = iy >= 0 && iy < h;
+                let base = ci * hw + if inside { iy as usize * g.w } else { 0 };
+                for kx in 0..kw {
+                    let ix0 = (ox0 + kx * g.dilation[1]) as isize - g.pads[2] as isize;
+                    for t in 0..np {
+                        let o = (t * kc + kk) * NR;
+                        let d: &mut [f32; NR] = (&mut dst[o..o + NR]).try_into().expect("8-wide row");
+                        let ix0 = ix0 + (t * NR) as isize;
+                        if !inside {
+                            *d = [0.0; NR];
+                        } else if ix0 >= 0 && ix0 + NR as isize <= w {
+                            let s = base + ix0 as usize;
+                            *d = xs[s..s + NR].try_into().expect("8-wide source");
+                        } else {
+                            for (q, v) in d.iter_mut().enumerate() {
+                                let ix = ix0 + q as isize;
+                                *v = if ix >= 0 && ix < w { xs[base + ix as usize] } else { 0.0 };
+                            }
+                        }
+                    }
+                    kk += 1;
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::im2col_row_panels`]: add `np` panels of `d_col` (same layout)
+    /// into one group's input gradient.
+    fn col2im_row_panels(&self, dxs: &mut [f32], dcol: &[f32], oy: usize, ox0: usize, np: usize) {
+        let g = &self.geom;
+        let (h, w) = (g.h as isize, g.w as isize);
+        let [kh, kw] = g.kernel;
+        let hw = g.h * g.w;
+        let kc = self.ktab.len();
+        let mut kk = 0;
+        for ci in 0..g.cin / g.groups {
+            for ky in 0..kh {
+                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+                if iy < 0 || iy >= h {
+                    kk += kw;
+                    continue;
+                }
+                let base = ci * hw + iy as usize * g.w;
+                for kx in 0..kw {
+                    let ix0 = (ox0 + kx * g.dilation[1]) as isize - g.pads[2] as isize;
+                    for t in 0..np {
+                        let o = (t * kc + kk) * NR;
+                        let v: &[f32; NR] = dcol[o..o + NR].try_into().expect("8-wide row");
+                        let ix0 = ix0 + (t * NR) as isize;
+                        if ix0 >= 0 && ix0 + NR as isize <= w {
+                            let s = base + ix0 as usize;
+                            let d: &mut [f32; NR] = (&mut dxs[s..s + NR]).try_into().expect("8-wide target");
+                            for q in 0..NR {
+                                d[q] += v[q];
+                            }
+                        } else {
+                            for (q, &x) in v.iter().enumerate() {
+                                let ix = ix0 + q as isize;
+                                if ix >= 0 && ix < w {
+                                    dxs[base + ix as usize] += x;
+                                }
+                            }
+                        }
+                    }
+                    kk += 1;
+                }
+            }
+        }
+    }
+
     /// Runs of consecutive output pixels `j0..j0+nr` that share an output row:
     /// `(oy, ox0, len, t0)` with `t0` the position in the panel.
     fn segments(&self, j0: usize, nr: usize, out: &mut [(usize, usize, usize, usize); NR]) -> usize {
@@ -568,6 +682,10 @@ impl ConvKernels {
         let (sh, sw) = (g.stride[0] as isize, g.stride[1] as isize);
         let mut segs = [(0, 0, 0, 0); NR];
         let ns = self.segments(j0, nr, &mut segs);
+        if ns == 1 && nr == NR && sw == 1 {
+            self.im2col_row_panels(dst, xs, segs[0].0, segs[0].1, 1);
+            return;
+        }
         if nr < NR {
             dst[..self.ktab.len() * NR].fill(0.0);
         }
@@ -609,6 +727,10 @@ impl ConvKernels {
         let (sh, sw) = (g.stride[0] as isize, g.stride[1] as isize);
         let mut segs = [(0, 0, 0, 0); NR];
         let ns = self.segments(j0, nr, &mut segs);
+        if ns == 1 && nr == NR && sw == 1 {
+            self.col2im_row_panels(dxs, dcol, segs[0].0, segs[0].1, 1);
+            return;
+        }
         for (kk, &(coff, dy, dx)) in self.ktab.iter().enumerate() {
             let row = &dcol[kk * NR..kk * NR + NR];
             for &(oy, ox0, len, t0) in &segs[..ns] {

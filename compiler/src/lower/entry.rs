@@ -23,7 +23,9 @@
 //! 4. **Signature.** [`Jit::define`](super::jit::Jit::define) is the only way to create a
 //!    kernel, and it always declares the seven-pointer signature above with the module's default
 //!    (host C) calling convention, which is what `extern "C"` means on the host.
-//! 5. **Threads.** Kernels are pure functions of their arguments (no globals, no state), so
+//! 5. **Clock.** [`thread_cpu_time`] passes a pointer to a local `timespec` to
+//!    `clock_gettime`, which writes exactly one `timespec`.
+//! 6. **Threads.** Kernels are pure functions of their arguments (no globals, no state), so
 //!    calling one from several threads at once is sound; `Kernel` is `Send + Sync`.
 
 use super::jit::{Extents, KERNEL_ARGS};
@@ -117,4 +119,19 @@ impl Kernel {
             )
         };
     }
+}
+
+/// This thread's CPU time in seconds (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`, nanosecond
+/// resolution, exact for the running thread), or `None` where unavailable.
+pub fn thread_cpu_time() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: bound 5: `ts` is a valid, exclusive `timespec` for the call's duration.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        if rc == 0 {
+            return Some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9);
+        }
+    }
+    None
 }

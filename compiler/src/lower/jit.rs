@@ -23,7 +23,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Module};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Number of pointer arguments of every generated kernel.
 pub const KERNEL_ARGS: usize = 7;
@@ -46,7 +46,7 @@ pub struct Jit {
 pub struct Finished {
     /// The kernels, indexed by the [`KernelId`] that [`Jit::define`] returned.
     pub kernels: Vec<Kernel>,
-    /// Total time spent in Cranelift (`define_function` + finalize).
+    /// Total thread CPU time spent in Cranelift (`define_function` + finalize).
     pub compile_time: Duration,
 }
 
@@ -137,9 +137,9 @@ impl Jit {
             body(&mut b, &args);
             b.finalize(frontend);
         }
-        let t0 = Instant::now();
+        let t0 = super::peak::thread_time();
         let res = self.module.define_function(id, &mut self.ctx);
-        self.compile_time += t0.elapsed();
+        self.compile_time += Duration::from_secs_f64((super::peak::thread_time() - t0).max(0.0));
         if let Err(e) = res {
             let detail = match &e {
                 cranelift_module::ModuleError::Compilation(ce) => format!("{ce:?}"),
@@ -153,11 +153,11 @@ impl Jit {
 
     /// Finalize every defined kernel and hand out their callable handles.
     pub fn finish(mut self) -> Result<Finished> {
-        let t0 = Instant::now();
+        let t0 = super::peak::thread_time();
         self.module
             .finalize_definitions()
             .map_err(|e| codegen_err(&self.layer, format!("finalizing: {e}")))?;
-        let compile_time = self.compile_time + t0.elapsed();
+        let compile_time = self.compile_time + Duration::from_secs_f64((super::peak::thread_time() - t0).max(0.0));
         let addrs: Vec<(*const u8, Extents)> =
             self.defined.iter().map(|&(id, ext)| (self.module.get_finalized_function(id), ext)).collect();
         let owner = Arc::new(CodeOwner::new(self.module));

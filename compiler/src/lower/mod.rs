@@ -35,6 +35,7 @@ pub mod naive;
 pub mod peak;
 pub mod pointwise;
 pub mod pool;
+pub mod report;
 
 pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, Epilogue, EpilogueArgs};
 pub use dense::DenseKernels;

@@ -83,15 +83,10 @@ pub fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
     best
 }
 
-/// Seconds this thread has spent on a CPU (Linux `/proc/thread-self/schedstat`, nanosecond
-/// resolution), so timings are not inflated by other processes on a shared machine; falls back
-/// to wall-clock time elsewhere.
+/// Seconds this thread has spent on a CPU ([`entry::thread_cpu_time`](super::entry::thread_cpu_time)),
+/// so timings are not inflated by other processes on a shared machine; falls back to
+/// wall-clock time where unavailable.
 pub fn thread_time() -> f64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    if let Ok(s) = std::fs::read_to_string("/proc/thread-self/schedstat") {
-        if let Some(ns) = s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()) {
-            return ns as f64 * 1e-9;
-        }
-    }
-    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+    super::entry::thread_cpu_time().unwrap_or_else(|| START.get_or_init(Instant::now).elapsed().as_secs_f64())
 }

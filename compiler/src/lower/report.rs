@@ -1,0 +1,131 @@
+//! Throughput report of the JIT kernels: this machine's 128-bit FMA peak, the bare GEMM
+//! micro-kernel (packed operands, no packing cost), and convolution forward / backward-data /
+//! backward-weight, blocked vs naive, as GFLOP/s and fractions of that peak, single-threaded,
+//! timed by thread CPU time ([`peak::best_of`]). Used by `benches/kernels.rs`.
+
+use super::gemm::{pack_a, EpiArgs, GemmPlan, GemmSpec, NR};
+use super::jit::Jit;
+use super::peak::{best_of, PeakKernel};
+use super::{ConvKernels, Epilogue, EpilogueArgs, Mode};
+use crate::ir::{Conv2d, Padding};
+use crate::Result;
+use std::fmt::Write;
+
+/// A convolution benchmark case.
+#[derive(Clone, Debug)]
+pub struct ConvCase {
+    /// Label.
+    pub name: &'static str,
+    /// The layer.
+    pub conv: Conv2d,
+    /// Input `(C, H, W)`.
+    pub input: (usize, usize, usize),
+    /// Samples per call.
+    pub batch: usize,
+}
+
+/// The two standard cases: ResNet's 3x3 64->64 and 1x1 256->64 on 56x56, batch 8.
+pub fn standard_cases() -> Vec<ConvCase> {
+    vec![
+        ConvCase {
+            name: "3x3 64->64 56x56 b8",
+            conv: Conv2d::new(64, [3, 3]).pad(Padding::uniform(1)),
+            input: (64, 56, 56),
+            batch: 8,
+        },
+        ConvCase { name: "1x1 256->64 56x56 b8", conv: Conv2d::new(64, [1, 1]), input: (256, 56, 56), batch: 8 },
+    ]
+}
+
+/// Deterministic pseudo-random fill in `[-1, 1)` (no RNG dependency in the library).
+pub fn fill(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// GFLOP/s of the bare micro-kernel on an `m x 8` panel with reduction `k`, run `panels`
+/// times over the same packed operands (what a convolution's GEMM does without packing).
+pub fn microkernel_gflops(m: usize, k: usize, panels: usize, reps: usize) -> Result<f64> {
+    let mut jit = Jit::new("microkernel")?;
+    let plan = GemmPlan::define(&mut jit, "mk", GemmSpec::plain(Some(m), NR * panels, k, NR * panels, false))?;
+    let fin = jit.finish()?;
+    let g = plan.resolve(&fin);
+    let mut a = Vec::new();
+    pack_a(&mut a, &fill(m * k, 1), m, k, k, 1);
+    let b = fill(k * NR, 2);
+    let mut c = vec![0.0f32; m * NR * panels];
+    let secs = best_of(reps, || {
+        for j in 0..panels {
+            g.run_panel(&mut c, j * NR, m, j * NR, &a, &b, &EpiArgs::default());
+        }
+    });
+    Ok(2.0 * (m * k * NR * panels) as f64 / secs / 1e9)
+}
+
+/// Run the full report over `cases`; `naive` adds the naive kernels (slow: seconds per op).
+pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
+    let mut r = String::new();
+    let peak = PeakKernel::compile()?.measure_gflops(30);
+    let _ = writeln!(r, "128-bit FMA peak (JIT'd f32x4 fma loop, 1 thread): {peak:.1} GFLOP/s");
+    for (m, k) in [(64, 576), (64, 256), (576, 64)] {
+        let gf = microkernel_gflops(m, k, 392, 5)?;
+        let _ = writeln!(r, "micro-kernel only, M={m} K={k} (392 panels of 8): {gf:.1} GFLOP/s = {:.2} of peak", gf / peak);
+    }
+    let _ = writeln!(r, "{:<22} {:<16} {:>8} {:>10} {:>9} {:>8}", "layer", "op", "mode", "ms", "GFLOP/s", "of peak");
+    let modes: &[Mode] = if naive { &[Mode::Blocked, Mode::Naive] } else { &[Mode::Blocked] };
+    for c in cases {
+        for &mode in modes {
+            let k = ConvKernels::compile(c.name, &c.conv, c.input, Epilogue::default(), mode)?;
+            let g = *k.geometry();
+            let flops = 2.0 * (c.batch * g.macs()) as f64;
+            let x = fill(c.batch * g.in_numel(), 3);
+            let w = fill(g.weight_numel(), 4);
+            let b = fill(g.cout, 5);
+            let mut out = fill(c.batch * g.cout * g.pixels(), 6);
+            let mut dx = vec![0.0; x.len()];
+            let (mut dw, mut db) = (vec![0.0; w.len()], vec![0.0; g.cout]);
+            let reps = if mode == Mode::Blocked { 5 } else { 1 };
+            let mut err = None;
+            for op in ["forward", "backward-data", "backward-weight"] {
+                let secs = best_of(reps, || {
+                    let res = match op {
+                        "forward" => k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()),
+                        "backward-data" => k.backward_data(&mut dx, &out, &w),
+                        _ => k.backward_weight(&mut dw, Some(&mut db), &out, &x),
+                    };
+                    if let Err(e) = res {
+                        err = Some(e);
+                    }
+                });
+                if let Some(e) = err.take() {
+                    return Err(e);
+                }
+                let gf = flops / secs / 1e9;
+                let _ = writeln!(
+                    r,
+                    "{:<22} {:<16} {:>8} {:>10.2} {:>9.1} {:>8.2}",
+                    c.name,
+                    op,
+                    format!("{mode:?}"),
+                    secs * 1e3,
+                    gf,
+                    gf / peak
+                );
+            }
+            let ms = k.compile_time().as_secs_f64() * 1e3;
+            let _ = writeln!(
+                r,
+                "{:<22} compile ({mode:?}): {} kernels in {ms:.2} ms ({:.3} ms/kernel)",
+                "",
+                k.kernel_count(),
+                ms / k.kernel_count() as f64
+            );
+        }
+    }
+    Ok(r)
+}
