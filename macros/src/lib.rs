@@ -4,13 +4,13 @@
 //! Use it through the facade crate, `cnnc::cnn_model!`; the generated code names items by the
 //! path `::cnnc`. The pipeline, one module per step (as in `serde_derive`):
 //!
-//! - [`input`]: the invocation: inline items (`pub model ...`, `block ...`) or `file = "..."`;
+//! - `input`: the invocation: inline items (`pub model ...`, `block ...`) or `file = "..."`;
 //!   peels off the Rust visibility the language itself does not have.
-//! - [`check`]: hands the program to `cnnc_compiler::lang`, expands every model into a graph
+//! - `check`: hands the program to `cnnc_compiler::lang`, expands every model into a graph
 //!   and computes what the generated constants hold (shapes, parameters, MACs).
-//! - [`expand`]: the generated Rust items.
-//! - [`ctxt`]: collects spanned errors so several independent ones are reported together.
-//! - [`source`]: the invocation's text with its original layout, for `source()`.
+//! - `expand`: the generated Rust items.
+//! - `ctxt`: collects spanned errors so several independent ones are reported together.
+//! - `source`: the invocation's text with its original layout, for `source()`.
 
 #![deny(missing_docs)]
 
