@@ -1,0 +1,224 @@
+//! The JIT engine: a graph compiled by the pipeline into fused groups and run with the
+//! Cranelift kernels of `cnnc_compiler::lower`, forward and backward, on all cores.
+//!
+//! ## What runs where
+//! [`JitEngine::new`] compiles two plans up front ([`Plan`]s from `pipeline::plan`): a training
+//! plan (batch-norm with batch statistics, dropout on) and an inference plan (batch norm folded
+//! into the preceding convolution's epilogue where the plan groups `conv -> bn`). With
+//! [`Fusion::Full`] the kernels are the blocked GEMM ones (`lower::Mode::Blocked`), each group's
+//! anchor fusing what its epilogue can; with [`Fusion::None`] every node is its own group and
+//! the kernels are the scalar naive ones (`lower::Mode::Naive`): the baseline.
+//!
+//! | op | kernel |
+//! |----|--------|
+//! | conv2d | `ConvKernels` (fused bias, folded bn, residual add, relu/leaky relu, concat slice) |
+//! | dense | `DenseKernels` (fused bias, relu/leaky relu) |
+//! | batch norm | `lower::pointwise` (training: batch stats + running-stat update; inference: fold) |
+//! | max/avg pool | `PoolKernels` |
+//! | activation, add, concat (copy), flatten, dropout, global avg pool | plain loops here |
+//! | concat (in place) | nothing: the branches write their channel slices |
+//! | lrn, channel_mul, softmax | **slow fallback**: the reference op functions on ndarray copies |
+//!
+//! Chain ops that a kernel cannot fuse (e.g. a sigmoid after a convolution, a residual add
+//! after a dense layer) run as in-place passes over the group's output.
+//!
+//! ## Batch sizes
+//! Buffers are allocated once, for the batch given to `new`; any batch of `1..=batch` samples
+//! runs on the first `n` samples of every buffer (no recompilation: kernels take the sample
+//! count from the slice lengths). Larger batches are an error.
+//!
+//! ## Threads and determinism
+//! The batch is split into `threads` fixed chunks (`threads` = rayon's pool size when the engine
+//! is built); weight gradients are accumulated per chunk and summed in chunk order, so a given
+//! thread count gives bit-identical results run to run.
+//!
+//! ## Memory
+//! Only group outputs exist in memory (values inside a fused group never do); each has one
+//! value buffer and, in the training program, one gradient buffer, reused every step. Backward
+//! reads activations' derivatives from the group output, so no pre-activation is kept.
+//! Dropout masks are drawn exactly as the reference interpreter draws them
+//! (`reference::dropout_mask` with `init::tensor_rng(seed, layer)`), so engines agree per seed.
+
+mod program;
+mod run;
+
+use crate::engine::{score, BatchStats, Engine, EngineError};
+use crate::params::ParamStore;
+use cnnc_compiler::ir::{Graph, Loss, Op};
+use cnnc_compiler::plan::{Fusion, Mode as PlanMode, Plan};
+use program::{compile, eerr, Kind, Program};
+use std::time::Duration;
+
+/// An [`Engine`] running JIT-compiled, fused kernels (see the module header).
+pub struct JitEngine {
+    name: &'static str,
+    loss: Loss,
+    train: Program,
+    infer: Program,
+    logits_buf: Vec<f32>,
+}
+
+impl JitEngine {
+    /// Compile `graph` for training with `loss` and inference on batches of up to `batch`
+    /// samples, with `fusion` (`Full`: fused blocked kernels; `None`: naive kernels, no fusion).
+    pub fn new(graph: &Graph, loss: Loss, batch: usize, fusion: Fusion) -> Result<JitEngine, EngineError> {
+        if batch == 0 {
+            return Err(eerr("batch size must be >= 1"));
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let train = compile(graph, loss, PlanMode::Training, fusion, batch, threads)?;
+        let infer = compile(graph, loss, PlanMode::Inference, fusion, batch, threads)?;
+        let name = if fusion == Fusion::Full { "jit" } else { "jit-naive" };
+        Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new() })
+    }
+
+    /// Time spent compiling (planning and Cranelift), training and inference plans together.
+    pub fn compile_time(&self) -> Duration {
+        self.train.compile_time + self.infer.compile_time
+    }
+
+    /// The largest batch the engine runs.
+    pub fn max_batch(&self) -> usize {
+        self.train.batch
+    }
+
+    /// Threads the batch is split over.
+    pub fn threads(&self) -> usize {
+        self.train.threads
+    }
+
+    /// The training (`true`) or inference plan.
+    pub fn plan(&self, training: bool) -> &Plan {
+        if training { &self.train.plan } else { &self.infer.plan }
+    }
+
+    /// Number of layers that run on the slow reference fallback (LRN, channel_mul, softmax).
+    pub fn fallback_layers(&self) -> usize {
+        self.train.steps.iter().filter(|s| matches!(s.kind, Kind::Fallback { .. })).count()
+    }
+
+    /// Value and gradient buffer bytes of the training program.
+    pub fn buffer_bytes(&self) -> usize {
+        let f = |p: &Program| p.bufs.iter().chain(&p.grads).map(Vec::len).sum::<usize>() * 4;
+        f(&self.train) + f(&self.infer)
+    }
+}
+
+/// Check the batch and copy it into the program's input buffer; returns `n`.
+fn load_input(p: &mut Program, x: &[f32], n: usize) -> Result<usize, EngineError> {
+    if n == 0 || n > p.batch {
+        return Err(eerr(format!("batch of {n} samples: the engine runs 1..={} (compiled batch)", p.batch)));
+    }
+    let per = p.graph.node(p.input).shape.numel();
+    if x.len() != n * per {
+        return Err(eerr(format!("input has {} values, expected {n} samples x {per}", x.len())));
+    }
+    let l = p.loc(p.input)?;
+    p.bufs[l.buf][..n * per].copy_from_slice(x);
+    Ok(n)
+}
+
+fn check_params(p: &Program, params: &ParamStore) -> Result<(), EngineError> {
+    for id in p.graph.nodes() {
+        let node = p.graph.node(id);
+        if node.op.has_params() && !params.contains(&format!("{}.weight", node.name)) {
+            return Err(eerr(format!("missing parameter `{}.weight`", node.name)));
+        }
+    }
+    Ok(())
+}
+
+impl Engine for JitEngine {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn train_step(&mut self, params: &mut ParamStore, grads: &mut ParamStore, x: &[f32], labels: &[usize], seed: u64) -> Result<BatchStats, EngineError> {
+        if grads.flat().len() != params.flat().len() || grads.len() != params.len() {
+            return Err(eerr("the gradient store does not have the parameter store's layout"));
+        }
+        let p = &mut self.train;
+        check_params(p, params)?;
+        let n = load_input(p, x, labels.len())?;
+        p.forward(params, n, true, seed)?;
+        // Loss on the logits, and its gradient (of the mean loss) into the logits' gradient.
+        let ll = p.loc(p.logits)?;
+        let k = ll.numel();
+        let logits = &p.bufs[ll.buf][..n * k];
+        for (i, &y) in labels.iter().enumerate() {
+            if y >= k {
+                return Err(eerr(format!("label {y} of sample {i} is out of range for {k} classes")));
+            }
+        }
+        for gb in p.grads.iter_mut() {
+            let len = gb.len() / p.batch * n;
+            gb[..len].fill(0.0);
+        }
+        let inv_n = 1.0 / n as f32;
+        let mut loss_sum = 0.0f64;
+        let dl = &mut p.grads[ll.buf][..n * k];
+        for ((row, d), &y) in logits.chunks_exact(k).zip(dl.chunks_exact_mut(k)).zip(labels) {
+            match self.loss {
+                // Formulas of reference::loss (in f32, as the reference engine computes them).
+                Loss::SoftmaxCrossEntropy => {
+                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    let z: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+                    let log_z = m + z.ln();
+                    loss_sum += (log_z - row[y]) as f64;
+                    for (j, (dd, &v)) in d.iter_mut().zip(row).enumerate() {
+                        *dd = inv_n * ((v - log_z).exp() - if j == y { 1.0 } else { 0.0 });
+                    }
+                }
+                Loss::MulticlassHinge { margin } => {
+                    let mut l = 0.0f32;
+                    for j in (0..k).filter(|&j| j != y) {
+                        let t = row[j] - row[y] + margin;
+                        if t > 0.0 {
+                            l += t;
+                            d[j] += inv_n;
+                            d[y] -= inv_n;
+                        }
+                    }
+                    loss_sum += l as f64;
+                }
+            }
+        }
+        let mut stats = score(logits, labels, self.loss);
+        stats.loss_sum = loss_sum;
+        grads.flat_mut().fill(0.0);
+        p.backward(params, grads, n)?;
+        // Running statistics, then zero gradients of frozen tensors and buffers.
+        for s in &p.steps {
+            if let Kind::BnTrain { layer, new_rm, new_rv, .. } = &s.kind {
+                for (suffix, v) in [("running_mean", new_rm), ("running_var", new_rv)] {
+                    let d = params.slice_mut(&format!("{layer}.{suffix}")).ok_or_else(|| eerr(format!("missing parameter `{layer}.{suffix}`")))?;
+                    d.copy_from_slice(v);
+                }
+            }
+        }
+        for info in params.infos().to_vec() {
+            if !info.is_trainable() {
+                if let Some(g) = grads.slice_mut(&info.name) {
+                    g.fill(0.0);
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        let p = &mut self.infer;
+        check_params(p, params)?;
+        let n = load_input(p, x, batch)?;
+        p.forward(params, n, false, 0)?;
+        let ll = p.loc(p.logits)?;
+        self.logits_buf.clear();
+        self.logits_buf.extend_from_slice(&p.bufs[ll.buf][..n * ll.numel()]);
+        Ok(self.logits_buf.clone())
+    }
+}
+
+/// Whether `op` runs on the slow reference fallback in this engine.
+pub fn is_fallback(op: &Op) -> bool {
+    matches!(op, Op::Lrn(_) | Op::ChannelMul | Op::Softmax)
+}

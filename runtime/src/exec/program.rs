@@ -1,0 +1,324 @@
+//! Compiling a [`Plan`] into a [`Program`]: one [`Step`] per fused group with its JIT kernels,
+//! the location of every materialised value ([`Loc`]) and the value / gradient buffers,
+//! allocated once for the largest batch.
+//!
+//! A group `[anchor, c1, c2, ..]` becomes a step whose anchor kernel fuses as long a prefix
+//! of the chain `c1, c2, ..` as it can (a convolution: folded batch norm, one residual, relu /
+//! leaky relu; a dense layer: relu / leaky relu); the rest of the chain runs as in-place passes
+//! over the group's output ([`Chain`]). Backward walks the whole chain in reverse whether or not
+//! an op was fused: an activation's derivative is taken from the group's output, a residual add
+//! hands its gradient to its other operands.
+
+use crate::engine::EngineError;
+use cnnc_compiler::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
+use cnnc_compiler::lower::pointwise::BnSaved;
+use cnnc_compiler::lower::pool::PoolKernels;
+use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, DenseKernels, Epilogue, FusedAct};
+use cnnc_compiler::pipeline;
+use cnnc_compiler::plan::{Fusion, Mode as PlanMode, Placement, Plan};
+use std::time::{Duration, Instant};
+
+pub(crate) fn eerr(m: impl Into<String>) -> EngineError {
+    EngineError(m.into())
+}
+
+/// Where a value lives: channels `off..off + ch` of buffer `buf`, whose samples have `total`
+/// channels of `hw` pixels (`off = 0`, `ch = total` unless the value is a concat slice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub buf: usize,
+    pub off: usize,
+    pub ch: usize,
+    pub total: usize,
+    pub hw: usize,
+}
+
+impl Loc {
+    /// Elements per sample in the buffer.
+    pub fn stride(&self) -> usize {
+        self.total * self.hw
+    }
+    /// Elements per sample of the value itself.
+    pub fn numel(&self) -> usize {
+        self.ch * self.hw
+    }
+    /// Whether the value is its whole buffer.
+    pub fn contiguous(&self) -> bool {
+        self.off == 0 && self.ch == self.total
+    }
+    /// Sample `s`'s elements in the buffer.
+    pub fn sample(&self, s: usize) -> std::ops::Range<usize> {
+        let b = s * self.stride() + self.off * self.hw;
+        b..b + self.numel()
+    }
+}
+
+/// One op of a group's chain after its anchor.
+#[derive(Clone, Debug)]
+pub(crate) enum Chain {
+    /// Inference batch norm folded to `x*scale + shift` (layer name, eps).
+    Fold { layer: String, eps: f32 },
+    /// Residual add of the other operands.
+    Add { others: Vec<NodeId> },
+    /// Activation.
+    Act(Activation),
+}
+
+/// What a step's anchor computes.
+pub(crate) enum Kind {
+    Conv { k: ConvKernels, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, partials: Vec<Vec<f32>> },
+    Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool, partials: Vec<Vec<f32>> },
+    BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32> },
+    BnInfer { x: NodeId, layer: String, eps: f32 },
+    Pool { k: PoolKernels, x: NodeId, argmax: Vec<u32>, per_am: usize },
+    Gap { x: NodeId },
+    Act { x: NodeId, act: Activation },
+    Add { xs: Vec<NodeId> },
+    Concat { xs: Vec<NodeId> },
+    Flatten { x: NodeId },
+    Dropout { x: NodeId, p: f32, mask: Vec<bool> },
+    /// LRN, channel-wise multiply, softmax: the reference op functions on ndarray views (slow).
+    Fallback { node: NodeId },
+    /// In-place concatenation, or the graph's loss node (computed by the engine).
+    Skip,
+}
+
+/// One fused group.
+pub(crate) struct Step {
+    /// The anchor's layer name (for errors).
+    pub name: String,
+    /// The node whose value the step produces.
+    pub out: NodeId,
+    pub kind: Kind,
+    /// Chain ops after the anchor, in order.
+    pub chain: Vec<Chain>,
+    /// How many leading chain ops the anchor kernel fuses (the rest run as passes).
+    pub fused: usize,
+    /// Scratch space (gathering non-contiguous outputs / gradients).
+    pub scratch: Vec<f32>,
+}
+
+/// A compiled plan with its buffers.
+pub(crate) struct Program {
+    pub graph: Graph,
+    pub plan: Plan,
+    pub steps: Vec<Step>,
+    pub locs: Vec<Option<Loc>>,
+    pub bufs: Vec<Vec<f32>>,
+    /// Gradient buffers, same sizes as `bufs` (empty for inference programs).
+    pub grads: Vec<Vec<f32>>,
+    pub input: NodeId,
+    pub logits: NodeId,
+    pub batch: usize,
+    pub threads: usize,
+    pub compile_time: Duration,
+}
+
+impl Program {
+    /// The location of a materialised value.
+    pub fn loc(&self, id: NodeId) -> Result<Loc, EngineError> {
+        loc_of(&self.locs, &self.graph, id)
+    }
+}
+
+pub(crate) fn loc_of(locs: &[Option<Loc>], g: &Graph, id: NodeId) -> Result<Loc, EngineError> {
+    locs.get(id.index())
+        .copied()
+        .flatten()
+        .ok_or_else(|| eerr(format!("layer `{}`: value is not materialised by the plan", g.node(id).name)))
+}
+
+/// Per-sample `(C, H*W)` of a shape (a flat vector is `n x 1`).
+fn chw(s: Shape) -> (usize, usize) {
+    let (c, h, w) = s.as_chw();
+    (c, h * w)
+}
+
+/// The graph's logits node (the loss node's operand when the graph ends in one).
+pub(crate) fn logits_node(g: &Graph, loss: Loss) -> Result<NodeId, EngineError> {
+    let outs = g.outputs();
+    let [out] = outs.as_slice() else {
+        return Err(eerr(format!("graph `{}`: the engine needs exactly one output, it has {}", g.name, outs.len())));
+    };
+    match g.node(*out).op {
+        Op::Loss(own) => {
+            if own != loss {
+                return Err(eerr(format!("layer `{}`: the graph ends in `{}`, but `{}` was asked for", g.node(*out).name, Op::Loss(own), Op::Loss(loss))));
+            }
+            Ok(g.operands(*out)[0])
+        }
+        _ => Ok(*out),
+    }
+}
+
+/// Compile `g` for `mode` with `fusion` for batches of up to `batch` samples on `threads`
+/// threads.
+pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, batch: usize, threads: usize) -> Result<Program, EngineError> {
+    let t0 = Instant::now();
+    let plan = pipeline::plan(g, mode, fusion).map_err(|e| eerr(e.to_string()))?;
+    let g = plan.graph.clone();
+    let inputs = g.inputs();
+    let [input] = inputs.as_slice() else {
+        return Err(eerr(format!("graph `{}`: the engine needs exactly one input, it has {}", g.name, inputs.len())));
+    };
+    let input = *input;
+    let logits = logits_node(&g, loss)?;
+    let lmode = if fusion == Fusion::Full { lower::Mode::Blocked } else { lower::Mode::Naive };
+    let train = mode == PlanMode::Training;
+
+    // Locations: follow slices to their root buffer, composing offsets.
+    let size = plan.placement.len();
+    let mut locs: Vec<Option<Loc>> = vec![None; size];
+    let mut bufs: Vec<Vec<f32>> = Vec::new();
+    let mut root_buf: Vec<Option<usize>> = vec![None; size];
+    fn root(plan: &Plan, id: NodeId) -> Option<(NodeId, usize)> {
+        match plan.placement.get(id.index()).copied().flatten()? {
+            Placement::Own => Some((id, 0)),
+            Placement::Slice { concat, offset } => root(plan, concat).map(|(r, o)| (r, o + offset)),
+        }
+    }
+    for id in g.nodes() {
+        let Some((r, off)) = root(&plan, id) else { continue };
+        let rb = match root_buf[r.index()] {
+            Some(b) => b,
+            None => {
+                bufs.push(vec![0.0; batch * g.node(r).shape.numel()]);
+                root_buf[r.index()] = Some(bufs.len() - 1);
+                bufs.len() - 1
+            }
+        };
+        let (ch, hw) = chw(g.node(id).shape);
+        let (total, rhw) = chw(g.node(r).shape);
+        if rhw != hw {
+            return Err(eerr(format!("layer `{}`: concat slice with {hw} pixels in a buffer of {rhw}", g.node(id).name)));
+        }
+        locs[id.index()] = Some(Loc { buf: rb, off, ch, total, hw });
+    }
+    let grads = if train { bufs.iter().map(|b| vec![0.0; b.len()]).collect() } else { Vec::new() };
+    let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
+
+    let mut steps = Vec::with_capacity(plan.groups.len());
+    for gr in &plan.groups {
+        let anchor = gr.anchor();
+        let node = g.node(anchor);
+        let name = node.name.clone();
+        let out = gr.output();
+        let oloc = locs[out.index()].ok_or_else(|| eerr(format!("layer `{name}`: group output not placed")))?;
+        let ops = g.operands(anchor);
+        // The chain after the anchor.
+        let mut chain = Vec::new();
+        for w in gr.nodes.windows(2) {
+            let (prev, n) = (w[0], w[1]);
+            let nn = g.node(n);
+            chain.push(match nn.op {
+                Op::BatchNorm(bn) if !train => Chain::Fold { layer: nn.name.clone(), eps: bn.eps },
+                Op::Add => Chain::Add { others: g.operands(n).into_iter().filter(|&o| o != prev).collect() },
+                Op::Act(a) => Chain::Act(a),
+                ref op => return Err(eerr(format!("layer `{}`: `{}` cannot follow `{}` in a fused group", nn.name, op.kind(), g.node(prev).name))),
+            });
+        }
+        if train {
+            for c in &chain {
+                if let Chain::Act(a) = c {
+                    let bad = match *a {
+                        Activation::LeakyRelu { slope } => slope < 0.0,
+                        Activation::Elu { alpha } => alpha <= 0.0,
+                        _ => false,
+                    };
+                    if bad {
+                        return Err(eerr(format!("layer `{name}`: fused `{}` with a negative slope/alpha: its gradient cannot be taken from the output", a.name())));
+                    }
+                }
+            }
+        }
+        let in_chw = |i: usize| -> Result<(usize, usize, usize), EngineError> {
+            ops.get(i).map(|&o| g.node(o).shape.as_chw()).ok_or_else(|| eerr(format!("layer `{name}`: missing operand {i}")))
+        };
+        let partials = |len: usize| if train { vec![vec![0.0f32; len]; threads] } else { Vec::new() };
+        let mut fused = 0;
+        let kind = match node.op {
+            Op::Conv2d(c) => {
+                let mut epi = Epilogue::default();
+                let (mut fold, mut residual) = (None, None);
+                for (i, ch) in chain.iter().enumerate() {
+                    if fused != i {
+                        break;
+                    }
+                    match ch {
+                        Chain::Fold { layer, eps } if !epi.residual && epi.act == FusedAct::None => {
+                            epi.affine = true;
+                            fold = Some((layer.clone(), *eps));
+                            fused += 1;
+                        }
+                        Chain::Add { others } if others.len() == 1 && contiguous(others[0]) && epi.act == FusedAct::None => {
+                            epi.residual = true;
+                            residual = Some(others[0]);
+                            fused += 1;
+                        }
+                        Chain::Act(a) => {
+                            if let Some(fa) = FusedAct::from_ir(a) {
+                                epi.act = fa;
+                                fused += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if !oloc.contiguous() {
+                    epi.concat = Some(ChannelSlice { total: oloc.total, offset: oloc.off });
+                }
+                let k = ConvKernels::compile(&name, &c, in_chw(0)?, epi, lmode).map_err(|e| eerr(e.to_string()))?;
+                let wn = k.geometry().weight_numel();
+                Kind::Conv { k, x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, partials: partials(wn + c.out_channels) }
+            }
+            Op::Dense(d) => {
+                let mut act = FusedAct::None;
+                if let Some(Chain::Act(a)) = chain.first() {
+                    if let Some(fa) = FusedAct::from_ir(a) {
+                        act = fa;
+                        fused = 1;
+                    }
+                }
+                if !oloc.contiguous() {
+                    return Err(eerr(format!("layer `{name}`: a dense layer writing into a concat slice is not supported")));
+                }
+                let inf = g.node(ops[0]).shape.numel();
+                let k = DenseKernels::compile(&name, &d, inf, act, lmode).map_err(|e| eerr(e.to_string()))?;
+                Kind::Dense { k, x: ops[0], layer: name.clone(), bias: d.bias, partials: partials(d.out_features * (inf + 1)) }
+            }
+            Op::BatchNorm(bn) if train => Kind::BnTrain { x: ops[0], layer: name.clone(), eps: bn.eps, momentum: bn.momentum, saved: BnSaved::default(), new_rm: Vec::new(), new_rv: Vec::new() },
+            Op::BatchNorm(bn) => Kind::BnInfer { x: ops[0], layer: name.clone(), eps: bn.eps },
+            Op::Pool(p) => {
+                let k = PoolKernels::new(&name, &p, in_chw(0)?).map_err(|e| eerr(e.to_string()))?;
+                let (c, oh, ow) = k.out_shape();
+                let per_am = if p.kind == PoolKind::Max { c * oh * ow } else { 0 };
+                Kind::Pool { k, x: ops[0], argmax: vec![0; batch * per_am], per_am }
+            }
+            Op::GlobalAvgPool => Kind::Gap { x: ops[0] },
+            Op::Act(a) => Kind::Act { x: ops[0], act: a },
+            Op::Add => Kind::Add { xs: ops.clone() },
+            Op::Concat if plan.inplace_concats.contains(&anchor) => Kind::Skip,
+            Op::Concat => Kind::Concat { xs: ops.clone() },
+            Op::Flatten => Kind::Flatten { x: ops[0] },
+            Op::Dropout { p } => Kind::Dropout { x: ops[0], p, mask: Vec::new() },
+            Op::Lrn(_) | Op::ChannelMul | Op::Softmax => Kind::Fallback { node: anchor },
+            Op::Loss(_) => Kind::Skip,
+            Op::Input => return Err(eerr(format!("layer `{name}`: an input inside the plan"))),
+        };
+        // Operands read by kernels must be whole buffers (the plan guarantees it: a concat
+        // slice's only user is its concat).
+        for o in ops.iter().chain(chain.iter().flat_map(|c| match c {
+            Chain::Add { others } => others.as_slice(),
+            _ => &[],
+        })) {
+            if !matches!(kind, Kind::Skip) && !contiguous(*o) {
+                return Err(eerr(format!("layer `{name}`: operand `{}` is not a whole buffer", g.node(*o).name)));
+            }
+        }
+        steps.push(Step { name, out, kind, chain, fused, scratch: Vec::new() });
+    }
+    if !contiguous(logits) || !contiguous(input) {
+        return Err(eerr("the logits and the input must be whole buffers"));
+    }
+    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, batch, threads, compile_time: t0.elapsed() })
+}

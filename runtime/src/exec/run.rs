@@ -1,0 +1,622 @@
+//! Running a [`Program`]: forward over the steps in plan order, backward in reverse.
+//!
+//! Threads: convolution, dense and pooling steps split the batch into `threads` fixed chunks of
+//! `ceil(n / threads)` samples (rayon); weight gradients go to one partial buffer per chunk and
+//! are summed in chunk order, so results are deterministic for a given thread count. Batch norm,
+//! elementwise passes and the reference fallbacks run on the calling thread.
+
+use super::program::{eerr, loc_of, Chain, Kind, Loc, Program, Step};
+use crate::engine::EngineError;
+use crate::init::tensor_rng;
+use crate::params::ParamStore;
+use crate::reference;
+use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
+use cnnc_compiler::lower::pointwise::{self, BnShape};
+use cnnc_compiler::lower::EpilogueArgs;
+use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
+use rayon::prelude::*;
+
+type R<T = ()> = Result<T, EngineError>;
+
+fn lerr(e: impl std::fmt::Display) -> EngineError {
+    EngineError(e.to_string())
+}
+
+/// `<layer>.<suffix>` from the store, or an error naming it.
+fn param<'a>(params: &'a ParamStore, layer: &str, suffix: &str) -> R<&'a [f32]> {
+    params.slice(&format!("{layer}.{suffix}")).ok_or_else(|| eerr(format!("missing parameter `{layer}.{suffix}`")))
+}
+
+/// The first `n` samples of a whole-buffer value.
+fn whole<'a>(bufs: &'a [Vec<f32>], locs: &[Option<Loc>], g: &Graph, id: NodeId, n: usize) -> R<&'a [f32]> {
+    let l = loc_of(locs, g, id)?;
+    if !l.contiguous() {
+        return Err(eerr(format!("layer `{}`: value is not a whole buffer", g.node(id).name)));
+    }
+    bufs[l.buf].get(..n * l.numel()).ok_or_else(|| eerr(format!("layer `{}`: buffer too small", g.node(id).name)))
+}
+
+/// `(scale, shift)` of an inference batch norm from its parameters.
+fn fold(params: &ParamStore, layer: &str, eps: f32) -> R<(Vec<f32>, Vec<f32>)> {
+    pointwise::batchnorm_fold(layer, param(params, layer, "weight")?, param(params, layer, "bias")?, param(params, layer, "running_mean")?, param(params, layer, "running_var")?, eps)
+        .map_err(lerr)
+}
+
+/// `y = act(y)` in place (the formulas of `lower::pointwise::activation_forward`).
+fn act_inplace(a: Activation, v: &mut [f32]) {
+    match a {
+        Activation::Relu => v.iter_mut().for_each(|y| *y = y.max(0.0)),
+        Activation::LeakyRelu { slope } => v.iter_mut().for_each(|y| *y = if *y > 0.0 { *y } else { slope * *y }),
+        Activation::Elu { alpha } => v.iter_mut().for_each(|y| *y = if *y > 0.0 { *y } else { alpha * y.exp_m1() }),
+        Activation::Sigmoid => v.iter_mut().for_each(|y| *y = 1.0 / (1.0 + (-*y).exp())),
+        Activation::Tanh => v.iter_mut().for_each(|y| *y = y.tanh()),
+    }
+}
+
+/// `g *= act'(x)` in place, from the activation's output `y`:
+/// relu `[y>0]`; leaky `y>0 ? 1 : slope` (slope >= 0); elu `y>0 ? 1 : y + alpha` (alpha > 0);
+/// sigmoid `y(1-y)`; tanh `1 - y²`.
+fn act_grad_inplace(a: Activation, g: &mut [f32], y: &[f32]) {
+    let it = g.iter_mut().zip(y);
+    match a {
+        Activation::Relu => it.for_each(|(d, &v)| *d = if v > 0.0 { *d } else { 0.0 }),
+        Activation::LeakyRelu { slope } => it.for_each(|(d, &v)| *d = if v > 0.0 { *d } else { slope * *d }),
+        Activation::Elu { alpha } => it.for_each(|(d, &v)| *d = if v > 0.0 { *d } else { *d * (v + alpha) }),
+        Activation::Sigmoid => it.for_each(|(d, &v)| *d *= v * (1.0 - v)),
+        Activation::Tanh => it.for_each(|(d, &v)| *d *= 1.0 - v * v),
+    }
+}
+
+/// Chunk size (samples) for `n` samples on `threads` threads.
+fn chunk(n: usize, threads: usize) -> usize {
+    n.div_ceil(threads.max(1)).max(1)
+}
+
+/// Apply the un-fused part of a chain in place over the output region.
+fn chain_forward(step: &Step, params: &ParamStore, out: &mut [f32], ol: Loc, bufs: &[Vec<f32>], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
+    for c in &step.chain[step.fused..] {
+        match c {
+            Chain::Fold { layer, eps } => {
+                let (scale, shift) = fold(params, layer, *eps)?;
+                for s in 0..n {
+                    let r = &mut out[ol.sample(s)];
+                    for (ch, plane) in r.chunks_exact_mut(ol.hw).enumerate() {
+                        plane.iter_mut().for_each(|v| *v = *v * scale[ch] + shift[ch]);
+                    }
+                }
+            }
+            Chain::Add { others } => {
+                for &o in others {
+                    let x = whole(bufs, locs, g, o, n)?;
+                    for s in 0..n {
+                        let xs = &x[s * ol.numel()..(s + 1) * ol.numel()];
+                        out[ol.sample(s)].iter_mut().zip(xs).for_each(|(v, &a)| *v += a);
+                    }
+                }
+            }
+            Chain::Act(a) => {
+                for s in 0..n {
+                    act_inplace(*a, &mut out[ol.sample(s)]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Input views for the reference fallbacks: `[n, dims...]`.
+fn view_of<'a>(g: &Graph, id: NodeId, x: &'a [f32], n: usize) -> R<ArrayViewD<'a, f32>> {
+    let mut d = vec![n];
+    d.extend(g.node(id).shape.dims());
+    ArrayViewD::from_shape(IxDyn(&d), x).map_err(lerr)
+}
+
+fn as4(v: ArrayViewD<'_, f32>) -> R<ArrayView4<'_, f32>> {
+    let s = v.shape().to_vec();
+    let d = if s.len() == 4 { (s[0], s[1], s[2], s[3]) } else { (s[0], s[1..].iter().product(), 1, 1) };
+    v.into_shape_with_order(d).map_err(lerr)
+}
+fn as4m(v: ArrayViewMutD<'_, f32>) -> R<ArrayViewMut4<'_, f32>> {
+    let s = v.shape().to_vec();
+    let d = if s.len() == 4 { (s[0], s[1], s[2], s[3]) } else { (s[0], s[1..].iter().product(), 1, 1) };
+    v.into_shape_with_order(d).map_err(lerr)
+}
+fn as2(v: ArrayViewD<'_, f32>) -> R<ArrayView2<'_, f32>> {
+    let n = v.shape()[0];
+    let r: usize = v.shape()[1..].iter().product();
+    v.into_shape_with_order((n, r)).map_err(lerr)
+}
+fn as2m(v: ArrayViewMutD<'_, f32>) -> R<ArrayViewMut2<'_, f32>> {
+    let n = v.shape()[0];
+    let r: usize = v.shape()[1..].iter().product();
+    v.into_shape_with_order((n, r)).map_err(lerr)
+}
+
+/// Copy a contiguous `[n, ch*hw]` value into its (possibly sliced) location.
+fn scatter(out: &mut [f32], ol: Loc, src: &[f32], n: usize) {
+    for s in 0..n {
+        out[ol.sample(s)].copy_from_slice(&src[s * ol.numel()..(s + 1) * ol.numel()]);
+    }
+}
+
+/// Gather a (possibly sliced) value into a contiguous `[n, ch*hw]` vector.
+fn gather(dst: &mut Vec<f32>, buf: &[f32], l: Loc, n: usize) {
+    dst.clear();
+    for s in 0..n {
+        dst.extend_from_slice(&buf[l.sample(s)]);
+    }
+}
+
+impl Program {
+    /// Forward over the first `n` samples; the input must already be in its buffer.
+    /// Dropout masks come from `reference::dropout_mask` with `tensor_rng(seed, layer)` over the
+    /// `[n, dims..]` value, exactly as the reference interpreter draws them.
+    pub fn forward(&mut self, params: &ParamStore, n: usize, train: bool, seed: u64) -> R {
+        let Program { graph: g, steps, locs, bufs, threads, .. } = self;
+        let threads = *threads;
+        let ch = chunk(n, threads);
+        for step in steps.iter_mut() {
+            let ol = loc_of(locs, g, step.out)?;
+            let stride = ol.stride();
+            let mut outbuf = std::mem::take(&mut bufs[ol.buf]);
+            let r = (|| -> R {
+                let out = &mut outbuf[..n * stride];
+                let bufs: &[Vec<f32>] = bufs;
+                let name = step.name.clone();
+                match &mut step.kind {
+                    Kind::Conv { k, x, layer, bias, residual, fold: fo, .. } => {
+                        let w = param(params, layer, "weight")?;
+                        let b = if *bias { Some(param(params, layer, "bias")?) } else { None };
+                        let aff = match fo {
+                            Some((bn, eps)) => Some(fold(params, bn, *eps)?),
+                            None => None,
+                        };
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let inp = xin.len() / n;
+                        let res = match residual {
+                            Some(r) => Some(whole(bufs, locs, g, *r, n)?),
+                            None => None,
+                        };
+                        let rp = ol.numel();
+                        out.par_chunks_mut(ch * stride).enumerate().try_for_each(|(i, oc)| {
+                            let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
+                            let extra = EpilogueArgs {
+                                affine: aff.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice())),
+                                residual: res.map(|r| &r[s0 * rp..s1 * rp]),
+                            };
+                            k.forward(oc, &xin[s0 * inp..s1 * inp], w, b, extra)
+                        }).map_err(lerr)?;
+                    }
+                    Kind::Dense { k, x, layer, bias, .. } => {
+                        let w = param(params, layer, "weight")?;
+                        let b = if *bias { Some(param(params, layer, "bias")?) } else { None };
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let inp = xin.len() / n;
+                        out.par_chunks_mut(ch * stride).enumerate().try_for_each(|(i, oc)| {
+                            let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
+                            k.forward(oc, &xin[s0 * inp..s1 * inp], w, b)
+                        }).map_err(lerr)?;
+                    }
+                    Kind::BnTrain { x, layer, eps, momentum, saved, new_rm, new_rv } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let shape = BnShape { n, c: ol.ch, hw: ol.hw };
+                        *new_rm = param(params, layer, "running_mean")?.to_vec();
+                        *new_rv = param(params, layer, "running_var")?.to_vec();
+                        if n * ol.hw < 2 {
+                            return Err(eerr(format!("layer `{layer}`: batch norm over a single value per channel (batch {n}): the unbiased variance is undefined")));
+                        }
+                        let (gamma, beta) = (param(params, layer, "weight")?, param(params, layer, "bias")?);
+                        let run = |o: &mut [f32], saved: &mut _, rm: &mut [f32], rv: &mut [f32]| {
+                            pointwise::batchnorm_forward_train(layer, shape, 0..ol.ch, o, saved, rm, rv, xin, gamma, beta, *eps, *momentum).map_err(lerr)
+                        };
+                        if ol.contiguous() {
+                            run(out, saved, new_rm, new_rv)?;
+                        } else {
+                            let mut tmp = std::mem::take(&mut step.scratch);
+                            tmp.resize(n * ol.numel(), 0.0);
+                            run(&mut tmp, saved, new_rm, new_rv)?;
+                            scatter(out, ol, &tmp, n);
+                            step.scratch = tmp;
+                        }
+                    }
+                    Kind::BnInfer { x, layer, eps } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let (scale, shift) = fold(params, layer, *eps)?;
+                        for s in 0..n {
+                            let xs = &xin[s * ol.numel()..(s + 1) * ol.numel()];
+                            let o = &mut out[ol.sample(s)];
+                            for (c, (op, xp)) in o.chunks_exact_mut(ol.hw).zip(xs.chunks_exact(ol.hw)).enumerate() {
+                                op.iter_mut().zip(xp).for_each(|(v, &a)| *v = a * scale[c] + shift[c]);
+                            }
+                        }
+                    }
+                    Kind::Pool { k, x, argmax, per_am } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let inp = xin.len() / n;
+                        let per_am = *per_am;
+                        let num = ol.numel();
+                        let off = ol.off * ol.hw;
+                        let one = |oc: &mut [f32], am: Option<&mut [u32]>, s0: usize| -> cnnc_compiler::Result<()> {
+                            let cnt = oc.len() / stride;
+                            match am {
+                                Some(am) => {
+                                    for (j, a) in am.chunks_exact_mut(per_am).enumerate().take(cnt) {
+                                        k.forward(&mut oc[j * stride + off..j * stride + off + num], Some(a), &xin[(s0 + j) * inp..(s0 + j + 1) * inp])?;
+                                    }
+                                }
+                                None => {
+                                    for j in 0..cnt {
+                                        k.forward(&mut oc[j * stride + off..j * stride + off + num], None, &xin[(s0 + j) * inp..(s0 + j + 1) * inp])?;
+                                    }
+                                }
+                            }
+                            Ok(())
+                        };
+                        if per_am > 0 {
+                            out.par_chunks_mut(ch * stride)
+                                .zip(argmax[..n * per_am].par_chunks_mut(ch * per_am))
+                                .enumerate()
+                                .try_for_each(|(i, (oc, am))| one(oc, Some(am), i * ch))
+                                .map_err(lerr)?;
+                        } else {
+                            out.par_chunks_mut(ch * stride).enumerate().try_for_each(|(i, oc)| one(oc, None, i * ch)).map_err(lerr)?;
+                        }
+                    }
+                    Kind::Gap { x } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xl = loc_of(locs, g, *x)?;
+                        for s in 0..n {
+                            let xs = &xin[s * xl.numel()..(s + 1) * xl.numel()];
+                            for (o, p) in out[ol.sample(s)].iter_mut().zip(xs.chunks_exact(xl.hw)) {
+                                *o = p.iter().sum::<f32>() / xl.hw as f32;
+                            }
+                        }
+                    }
+                    Kind::Act { x, act } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        for s in 0..n {
+                            pointwise::activation_forward(&name, *act, &mut out[ol.sample(s)], &xin[s * ol.numel()..(s + 1) * ol.numel()]).map_err(lerr)?;
+                        }
+                    }
+                    Kind::Add { xs } => {
+                        for (i, &o) in xs.iter().enumerate() {
+                            let xin = whole(bufs, locs, g, o, n)?;
+                            for s in 0..n {
+                                let src = &xin[s * ol.numel()..(s + 1) * ol.numel()];
+                                let d = &mut out[ol.sample(s)];
+                                if i == 0 {
+                                    d.copy_from_slice(src);
+                                } else {
+                                    d.iter_mut().zip(src).for_each(|(v, &a)| *v += a);
+                                }
+                            }
+                        }
+                    }
+                    Kind::Concat { xs } => {
+                        let mut off = 0;
+                        for &o in xs.iter() {
+                            let xl = loc_of(locs, g, o)?;
+                            let xin = whole(bufs, locs, g, o, n)?;
+                            for s in 0..n {
+                                let b = ol.sample(s).start + off * ol.hw;
+                                out[b..b + xl.numel()].copy_from_slice(&xin[s * xl.numel()..(s + 1) * xl.numel()]);
+                            }
+                            off += xl.ch;
+                        }
+                    }
+                    Kind::Flatten { x } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        scatter(out, ol, xin, n);
+                    }
+                    Kind::Dropout { x, p, mask } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        if train {
+                            if !(0.0..1.0).contains(p) {
+                                return Err(eerr(format!("layer `{name}`: dropout probability {p} is outside [0, 1)")));
+                            }
+                            let mut dims = vec![n];
+                            dims.extend(g.node(step.out).shape.dims());
+                            *mask = reference::dropout_mask(&dims, *p, &mut tensor_rng(seed, &name)).iter().copied().collect();
+                            let scale = 1.0 / (1.0 - *p);
+                            for s in 0..n {
+                                let m = &mask[s * ol.numel()..(s + 1) * ol.numel()];
+                                let xs = &xin[s * ol.numel()..(s + 1) * ol.numel()];
+                                for ((o, &v), &k) in out[ol.sample(s)].iter_mut().zip(xs).zip(m) {
+                                    *o = if k { v * scale } else { 0.0 };
+                                }
+                            }
+                        } else {
+                            scatter(out, ol, xin, n);
+                        }
+                    }
+                    Kind::Fallback { node } => {
+                        let ops = g.operands(*node);
+                        let x0 = view_of(g, ops[0], whole(bufs, locs, g, ops[0], n)?, n)?;
+                        let mut dims = vec![n];
+                        dims.extend(g.node(*node).shape.dims());
+                        let mut o = ArrayD::<f32>::zeros(IxDyn(&dims));
+                        match g.node(*node).op {
+                            Op::Lrn(l) => reference::lrn_forward(as4m(o.view_mut())?, as4(x0)?, &l),
+                            Op::ChannelMul => {
+                                let x1 = view_of(g, ops[1], whole(bufs, locs, g, ops[1], n)?, n)?;
+                                reference::channel_mul_forward(as4m(o.view_mut())?, as4(x0)?, as2(x1)?)
+                            }
+                            Op::Softmax => reference::softmax_forward(as2m(o.view_mut())?, as2(x0)?),
+                            ref op => return Err(eerr(format!("layer `{name}`: no fallback for `{}`", op.kind()))),
+                        }
+                        .map_err(|e| eerr(format!("layer `{name}`: {e}")))?;
+                        let flat: Vec<f32> = o.iter().copied().collect();
+                        scatter(out, ol, &flat, n);
+                    }
+                    Kind::Skip => {}
+                }
+                chain_forward(step, params, out, ol, bufs, locs, g, n)
+            })();
+            bufs[ol.buf] = outbuf;
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Backward over the first `n` samples: the logits' gradient must already be in its
+    /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
+    /// `pgrads`.
+    pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
+        let Program { graph: g, steps, locs, bufs, grads, threads, input, .. } = self;
+        let (threads, input) = (*threads, *input);
+        let ch = chunk(n, threads);
+        for step in steps.iter_mut().rev() {
+            let ol = loc_of(locs, g, step.out)?;
+            let stride = ol.stride();
+            let y = &bufs[ol.buf][..n * stride];
+            let mut gbuf = std::mem::take(&mut grads[ol.buf]);
+            let r = (|| -> R {
+                let gr = &mut gbuf[..n * stride];
+                // The chain, in reverse: activation from the output, residual to its operands.
+                for c in step.chain.iter().rev() {
+                    match c {
+                        Chain::Act(a) => {
+                            for s in 0..n {
+                                act_grad_inplace(*a, &mut gr[ol.sample(s)], &y[ol.sample(s)]);
+                            }
+                        }
+                        Chain::Add { others } => {
+                            for &o in others {
+                                add_into(grads, locs, g, o, gr, ol, n)?;
+                            }
+                        }
+                        Chain::Fold { layer, .. } => return Err(eerr(format!("layer `{layer}`: folded batch norm in a training plan"))),
+                    }
+                }
+                let gr: &[f32] = gr;
+                let name = step.name.clone();
+                match &mut step.kind {
+                    Kind::Conv { k, x, layer, bias, partials, .. } => {
+                        let w = param(params, layer, "weight")?;
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let inp = xin.len() / n;
+                        let wn = w.len();
+                        let bias = *bias;
+                        let work = |i: usize, dx: Option<&mut [f32]>, part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
+                            part.fill(0.0);
+                            let s0 = i * ch;
+                            if s0 >= n {
+                                return Ok(());
+                            }
+                            let s1 = (s0 + ch).min(n);
+                            let d = &gr[s0 * stride..s1 * stride];
+                            if let Some(dx) = dx {
+                                k.backward_data(dx, d, w)?;
+                            }
+                            let (pw, pb) = part.split_at_mut(wn);
+                            k.backward_weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
+                        };
+                        if *x != input {
+                            let xl = loc_of(locs, g, *x)?;
+                            let dx = &mut grads[xl.buf][..n * inp];
+                            dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
+                            // chunks beyond n (fewer samples than threads) hold zeros already
+                            let used = n.div_ceil(ch);
+                            partials[used..].iter_mut().for_each(|p| p.fill(0.0));
+                        } else {
+                            partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
+                        }
+                        reduce(pgrads, layer, bias, wn, partials)?;
+                    }
+                    Kind::Dense { k, x, layer, bias, partials } => {
+                        let w = param(params, layer, "weight")?;
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let inp = xin.len() / n;
+                        let wn = w.len();
+                        let bias = *bias;
+                        let work = |i: usize, dx: Option<&mut [f32]>, part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
+                            part.fill(0.0);
+                            let s0 = i * ch;
+                            if s0 >= n {
+                                return Ok(());
+                            }
+                            let s1 = (s0 + ch).min(n);
+                            let d = &gr[s0 * stride..s1 * stride];
+                            if let Some(dx) = dx {
+                                k.backward_data(dx, d, w)?;
+                            }
+                            let (pw, pb) = part.split_at_mut(wn);
+                            k.backward_weight(pw, bias.then_some(&mut pb[..stride]), d, &xin[s0 * inp..s1 * inp])
+                        };
+                        if *x != input {
+                            let xl = loc_of(locs, g, *x)?;
+                            let dx = &mut grads[xl.buf][..n * inp];
+                            dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
+                            let used = n.div_ceil(ch);
+                            partials[used..].iter_mut().for_each(|p| p.fill(0.0));
+                        } else {
+                            partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
+                        }
+                        reduce(pgrads, layer, bias, wn, partials)?;
+                    }
+                    Kind::BnTrain { x, layer, saved, .. } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xl = loc_of(locs, g, *x)?;
+                        let shape = BnShape { n, c: ol.ch, hw: ol.hw };
+                        let gamma = param(params, layer, "weight")?;
+                        let (mut dg, mut db) = (vec![0.0; ol.ch], vec![0.0; ol.ch]);
+                        let mut tmp = std::mem::take(&mut step.scratch);
+                        let d_out: &[f32] = if ol.contiguous() {
+                            gr
+                        } else {
+                            gather(&mut tmp, gr, Loc { off: ol.off, ..ol }, n);
+                            &tmp
+                        };
+                        let dx = &mut grads[xl.buf][..n * xl.numel()];
+                        let r = pointwise::batchnorm_backward(layer, shape, 0..ol.ch, dx, &mut dg, &mut db, d_out, xin, saved, gamma).map_err(lerr);
+                        step.scratch = tmp;
+                        r?;
+                        add_param(pgrads, layer, "weight", &dg)?;
+                        add_param(pgrads, layer, "bias", &db)?;
+                    }
+                    Kind::BnInfer { layer, .. } => return Err(eerr(format!("layer `{layer}`: inference batch norm in a training plan"))),
+                    Kind::Pool { k, x, argmax, per_am } => {
+                        if *x == input {
+                            return Ok(());
+                        }
+                        let xl = loc_of(locs, g, *x)?;
+                        let inp = xl.numel();
+                        let per_am = *per_am;
+                        let (num, off) = (ol.numel(), ol.off * ol.hw);
+                        let dx = &mut grads[xl.buf][..n * inp];
+                        let am: &[u32] = argmax;
+                        dx.par_chunks_mut(ch * inp).enumerate().try_for_each(|(i, dxc)| -> cnnc_compiler::Result<()> {
+                            for (j, d) in dxc.chunks_exact_mut(inp).enumerate() {
+                                let s = i * ch + j;
+                                let a = (per_am > 0).then(|| &am[s * per_am..(s + 1) * per_am]);
+                                k.backward(d, &gr[s * stride + off..s * stride + off + num], a)?;
+                            }
+                            Ok(())
+                        }).map_err(lerr)?;
+                    }
+                    Kind::Gap { x } => {
+                        let xl = loc_of(locs, g, *x)?;
+                        let dx = &mut grads[xl.buf];
+                        for s in 0..n {
+                            let d = &mut dx[s * xl.numel()..(s + 1) * xl.numel()];
+                            for (p, &v) in d.chunks_exact_mut(xl.hw).zip(&gr[ol.sample(s)]) {
+                                let v = v / xl.hw as f32;
+                                p.iter_mut().for_each(|e| *e += v);
+                            }
+                        }
+                    }
+                    Kind::Act { x, act } => {
+                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xl = loc_of(locs, g, *x)?;
+                        let dx = &mut grads[xl.buf];
+                        for s in 0..n {
+                            let r = s * xl.numel()..(s + 1) * xl.numel();
+                            pointwise::activation_backward(&name, *act, &mut dx[r.clone()], &gr[ol.sample(s)], &xin[r]).map_err(lerr)?;
+                        }
+                    }
+                    Kind::Add { xs } => {
+                        for &o in xs.iter() {
+                            add_into(grads, locs, g, o, gr, ol, n)?;
+                        }
+                    }
+                    Kind::Concat { xs } => {
+                        let mut off = 0;
+                        for &o in xs.iter() {
+                            let xl = loc_of(locs, g, o)?;
+                            add_into(grads, locs, g, o, gr, Loc { off: ol.off + off, ch: xl.ch, ..ol }, n)?;
+                            off += xl.ch;
+                        }
+                    }
+                    Kind::Flatten { x } => add_into(grads, locs, g, *x, gr, ol, n)?,
+                    Kind::Dropout { x, p, mask } => {
+                        let xl = loc_of(locs, g, *x)?;
+                        let scale = 1.0 / (1.0 - *p);
+                        let dx = &mut grads[xl.buf];
+                        for s in 0..n {
+                            let r = s * xl.numel()..(s + 1) * xl.numel();
+                            for ((d, &v), &k) in dx[r.clone()].iter_mut().zip(&gr[ol.sample(s)]).zip(&mask[r]) {
+                                if k {
+                                    *d += v * scale;
+                                }
+                            }
+                        }
+                    }
+                    Kind::Fallback { node } => {
+                        let ops = g.operands(*node);
+                        let mut dy = Vec::new();
+                        gather(&mut dy, gr, ol, n);
+                        let dyv = view_of(g, *node, &dy, n)?;
+                        let x0 = view_of(g, ops[0], whole(bufs, locs, g, ops[0], n)?, n)?;
+                        let mut dx0 = ArrayD::<f32>::zeros(x0.raw_dim());
+                        let mut dx1 = None;
+                        match g.node(*node).op {
+                            Op::Lrn(l) => reference::lrn_backward(as4m(dx0.view_mut())?, as4(dyv)?, as4(x0)?, &l),
+                            Op::ChannelMul => {
+                                let x1 = view_of(g, ops[1], whole(bufs, locs, g, ops[1], n)?, n)?;
+                                let mut d1 = ArrayD::<f32>::zeros(x1.raw_dim());
+                                let r = reference::channel_mul_backward(Some(as4m(dx0.view_mut())?), Some(as2m(d1.view_mut())?), as4(dyv)?, as4(x0)?, as2(x1)?);
+                                dx1 = Some(d1);
+                                r
+                            }
+                            Op::Softmax => {
+                                let mut yv = Vec::new();
+                                gather(&mut yv, y, ol, n);
+                                let yv = view_of(g, *node, &yv, n)?;
+                                reference::softmax_backward(as2m(dx0.view_mut())?, as2(dyv)?, as2(yv)?)
+                            }
+                            ref op => return Err(eerr(format!("layer `{name}`: no fallback for `{}`", op.kind()))),
+                        }
+                        .map_err(|e| eerr(format!("layer `{name}`: {e}")))?;
+                        for (o, d) in ops.iter().zip([Some(dx0), dx1]) {
+                            if let Some(d) = d {
+                                let d: Vec<f32> = d.iter().copied().collect();
+                                let l = loc_of(locs, g, *o)?;
+                                add_into(grads, locs, g, *o, &d, Loc { buf: usize::MAX, off: 0, total: l.ch, ..l }, n)?;
+                            }
+                        }
+                    }
+                    Kind::Skip => {}
+                }
+                Ok(())
+            })();
+            grads[ol.buf] = gbuf;
+            r?;
+        }
+        Ok(())
+    }
+}
+
+/// `grad(o) += src` where `src` is laid out as `sl` (per-sample ranges of `src`).
+fn add_into(grads: &mut [Vec<f32>], locs: &[Option<Loc>], g: &Graph, o: NodeId, src: &[f32], sl: Loc, n: usize) -> R {
+    let l = loc_of(locs, g, o)?;
+    if l.numel() != sl.numel() {
+        return Err(eerr(format!("layer `{}`: gradient of {} elements per sample for a value of {}", g.node(o).name, sl.numel(), l.numel())));
+    }
+    let d = &mut grads[l.buf];
+    for s in 0..n {
+        d[l.sample(s)].iter_mut().zip(&src[sl.sample(s)]).for_each(|(a, &b)| *a += b);
+    }
+    Ok(())
+}
+
+fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R {
+    let name = format!("{layer}.{suffix}");
+    let d = pgrads.slice_mut(&name).ok_or_else(|| eerr(format!("missing gradient `{name}`")))?;
+    if d.len() != v.len() {
+        return Err(eerr(format!("gradient `{name}` has {} elements, expected {}", d.len(), v.len())));
+    }
+    d.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
+    Ok(())
+}
+
+/// Sum the per-chunk partial weight (and bias) gradients in chunk order.
+fn reduce(pgrads: &mut ParamStore, layer: &str, bias: bool, wn: usize, partials: &[Vec<f32>]) -> R {
+    for p in partials {
+        add_param(pgrads, layer, "weight", &p[..wn])?;
+        if bias {
+            let bn = pgrads.slice(&format!("{layer}.bias")).map_or(0, <[f32]>::len);
+            add_param(pgrads, layer, "bias", &p[wn..wn + bn])?;
+        }
+    }
+    Ok(())
+}

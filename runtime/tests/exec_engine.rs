@@ -1,0 +1,351 @@
+//! `JitEngine` (fused and naive) against `ReferenceEngine`: loss, every parameter gradient,
+//! running statistics and inference logits, on random non-zero inputs and parameters, for
+//! LeNet-5, a VGG-style conv-bn-relu-pool-dropout-dense net, residual blocks (identity,
+//! projection, bn-free fused residual), an inception module with in-place concat (conv, relu'd
+//! conv and bare pool branches), fallback ops (LRN, SE channel_mul, softmax), hinge loss, odd
+//! batch sizes (1, 3) and odd image sizes, stride 2, asymmetric padding; plus error cases.
+
+use cnnc_compiler::ir::*;
+use cnnc_compiler::plan::Fusion;
+use cnnc_runtime::engine::{Engine, ReferenceEngine};
+use cnnc_runtime::exec::JitEngine;
+use cnnc_runtime::init::InitConfig;
+use cnnc_runtime::params::{ParamKind, ParamStore};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn conv(c: usize, k: usize) -> Conv2d {
+    Conv2d::new(c, [k, k])
+}
+
+fn bn() -> Op {
+    Op::BatchNorm(BatchNorm::default())
+}
+
+fn relu() -> Op {
+    Op::Act(Activation::Relu)
+}
+
+fn dense(n: usize) -> Op {
+    Op::Dense(Dense { out_features: n, bias: true })
+}
+
+fn maxpool(k: usize, s: usize) -> Op {
+    Op::Pool(Pool2d::new(PoolKind::Max, k, s))
+}
+
+/// Random parameters with non-trivial batch-norm affine parameters and running statistics.
+fn params_for(g: &Graph, seed: u64) -> ParamStore {
+    let mut p = ParamStore::<f32>::for_graph(g, &InitConfig::pytorch(), seed).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xabc);
+    for info in p.infos().to_vec() {
+        let v = p.slice_mut(&info.name).unwrap();
+        let is_bn = info.layer.starts_with("bn") || info.layer.contains(".bn");
+        match (is_bn, info.kind) {
+            (true, ParamKind::Weight) => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.5)),
+            (true, ParamKind::Bias) | (true, ParamKind::RunningMean) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.5..0.5)),
+            (true, ParamKind::RunningVar) => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..2.0)),
+            (false, ParamKind::Bias) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.3..0.3)),
+            _ => {}
+        }
+    }
+    p
+}
+
+/// Max-abs-normalised difference, the scale floored at `floor`: gradients that are
+/// mathematically zero (the bias of a convolution followed by batch norm) are rounding noise.
+fn rel_floor(a: &[f32], b: &[f32], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64)).max(floor).max(1e-12);
+    let diff = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs() as f64));
+    diff / scale
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    rel_floor(a, b, 1e-6)
+}
+
+/// Train two steps (to exercise buffer reuse) with each engine from the same parameters, and
+/// compare against the reference after each step; then compare inference logits.
+fn check(g: &Graph, loss: Loss, compiled: usize, n: usize, seed: u64) {
+    let shape = g.node(g.inputs()[0]).shape;
+    let k = g.node(g.outputs()[0]).shape.numel();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let params0 = params_for(g, seed);
+    for fusion in [Fusion::Full, Fusion::None] {
+        let mut jit = JitEngine::new(g, loss, compiled, fusion).unwrap_or_else(|e| panic!("{fusion:?}: {e}"));
+        let mut reference = ReferenceEngine::new(g.clone(), loss);
+        let (mut pj, mut pr) = (params0.clone(), params0.clone());
+        let (mut gj, mut gr) = (pj.zeros_like(), pr.zeros_like());
+        for step in 0..2 {
+            let x: Vec<f32> = (0..n * shape.numel())
+                .map(|_| {
+                    let v: f32 = rng.random_range(0.1..2.0);
+                    if rng.random_bool(0.5) { v } else { -v }
+                })
+                .collect();
+            let labels: Vec<usize> = (0..n).map(|_| rng.random_range(0..k)).collect();
+            let sj = jit.train_step(&mut pj, &mut gj, &x, &labels, 7 + step).unwrap_or_else(|e| panic!("{fusion:?}: {e}"));
+            let sr = reference.train_step(&mut pr, &mut gr, &x, &labels, 7 + step).unwrap();
+            let what = format!("{} {fusion:?} n={n} step {step}", g.name);
+            assert_eq!(sj.count, n);
+            assert_eq!(sj.correct, sr.correct, "{what}: accuracy");
+            let lrel = (sj.loss_sum - sr.loss_sum).abs() / sr.loss_sum.abs().max(1e-6);
+            assert!(lrel < 1e-4, "{what}: loss {} vs {}", sj.loss_sum, sr.loss_sum);
+            assert!(sr.loss_sum > 0.0);
+            let mut nonzero = 0;
+            // 1% of the largest gradient anywhere: the floor for (near-)zero gradient tensors.
+            let floor = 1e-2 * gr.flat().iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+            for info in pr.infos() {
+                let (a, b) = (gj.slice(&info.name).unwrap(), gr.slice(&info.name).unwrap());
+                if b.iter().any(|&v| v != 0.0) {
+                    nonzero += 1;
+                }
+                let e = rel_floor(a, b, floor);
+                assert!(e < 2e-3, "{what}: gradient of {} off by {e:.2e}\njit {:?}\nref {:?}", info.name, &a[..a.len().min(8)], &b[..b.len().min(8)]);
+                let e = rel(pj.slice(&info.name).unwrap(), pr.slice(&info.name).unwrap());
+                assert!(e < 1e-4, "{what}: parameter/running stat {} off by {e:.2e}", info.name);
+            }
+            assert!(nonzero > 0, "{what}: all gradients zero");
+            // Same parameters for the next step (running stats agree to ~1e-6 already).
+            pj = pr.clone();
+        }
+        let x: Vec<f32> = (0..n * shape.numel()).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) + 0.013).collect();
+        let lj = jit.infer(&pr, &x, n).unwrap();
+        let lr = reference.infer(&pr, &x, n).unwrap();
+        let e = rel(&lj, &lr);
+        assert!(e < 1e-4, "{} {fusion:?}: inference logits off by {e:.2e}", g.name);
+    }
+}
+
+fn lenet() -> Graph {
+    let mut g = Graph::new("lenet5");
+    let x = g.input("input", Shape::chw(1, 28, 28)).unwrap();
+    let c1 = g.add("conv1", Op::Conv2d(conv(6, 5).pad(Padding::uniform(2))), &[x]).unwrap();
+    let r1 = g.add("relu1", relu(), &[c1]).unwrap();
+    let p1 = g.add("pool1", maxpool(2, 2), &[r1]).unwrap();
+    let c2 = g.add("conv2", Op::Conv2d(conv(16, 5)), &[p1]).unwrap();
+    let r2 = g.add("relu2", relu(), &[c2]).unwrap();
+    let p2 = g.add("pool2", maxpool(2, 2), &[r2]).unwrap();
+    let f = g.add("flatten", Op::Flatten, &[p2]).unwrap();
+    let d1 = g.add("fc1", dense(120), &[f]).unwrap();
+    let a1 = g.add("relu3", relu(), &[d1]).unwrap();
+    let d2 = g.add("fc2", dense(84), &[a1]).unwrap();
+    let a2 = g.add("relu4", relu(), &[d2]).unwrap();
+    g.add("fc3", dense(10), &[a2]).unwrap();
+    g
+}
+
+/// conv-bn-relu-pool twice (odd 9x11 input, stride 2, asymmetric padding), dropout, dense head.
+fn vgg() -> Graph {
+    let mut g = Graph::new("vgg");
+    let x = g.input("input", Shape::chw(3, 9, 11)).unwrap();
+    let c1 = g.add("conv1", Op::Conv2d(conv(8, 3).pad(Padding::uniform(1)).bias(false)), &[x]).unwrap();
+    let b1 = g.add("bn1", bn(), &[c1]).unwrap();
+    let r1 = g.add("relu1", relu(), &[b1]).unwrap();
+    let mut mp = Pool2d::new(PoolKind::Max, 2, 2);
+    mp.ceil_mode = true;
+    let p1 = g.add("pool1", Op::Pool(mp), &[r1]).unwrap();
+    let c2 = Conv2d::new(12, [3, 3]).stride(2).pad(Padding::Explicit { top: 0, bottom: 1, left: 1, right: 0 });
+    let c2 = g.add("conv2", Op::Conv2d(c2), &[p1]).unwrap();
+    let b2 = g.add("bn2", bn(), &[c2]).unwrap();
+    let r2 = g.add("relu2", relu(), &[b2]).unwrap();
+    let mut ap = Pool2d::new(PoolKind::Avg, 2, 1);
+    ap.padding = Padding::uniform(1);
+    let p2 = g.add("pool2", Op::Pool(ap), &[r2]).unwrap();
+    let f = g.add("flatten", Op::Flatten, &[p2]).unwrap();
+    let d0 = g.add("drop1", Op::Dropout { p: 0.4 }, &[f]).unwrap();
+    let d1 = g.add("fc1", dense(24), &[d0]).unwrap();
+    let a1 = g.add("relu3", relu(), &[d1]).unwrap();
+    let d2 = g.add("drop2", Op::Dropout { p: 0.5 }, &[a1]).unwrap();
+    g.add("fc2", dense(5), &[d2]).unwrap();
+    g
+}
+
+/// Stem, an identity basic block, a projection block (stride 2), a bn-free residual, head.
+fn resnet() -> Graph {
+    let mut g = Graph::new("resnet");
+    let x = g.input("input", Shape::chw(3, 7, 9)).unwrap();
+    let c = |n| Op::Conv2d(conv(n, 3).pad(Padding::uniform(1)).bias(false));
+    let s = g.add("stem", c(6), &[x]).unwrap();
+    let sb = g.add("bn0", bn(), &[s]).unwrap();
+    let r0 = g.add("relu0", relu(), &[sb]).unwrap();
+    // identity block
+    let a = g.add("b1.conv1", c(6), &[r0]).unwrap();
+    let a = g.add("b1.bn1", bn(), &[a]).unwrap();
+    let a = g.add("b1.relu1", relu(), &[a]).unwrap();
+    let a = g.add("b1.conv2", c(6), &[a]).unwrap();
+    let a = g.add("b1.bn2", bn(), &[a]).unwrap();
+    let a = g.add("b1.add", Op::Add, &[a, r0]).unwrap();
+    let r1 = g.add("b1.relu2", relu(), &[a]).unwrap();
+    // projection block, stride 2
+    let a = g.add("b2.conv1", Op::Conv2d(conv(10, 3).stride(2).pad(Padding::uniform(1)).bias(false)), &[r1]).unwrap();
+    let a = g.add("b2.bn1", bn(), &[a]).unwrap();
+    let a = g.add("b2.relu1", relu(), &[a]).unwrap();
+    let a = g.add("b2.conv2", c(10), &[a]).unwrap();
+    let a = g.add("b2.bn2", bn(), &[a]).unwrap();
+    let p = g.add("b2.proj", Op::Conv2d(conv(10, 1).stride(2).bias(false)), &[r1]).unwrap();
+    let p = g.add("b2.bnp", bn(), &[p]).unwrap();
+    let a = g.add("b2.add", Op::Add, &[a, p]).unwrap();
+    let r2 = g.add("b2.relu2", relu(), &[a]).unwrap();
+    // residual without batch norm: conv + add + leaky relu fused in the conv epilogue
+    let a = g.add("b3.conv", Op::Conv2d(conv(10, 3).pad(Padding::Same)), &[r2]).unwrap();
+    let a = g.add("b3.add", Op::Add, &[a, r2]).unwrap();
+    let r3 = g.add("b3.leaky", Op::Act(Activation::LeakyRelu { slope: 0.1 }), &[a]).unwrap();
+    let gp = g.add("gap", Op::GlobalAvgPool, &[r3]).unwrap();
+    let f = g.add("flatten", Op::Flatten, &[gp]).unwrap();
+    g.add("fc", dense(6), &[f]).unwrap();
+    g
+}
+
+/// An inception module: 1x1, 1x1->3x3 (relu'd), pool->1x1 and a bare avg-pool branch,
+/// concatenated in place, then bn-relu on the concat, a 1x1 conv, global pooling and a head.
+fn inception() -> Graph {
+    let mut g = Graph::new("inception");
+    let x = g.input("input", Shape::chw(3, 8, 7)).unwrap();
+    let s = g.add("stem", Op::Conv2d(conv(8, 3).pad(Padding::uniform(1))), &[x]).unwrap();
+    let s = g.add("stem_relu", relu(), &[s]).unwrap();
+    let a = g.add("b1", Op::Conv2d(conv(4, 1)), &[s]).unwrap();
+    let a = g.add("b1_relu", relu(), &[a]).unwrap();
+    let b = g.add("b2a", Op::Conv2d(conv(3, 1)), &[s]).unwrap();
+    let b = g.add("b2a_relu", relu(), &[b]).unwrap();
+    let b = g.add("b2b", Op::Conv2d(conv(5, 3).pad(Padding::Same)), &[b]).unwrap();
+    let b = g.add("b2b_relu", relu(), &[b]).unwrap();
+    let mut mp = Pool2d::new(PoolKind::Max, 3, 1);
+    mp.padding = Padding::Same;
+    let c = g.add("b3pool", Op::Pool(mp), &[s]).unwrap();
+    let c = g.add("b3", Op::Conv2d(conv(2, 1)), &[c]).unwrap();
+    let mut ap = Pool2d::new(PoolKind::Avg, 3, 1);
+    ap.padding = Padding::Same;
+    let d = g.add("b4pool", Op::Pool(ap), &[s]).unwrap();
+    let cat = g.add("cat", Op::Concat, &[a, b, c, d]).unwrap();
+    let y = g.add("bn_cat", bn(), &[cat]).unwrap();
+    let y = g.add("relu_cat", relu(), &[y]).unwrap();
+    let y = g.add("mix", Op::Conv2d(conv(6, 1)), &[y]).unwrap();
+    let y = g.add("gap", Op::GlobalAvgPool, &[y]).unwrap();
+    g.add("fc", dense(4), &[y]).unwrap();
+    g
+}
+
+/// Fallback ops (LRN, squeeze-excitation with channel_mul, softmax), non-fusable activations
+/// after a convolution (tanh, sigmoid, elu), a copied concat (an operand used twice), bn after
+/// a dense layer.
+fn odd_ops() -> Graph {
+    let mut g = Graph::new("odd");
+    let x = g.input("input", Shape::chw(4, 5, 5)).unwrap();
+    let c = g.add("conv1", Op::Conv2d(conv(6, 3).pad(Padding::uniform(1))), &[x]).unwrap();
+    let t = g.add("tanh", Op::Act(Activation::Tanh), &[c]).unwrap();
+    let l = g.add("lrn", Op::Lrn(Lrn { size: 3, alpha: 0.5, beta: 0.75, k: 1.0 }), &[t]).unwrap();
+    let sq = g.add("se.gap", Op::GlobalAvgPool, &[l]).unwrap();
+    let e = g.add("se.fc1", dense(3), &[sq]).unwrap();
+    let e = g.add("se.elu", Op::Act(Activation::Elu { alpha: 1.0 }), &[e]).unwrap();
+    let e = g.add("se.fc2", dense(6), &[e]).unwrap();
+    let e = g.add("se.sigmoid", Op::Act(Activation::Sigmoid), &[e]).unwrap();
+    let m = g.add("se.scale", Op::ChannelMul, &[l, e]).unwrap();
+    let c2 = g.add("conv2", Op::Conv2d(conv(3, 1)), &[m]).unwrap();
+    let cat = g.add("cat", Op::Concat, &[m, c2, m]).unwrap();
+    let p = g.add("pool", Op::Pool(Pool2d::new(PoolKind::Avg, 2, 2)), &[cat]).unwrap();
+    let f = g.add("flatten", Op::Flatten, &[p]).unwrap();
+    let d = g.add("fc1", dense(7), &[f]).unwrap();
+    let b = g.add("bn1", bn(), &[d]).unwrap();
+    let r = g.add("relu", relu(), &[b]).unwrap();
+    let d = g.add("fc2", dense(5), &[r]).unwrap();
+    g.add("softmax", Op::Softmax, &[d]).unwrap();
+    g
+}
+
+#[test]
+fn lenet5_matches_reference() {
+    check(&lenet(), Loss::SoftmaxCrossEntropy, 5, 5, 1);
+    check(&lenet(), Loss::SoftmaxCrossEntropy, 5, 1, 2);
+}
+
+#[test]
+fn vgg_style_matches_reference_with_partial_batches() {
+    check(&vgg(), Loss::SoftmaxCrossEntropy, 6, 6, 3);
+    check(&vgg(), Loss::SoftmaxCrossEntropy, 6, 3, 4);
+    check(&vgg(), Loss::MulticlassHinge { margin: 1.0 }, 4, 4, 5);
+}
+
+#[test]
+fn residual_blocks_match_reference() {
+    check(&resnet(), Loss::SoftmaxCrossEntropy, 3, 3, 6);
+    check(&resnet(), Loss::SoftmaxCrossEntropy, 3, 1, 7);
+}
+
+#[test]
+fn inception_matches_reference() {
+    check(&inception(), Loss::SoftmaxCrossEntropy, 4, 3, 8);
+}
+
+#[test]
+fn fallback_ops_match_reference() {
+    check(&odd_ops(), Loss::MulticlassHinge { margin: 0.5 }, 3, 3, 9);
+}
+
+#[test]
+fn plans_fuse_what_they_should() {
+    let e = JitEngine::new(&resnet(), Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap();
+    let t = e.plan(true).to_string();
+    assert!(t.contains("[b1.bn2 -> b1.add -> b1.relu2]"), "{t}");
+    assert!(t.contains("[b3.conv -> b3.add -> b3.leaky]"), "{t}");
+    let i = e.plan(false).to_string();
+    assert!(i.contains("[b1.conv2 -> b1.bn2 -> b1.add -> b1.relu2]"), "{i}");
+    let e = JitEngine::new(&inception(), Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap();
+    assert!(e.plan(true).inplace_concats.len() == 1);
+    assert_eq!(e.fallback_layers(), 0);
+    let naive = JitEngine::new(&inception(), Loss::SoftmaxCrossEntropy, 2, Fusion::None).unwrap();
+    assert!(naive.plan(true).inplace_concats.is_empty());
+    assert_eq!(naive.name(), "jit-naive");
+    assert_eq!(JitEngine::new(&odd_ops(), Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap().fallback_layers(), 3);
+}
+
+#[test]
+fn graph_ending_in_a_loss_node() {
+    let mut g = lenet();
+    let out = g.outputs()[0];
+    g.add("loss", Op::Loss(Loss::SoftmaxCrossEntropy), &[out]).unwrap();
+    let mut e = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap();
+    let p = params_for(&g, 3);
+    let mut gr = p.zeros_like();
+    let x = vec![0.5f32; 2 * 784];
+    let s = e.train_step(&mut p.clone(), &mut gr, &x, &[1, 2], 0).unwrap();
+    assert!(s.loss_sum > 0.0);
+    assert_eq!(e.infer(&p, &x, 2).unwrap().len(), 20);
+    assert!(JitEngine::new(&g, Loss::MulticlassHinge { margin: 1.0 }, 2, Fusion::Full).is_err());
+}
+
+#[test]
+fn bad_batches_are_errors() {
+    let g = lenet();
+    let mut e = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap();
+    let mut p = params_for(&g, 1);
+    let mut gr = p.zeros_like();
+    let x = vec![0.1f32; 3 * 784];
+    let err = e.train_step(&mut p, &mut gr, &x, &[0, 1, 2], 0).unwrap_err();
+    assert!(err.0.contains("1..=2"), "{err}");
+    let err = e.train_step(&mut p, &mut gr, &x[..784 * 2 - 1], &[0, 1], 0).unwrap_err();
+    assert!(err.0.contains("input has"), "{err}");
+    let err = e.train_step(&mut p, &mut gr, &x[..784 * 2], &[0, 10], 0).unwrap_err();
+    assert!(err.0.contains("out of range"), "{err}");
+    assert!(e.infer(&p, &x, 0).is_err());
+    assert!(JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 0, Fusion::Full).is_err());
+    // missing parameters
+    let other = ParamStore::<f32>::for_graph(&vgg(), &InitConfig::pytorch(), 0).unwrap();
+    assert!(e.infer(&other, &x[..784], 1).is_err());
+}
+
+#[test]
+fn deterministic_for_a_thread_count() {
+    let g = vgg();
+    let p = params_for(&g, 11);
+    let x: Vec<f32> = (0..5 * 3 * 9 * 11).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0 + 0.01).collect();
+    let labels = [0, 1, 2, 3, 4];
+    let run = || {
+        let mut e = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 5, Fusion::Full).unwrap();
+        let (mut pp, mut gr) = (p.clone(), p.zeros_like());
+        e.train_step(&mut pp, &mut gr, &x, &labels, 3).unwrap();
+        (gr.flat().to_vec(), pp.flat().to_vec())
+    };
+    assert_eq!(run(), run());
+}
