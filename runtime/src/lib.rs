@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod curves;
 pub mod data;
 pub mod engine;
+pub mod exec;
 pub mod init;
 pub mod optim;
 pub mod params;
