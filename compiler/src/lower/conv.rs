@@ -75,7 +75,7 @@ impl ConvGeometry {
             )));
         }
         let g = conv.groups;
-        if g == 0 || cin % g != 0 || conv.out_channels % g != 0 || conv.out_channels == 0 || cin == 0 {
+        if g == 0 || !cin.is_multiple_of(g) || !conv.out_channels.is_multiple_of(g) || conv.out_channels == 0 || cin == 0 {
             return Err(err(format!(
                 "groups {g} must divide input channels {cin} and output channels {}",
                 conv.out_channels
@@ -213,6 +213,7 @@ impl ConvKernels {
         let mg = g.cout / g.groups;
         let kc = g.kc();
         let mut jit = Jit::new(layer)?;
+        #[allow(clippy::large_enum_variant)]
         enum Plan {
             Blocked(GemmPlan, GemmPlan, GemmPlan, Option<GemmPlan>),
             Naive(KernelId, KernelId, KernelId),
@@ -241,7 +242,7 @@ impl ConvKernels {
                 let bd = GemmPlan::define(&mut jit, "conv_bwd_data", bd)?;
                 let kb = WGRAD_BLOCK.min(p);
                 let bw = GemmPlan::define(&mut jit, "conv_bwd_w", GemmSpec::plain(Some(mg), kc, kb, kc, true))?;
-                let bwt = if p % kb != 0 {
+                let bwt = if !p.is_multiple_of(kb) {
                     Some(GemmPlan::define(&mut jit, "conv_bwd_w_tail", GemmSpec::plain(Some(mg), kc, p % kb, kc, true))?)
                 } else {
                     None
@@ -317,7 +318,7 @@ impl ConvKernels {
 
     /// Samples in `x`, checking it holds a whole number of them.
     fn samples(&self, what: &str, len: usize, per: usize) -> Result<usize> {
-        if per == 0 || len % per != 0 {
+        if per == 0 || !len.is_multiple_of(per) {
             return Err(conv_err(&self.layer, format!("{what} has {len} elements, not a multiple of {per} per sample")));
         }
         Ok(len / per)
@@ -570,7 +571,7 @@ impl ConvKernels {
         let g = &self.geom;
         if g.is_direct() {
             32
-        } else if g.stride[1] == 1 && g.ow % NR == 0 {
+        } else if g.stride[1] == 1 && g.ow.is_multiple_of(NR) {
             g.ow / NR
         } else {
             1

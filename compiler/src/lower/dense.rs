@@ -95,7 +95,7 @@ impl DenseKernels {
     }
 
     fn samples(&self, what: &str, len: usize, per: usize) -> Result<usize> {
-        if len % per != 0 {
+        if !len.is_multiple_of(per) {
             return Err(self.err(format!("{what} has {len} elements, not a multiple of {per} per sample")));
         }
         Ok(len / per)

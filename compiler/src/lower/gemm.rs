@@ -161,7 +161,7 @@ impl GemmPlan {
                 if m >= MR {
                     v.push(MR);
                 }
-                if m % MR != 0 {
+                if !m.is_multiple_of(MR) {
                     v.push(m % MR);
                 }
                 v
@@ -171,7 +171,7 @@ impl GemmPlan {
         if spec.n >= NR {
             nrs.push(NR);
         }
-        if spec.n % NR != 0 {
+        if !spec.n.is_multiple_of(NR) {
             nrs.push(spec.n % NR);
         }
         let mut ids = Vec::new();
@@ -433,6 +433,7 @@ impl Gemm {
     /// `C[i][j0 + t]` at `c[c_off + i*ldc + t]` for `i < m`, from packed `a` (all `ceil(m/4)`
     /// panels) and the packed `b` panel for those columns. `m` must equal the spec's `M` when
     /// that is static. Epilogue operands are indexed from row 0 / column 0 of the GEMM.
+    #[allow(clippy::too_many_arguments)]
     pub fn run_panel(&self, c: &mut [f32], c_off: usize, m: usize, j0: usize, a: &[f32], b: &[f32], epi: &EpiArgs) {
         let s = &self.spec;
         debug_assert!(s.m.is_none_or(|sm| sm == m));

@@ -36,7 +36,10 @@ pub struct PoolKernels {
     div: Vec<f32>,
 }
 
-fn axis(n: usize, k: usize, s: usize, pads: (usize, usize), ceil: bool) -> Option<(usize, Vec<(usize, usize)>, Vec<usize>)> {
+/// Output size, clipped input range per output, and padded-window length per output.
+type Axis = (usize, Vec<(usize, usize)>, Vec<usize>);
+
+fn axis(n: usize, k: usize, s: usize, pads: (usize, usize), ceil: bool) -> Option<Axis> {
     if k == 0 || s == 0 || n + pads.0 + pads.1 < k {
         return None;
     }
@@ -103,7 +106,7 @@ impl PoolKernels {
 
     fn planes(&self, x_len: usize, out_len: usize) -> Result<usize> {
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
-        if x_len % (self.c * hw) != 0 {
+        if !x_len.is_multiple_of(self.c * hw) {
             return Err(self.err(format!("input has {x_len} elements, not a multiple of {}", self.c * hw)));
         }
         let planes = x_len / hw;
