@@ -1,6 +1,6 @@
 //! cnnc's runtime: the data flow's last stage, **kernels -> execution**.
 //!
-//! - [`reference`]: a plain `ndarray` interpreter of every op, forward and backward: the oracle.
+//! - [`reference`](mod@reference): a plain `ndarray` interpreter of every op, forward and backward: the oracle.
 //! - [`params`]: named parameter tensors (PyTorch layouts), shared by every executor.
 //! - [`init`]: Xavier/Glorot and He initialisers.
 //! - [`optim`]: optimisers as pure `step(param, grad, state)` functions built from a config.
