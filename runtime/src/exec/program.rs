@@ -65,8 +65,9 @@ pub(crate) enum Chain {
 }
 
 /// What a step's anchor computes.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Kind {
-    Conv { k: ConvKernels, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, partials: Vec<Vec<f32>> },
+    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, partials: Vec<Vec<f32>> },
     Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool, partials: Vec<Vec<f32>> },
     BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32> },
     BnInfer { x: NodeId, layer: String, eps: f32 },
@@ -269,7 +270,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 }
                 let k = ConvKernels::compile(&name, &c, in_chw(0)?, epi, lmode).map_err(|e| eerr(e.to_string()))?;
                 let wn = k.geometry().weight_numel();
-                Kind::Conv { k, x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, partials: partials(wn + c.out_channels) }
+                Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, partials: partials(wn + c.out_channels) }
             }
             Op::Dense(d) => {
                 let mut act = FusedAct::None;

@@ -73,6 +73,7 @@ fn chunk(n: usize, threads: usize) -> usize {
 }
 
 /// Apply the un-fused part of a chain in place over the output region.
+#[allow(clippy::too_many_arguments)]
 fn chain_forward(step: &Step, params: &ParamStore, out: &mut [f32], ol: Loc, bufs: &[Vec<f32>], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
     for c in &step.chain[step.fused..] {
         match c {
