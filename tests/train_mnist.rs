@@ -52,7 +52,7 @@ fn lenet5_reaches_95_percent() {
     let loaded = load_checkpoint(&ckpt, &g, &mut fresh).unwrap();
     assert_eq!(loaded.epoch, 2);
     let normalizer = loaded.normalizer.expect("normaliser recorded");
-    let s = evaluate(engine.as_mut(), &fresh, &test_set, &normalizer, 128, Loss::SoftmaxCrossEntropy).unwrap();
+    let s = evaluate(engine.as_mut(), &fresh, &test_set, &normalizer, 32, Loss::SoftmaxCrossEntropy).unwrap();
     assert_eq!(s.accuracy(), acc);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -148,8 +148,8 @@ impl Engine for ReferenceEngine {
     }
 }
 
-/// The engine cnnc trains with by default for `graph` at up to `batch` samples per step.
+/// The engine cnnc trains with by default for `graph` at up to `batch` samples per step: the
+/// JIT engine with the full fusion table.
 pub fn default_engine(graph: &Graph, loss: Loss, batch: usize) -> Result<Box<dyn Engine>, EngineError> {
-    let _ = batch;
-    Ok(Box::new(ReferenceEngine::new(graph.clone(), loss)))
+    Ok(Box::new(crate::exec::JitEngine::new(graph, loss, batch, cnnc_compiler::plan::Fusion::Full)?))
 }

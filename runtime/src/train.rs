@@ -216,7 +216,7 @@ pub fn train(
         }
         let train_seconds = started.elapsed().as_secs_f64();
         let val_stats = match val {
-            Some(v) => Some(evaluate(engine, params, v, &normalizer, cfg.batch.max(64), cfg.loss)?),
+            Some(v) => Some(evaluate(engine, params, v, &normalizer, cfg.batch, cfg.loss)?),
             None => None,
         };
         let summary = EpochSummary {
