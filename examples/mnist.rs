@@ -1,7 +1,7 @@
 //! The main job: cost reports of the bundled models, then a short training run of LeNet-5 on
 //! the bundled MNIST digits (8,000 training / 2,000 held-out), reporting held-out accuracy.
 //!
-//! `cargo run --release --example mnist [-- EPOCHS]`
+//! `cargo run --release --example mnist [-- EPOCHS]` (default 5 epochs)
 
 use cnnc::compiler::cost::{analyze, render, render_compare, Format};
 use cnnc::compiler::ir::Loss;
@@ -39,7 +39,7 @@ fn model(file: &str) -> cnnc::compiler::ir::Graph {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let epochs: u64 = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(3);
+    let epochs: u64 = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(5);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
 
     println!("== Cost report: LeNet-5 ==\n");
