@@ -62,30 +62,34 @@ pub trait Engine {
     fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError>;
 }
 
-/// Per-sample losses and arg-max accuracy from logits (used by every engine's evaluation).
-pub fn score(logits: &[f32], labels: &[usize], loss: Loss) -> BatchStats {
+/// Per-sample losses (summed) and arg-max accuracy from logits `[labels.len(), classes]`
+/// (used by every engine's evaluation). The losses are the reference interpreter's, in f64.
+/// A label outside the classes is an error, never an out-of-bounds index.
+pub fn score(logits: &[f32], labels: &[usize], loss: Loss) -> Result<BatchStats, EngineError> {
     let n = labels.len();
     let k = if n == 0 { 0 } else { logits.len() / n };
-    let mut s = BatchStats { count: n, ..BatchStats::default() };
-    for (row, &y) in logits.chunks_exact(k.max(1)).zip(labels) {
-        let (arg, max) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
-        if arg == y {
-            s.correct += 1;
+    let logits = ndarray::ArrayView2::from_shape((n, k), logits)
+        .map_err(|e| EngineError(format!("{} logits for {n} labels: {e}", logits.len())))?
+        .mapv(f64::from);
+    let mut losses = ndarray::Array1::<f64>::zeros(n);
+    let result = match loss {
+        Loss::SoftmaxCrossEntropy => {
+            let mut probs = ndarray::Array2::<f64>::zeros((n, k));
+            reference::softmax_cross_entropy_forward(losses.view_mut(), probs.view_mut(), logits.view(), labels)
         }
-        s.loss_sum += match loss {
-            Loss::SoftmaxCrossEntropy => {
-                let z: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-                z.ln() - (row[y] - max) as f64
-            }
-            Loss::MulticlassHinge { margin } => row
-                .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != y)
-                .map(|(_, &v)| (v - row[y] + margin).max(0.0) as f64)
-                .sum(),
-        };
-    }
-    s
+        Loss::MulticlassHinge { margin } => reference::multiclass_hinge_forward(losses.view_mut(), logits.view(), labels, margin),
+    };
+    result.map_err(|e| EngineError(e.to_string()))?;
+    let correct = logits
+        .rows()
+        .into_iter()
+        .zip(labels)
+        .filter(|(row, &y)| {
+            let arg = row.iter().enumerate().fold((0, f64::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
+            arg == y
+        })
+        .count();
+    Ok(BatchStats { loss_sum: losses.sum(), correct, count: n })
 }
 
 /// The reference interpreter as an engine (slow, obviously correct).
@@ -136,7 +140,7 @@ impl Engine for ReferenceEngine {
         }
         let logits = out.state.outputs(&self.graph);
         let logits: Vec<f32> = logits[0].iter().copied().collect();
-        let mut s = score(&logits, labels, self.loss);
+        let mut s = score(&logits, labels, self.loss)?;
         s.loss_sum = out.losses.iter().map(|&v| v as f64).sum();
         Ok(s)
     }

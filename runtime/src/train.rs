@@ -150,7 +150,7 @@ pub fn evaluate(
         let logits = engine
             .infer(params, &b.images, b.len())
             .map_err(|e| TrainError::Engine { epoch: 0, batch: i, message: e.0 })?;
-        total.add(score(&logits, &b.labels, loss));
+        total.add(score(&logits, &b.labels, loss).map_err(|e| TrainError::Engine { epoch: 0, batch: i, message: e.0 })?);
     }
     Ok(total)
 }

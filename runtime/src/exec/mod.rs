@@ -183,7 +183,7 @@ impl Engine for JitEngine {
                 }
             }
         }
-        let mut stats = score(logits, labels, self.loss);
+        let mut stats = score(logits, labels, self.loss)?;
         stats.loss_sum = loss_sum;
         grads.flat_mut().fill(0.0);
         p.backward(params, grads, n)?;
