@@ -12,7 +12,7 @@ use crate::params::ParamStore;
 use crate::reference;
 use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
 use cnnc_compiler::lower::pointwise::{self, BnShape};
-use cnnc_compiler::lower::EpilogueArgs;
+use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs};
 use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
 use rayon::prelude::*;
 
@@ -393,67 +393,11 @@ impl Program {
                 let name = step.name.clone();
                 match &mut step.kind {
                     Kind::Conv { k, x, layer, bias, partials, .. } => {
-                        let w = param(params, layer, "weight")?;
-                        let xin = whole(bufs, locs, g, *x, n)?;
-                        let inp = xin.len() / n;
-                        let wn = w.len();
-                        let bias = *bias;
-                        let work = |i: usize, dx: Option<&mut [f32]>, part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
-                            part.fill(0.0);
-                            let s0 = i * ch;
-                            if s0 >= n {
-                                return Ok(());
-                            }
-                            let s1 = (s0 + ch).min(n);
-                            let d = &gr[s0 * stride..s1 * stride];
-                            if let Some(dx) = dx {
-                                k.backward_data(dx, d, w)?;
-                            }
-                            let (pw, pb) = part.split_at_mut(wn);
-                            k.backward_weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
-                        };
-                        if *x != input {
-                            let xl = loc_of(locs, g, *x)?;
-                            let dx = &mut grads[xl.buf][..n * inp];
-                            dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
-                            // chunks beyond n (fewer samples than threads) hold zeros already
-                            let used = n.div_ceil(ch);
-                            partials[used..].iter_mut().for_each(|p| p.fill(0.0));
-                        } else {
-                            partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
-                        }
-                        reduce(pgrads, layer, bias, wn, partials)?;
+                        let k: &ConvKernels = k;
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, input, gr, stride, n, ch })?;
                     }
                     Kind::Dense { k, x, layer, bias, partials } => {
-                        let w = param(params, layer, "weight")?;
-                        let xin = whole(bufs, locs, g, *x, n)?;
-                        let inp = xin.len() / n;
-                        let wn = w.len();
-                        let bias = *bias;
-                        let work = |i: usize, dx: Option<&mut [f32]>, part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
-                            part.fill(0.0);
-                            let s0 = i * ch;
-                            if s0 >= n {
-                                return Ok(());
-                            }
-                            let s1 = (s0 + ch).min(n);
-                            let d = &gr[s0 * stride..s1 * stride];
-                            if let Some(dx) = dx {
-                                k.backward_data(dx, d, w)?;
-                            }
-                            let (pw, pb) = part.split_at_mut(wn);
-                            k.backward_weight(pw, bias.then_some(&mut pb[..stride]), d, &xin[s0 * inp..s1 * inp])
-                        };
-                        if *x != input {
-                            let xl = loc_of(locs, g, *x)?;
-                            let dx = &mut grads[xl.buf][..n * inp];
-                            dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
-                            let used = n.div_ceil(ch);
-                            partials[used..].iter_mut().for_each(|p| p.fill(0.0));
-                        } else {
-                            partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
-                        }
-                        reduce(pgrads, layer, bias, wn, partials)?;
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, input, gr, stride, n, ch })?;
                     }
                     Kind::BnTrain { x, layer, saved, .. } => {
                         let xin = whole(bufs, locs, g, *x, n)?;
@@ -611,6 +555,85 @@ fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R
 }
 
 /// Sum the per-chunk partial weight (and bias) gradients in chunk order.
+/// The backward entry points shared by the two GEMM-backed layers, so one sample-parallel
+/// driver ([`gemm_layer_backward`]) serves convolutions and dense layers alike.
+trait GemmBackward: Sync {
+    fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()>;
+    fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()>;
+}
+
+impl GemmBackward for ConvKernels {
+    fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()> {
+        self.backward_data(d_x, d_out, w)
+    }
+    fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()> {
+        self.backward_weight(d_w, d_b, d_out, x)
+    }
+}
+
+impl GemmBackward for DenseKernels {
+    fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()> {
+        self.backward_data(d_x, d_out, w)
+    }
+    fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()> {
+        self.backward_weight(d_w, d_b, d_out, x)
+    }
+}
+
+/// What [`gemm_layer_backward`] reads and writes besides the layer itself.
+struct GemmCtx<'a> {
+    params: &'a ParamStore,
+    pgrads: &'a mut ParamStore,
+    bufs: &'a [Vec<f32>],
+    grads: &'a mut [Vec<f32>],
+    locs: &'a [Option<Loc>],
+    g: &'a Graph,
+    input: NodeId,
+    /// Gradient of the layer's (chain's) output, `n * stride` values.
+    gr: &'a [f32],
+    stride: usize,
+    n: usize,
+    /// Samples per thread chunk.
+    ch: usize,
+}
+
+/// Backward of a convolution or dense layer over `n` samples in fixed chunks of `ch`: the
+/// input gradient (skipped for the graph input) straight into its buffer, the weight and bias
+/// gradients into one partial buffer per chunk, then summed in chunk order into `pgrads`
+/// (deterministic for a thread count).
+fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_>) -> R {
+    let GemmCtx { params, pgrads, bufs, grads, locs, g, input, gr, stride, n, ch } = c;
+    let w = param(params, layer, "weight")?;
+    let xin = whole(bufs, locs, g, x, n)?;
+    let inp = xin.len() / n;
+    let wn = w.len();
+    let work = |i: usize, dx: Option<&mut [f32]>, part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
+        part.fill(0.0);
+        let s0 = i * ch;
+        if s0 >= n {
+            return Ok(());
+        }
+        let s1 = (s0 + ch).min(n);
+        let d = &gr[s0 * stride..s1 * stride];
+        if let Some(dx) = dx {
+            k.data(dx, d, w)?;
+        }
+        let (pw, pb) = part.split_at_mut(wn);
+        k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
+    };
+    if x != input {
+        let xl = loc_of(locs, g, x)?;
+        let dx = &mut grads[xl.buf][..n * inp];
+        dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
+        // chunks beyond n (fewer samples than threads) hold zeros already
+        let used = n.div_ceil(ch);
+        partials[used..].iter_mut().for_each(|p| p.fill(0.0));
+    } else {
+        partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
+    }
+    reduce(pgrads, layer, bias, wn, partials)
+}
+
 fn reduce(pgrads: &mut ParamStore, layer: &str, bias: bool, wn: usize, partials: &[Vec<f32>]) -> R {
     for p in partials {
         add_param(pgrads, layer, "weight", &p[..wn])?;
