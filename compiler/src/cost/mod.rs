@@ -190,7 +190,7 @@ pub struct CostReport {
 /// The cost report of `g` for a batch of `batch` samples.
 pub fn analyze(g: &Graph, batch: usize) -> CostReport {
     let nodes: Vec<NodeId> = g.nodes().collect();
-    let grad = needs_grad(g, false);
+    let grad = needs_grad(g);
     let mut rf: HashMap<NodeId, ([usize; 2], [usize; 2])> = HashMap::new();
     let mut layers = Vec::with_capacity(nodes.len());
     for &id in &nodes {
@@ -226,7 +226,7 @@ pub fn analyze(g: &Graph, batch: usize) -> CostReport {
         for id in nodes.iter().copied() {
             g2.node_mut(id).trainable = true;
         }
-        let ng = needs_grad(&g2, false);
+        let ng = needs_grad(&g2);
         nodes
             .iter()
             .map(|&id| {
@@ -249,17 +249,11 @@ pub fn analyze(g: &Graph, batch: usize) -> CostReport {
     }
 }
 
-/// For each node: whether a gradient with respect to its output is needed, i.e. whether it
-/// or anything upstream of it has trainable parameters (with `all` = pretend all train).
-fn needs_grad(g: &Graph, all: bool) -> HashMap<NodeId, bool> {
-    let mut m = HashMap::new();
-    for id in g.nodes() {
-        let n = g.node(id);
-        let own = n.op.has_params() && (all || n.trainable);
-        let up = g.operands(id).iter().any(|o| m[o]);
-        m.insert(id, own || up);
-    }
-    m
+/// For each node: whether a gradient with respect to its output is needed. The rule is
+/// [`Graph::needs_grad`], the one the JIT runtime uses to drop backward kernels.
+fn needs_grad(g: &Graph) -> HashMap<NodeId, bool> {
+    let v = g.needs_grad();
+    g.nodes().map(|id| (id, v[id.index()])).collect()
 }
 
 /// Parameters of one layer: `(count, has_bias_like_extra)`.
@@ -421,7 +415,7 @@ fn memory(g: &Graph, batch: usize) -> Memory {
         peak = peak.max(now);
         live.retain(|v| outputs.contains(v) || last_use.get(v).is_some_and(|&s| s > step));
     }
-    let ng = needs_grad(g, false);
+    let ng = needs_grad(g);
     let mut saved: BTreeSet<(NodeId, u8)> = BTreeSet::new(); // (value, 0 = f32 value, 1 = argmax, 2 = mask, 3 = probabilities)
     let mut extra = 0u64;
     for &id in &nodes {

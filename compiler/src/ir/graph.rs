@@ -9,7 +9,7 @@ use super::op::Op;
 use super::shape::Shape;
 use crate::error::{Error, Result};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
-use petgraph::visit::EdgeRef;
+use petgraph::visit::{EdgeRef, NodeIndexable};
 use petgraph::Direction;
 use std::collections::HashMap;
 use std::fmt;
@@ -205,6 +205,57 @@ impl Graph {
     pub fn petgraph(&self) -> &StableDiGraph<Node, u32> {
         &self.g
     }
+
+    /// The backward pass's needs-gradient rule, indexed by [`NodeId::index`]: `true` when the
+    /// gradient of the node's output is needed, i.e. when the node or anything upstream of it
+    /// has trainable parameters (`has_params() && trainable`). The image never needs one,
+    /// nothing below the lowest trainable layer does, and a frozen layer's weights get none.
+    ///
+    /// The one definition of "which backward work exists": the cost model counts backward
+    /// FLOPs with it and the JIT runtime drops the backward kernels it rules out, so the
+    /// report's `backward_flops_saved` is what the engine actually skips.
+    pub fn needs_grad(&self) -> Vec<bool> {
+        let mut m = vec![false; self.g.node_bound()];
+        for id in self.nodes() {
+            let n = self.node(id);
+            let own = n.op.has_params() && n.trainable;
+            m[id.index()] = own || self.operands(id).iter().any(|o| m[o.index()]);
+        }
+        m
+    }
+
+    /// A feature extractor: the part of the network that computes layer `layer`, i.e. that
+    /// layer and everything upstream of it (names, ops, shapes, scopes and frozen flags kept),
+    /// with `layer` as its only output. Parameter names are unchanged, so weights load into it
+    /// by name (`ParamStore::load_by_name`). The model is called `<name>_to_<layer>`.
+    /// An unknown layer is [`Error::UnknownLayer`].
+    pub fn cut_at(&self, layer: &str) -> Result<Graph> {
+        let end = self.find(layer)?;
+        let mut keep = vec![false; self.g.node_bound()];
+        keep[end.index()] = true;
+        let order: Vec<NodeId> = self.nodes().collect();
+        for &id in order.iter().rev() {
+            if keep[id.index()] {
+                for o in self.operands(id) {
+                    keep[o.index()] = true;
+                }
+            }
+        }
+        let mut out = Graph::new(format!("{}_to_{layer}", self.name));
+        let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+        for id in order.into_iter().filter(|id| keep[id.index()]) {
+            let n = self.node(id).clone();
+            let operands: Vec<NodeId> = self.operands(id).iter().map(|o| map[o]).collect();
+            let new = NodeId(out.g.add_node(n.clone()));
+            for (i, o) in operands.into_iter().enumerate() {
+                out.g.add_edge(o.0, new.0, i as u32);
+            }
+            out.names.insert(n.name, new);
+            map.insert(id, new);
+        }
+        out.outputs = vec![map[&end]];
+        Ok(out)
+    }
 }
 
 impl fmt::Display for Graph {
@@ -278,5 +329,58 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with("layer `conv3` (conv2d): conv 5x5 (no padding) needs at least 5x5 input, got 4x4"), "{s}");
         assert!(s.contains("(input 6x4x4)"), "{s}");
+    }
+
+    /// conv1 -> relu -> conv2 -> flatten -> fc, with a residual-free side branch `side`
+    /// off conv1 that `cut_at("conv2")` must drop.
+    fn small() -> Graph {
+        let mut g = Graph::new("small");
+        let x = g.input("input", Shape::chw(1, 7, 7)).unwrap();
+        let c1 = g.add("conv1", Op::Conv2d(Conv2d::new(3, [3, 3])), &[x]).unwrap();
+        let r = g.add("relu1", Op::Act(Activation::Relu), &[c1]).unwrap();
+        let c2 = g.add("conv2", Op::Conv2d(Conv2d::new(4, [3, 3])), &[r]).unwrap();
+        let f = g.add("flatten", Op::Flatten, &[c2]).unwrap();
+        let side = g.add("side", Op::Flatten, &[c1]).unwrap();
+        let cat = g.add("cat", Op::Concat, &[f, side]).unwrap();
+        let fc = g.add("fc", Op::Dense(Dense { out_features: 5, bias: true }), &[cat]).unwrap();
+        g.set_outputs(&[fc]);
+        g
+    }
+
+    #[test]
+    fn needs_grad_follows_the_lowest_trainable_layer() {
+        let mut g = small();
+        let name = |g: &Graph, v: &[bool]| g.nodes().filter(|n| v[n.index()]).map(|n| g.node(n).name.clone()).collect::<Vec<_>>();
+        assert_eq!(name(&g, &g.needs_grad()), ["conv1", "relu1", "conv2", "flatten", "side", "cat", "fc"]);
+        g.node_mut(g.find("conv1").unwrap()).trainable = false;
+        assert_eq!(name(&g, &g.needs_grad()), ["conv2", "flatten", "cat", "fc"]);
+        g.node_mut(g.find("conv2").unwrap()).trainable = false;
+        assert_eq!(name(&g, &g.needs_grad()), ["fc"]);
+        g.node_mut(g.find("fc").unwrap()).trainable = false;
+        assert!(g.needs_grad().iter().all(|&b| !b));
+    }
+
+    #[test]
+    fn cut_at_keeps_what_the_layer_needs() {
+        let mut g = small();
+        g.node_mut(g.find("conv1").unwrap()).trainable = false;
+        let c = g.cut_at("conv2").unwrap();
+        let names: Vec<_> = c.nodes().map(|n| c.node(n).name.clone()).collect();
+        assert_eq!(names, ["input", "conv1", "relu1", "conv2"]);
+        assert_eq!(c.name, "small_to_conv2");
+        let out = c.outputs();
+        assert_eq!(out.len(), 1);
+        assert_eq!(c.node(out[0]).name, "conv2");
+        assert_eq!(c.node(out[0]).shape, Shape::chw(4, 3, 3));
+        assert!(!c.node(c.find("conv1").unwrap()).trainable);
+        crate::ir::verify(&c).unwrap();
+        // A branch point: cutting at `cat` keeps both branches, in operand order.
+        let c = g.cut_at("cat").unwrap();
+        let cat = c.find("cat").unwrap();
+        let ops: Vec<_> = c.operands(cat).iter().map(|&o| c.node(o).name.clone()).collect();
+        assert_eq!(ops, ["flatten", "side"]);
+        assert_eq!(c.len(), 7);
+        let e = g.cut_at("fc9").unwrap_err();
+        assert_eq!(e.to_string(), "no layer named `fc9`");
     }
 }
