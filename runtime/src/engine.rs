@@ -58,7 +58,13 @@ pub trait Engine {
         seed: u64,
     ) -> Result<BatchStats, EngineError>;
 
-    /// Inference-mode forward: the logits, `[batch, classes]` row-major.
+    /// Set the loss weight of each graph output, main output first (the default is
+    /// [`reference::default_loss_weights`]: 1 for the main output, 0.3 for each side output,
+    /// GoogLeNet's auxiliary classifiers). The wrong count, a negative or a non-finite weight is
+    /// an error.
+    fn set_loss_weights(&mut self, weights: &[f32]) -> Result<(), EngineError>;
+
+    /// Inference-mode forward: the logits of the main output, `[batch, classes]` row-major.
     fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError>;
 }
 
@@ -92,16 +98,30 @@ pub fn score(logits: &[f32], labels: &[usize], loss: Loss) -> Result<BatchStats,
     Ok(BatchStats { loss_sum: losses.sum(), correct, count: n })
 }
 
+/// `weights` if it holds one finite, non-negative loss weight per output of `graph`.
+pub fn check_loss_weights(graph: &Graph, weights: &[f32]) -> Result<Vec<f32>, EngineError> {
+    let outs = graph.outputs();
+    if weights.len() != outs.len() {
+        return Err(EngineError(format!("{} loss weight(s) for the {} output(s) of `{}`", weights.len(), outs.len(), graph.name)));
+    }
+    if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite() || **w < 0.0) {
+        return Err(EngineError(format!("loss weight {w} of output `{}` must be finite and >= 0", graph.node(outs[i]).name)));
+    }
+    Ok(weights.to_vec())
+}
+
 /// The reference interpreter as an engine (slow, obviously correct).
 pub struct ReferenceEngine {
     graph: Graph,
     loss: Loss,
+    loss_weights: Vec<f32>,
 }
 
 impl ReferenceEngine {
     /// An engine for `graph` trained with `loss`.
     pub fn new(graph: Graph, loss: Loss) -> ReferenceEngine {
-        ReferenceEngine { graph, loss }
+        let loss_weights = reference::default_loss_weights(&graph);
+        ReferenceEngine { graph, loss, loss_weights }
     }
 
     fn input_view<'a>(&self, x: &'a [f32], batch: usize) -> Result<ArrayViewD<'a, f32>, EngineError> {
@@ -127,7 +147,7 @@ impl Engine for ReferenceEngine {
         seed: u64,
     ) -> Result<BatchStats, EngineError> {
         let view = self.input_view(x, labels.len())?;
-        let out = reference::loss_and_grad(&self.graph, params, view, labels, self.loss, reference::Mode::Train, seed)
+        let out = reference::loss_and_grad_weighted(&self.graph, params, view, labels, self.loss, &self.loss_weights, reference::Mode::Train, seed)
             .map_err(|e| EngineError(e.to_string()))?;
         out.state.update_running_stats(&self.graph, params).map_err(|e| EngineError(e.to_string()))?;
         grads.flat_mut().copy_from_slice(out.grads.params.flat());
@@ -143,6 +163,11 @@ impl Engine for ReferenceEngine {
         let mut s = score(&logits, labels, self.loss)?;
         s.loss_sum = out.losses.iter().map(|&v| v as f64).sum();
         Ok(s)
+    }
+
+    fn set_loss_weights(&mut self, weights: &[f32]) -> Result<(), EngineError> {
+        self.loss_weights = check_loss_weights(&self.graph, weights)?;
+        Ok(())
     }
 
     fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {

@@ -42,7 +42,7 @@
 mod program;
 mod run;
 
-use crate::engine::{score, BatchStats, Engine, EngineError};
+use crate::engine::{check_loss_weights, score, BatchStats, Engine, EngineError};
 use crate::params::ParamStore;
 use cnnc_compiler::ir::{Graph, Loss, Op};
 use cnnc_compiler::plan::{Fusion, Mode as PlanMode, Plan};
@@ -56,6 +56,8 @@ pub struct JitEngine {
     train: Program,
     infer: Program,
     logits_buf: Vec<f32>,
+    /// Loss weight of each head of the training program (main output first).
+    loss_weights: Vec<f32>,
 }
 
 impl JitEngine {
@@ -69,7 +71,8 @@ impl JitEngine {
         let train = compile(graph, loss, PlanMode::Training, fusion, batch, threads)?;
         let infer = compile(graph, loss, PlanMode::Inference, fusion, batch, threads)?;
         let name = if fusion == Fusion::Full { "jit" } else { "jit-naive" };
-        Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new() })
+        let loss_weights = crate::reference::default_loss_weights(graph);
+        Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights })
     }
 
     /// Time spent compiling (planning and Cranelift), training and inference plans together.
@@ -141,48 +144,26 @@ impl Engine for JitEngine {
         check_params(p, params)?;
         let n = load_input(p, x, labels.len())?;
         p.forward(params, n, true, seed)?;
-        // Loss on the logits, and its gradient (of the mean loss) into the logits' gradient.
-        let ll = p.loc(p.logits)?;
-        let k = ll.numel();
-        let logits = &p.bufs[ll.buf][..n * k];
-        for (i, &y) in labels.iter().enumerate() {
-            if y >= k {
-                return Err(eerr(format!("label {y} of sample {i} is out of range for {k} classes")));
-            }
-        }
         for gb in p.grads.iter_mut() {
             let len = gb.len() / p.batch * n;
             gb[..len].fill(0.0);
         }
-        let inv_n = 1.0 / n as f32;
+        // The loss of every head (main output first), weighted, and its gradient (of the
+        // weighted mean loss) into the head's gradient.
         let mut loss_sum = 0.0f64;
-        let dl = &mut p.grads[ll.buf][..n * k];
-        for ((row, d), &y) in logits.chunks_exact(k).zip(dl.chunks_exact_mut(k)).zip(labels) {
-            match self.loss {
-                // Formulas of reference::loss (in f32, as the reference engine computes them).
-                Loss::SoftmaxCrossEntropy => {
-                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    let z: f32 = row.iter().map(|&v| (v - m).exp()).sum();
-                    let log_z = m + z.ln();
-                    loss_sum += (log_z - row[y]) as f64;
-                    for (j, (dd, &v)) in d.iter_mut().zip(row).enumerate() {
-                        *dd = inv_n * ((v - log_z).exp() - if j == y { 1.0 } else { 0.0 });
-                    }
-                }
-                Loss::MulticlassHinge { margin } => {
-                    let mut l = 0.0f32;
-                    for j in (0..k).filter(|&j| j != y) {
-                        let t = row[j] - row[y] + margin;
-                        if t > 0.0 {
-                            l += t;
-                            d[j] += inv_n;
-                            d[y] -= inv_n;
-                        }
-                    }
-                    loss_sum += l as f64;
-                }
+        for (&head, &w) in p.heads.iter().zip(&self.loss_weights) {
+            let hl = p.loc(head)?;
+            let k = hl.numel();
+            if let Some((i, y)) = labels.iter().enumerate().find(|(_, &y)| y >= k) {
+                return Err(eerr(format!("label {y} of sample {i} is out of range for the {k} classes of `{}`", p.graph.node(head).name)));
+            }
+            if w != 0.0 {
+                let (logits, d) = (&p.bufs[hl.buf][..n * k], &mut p.grads[hl.buf][..n * k]);
+                loss_sum += w as f64 * seed_loss(self.loss, logits, d, labels, w / n as f32);
             }
         }
+        let ll = p.loc(p.logits)?;
+        let logits = &p.bufs[ll.buf][..n * ll.numel()];
         let mut stats = score(logits, labels, self.loss)?;
         stats.loss_sum = loss_sum;
         grads.flat_mut().fill(0.0);
@@ -206,6 +187,11 @@ impl Engine for JitEngine {
         Ok(stats)
     }
 
+    fn set_loss_weights(&mut self, weights: &[f32]) -> Result<(), EngineError> {
+        self.loss_weights = check_loss_weights(&self.train.graph, weights)?;
+        Ok(())
+    }
+
     fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
         let p = &mut self.infer;
         check_params(p, params)?;
@@ -216,6 +202,43 @@ impl Engine for JitEngine {
         self.logits_buf.extend_from_slice(&p.bufs[ll.buf][..n * ll.numel()]);
         Ok(self.logits_buf.clone())
     }
+}
+
+/// The summed loss of `labels` over the rows of `logits` (`[n, k]`), and `d += scale x` its
+/// gradient (`scale` = weight / n: the gradient of the weighted mean loss). The formulas of
+/// `reference::loss`, in f32 as the reference engine computes them:
+/// softmax cross-entropy `l = log Σ_j e^{z_j} - z_y`, `dl/dz_j = softmax(z)_j - [j = y]`;
+/// multiclass hinge `l = Σ_{j≠y} max(0, z_j - z_y + margin)`, each active margin adds `+1`
+/// to `dl/dz_j` and `-1` to `dl/dz_y`.
+fn seed_loss(loss: Loss, logits: &[f32], d: &mut [f32], labels: &[usize], scale: f32) -> f64 {
+    let k = logits.len() / labels.len().max(1);
+    let mut loss_sum = 0.0f64;
+    for ((row, d), &y) in logits.chunks_exact(k).zip(d.chunks_exact_mut(k)).zip(labels) {
+        match loss {
+            Loss::SoftmaxCrossEntropy => {
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let z: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+                let log_z = m + z.ln();
+                loss_sum += (log_z - row[y]) as f64;
+                for (j, (dd, &v)) in d.iter_mut().zip(row).enumerate() {
+                    *dd += scale * ((v - log_z).exp() - if j == y { 1.0 } else { 0.0 });
+                }
+            }
+            Loss::MulticlassHinge { margin } => {
+                let mut l = 0.0f32;
+                for j in (0..k).filter(|&j| j != y) {
+                    let t = row[j] - row[y] + margin;
+                    if t > 0.0 {
+                        l += t;
+                        d[j] += scale;
+                        d[y] -= scale;
+                    }
+                }
+                loss_sum += l as f64;
+            }
+        }
+    }
+    loss_sum
 }
 
 /// Whether `op` runs on the slow reference fallback in this engine.

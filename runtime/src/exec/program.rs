@@ -110,6 +110,8 @@ pub(crate) struct Program {
     pub grads: Vec<Vec<f32>>,
     pub input: NodeId,
     pub logits: NodeId,
+    /// The logits of every graph output, main (`logits`) first: each gets the loss.
+    pub heads: Vec<NodeId>,
     pub batch: usize,
     pub threads: usize,
     pub compile_time: Duration,
@@ -135,21 +137,22 @@ fn chw(s: Shape) -> (usize, usize) {
     (c, h * w)
 }
 
-/// The graph's logits node (the loss node's operand when the graph ends in one).
-pub(crate) fn logits_node(g: &Graph, loss: Loss) -> Result<NodeId, EngineError> {
+/// The logits node of every graph output, main output first (a loss node's operand where an
+/// output is one): each head gets the loss, weighted (see `JitEngine::set_loss_weights`).
+pub(crate) fn head_nodes(g: &Graph, loss: Loss) -> Result<Vec<NodeId>, EngineError> {
     let outs = g.outputs();
-    let [out] = outs.as_slice() else {
-        return Err(eerr(format!("graph `{}`: the engine needs exactly one output, it has {}", g.name, outs.len())));
-    };
-    match g.node(*out).op {
-        Op::Loss(own) => {
-            if own != loss {
-                return Err(eerr(format!("layer `{}`: the graph ends in `{}`, but `{}` was asked for", g.node(*out).name, Op::Loss(own), Op::Loss(loss))));
-            }
-            Ok(g.operands(*out)[0])
-        }
-        _ => Ok(*out),
+    if outs.is_empty() {
+        return Err(eerr(format!("graph `{}` has no output", g.name)));
     }
+    outs.into_iter()
+        .map(|out| match g.node(out).op {
+            Op::Loss(own) if own != loss => {
+                Err(eerr(format!("layer `{}`: the graph ends in `{}`, but `{}` was asked for", g.node(out).name, Op::Loss(own), Op::Loss(loss))))
+            }
+            Op::Loss(_) => Ok(g.operands(out)[0]),
+            _ => Ok(out),
+        })
+        .collect()
 }
 
 /// Compile `g` for `mode` with `fusion` for batches of up to `batch` samples on `threads`
@@ -163,7 +166,8 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         return Err(eerr(format!("graph `{}`: the engine needs exactly one input, it has {}", g.name, inputs.len())));
     };
     let input = *input;
-    let logits = logits_node(&g, loss)?;
+    let heads = head_nodes(&g, loss)?;
+    let logits = heads[0];
     let lmode = if fusion == Fusion::Full { lower::Mode::Blocked } else { lower::Mode::Naive };
     let train = mode == PlanMode::Training;
 
@@ -318,8 +322,8 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         }
         steps.push(Step { name, out, kind, chain, fused, scratch: Vec::new() });
     }
-    if !contiguous(logits) || !contiguous(input) {
+    if !heads.iter().all(|&h| contiguous(h)) || !contiguous(input) {
         return Err(eerr("the logits and the input must be whole buffers"));
     }
-    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, batch, threads, compile_time: t0.elapsed() })
+    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed() })
 }

@@ -1,5 +1,11 @@
 //! Running a [`Program`]: forward over the steps in plan order, backward in reverse.
 //!
+//! Backward does only the work [`Graph::needs_grad`] (the cost model's rule) leaves: a step
+//! whose output needs no gradient (everything at or below the lowest trainable layer) is
+//! skipped whole, no input gradient is computed for an operand that needs none (the image
+//! included), and a frozen convolution, dense or batch-norm layer runs no weight-gradient
+//! kernel. Gradient buffers of values that need no gradient are not even allocated.
+//!
 //! Threads: convolution, dense and pooling steps split the batch into `threads` fixed chunks of
 //! `ceil(n / threads)` samples (rayon); weight gradients go to one partial buffer per chunk and
 //! are summed in chunk order, so results are deterministic for a given thread count. Batch norm,
@@ -363,10 +369,14 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let Program { graph: g, steps, locs, bufs, grads, threads, input, .. } = self;
-        let (threads, input) = (*threads, *input);
+        let Program { graph: g, steps, locs, bufs, grads, threads, .. } = self;
+        let threads = *threads;
+        let ng = g.needs_grad();
         let ch = chunk(n, threads);
         for step in steps.iter_mut().rev() {
+            if !ng[step.out.index()] {
+                continue; // at or below the lowest trainable layer: no backward at all
+            }
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
             let y = &bufs[ol.buf][..n * stride];
@@ -394,10 +404,10 @@ impl Program {
                 match &mut step.kind {
                     Kind::Conv { k, x, layer, bias, partials, .. } => {
                         let k: &ConvKernels = k;
-                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, input, gr, stride, n, ch })?;
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
                     }
                     Kind::Dense { k, x, layer, bias, partials } => {
-                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, input, gr, stride, n, ch })?;
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
                     }
                     Kind::BnTrain { x, layer, saved, .. } => {
                         let xin = whole(bufs, locs, g, *x, n)?;
@@ -412,16 +422,26 @@ impl Program {
                             gather(&mut tmp, gr, Loc { off: ol.off, ..ol }, n);
                             &tmp
                         };
-                        let dx = &mut grads[xl.buf][..n * xl.numel()];
+                        // The kernel always writes an input gradient: a throw-away one when
+                        // the operand needs none (its gradient buffer does not exist).
+                        let mut unused = Vec::new();
+                        let dx = if ng[x.index()] {
+                            &mut grads[xl.buf][..n * xl.numel()]
+                        } else {
+                            unused.resize(n * xl.numel(), 0.0);
+                            &mut unused[..]
+                        };
                         let r = pointwise::batchnorm_backward(layer, shape, 0..ol.ch, dx, &mut dg, &mut db, d_out, xin, saved, gamma).map_err(lerr);
                         step.scratch = tmp;
                         r?;
-                        add_param(pgrads, layer, "weight", &dg)?;
-                        add_param(pgrads, layer, "bias", &db)?;
+                        if trains(g, layer) {
+                            add_param(pgrads, layer, "weight", &dg)?;
+                            add_param(pgrads, layer, "bias", &db)?;
+                        }
                     }
                     Kind::BnInfer { layer, .. } => return Err(eerr(format!("layer `{layer}`: inference batch norm in a training plan"))),
                     Kind::Pool { k, x, argmax, per_am } => {
-                        if *x == input {
+                        if !ng[x.index()] {
                             return Ok(());
                         }
                         let xl = loc_of(locs, g, *x)?;
@@ -439,7 +459,7 @@ impl Program {
                             Ok(())
                         }).map_err(lerr)?;
                     }
-                    Kind::Gap { x } => {
+                    Kind::Gap { x } if ng[x.index()] => {
                         let xl = loc_of(locs, g, *x)?;
                         let dx = &mut grads[xl.buf];
                         for s in 0..n {
@@ -450,7 +470,7 @@ impl Program {
                             }
                         }
                     }
-                    Kind::Act { x, act } => {
+                    Kind::Act { x, act } if ng[x.index()] => {
                         let xin = whole(bufs, locs, g, *x, n)?;
                         let xl = loc_of(locs, g, *x)?;
                         let dx = &mut grads[xl.buf];
@@ -473,7 +493,7 @@ impl Program {
                         }
                     }
                     Kind::Flatten { x } => add_into(grads, locs, g, *x, gr, ol, n)?,
-                    Kind::Dropout { x, p, mask } => {
+                    Kind::Dropout { x, p, mask } if ng[x.index()] => {
                         let xl = loc_of(locs, g, *x)?;
                         let scale = 1.0 / (1.0 - *p);
                         let dx = &mut grads[xl.buf];
@@ -520,6 +540,8 @@ impl Program {
                             }
                         }
                     }
+                    // Operands that need no gradient (guards above).
+                    Kind::Gap { .. } | Kind::Act { .. } | Kind::Dropout { .. } => {}
                     Kind::Skip => {}
                 }
                 Ok(())
@@ -531,17 +553,26 @@ impl Program {
     }
 }
 
-/// `grad(o) += src` where `src` is laid out as `sl` (per-sample ranges of `src`).
+/// `grad(o) += src` where `src` is laid out as `sl` (per-sample ranges of `src`); nothing when
+/// `o`'s buffer has no gradient buffer (no value in it needs a gradient).
 fn add_into(grads: &mut [Vec<f32>], locs: &[Option<Loc>], g: &Graph, o: NodeId, src: &[f32], sl: Loc, n: usize) -> R {
     let l = loc_of(locs, g, o)?;
     if l.numel() != sl.numel() {
         return Err(eerr(format!("layer `{}`: gradient of {} elements per sample for a value of {}", g.node(o).name, sl.numel(), l.numel())));
     }
     let d = &mut grads[l.buf];
+    if d.is_empty() {
+        return Ok(());
+    }
     for s in 0..n {
         d[l.sample(s)].iter_mut().zip(&src[sl.sample(s)]).for_each(|(a, &b)| *a += b);
     }
     Ok(())
+}
+
+/// Whether layer `layer` trains (frozen layers get no weight gradients).
+fn trains(g: &Graph, layer: &str) -> bool {
+    g.find(layer).is_ok_and(|id| g.node(id).trainable)
 }
 
 fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R {
@@ -588,7 +619,11 @@ struct GemmCtx<'a> {
     grads: &'a mut [Vec<f32>],
     locs: &'a [Option<Loc>],
     g: &'a Graph,
-    input: NodeId,
+    /// Whether the operand needs its gradient (false for the image and below the lowest
+    /// trainable layer).
+    need_dx: bool,
+    /// Whether the layer trains (false: no weight-gradient kernel).
+    trains: bool,
     /// Gradient of the layer's (chain's) output, `n * stride` values.
     gr: &'a [f32],
     stride: usize,
@@ -598,11 +633,14 @@ struct GemmCtx<'a> {
 }
 
 /// Backward of a convolution or dense layer over `n` samples in fixed chunks of `ch`: the
-/// input gradient (skipped for the graph input) straight into its buffer, the weight and bias
+/// input gradient (only when the operand needs one) straight into its buffer, the weight and bias
 /// gradients into one partial buffer per chunk, then summed in chunk order into `pgrads`
 /// (deterministic for a thread count).
 fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_>) -> R {
-    let GemmCtx { params, pgrads, bufs, grads, locs, g, input, gr, stride, n, ch } = c;
+    let GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx, trains, gr, stride, n, ch } = c;
+    if !need_dx && !trains {
+        return Ok(());
+    }
     let w = param(params, layer, "weight")?;
     let xin = whole(bufs, locs, g, x, n)?;
     let inp = xin.len() / n;
@@ -618,10 +656,13 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
         if let Some(dx) = dx {
             k.data(dx, d, w)?;
         }
+        if !trains {
+            return Ok(());
+        }
         let (pw, pb) = part.split_at_mut(wn);
         k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
     };
-    if x != input {
+    if need_dx {
         let xl = loc_of(locs, g, x)?;
         let dx = &mut grads[xl.buf][..n * inp];
         dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
@@ -630,6 +671,9 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
         partials[used..].iter_mut().for_each(|p| p.fill(0.0));
     } else {
         partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
+    }
+    if !trains {
+        return Ok(());
     }
     reduce(pgrads, layer, bias, wn, partials)
 }

@@ -27,6 +27,7 @@ use crate::init::tensor_rng;
 use crate::params::ParamStore;
 use cnnc_compiler::ir::{Graph, Loss, NodeId, Op, PoolKind, Shape};
 use ndarray::{Array1, Array2, Array4, ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, Ix1, Ix2, Ix4, IxDyn};
+use std::time::{Duration, Instant};
 
 /// Training or inference behaviour of batch norm and dropout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,6 +73,8 @@ pub struct ForwardState<T> {
     saved: Vec<Saved<T>>,
     labels: Option<Vec<usize>>,
     input: NodeId,
+    /// Wall time of each node's forward op (for `cnnc bench`'s per-layer profile).
+    times: Vec<Duration>,
 }
 
 impl<T: Scalar> ForwardState<T> {
@@ -93,6 +96,11 @@ impl<T: Scalar> ForwardState<T> {
     /// The graph input node the pass was fed through.
     pub fn input_node(&self) -> NodeId {
         self.input
+    }
+
+    /// Wall time node `id`'s forward op took in this pass.
+    pub fn node_time(&self, id: NodeId) -> Option<Duration> {
+        self.times.get(id.index()).copied()
     }
 
     /// Copy the running statistics computed by training-mode batch norms into `params`
@@ -121,12 +129,19 @@ pub struct Gradients<T> {
     /// output).
     pub input: ArrayD<T>,
     nodes: Vec<Option<ArrayD<T>>>,
+    /// Wall time of each node's backward op (including summing its operands' gradients).
+    times: Vec<Duration>,
 }
 
 impl<T> Gradients<T> {
     /// The gradient w.r.t. node `id`'s output (`None` if no output depends on it).
     pub fn node(&self, id: NodeId) -> Option<&ArrayD<T>> {
         self.nodes.get(id.index()).and_then(Option::as_ref)
+    }
+
+    /// Wall time node `id`'s backward op took (zero where no gradient reached it).
+    pub fn node_time(&self, id: NodeId) -> Option<Duration> {
+        self.times.get(id.index()).copied()
     }
 }
 
@@ -260,11 +275,14 @@ pub fn forward_with_labels<T: Scalar>(
         saved: vec![Saved::Nothing; size],
         labels: labels.map(<[usize]>::to_vec),
         input: input_id,
+        times: vec![Duration::ZERO; size],
     };
     for id in graph.nodes() {
+        let t0 = Instant::now();
         let (value, saved) = at(graph, id, forward_node(graph, params, &st, id, input.view(), seed))?;
         st.values[id.index()] = Some(value);
         st.saved[id.index()] = saved;
+        st.times[id.index()] = t0.elapsed();
     }
     Ok(st)
 }
@@ -395,15 +413,18 @@ pub fn backward<T: Scalar>(graph: &Graph, params: &ParamStore<T>, state: &Forwar
     }
     let mut pgrads = params.zeros_like();
     let ids: Vec<NodeId> = graph.nodes().collect();
+    let mut times = vec![Duration::ZERO; state.values.len()];
     for &id in ids.iter().rev() {
+        let t0 = Instant::now();
         let Some(dy) = grads[id.index()].clone() else { continue };
         let contributions = at(graph, id, backward_node(graph, params, state, id, dy.view(), &mut pgrads))?;
         for (o, d) in graph.operands(id).into_iter().zip(contributions) {
             accumulate(&mut grads[o.index()], &d);
         }
+        times[id.index()] = t0.elapsed();
     }
     let input = grads[state.input.index()].clone().unwrap_or_else(|| ArrayD::zeros(state.values[state.input.index()].as_ref().map_or(IxDyn(&[]), |v| v.raw_dim())));
-    Ok(Gradients { params: pgrads, input, nodes: grads })
+    Ok(Gradients { params: pgrads, input, nodes: grads, times })
 }
 
 fn accumulate<T: Scalar>(slot: &mut Option<ArrayD<T>>, d: &ArrayD<T>) {
@@ -565,13 +586,22 @@ fn backward_node<T: Scalar>(
     Ok(dxs)
 }
 
-/// Forward, mean loss over the batch, and backward in one call.
+/// The loss weight of every side output (GoogLeNet's auxiliary classifiers: `0.3 x` each).
+pub const AUX_LOSS_WEIGHT: f32 = 0.3;
+
+/// Default loss weights of `graph`'s outputs: `1` for the main output (the first), then
+/// [`AUX_LOSS_WEIGHT`] for each side output, in [`Graph::outputs`] order.
+pub fn default_loss_weights(graph: &Graph) -> Vec<f32> {
+    (0..graph.outputs().len()).map(|i| if i == 0 { 1.0 } else { AUX_LOSS_WEIGHT }).collect()
+}
+
+/// Forward, mean loss over the batch, and backward in one call, with the default output
+/// weights ([`default_loss_weights`]: a single-output graph is the plain mean loss).
 ///
-/// `loss` is appended to the graph's single output (the logits, `[N, K]` or `[N, K, 1, 1]`);
-/// if that output already is a `Loss` node it must be the same loss, and it is used directly.
-/// The gradients are those of the *mean* loss `sum_n losses[n] / N` (the backward pass is
-/// seeded with `1 / N` per sample).
-#[allow(clippy::too_many_arguments)]
+/// `loss` is applied to each of the graph's outputs (logits, `[N, K]` or `[N, K, 1, 1]`);
+/// if the main output already is a `Loss` node it must be the same loss, and it is used
+/// directly. The gradients are those of the *mean* loss `sum_n losses[n] / N` (the backward
+/// pass is seeded with `1 / N` per sample).
 pub fn loss_and_grad<T: Scalar>(
     graph: &Graph,
     params: &ParamStore<T>,
@@ -581,27 +611,67 @@ pub fn loss_and_grad<T: Scalar>(
     mode: Mode,
     seed: u64,
 ) -> Result<LossOutput<T>> {
+    loss_and_grad_weighted(graph, params, x, labels, loss, &default_loss_weights(graph), mode, seed)
+}
+
+/// [`loss_and_grad`] with one loss weight per graph output: the total loss is
+/// `L = sum_o weights[o] * (1/N) sum_n loss_o[n]`, so each output `o`'s backward pass is
+/// seeded with `weights[o] / N` per sample, and gradients from several heads add up where
+/// their branches meet (GoogLeNet's auxiliary classifiers). `losses[n]` is the weighted sum
+/// over outputs for sample `n`. A weight of `0` keeps a head out of the gradient entirely.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_and_grad_weighted<T: Scalar>(
+    graph: &Graph,
+    params: &ParamStore<T>,
+    x: ArrayViewD<'_, T>,
+    labels: &[usize],
+    loss: Loss,
+    weights: &[f32],
+    mode: Mode,
+    seed: u64,
+) -> Result<LossOutput<T>> {
     let outputs = graph.outputs();
-    let [out] = outputs.as_slice() else {
-        return Err(Error::Graph { graph: graph.name.clone(), message: format!("loss_and_grad needs exactly one output, the graph has {}", outputs.len()) });
-    };
-    let out = *out;
+    if outputs.is_empty() || weights.len() != outputs.len() {
+        return Err(Error::Graph {
+            graph: graph.name.clone(),
+            message: format!("{} loss weight(s) for {} output(s)", weights.len(), outputs.len()),
+        });
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
+        return Err(Error::Graph { graph: graph.name.clone(), message: format!("loss weight {w} must be finite and >= 0") });
+    }
     let state = forward_with_labels(graph, params, x, Some(labels), mode, seed)?;
     let n = state.batch;
     let inv_n = T::one() / T::of_usize(n);
+    let mut losses = Array1::zeros(n);
+    let mut d_outs = Vec::with_capacity(outputs.len());
+    for (&out, &w) in outputs.iter().zip(weights) {
+        let w = T::of_f32(w);
+        let (l, d_out) = output_loss(graph, &state, out, loss, labels, w * inv_n)?;
+        losses.scaled_add(w, &l);
+        d_outs.push(d_out);
+    }
+    let grads = backward(graph, params, &state, &d_outs)?;
+    let loss = losses.sum() * inv_n;
+    Ok(LossOutput { loss, losses, state, grads })
+}
+
+/// One output's per-sample losses and its gradient seeded with `seed` per sample.
+fn output_loss<T: Scalar>(graph: &Graph, state: &ForwardState<T>, out: NodeId, loss: Loss, labels: &[usize], seed: T) -> Result<(Array1<T>, ArrayD<T>)> {
+    let n = state.batch;
     let value = state.value(out).ok_or_else(|| layer_err(graph, out, "no forward value"))?;
-    let (losses, d_out) = match graph.node(out).op {
+    match graph.node(out).op {
         Op::Loss(own) => {
             if own != loss {
                 return Err(layer_err(graph, out, format!("the graph ends in `{}`, but `{}` was asked for", Op::Loss(own), Op::Loss(loss))));
             }
             let losses = at(graph, out, as2(value.view()))?.column(0).to_owned();
-            (losses, ArrayD::from_elem(value.raw_dim(), inv_n))
+            Ok((losses, ArrayD::from_elem(value.raw_dim(), seed)))
         }
         _ => {
             let logits = at(graph, out, as2(value.view()))?;
             let mut losses = Array1::zeros(n);
-            let d_losses = Array1::from_elem(n, inv_n);
+            let d_losses = Array1::from_elem(n, seed);
             let mut d_logits = Array2::zeros(logits.dim());
             match loss {
                 Loss::SoftmaxCrossEntropy => {
@@ -615,10 +685,7 @@ pub fn loss_and_grad<T: Scalar>(
                 }
             }
             let d_out = d_logits.into_shape_with_order(value.raw_dim()).map_err(|e| layer_err(graph, out, e.to_string()))?;
-            (losses, d_out)
+            Ok((losses, d_out))
         }
-    };
-    let grads = backward(graph, params, &state, &[d_out])?;
-    let loss = losses.sum() * inv_n;
-    Ok(LossOutput { loss, losses, state, grads })
+    }
 }

@@ -46,7 +46,10 @@ pub mod tensor_ops;
 pub use act::{act_backward, act_forward};
 pub use conv::{conv2d_backward, conv2d_forward, conv2d_output_hw};
 pub use dense::{dense_backward, dense_forward};
-pub use interp::{backward, forward, forward_with_labels, loss_and_grad, ForwardState, Gradients, LossOutput, Mode, Saved};
+pub use interp::{
+    backward, default_loss_weights, forward, forward_with_labels, loss_and_grad, loss_and_grad_weighted, ForwardState, Gradients, LossOutput, Mode,
+    Saved, AUX_LOSS_WEIGHT,
+};
 pub use loss::{
     multiclass_hinge_backward, multiclass_hinge_forward, softmax_cross_entropy_backward,
     softmax_cross_entropy_forward,
