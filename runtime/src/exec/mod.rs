@@ -32,6 +32,12 @@
 //! is built); weight gradients are accumulated per chunk and summed in chunk order, so a given
 //! thread count gives bit-identical results run to run.
 //!
+//! ## Frozen layers
+//! The training program runs only the backward work [`Graph::needs_grad`] leaves (the rule
+//! the cost report counts with): nothing at or below the lowest trainable layer, no weight
+//! gradients for frozen layers. A parameter store that trains a layer the compiled graph
+//! froze is an error, not silently-zero gradients.
+//!
 //! ## Memory
 //! Only group outputs exist in memory (values inside a fused group never do); each has one
 //! value buffer and, in the training program, one gradient buffer, reused every step. Backward
@@ -131,6 +137,23 @@ fn check_params(p: &Program, params: &ParamStore) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// The training program drops the backward kernels of layers its graph froze (see `run`), so
+/// a store that trains such a layer would silently get zero gradients for it: an error.
+/// (The converse, a layer the graph trains and the store freezes, is fine: its gradients are
+/// computed and zeroed.)
+fn check_frozen(p: &Program, params: &ParamStore) -> Result<(), EngineError> {
+    for id in p.graph.nodes() {
+        let node = p.graph.node(id);
+        if node.op.has_params() && !node.trainable && params.info(&format!("{}.weight", node.name)).is_some_and(|i| i.layer_trainable) {
+            return Err(eerr(format!(
+                "layer `{}` is frozen in the compiled graph (no gradient kernels) but the parameter store trains it: freeze it in the store too (`ParamStore::set_layer_trainable`), or compile the engine from a graph where it trains",
+                node.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Engine for JitEngine {
     fn name(&self) -> &str {
         self.name
@@ -142,6 +165,7 @@ impl Engine for JitEngine {
         }
         let p = &mut self.train;
         check_params(p, params)?;
+        check_frozen(p, params)?;
         let n = load_input(p, x, labels.len())?;
         p.forward(params, n, true, seed)?;
         for gb in p.grads.iter_mut() {

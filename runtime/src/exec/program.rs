@@ -199,7 +199,22 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         }
         locs[id.index()] = Some(Loc { buf: rb, off, ch, total, hw });
     }
-    let grads = if train { bufs.iter().map(|b| vec![0.0; b.len()]).collect() } else { Vec::new() };
+    // Gradient buffers only where backward writes one ([`Graph::needs_grad`], the cost
+    // model's rule): a buffer holding a value that needs a gradient, or a head's logits (the
+    // loss seeds them). The rest stay empty (frozen prefix: no memory, no zeroing).
+    let grads = if train {
+        let ng = g.needs_grad();
+        let mut need = vec![false; bufs.len()];
+        let heads = g.outputs().into_iter().map(|o| if matches!(g.node(o).op, Op::Loss(_)) { g.operands(o)[0] } else { o });
+        for id in g.nodes().filter(|id| ng[id.index()]).chain(heads) {
+            if let Some(l) = locs[id.index()] {
+                need[l.buf] = true;
+            }
+        }
+        bufs.iter().zip(need).map(|(b, k)| if k { vec![0.0; b.len()] } else { Vec::new() }).collect()
+    } else {
+        Vec::new()
+    };
     let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
 
     let mut steps = Vec::with_capacity(plan.groups.len());
