@@ -7,8 +7,10 @@
 //! - [`data`]: IDX and image-folder loaders, normalisation, batching, augmentation.
 //! - [`checkpoint`]: atomic safetensors checkpoints with architecture/fingerprint checks.
 //! - [`curves`]: training-curve CSV logs and PNG plots.
+//! - [`bench`]: per-model and per-layer benchmarks (fused JIT vs naive JIT vs interpreter).
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod checkpoint;
 pub mod curves;
 pub mod data;

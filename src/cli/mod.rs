@@ -1,5 +1,6 @@
 //! Command-line definitions (clap) and dispatch; one file per subcommand.
 
+mod bench;
 mod graph;
 mod report;
 mod train;
@@ -28,6 +29,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Evaluate a checkpoint on the held-out data
     Eval(train::EvalArgs),
+    /// Time a model per engine and per layer: fused vs naive JIT vs interpreter, GFLOP/s, memory
+    Bench(bench::Args),
 }
 
 /// Run a parsed command line.
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Graph(a) => graph::run(a),
         Command::Train(a) => train::run_train(a),
         Command::Eval(a) => train::run_eval(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

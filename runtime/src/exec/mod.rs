@@ -106,11 +106,38 @@ impl JitEngine {
         self.train.steps.iter().filter(|s| matches!(s.kind, Kind::Fallback { .. })).count()
     }
 
+    /// Turn per-group timing on or off (off by default): while on, every training step and
+    /// inference records each fused group's wall time (one `Instant` per group and pass), read
+    /// back with [`JitEngine::profile`].
+    pub fn set_profiling(&mut self, on: bool) {
+        for p in [&mut self.train, &mut self.infer] {
+            p.profiling = on;
+            p.steps.iter_mut().for_each(|s| s.time = StepTime::default());
+        }
+    }
+
+    /// Wall time of each group of [`JitEngine::plan`]`(training)` (same order) in the last
+    /// training step (`true`: forward and backward) or inference (`false`: forward only), while
+    /// profiling is on ([`JitEngine::set_profiling`]); zeros otherwise.
+    pub fn profile(&self, training: bool) -> Vec<StepTime> {
+        let p = if training { &self.train } else { &self.infer };
+        p.steps.iter().map(|s| s.time).collect()
+    }
+
     /// Value and gradient buffer bytes of the training program.
     pub fn buffer_bytes(&self) -> usize {
         let f = |p: &Program| p.bufs.iter().chain(&p.grads).map(Vec::len).sum::<usize>() * 4;
         f(&self.train) + f(&self.infer)
     }
+}
+
+/// Wall time of one fused group in the last run (see [`JitEngine::profile`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepTime {
+    /// Forward pass of the group (its anchor kernel and chain).
+    pub forward: Duration,
+    /// Backward pass of the group (zero after an inference).
+    pub backward: Duration,
 }
 
 /// Check the batch and copy it into the program's input buffer; returns `n`.
@@ -166,6 +193,9 @@ impl Engine for JitEngine {
         let p = &mut self.train;
         check_params(p, params)?;
         check_frozen(p, params)?;
+        if p.profiling {
+            p.steps.iter_mut().for_each(|s| s.time = StepTime::default());
+        }
         let n = load_input(p, x, labels.len())?;
         p.forward(params, n, true, seed)?;
         for gb in p.grads.iter_mut() {

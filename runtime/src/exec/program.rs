@@ -97,6 +97,8 @@ pub(crate) struct Step {
     pub fused: usize,
     /// Scratch space (gathering non-contiguous outputs / gradients).
     pub scratch: Vec<f32>,
+    /// Wall time of the step's last forward and backward run (set only while profiling).
+    pub time: super::StepTime,
 }
 
 /// A compiled plan with its buffers.
@@ -115,6 +117,8 @@ pub(crate) struct Program {
     pub batch: usize,
     pub threads: usize,
     pub compile_time: Duration,
+    /// Whether `forward` / `backward` record each step's wall time in [`Step::time`].
+    pub profiling: bool,
 }
 
 impl Program {
@@ -335,10 +339,10 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 return Err(eerr(format!("layer `{name}`: operand `{}` is not a whole buffer", g.node(*o).name)));
             }
         }
-        steps.push(Step { name, out, kind, chain, fused, scratch: Vec::new() });
+        steps.push(Step { name, out, kind, chain, fused, scratch: Vec::new(), time: Default::default() });
     }
     if !heads.iter().all(|&h| contiguous(h)) || !contiguous(input) {
         return Err(eerr("the logits and the input must be whole buffers"));
     }
-    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed() })
+    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false })
 }

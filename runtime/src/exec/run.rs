@@ -21,6 +21,7 @@ use cnnc_compiler::lower::pointwise::{self, BnShape};
 use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs};
 use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
 use rayon::prelude::*;
+use std::time::Instant;
 
 type R<T = ()> = Result<T, EngineError>;
 
@@ -159,10 +160,11 @@ impl Program {
     /// Dropout masks come from `reference::dropout_mask` with `tensor_rng(seed, layer)` over the
     /// `[n, dims..]` value, exactly as the reference interpreter draws them.
     pub fn forward(&mut self, params: &ParamStore, n: usize, train: bool, seed: u64) -> R {
-        let Program { graph: g, steps, locs, bufs, threads, .. } = self;
+        let Program { graph: g, steps, locs, bufs, threads, profiling, .. } = self;
         let threads = *threads;
         let ch = chunk(n, threads);
         for step in steps.iter_mut() {
+            let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
             let mut outbuf = std::mem::take(&mut bufs[ol.buf]);
@@ -360,6 +362,9 @@ impl Program {
                 chain_forward(step, params, out, ol, bufs, locs, g, n)
             })();
             bufs[ol.buf] = outbuf;
+            if let Some(t0) = t0 {
+                step.time.forward = t0.elapsed();
+            }
             r?;
         }
         Ok(())
@@ -369,7 +374,7 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let Program { graph: g, steps, locs, bufs, grads, threads, .. } = self;
+        let Program { graph: g, steps, locs, bufs, grads, threads, profiling, .. } = self;
         let threads = *threads;
         let ng = g.needs_grad();
         let ch = chunk(n, threads);
@@ -377,6 +382,7 @@ impl Program {
             if !ng[step.out.index()] {
                 continue; // at or below the lowest trainable layer: no backward at all
             }
+            let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
             let y = &bufs[ol.buf][..n * stride];
@@ -547,6 +553,9 @@ impl Program {
                 Ok(())
             })();
             grads[ol.buf] = gbuf;
+            if let Some(t0) = t0 {
+                step.time.backward = t0.elapsed();
+            }
             r?;
         }
         Ok(())
