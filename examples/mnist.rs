@@ -64,6 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         patience: None,
         checkpoint: None,
         curves: None,
+        lr_multipliers: Default::default(),
     };
     let out = train(engine.as_mut(), &lenet, &mut params, &train_set, Some(&test_set), &cfg, &mut Print)?;
     let last = out.epochs.last().expect("at least one epoch");

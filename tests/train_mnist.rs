@@ -29,6 +29,7 @@ fn config(epochs: u64, checkpoint: Option<std::path::PathBuf>) -> TrainConfig {
         patience: None,
         checkpoint,
         curves: None,
+        lr_multipliers: Default::default(),
     }
 }
 

@@ -22,6 +22,15 @@
 //! an optimiser or a JIT kernel can address by offset. A gradient store made by
 //! [`ParamStore::zeros_like`] has exactly the same layout, so `params.flat()[i]` and
 //! `grads.flat()[i]` always belong together.
+//!
+//! # Transfer learning
+//!
+//! [`ParamStore::load_by_name`] / [`ParamStore::load_checkpoint_by_name`] copy tensors by name
+//! from another model's weights (a checkpoint of any architecture), skipping chosen layers (a
+//! replaced head) and reporting what was loaded, skipped, new and unused
+//! ([`TransferReport`]); a shape mismatch is an error naming the tensor and both shapes.
+//! Freezing is [`ParamStore::set_layer_trainable`] here and `Node::trainable` in the graph the
+//! engine compiles (which then drops the frozen layers' backward kernels).
 
 use crate::init::{tensor_rng, Fans, Init, InitConfig};
 use crate::reference::Scalar;
@@ -115,6 +124,62 @@ pub enum ParamError {
         /// What went wrong.
         message: String,
     },
+    /// Loading by name: a tensor of the source has another shape than the model's.
+    #[error("tensor `{name}` has shape {source_shape:?} in {source_name} but {model:?} in the model; skip layer `{layer}` to keep it freshly initialised (a replaced head)")]
+    TransferShape {
+        /// The tensor.
+        name: String,
+        /// Its layer.
+        layer: String,
+        /// Its shape in the model.
+        model: Vec<usize>,
+        /// Its shape in the source.
+        source_shape: Vec<usize>,
+        /// Where the source tensors came from (a checkpoint path).
+        source_name: String,
+    },
+    /// Loading by name: the source could not be read, or a skip pattern matches nothing.
+    #[error("{0}")]
+    Transfer(String),
+}
+
+/// What [`ParamStore::load_by_name`] did with each tensor name (each list in store order,
+/// `unused` in source order).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TransferReport {
+    /// Tensors copied from the source.
+    pub loaded: Vec<String>,
+    /// Tensors in both whose layer was skipped: they keep their current (fresh) values.
+    pub skipped: Vec<String>,
+    /// Tensors of the store the source does not have: they keep their current values.
+    pub new: Vec<String>,
+    /// Tensors of the source the store does not have (a removed head, layers past a cut).
+    pub unused: Vec<String>,
+}
+
+impl std::fmt::Display for TransferReport {
+    /// One line per non-empty category: `loaded 10 tensors: conv1.weight, ...`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (what, v) in [("loaded", &self.loaded), ("skipped", &self.skipped), ("new", &self.new), ("unused", &self.unused)] {
+            if !v.is_empty() {
+                writeln!(f, "{what} {} tensor{}: {}", v.len(), if v.len() == 1 { "" } else { "s" }, v.join(", "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether layer `layer` matches one of `patterns` (a name, or a prefix ending in `*`).
+fn matches_layer(patterns: &[String], layer: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => layer.starts_with(prefix),
+        None => p == layer,
+    })
+}
+
+/// The layer of a `<layer>.<suffix>` tensor name.
+fn layer_of(name: &str) -> &str {
+    name.rsplit_once('.').map_or(name, |(l, _)| l)
 }
 
 /// Named parameter tensors for one graph, in one flat buffer (module header).
@@ -342,6 +407,73 @@ impl<T: Scalar> ParamStore<T> {
     /// Number of buffer scalars (running statistics).
     pub fn num_buffers(&self) -> usize {
         self.infos.iter().filter(|i| i.kind.is_buffer()).map(|i| i.len).sum()
+    }
+
+    /// Transfer learning: copy tensors from `source` (`(name, shape, values)`, e.g. a
+    /// checkpoint's model tensors) into the tensors of the same name, except those of the
+    /// layers matched by `skip` (names, or prefixes ending in `*`; a replaced head). Matching
+    /// is by name only, so a checkpoint of another architecture (a different head, a network
+    /// cut with `Graph::cut_at`) loads into whatever layers the two share; batch-norm running
+    /// statistics travel with their layer.
+    ///
+    /// All or nothing: a tensor present in both with different shapes is
+    /// [`ParamError::TransferShape`] (naming it and both shapes), a skip pattern that matches
+    /// no layer of either side is [`ParamError::Transfer`], and in both cases the store is
+    /// left unchanged. `source_name` names the source in messages.
+    pub fn load_by_name<'a, I>(&mut self, source: I, skip: &[String], source_name: &str) -> Result<TransferReport, ParamError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+    {
+        let source: Vec<(&str, &[usize], &[f32])> = source.into_iter().collect();
+        for pat in skip.iter().filter(|p| !p.is_empty()) {
+            let one = std::slice::from_ref(pat);
+            let hit = self.infos.iter().any(|i| matches_layer(one, &i.layer)) || source.iter().any(|(n, _, _)| matches_layer(one, layer_of(n)));
+            if !hit {
+                return Err(ParamError::Transfer(format!(
+                    "skip `{pat}`: no layer of the model or of {source_name} {}",
+                    if pat.ends_with('*') { "starts with that" } else { "has that name" }
+                )));
+            }
+        }
+        let mut report = TransferReport::default();
+        let mut copies = Vec::new();
+        let by_name: HashMap<&str, (&[usize], &[f32])> = source.iter().map(|&(n, s, d)| (n, (s, d))).collect();
+        for (i, info) in self.infos.iter().enumerate() {
+            let Some(&(shape, data)) = by_name.get(info.name.as_str()) else {
+                report.new.push(info.name.clone());
+                continue;
+            };
+            if matches_layer(skip, &info.layer) {
+                report.skipped.push(info.name.clone());
+                continue;
+            }
+            if shape != info.shape.as_slice() || data.len() != info.len {
+                return Err(ParamError::TransferShape {
+                    name: info.name.clone(),
+                    layer: info.layer.clone(),
+                    model: info.shape.clone(),
+                    source_shape: if shape != info.shape.as_slice() { shape.to_vec() } else { vec![data.len()] },
+                    source_name: source_name.to_string(),
+                });
+            }
+            report.loaded.push(info.name.clone());
+            copies.push((i, data));
+        }
+        report.unused = source.iter().filter(|(n, _, _)| !self.index.contains_key(*n)).map(|(n, _, _)| n.to_string()).collect();
+        for (i, data) in copies {
+            let (off, len) = (self.infos[i].offset, self.infos[i].len);
+            self.data[off..off + len].iter_mut().zip(data).for_each(|(d, &v)| *d = T::of_f32(v));
+        }
+        Ok(report)
+    }
+
+    /// [`ParamStore::load_by_name`] from the model tensors of a checkpoint file (any
+    /// architecture: the checkpoint's architecture and fingerprint are not checked, names and
+    /// shapes are).
+    pub fn load_checkpoint_by_name(&mut self, path: &std::path::Path, skip: &[String]) -> Result<TransferReport, ParamError> {
+        let c = crate::checkpoint::load(path).map_err(|e| ParamError::Transfer(e.to_string()))?;
+        let name = path.display().to_string();
+        self.load_by_name(c.model_tensors().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())), skip, &name)
     }
 
     /// Freeze (`false`) or unfreeze every tensor of `layer`; false when no tensor belongs to it.

@@ -10,7 +10,7 @@ use crate::checkpoint::{self, CheckpointMeta};
 use crate::curves::{CurveLog, CurveRow};
 use crate::data::{Augment, Dataset, LastBatch, LoaderConfig, Normalizer, Prefetcher};
 use crate::engine::{score, BatchStats, Engine};
-use crate::optim::{Optimizer, OptimizerConfig, Schedule};
+use crate::optim::{LrMultipliers, Optimizer, OptimizerConfig, Schedule};
 use crate::params::ParamStore;
 use cnnc_compiler::ir::{Graph, Loss};
 use std::path::PathBuf;
@@ -83,6 +83,10 @@ pub struct TrainConfig {
     pub checkpoint: Option<PathBuf>,
     /// Append training curves (CSV) here; a PNG is rendered beside it.
     pub curves: Option<PathBuf>,
+    /// Per-tensor learning-rate multipliers by name prefix, applied in every optimiser step
+    /// (fine-tuning: ~1/10 for the top layers, ~1/100 for intermediate ones; 0 leaves a tensor
+    /// untouched). `LrMultipliers::new()`: 1 everywhere.
+    pub lr_multipliers: LrMultipliers,
 }
 
 /// One epoch's outcome.
@@ -177,7 +181,7 @@ pub fn train(
     }
     loader.validate(train_set)?;
     let data = Arc::new(train_set.clone());
-    let mut optimizer = Optimizer::new(cfg.optimizer.clone())?;
+    let mut optimizer = Optimizer::new(cfg.optimizer.clone())?.with_multipliers(cfg.lr_multipliers.clone());
     let mut grads = params.zeros_like();
     let mut curves = cfg.curves.as_ref().map(|p| CurveLog::open(p)).transpose()?;
     let mut rows = Vec::new();

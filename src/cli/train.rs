@@ -261,6 +261,7 @@ pub fn run_train(a: TrainArgs) -> Result<(), CliError> {
         patience: a.patience,
         checkpoint: a.checkpoint.clone(),
         curves: a.curves.clone(),
+        lr_multipliers: Default::default(),
     };
     let mut eng = engine(a.engine, &graph, loss, a.batch)?;
     eprintln!(
