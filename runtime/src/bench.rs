@@ -486,16 +486,20 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
     })
 }
 
-/// Classes of the graph's main output (its logits' per-sample size).
+/// Classes the labels may use: the fewest of any output's logits (side outputs get the same
+/// labels as the main one).
 fn classes(graph: &Graph) -> Result<usize, EngineError> {
     let outs = graph.outputs();
-    let out = *outs.first().ok_or_else(|| eerr(format!("model `{}` has no output", graph.name)))?;
-    let node = graph.node(out);
-    let id = match node.op {
-        cnnc_compiler::ir::Op::Loss(_) => graph.operands(out)[0],
-        _ => out,
-    };
-    Ok(graph.node(id).shape.numel().max(1))
+    outs.iter()
+        .map(|&out| {
+            let id = match graph.node(out).op {
+                cnnc_compiler::ir::Op::Loss(_) => graph.operands(out)[0],
+                _ => out,
+            };
+            graph.node(id).shape.numel().max(1)
+        })
+        .min()
+        .ok_or_else(|| eerr(format!("model `{}` has no output", graph.name)))
 }
 
 /// Per-node medians over runs.

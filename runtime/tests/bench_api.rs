@@ -1,0 +1,165 @@
+//! The benchmark library behind `cnnc bench` (`cnnc_runtime::bench`): one row per group of the
+//! fused training plan covering every node once, positive medians for every engine, per-row
+//! FLOPs that add up to the cost report's totals, an exact JSON round trip, the peak-RSS probe,
+//! and clear errors for bad configurations. Few repetitions and small batches: these tests
+//! check what is reported, not how fast anything is.
+
+use cnnc_compiler::cost::analyze;
+use cnnc_compiler::ir::{Graph, Loss, Op};
+use cnnc_compiler::lang;
+use cnnc_compiler::plan::Fusion;
+use cnnc_runtime::bench::{self, BenchConfig, BenchReport};
+use cnnc_runtime::exec::JitEngine;
+use std::collections::HashSet;
+use std::path::Path;
+
+fn model(rel: &str, name: &str) -> Graph {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    let program = lang::load_file(&path).unwrap_or_else(|d| panic!("{}", d.render_file(&path)));
+    program.expand(name).unwrap_or_else(|d| panic!("{}", d.render_file(&path)))
+}
+
+fn run(g: &Graph, batch: usize, reps: usize) -> BenchReport {
+    let cfg = BenchConfig { batch, reps, ..BenchConfig::default() };
+    let mut calls = 0;
+    let r = bench::run(g, &cfg, &mut |p| {
+        assert!(p.done <= p.total, "progress {} of {}", p.done, p.total);
+        calls += 1;
+    })
+    .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+    assert!(calls > 3, "progress was reported {calls} times");
+    r
+}
+
+/// Rows = the fused training plan's groups, every non-input node in exactly one row, FLOPs
+/// summing to the cost report, every engine timed.
+fn check_report(g: &Graph, r: &BenchReport, batch: usize) {
+    let plan = JitEngine::new(g, Loss::SoftmaxCrossEntropy, batch, Fusion::Full).unwrap().plan(true).clone();
+    assert_eq!(r.layers.len(), plan.groups.len(), "{}: one row per group", g.name);
+    for (row, grp) in r.layers.iter().zip(&plan.groups) {
+        let names: Vec<String> = grp.nodes.iter().map(|&n| plan.graph.node(n).name.clone()).collect();
+        assert_eq!(row.nodes, names, "{}: row {} names its group's nodes", g.name, row.group);
+        assert_eq!(row.group, names[0]);
+        assert_eq!(row.times.len(), r.engines.len());
+    }
+    let mut seen = HashSet::new();
+    for row in &r.layers {
+        for n in &row.nodes {
+            assert!(seen.insert(n.clone()), "{}: node {n} in two rows", g.name);
+        }
+    }
+    for id in g.nodes() {
+        let node = g.node(id);
+        if !matches!(node.op, Op::Input) {
+            assert!(seen.contains(&node.name), "{}: node {} is in no row", g.name, node.name);
+        }
+    }
+    let cost = analyze(g, batch);
+    assert_eq!(r.layers.iter().map(|l| l.flops_forward).sum::<u64>(), cost.totals.flops.forward, "{}: forward FLOPs", g.name);
+    assert_eq!(r.layers.iter().map(|l| l.flops_backward).sum::<u64>(), cost.totals.flops.backward.total(), "{}: backward FLOPs", g.name);
+    assert_eq!(r.cost.flops_forward, cost.totals.flops.forward);
+    assert_eq!(r.cost.training_saved_bytes, cost.memory.training_saved_bytes);
+    assert_eq!((r.model.as_str(), r.batch), (g.name.as_str(), batch));
+
+    let names: Vec<&str> = r.engines.iter().map(|e| e.engine.as_str()).collect();
+    assert_eq!(names, ["fused JIT", "naive JIT", "reference"]);
+    assert!(r.peak.flops_per_thread > 1_000_000_000, "a 128-bit FMA peak under 1 GFLOP/s: {:?}", r.peak);
+    assert!(r.peak.threads >= 1);
+    for e in &r.engines {
+        assert!(e.infer_ns > 0 && e.train_ns > 0 && e.forward_ns > 0 && e.backward_ns > 0, "{}: {e:?}", g.name);
+        assert_eq!(e.compile_ns.is_some(), e.engine != "reference", "{e:?}");
+        assert_eq!(e.buffer_bytes.is_some(), e.engine != "reference", "{e:?}");
+    }
+    assert!(r.engines[0].compile_ns.unwrap() > 0);
+    // With one timed step the medians are that step: its groups' times fit inside it.
+    for e in r.engines.iter().filter(|e| e.reps == 1) {
+        assert!(e.forward_ns + e.backward_ns <= e.train_ns, "{}: groups take longer than the step: {e:?}", g.name);
+    }
+    // Every row that computes something was timed by every engine (an in-place concat runs
+    // no kernel in the fused engine, so it may take no measurable time there).
+    for row in &r.layers {
+        if row.flops_forward > 0 {
+            for (e, t) in r.engines.iter().zip(&row.times) {
+                assert!(t.forward_ns > 0, "{}: row {} has no forward time in {}", g.name, row.group, e.engine);
+            }
+        }
+    }
+    let text = r.render_table();
+    for needle in ["fused JIT", "naive JIT", "reference", "128-bit FMA peak", "peak RSS", g.name.as_str()] {
+        assert!(text.contains(needle), "table lacks {needle:?}:\n{text}");
+    }
+    for row in &r.layers {
+        assert!(text.contains(&row.group), "table lacks row {}:\n{text}", row.group);
+    }
+}
+
+#[test]
+fn lenet5_rows_cover_every_group() {
+    let g = model("examples/models/lenet5.cnn", "LeNet5");
+    let r = run(&g, 3, 2);
+    check_report(&g, &r, 3);
+    assert_eq!(r.engines[0].reps, 2);
+    assert_eq!(r.engines[1].reps, 1);
+    // conv1 + relu1 is one fused group.
+    assert_eq!(r.layers[0].nodes, ["conv1", "relu1"]);
+}
+
+#[test]
+fn residual_bn_side_output_and_inplace_concat_models() {
+    // A residual add, batch norm and a second (side) output.
+    let g = model("tests/models/tiny.cnn", "TinyRes");
+    let r = run(&g, 3, 1);
+    check_report(&g, &r, 3);
+    // Inception modules: concatenations written in place.
+    let g = model("tests/models/mini_inception.cnn", "MiniInception");
+    let r = run(&g, 2, 1);
+    check_report(&g, &r, 2);
+    assert!(r.layers.iter().any(|l| l.op == "concat"), "no concat row");
+}
+
+#[test]
+fn json_round_trips_exactly() {
+    let g = model("tests/models/tiny.cnn", "TinyFile");
+    let r = run(&g, 2, 1);
+    let text = serde_json::to_string_pretty(&r.to_json()).unwrap();
+    let back = BenchReport::from_json(&text).unwrap();
+    assert_eq!(back, r);
+    // Derived figures for readers are there too.
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v["engines"][0]["train_gflops"].as_f64().unwrap() > 0.0, "{}", v["engines"][0]);
+    assert!(v["engines"][0]["train_of_peak"].as_f64().unwrap() > 0.0);
+    assert!(v["peak"]["gflops"].as_f64().unwrap() > 1.0);
+    assert_eq!(v["layers"][0]["group"], "conv1");
+}
+
+#[test]
+fn skipping_engines_and_bad_configurations() {
+    let g = model("tests/models/tiny.cnn", "TinyFile");
+    let cfg = BenchConfig { batch: 1, reps: 1, naive: false, reference: false, ..BenchConfig::default() };
+    let r = bench::run(&g, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(r.engines.len(), 1);
+    assert!(r.layers.iter().all(|l| l.times.len() == 1));
+    assert!(!r.render_table().contains("naive"));
+
+    let e = bench::run(&g, &BenchConfig { batch: 0, ..cfg.clone() }, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("batch"), "{e}");
+    let e = bench::run(&g, &BenchConfig { reps: 0, ..cfg }, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("repetitions"), "{e}");
+}
+
+#[test]
+fn peak_rss_probe_sees_an_allocation() {
+    let (Some(before), true) = (bench::read_rss(), bench::reset_peak_rss()) else {
+        eprintln!("no /proc/self/status or clear_refs here: nothing to check");
+        return;
+    };
+    assert!(before.current > 0 && before.peak >= before.current, "{before:?}");
+    let mut v = vec![0u8; 64 << 20];
+    for (i, b) in v.iter_mut().enumerate().step_by(4096) {
+        *b = i as u8 | 1;
+    }
+    std::hint::black_box(&v);
+    drop(v);
+    let after = bench::read_rss().unwrap();
+    assert!(after.peak >= before.current + (60 << 20), "64 MiB touched, high-water mark {} -> {}", before.current, after.peak);
+}
