@@ -24,7 +24,18 @@
 //! [`Optimizer`] keeps one state per named tensor, the step counter and the per-tensor
 //! learning-rate multipliers ([`LrMultipliers`], e.g. a small rate for a pretrained backbone
 //! and 0 to freeze it) for a whole model.
+//!
+//! ## Two implementations of the same update
+//! [`OptimizerConfig::step`] is plain Rust, the oracle. [`Optimizer`] by default
+//! ([`UpdateBackend::Auto`]) runs JIT-compiled kernels instead
+//! (`cnnc_compiler::lower::optim`: one Cranelift kernel per rule, one fused `f32x4` pass over
+//! parameter, gradient and state), fed with the very same coefficients
+//! ([`OptimizerConfig::scalars`]) and doing the same operations in the same order, so both
+//! give bit-identical weights (tested in `runtime/tests/optim_jit.rs`). `Auto` keeps the Rust
+//! loop for plain SGD without momentum, which is memory-bound and where the kernel does not
+//! win (`cargo bench --bench optim`); it also falls back to Rust if the host cannot JIT.
 
+use cnnc_compiler::lower::optim::{UpdateKernel, UpdateRule};
 use std::collections::BTreeMap;
 
 /// An invalid optimiser or schedule configuration, or a call that does not fit the state.
@@ -232,10 +243,44 @@ impl OptimizerConfig {
         }
     }
 
-    /// Updates `param` in place from `grad` at step `t` (1-based) with learning rate `lr`.
-    /// `state` must come from [`new_state`](Self::new_state) for this config and size (an
-    /// empty `State::default()` is initialised here).
-    pub fn step(&self, param: &mut [f32], grad: &[f32], state: &mut State, t: u64, lr: f32) -> Result<(), OptimError> {
+    /// The shape of this optimiser's update at step `t` for the JIT kernels (SGD with momentum
+    /// has a separate first-step kernel).
+    pub fn update_rule(&self, t: u64) -> UpdateRule {
+        match *self {
+            OptimizerConfig::Sgd { momentum, nesterov, .. } => {
+                UpdateRule::Sgd { momentum: momentum > 0.0, nesterov, first_step: momentum > 0.0 && t == 1 }
+            }
+            OptimizerConfig::RmsProp { momentum, centered, .. } => UpdateRule::RmsProp { momentum: momentum > 0.0, centered },
+            OptimizerConfig::Adam { decoupled_weight_decay, .. } => UpdateRule::Adam { decoupled: decoupled_weight_decay },
+        }
+    }
+
+    /// The `f32` coefficients of step `t` (1-based) at learning rate `lr`, in the layout of
+    /// `cnnc_compiler::lower::optim` (SGD: `lr, wd, mu`; RMSprop: `lr, wd, alpha, 1 - alpha,
+    /// eps, mu`; Adam: `wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1^t),
+    /// sqrt(1 - beta2^t), 1 - lr * wd`). [`step`](Self::step) uses exactly these values.
+    pub fn scalars(&self, t: u64, lr: f32) -> Vec<f32> {
+        match *self {
+            OptimizerConfig::Sgd { momentum, weight_decay, .. } => vec![lr, weight_decay, momentum],
+            OptimizerConfig::RmsProp { alpha, eps, momentum, weight_decay, .. } => {
+                let (alpha, one_m_alpha) = decay_pair(alpha);
+                vec![lr, weight_decay, alpha, one_m_alpha, eps, momentum]
+            }
+            OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
+                let ti = i32::try_from(t).unwrap_or(i32::MAX);
+                let bc1 = 1.0 - decimal(beta1).powi(ti);
+                let bc2_sqrt = (1.0 - decimal(beta2).powi(ti)).sqrt();
+                let (beta1, one_m_b1) = decay_pair(beta1);
+                let (beta2, one_m_b2) = decay_pair(beta2);
+                let step_size = (lr as f64 / bc1) as f32;
+                vec![weight_decay, beta1, one_m_b1, beta2, one_m_b2, eps, step_size, bc2_sqrt as f32, 1.0 - lr * weight_decay]
+            }
+        }
+    }
+
+    /// The checks shared by both implementations: sizes, step number, learning rate, config,
+    /// and the state's buffers (an empty state is initialised).
+    fn prepare(&self, param: &[f32], grad: &[f32], state: &mut State, t: u64, lr: f32) -> Result<(), OptimError> {
         let n = param.len();
         if grad.len() != n {
             return err(format!("{}: parameter has {n} values but gradient has {}", self.name(), grad.len()));
@@ -260,7 +305,31 @@ impl OptimizerConfig {
                 state.buffers.iter().map(|(k, b)| format!("{k}[{}]", b.len())).collect::<Vec<_>>()
             ));
         }
+        Ok(())
+    }
+
+    /// [`step`](Self::step) with a compiled kernel for [`update_rule(t)`](Self::update_rule):
+    /// the same checks, the same coefficients, bit-identical results.
+    pub fn step_jit(&self, kernel: &UpdateKernel, param: &mut [f32], grad: &[f32], state: &mut State, t: u64, lr: f32) -> Result<(), OptimError> {
+        self.prepare(param, grad, state, t, lr)?;
+        if kernel.rule() != self.update_rule(t) {
+            return err(format!("{}: kernel for {} used for {}", self.name(), kernel.rule().name(), self.update_rule(t).name()));
+        }
+        let scalars = self.scalars(t, lr);
+        let mut it = state.buffers.iter_mut().map(|(_, b)| b.as_mut_slice());
+        let mut bufs: [&mut [f32]; 3] = [it.next().unwrap_or(&mut []), it.next().unwrap_or(&mut []), it.next().unwrap_or(&mut [])];
+        let k = kernel.rule().state_buffers();
+        kernel.run(&scalars, param, grad, &mut bufs[..k]).map_err(|e| OptimError(format!("{}: {e}", self.name())))
+    }
+
+    /// Updates `param` in place from `grad` at step `t` (1-based) with learning rate `lr`.
+    /// `state` must come from [`new_state`](Self::new_state) for this config and size (an
+    /// empty `State::default()` is initialised here).
+    pub fn step(&self, param: &mut [f32], grad: &[f32], state: &mut State, t: u64, lr: f32) -> Result<(), OptimError> {
+        self.prepare(param, grad, state, t, lr)?;
+        let n = param.len();
         let bufs = &mut state.buffers;
+        let sc = self.scalars(t, lr);
         match *self {
             OptimizerConfig::Sgd { momentum: mu, nesterov, weight_decay: wd, .. } => {
                 if mu > 0.0 {
@@ -278,8 +347,8 @@ impl OptimizerConfig {
                     }
                 }
             }
-            OptimizerConfig::RmsProp { alpha, eps, momentum: mu, weight_decay: wd, centered, .. } => {
-                let (alpha, one_m_alpha) = decay_pair(alpha);
+            OptimizerConfig::RmsProp { eps, momentum: mu, weight_decay: wd, centered, .. } => {
+                let (alpha, one_m_alpha) = (sc[2], sc[3]);
                 let (sq, rest) = bufs.split_at_mut(1);
                 let sq = &mut sq[0].1;
                 let mut it = rest.iter_mut();
@@ -304,17 +373,11 @@ impl OptimizerConfig {
                     }
                 }
             }
-            OptimizerConfig::Adam { beta1, beta2, eps, weight_decay: wd, decoupled_weight_decay, .. } => {
+            OptimizerConfig::Adam { eps, weight_decay: wd, decoupled_weight_decay, .. } => {
                 let (m, v) = bufs.split_at_mut(1);
                 let (m, v) = (&mut m[0].1, &mut v[0].1);
-                let ti = i32::try_from(t).unwrap_or(i32::MAX);
-                let bc1 = 1.0 - decimal(beta1).powi(ti);
-                let bc2_sqrt = (1.0 - decimal(beta2).powi(ti)).sqrt();
-                let (beta1, one_m_b1) = decay_pair(beta1);
-                let (beta2, one_m_b2) = decay_pair(beta2);
-                let step_size = (lr as f64 / bc1) as f32;
-                let bc2_sqrt = bc2_sqrt as f32;
-                let decay = 1.0 - lr * wd;
+                let (beta1, one_m_b1, beta2, one_m_b2) = (sc[1], sc[2], sc[3], sc[4]);
+                let (step_size, bc2_sqrt, decay) = (sc[6], sc[7], sc[8]);
                 for i in 0..n {
                     let g = if decoupled_weight_decay {
                         param[i] *= decay;
@@ -382,6 +445,50 @@ impl LrMultipliers {
     }
 }
 
+/// Which implementation [`Optimizer::update`] runs. Both give bit-identical results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpdateBackend {
+    /// JIT kernels where they are faster (every rule but plain SGD without momentum), Rust
+    /// elsewhere or when the host cannot JIT.
+    #[default]
+    Auto,
+    /// Always the Rust reference loops ([`OptimizerConfig::step`]).
+    Reference,
+    /// Always the JIT kernels ([`OptimizerConfig::step_jit`]); an error if they cannot be built.
+    Jit,
+}
+
+/// The compiled kernels of an [`Optimizer`]: one per [`UpdateRule`] its config can need.
+/// They are a pure function of the config, so they take no part in equality.
+#[derive(Debug, Clone, Default)]
+struct Kernels(Vec<UpdateKernel>);
+
+impl PartialEq for Kernels {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Kernels {
+    fn build(config: &OptimizerConfig, backend: UpdateBackend) -> Result<Kernels, OptimError> {
+        let rules = match config.update_rule(2) {
+            UpdateRule::Sgd { momentum: false, .. } if backend == UpdateBackend::Auto => return Ok(Kernels::default()),
+            r @ UpdateRule::Sgd { momentum: true, .. } => vec![config.update_rule(1), r],
+            r => vec![r],
+        };
+        match (backend, UpdateKernel::compile(&rules)) {
+            (UpdateBackend::Reference, _) => Ok(Kernels::default()),
+            (_, Ok(k)) => Ok(Kernels(k)),
+            (UpdateBackend::Auto, Err(_)) => Ok(Kernels::default()),
+            (UpdateBackend::Jit, Err(e)) => err(format!("{}: cannot JIT-compile the update: {e}", config.name())),
+        }
+    }
+
+    fn for_rule(&self, rule: UpdateRule) -> Option<&UpdateKernel> {
+        self.0.iter().find(|k| k.rule() == rule)
+    }
+}
+
 /// A whole-model optimiser: the config, the step counter, per-tensor multipliers and one
 /// [`State`] per named tensor. Per training step: [`begin_step`](Self::begin_step), then
 /// [`update`](Self::update) for each parameter tensor.
@@ -391,13 +498,29 @@ pub struct Optimizer {
     multipliers: LrMultipliers,
     states: BTreeMap<String, State>,
     t: u64,
+    kernels: Kernels,
 }
 
 impl Optimizer {
-    /// A fresh optimiser (step 0, empty states).
+    /// A fresh optimiser (step 0, empty states) with [`UpdateBackend::Auto`].
     pub fn new(config: OptimizerConfig) -> Result<Self, OptimError> {
+        Self::with_backend(config, UpdateBackend::Auto)
+    }
+
+    /// A fresh optimiser running its updates on `backend`.
+    pub fn with_backend(config: OptimizerConfig, backend: UpdateBackend) -> Result<Self, OptimError> {
         config.validate()?;
-        Ok(Optimizer { config, multipliers: LrMultipliers::new(), states: BTreeMap::new(), t: 0 })
+        let kernels = if backend == UpdateBackend::Reference { Kernels::default() } else { Kernels::build(&config, backend)? };
+        Ok(Optimizer { config, multipliers: LrMultipliers::new(), states: BTreeMap::new(), t: 0, kernels })
+    }
+
+    /// `"jit"` when the updates run compiled kernels, `"reference"` when they run Rust loops.
+    pub fn backend_in_use(&self) -> &'static str {
+        if self.kernels.0.is_empty() {
+            "reference"
+        } else {
+            "jit"
+        }
     }
 
     /// Sets the per-tensor learning-rate multipliers.
@@ -434,9 +557,11 @@ impl Optimizer {
             .states
             .entry(name.to_string())
             .or_insert_with(|| self.config.new_state(param.len()));
-        self.config
-            .step(param, grad, state, self.t, lr * mult)
-            .map_err(|e| OptimError(format!("tensor {name}: {e}")))
+        let result = match self.kernels.for_rule(self.config.update_rule(self.t)) {
+            Some(k) => self.config.step_jit(k, param, grad, state, self.t, lr * mult),
+            None => self.config.step(param, grad, state, self.t, lr * mult),
+        };
+        result.map_err(|e| OptimError(format!("tensor {name}: {e}")))
     }
 
     /// The state of tensor `name` (after its first update).

@@ -27,12 +27,30 @@
 //!    `clock_gettime`, which writes exactly one `timespec`.
 //! 6. **Threads.** Kernels are pure functions of their arguments (no globals, no state), so
 //!    calling one from several threads at once is sound; `Kernel` is `Send + Sync`.
+//! 7. **Stream kernels** ([`StreamKernel`], defined only by
+//!    [`Jit::define_stream`](super::jit::Jit::define_stream), used by the optimiser updates
+//!    in [`optim`](super::optim)) have the native signature
+//!    `extern "C" fn(usize, *const f32, *const f32, *mut f32, *mut f32, *mut f32, *mut f32)`:
+//!    `(n, scalars, read, w0, w1, w2, w3)`. The generator's contract (the one fact taken on
+//!    trust, tested against the reference optimiser in `runtime/tests/optim_jit.rs` on odd
+//!    lengths) is that the code touches elements `0..n` of `read` and of `w0..w[writes]`, never
+//!    the other written pointers, and `scalars[..scalars]`. [`StreamKernel::call`] derives `n`
+//!    from `read.len()` and checks every used written slice has exactly `n` elements and the
+//!    scalar slice at least the declared count, panicking otherwise (a driver bug: the public
+//!    API in `optim.rs` returns errors first). The written slices are distinct `&mut` borrows
+//!    and `read`/`scalars` are shared borrows, so no written memory overlaps another argument.
+//!    Bounds 3, 4 and 6 hold as for [`Kernel`].
 
 use super::jit::{Extents, KERNEL_ARGS};
 use cranelift_jit::JITModule;
 use std::sync::{Arc, Mutex};
 
 type RawFn = unsafe extern "C" fn(*mut f32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32);
+
+/// Written pointers of a stream kernel (bound 7).
+pub const STREAM_WRITES: usize = 4;
+
+type StreamFn = unsafe extern "C" fn(usize, *const f32, *const f32, *mut f32, *mut f32, *mut f32, *mut f32);
 
 /// Owns a finalized JIT module; frees its code on drop. Shared by every [`Kernel`] of a set.
 pub struct CodeOwner(Mutex<Option<JITModule>>);
@@ -117,6 +135,65 @@ impl Kernel {
                 ins[4].as_ptr(),
                 ins[5].as_ptr(),
             )
+        };
+    }
+}
+
+/// One callable elementwise stream kernel (bound 7): a function pointer, how many scalars it
+/// reads and how many of its written pointers it uses, and a share of the code's owner.
+#[derive(Clone)]
+pub struct StreamKernel {
+    f: StreamFn,
+    scalars: usize,
+    writes: usize,
+    _owner: Arc<CodeOwner>,
+}
+
+impl std::fmt::Debug for StreamKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamKernel").field("scalars", &self.scalars).field("writes", &self.writes).finish()
+    }
+}
+
+impl StreamKernel {
+    /// Wrap the finalized address of a kernel defined by
+    /// [`Jit::define_stream`](super::jit::Jit::define_stream).
+    pub(crate) fn from_finalized(owner: &Arc<CodeOwner>, addr: *const u8, scalars: usize, writes: usize) -> StreamKernel {
+        assert!(!addr.is_null(), "finalized JIT function has a null address");
+        assert!((1..=STREAM_WRITES).contains(&writes), "stream kernel writes {writes} buffers");
+        // SAFETY: `addr` is the entry of a finalized function of `owner`'s module declared by
+        // `define_stream` with exactly the (usize, 6 pointers), no-result signature in the
+        // host calling convention (bounds 4, 7); the module outlives the pointer (bound 3).
+        let f = unsafe { std::mem::transmute::<*const u8, StreamFn>(addr) };
+        StreamKernel { f, scalars, writes, _owner: Arc::clone(owner) }
+    }
+
+    /// How many scalars the kernel reads.
+    pub fn scalars(&self) -> usize {
+        self.scalars
+    }
+
+    /// How many written buffers the kernel uses (the first `writes` of `written`).
+    pub fn writes(&self) -> usize {
+        self.writes
+    }
+
+    /// Call the kernel over `n = read.len()` elements. Panics unless `scalars` holds at least
+    /// [`scalars`](Self::scalars) values and each of the first [`writes`](Self::writes)
+    /// written slices holds exactly `n` (the others are not touched; pass empty slices).
+    #[inline]
+    pub fn call(&self, scalars: &[f32], read: &[f32], written: [&mut [f32]; STREAM_WRITES]) {
+        let n = read.len();
+        assert!(scalars.len() >= self.scalars, "stream kernel scalars too short: {} < {}", scalars.len(), self.scalars);
+        for (i, w) in written.iter().take(self.writes).enumerate() {
+            assert!(w.len() == n, "stream kernel written buffer {i} has {} elements, read has {n}", w.len());
+        }
+        let [w0, w1, w2, w3] = written;
+        // SAFETY: bound 7: the code touches `read[..n]`, `w0..w[writes]` each of exactly `n`
+        // elements (checked just now), `scalars[..self.scalars]` (checked); the written slices
+        // are exclusive and distinct; the code is alive (bound 3).
+        unsafe {
+            (self.f)(n, scalars.as_ptr(), read.as_ptr(), w0.as_mut_ptr(), w1.as_mut_ptr(), w2.as_mut_ptr(), w3.as_mut_ptr())
         };
     }
 }

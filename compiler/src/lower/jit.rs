@@ -9,12 +9,18 @@
 //! pointer ([`Extents`]); [`entry`](super::entry) checks those extents against the slices it is
 //! handed before every call.
 //!
+//! A second, separate kind of kernel is the elementwise **stream kernel**
+//! ([`Jit::define_stream`], used by [`optim`](super::optim)): native signature
+//! `(n: usize, scalars: *const f32, read: *const f32, w0..w3: *mut f32)`; it touches elements
+//! `0..n` of `read` and of its first `writes` written pointers and `scalars` values of
+//! `scalars`. [`Jit::finish`] returns those as [`StreamKernel`]s.
+//!
 //! Settings (measured best on x86-64, see `shared/notes/cranelift-0.135.md`): the host ISA from
 //! `cranelift_native::builder()` (so `has_avx`/`has_fma` follow CPUID and `fma` on `f32x4` is one
 //! `vfmadd`), `opt_level = "none"`, `is_pic = false`, `use_colocated_libcalls = false`, the
 //! verifier only in debug builds.
 
-use super::entry::{CodeOwner, Kernel};
+use super::entry::{CodeOwner, Kernel, StreamKernel, STREAM_WRITES};
 use crate::{Error, Result};
 use cranelift_codegen::ir::{self, AbiParam, InstBuilder};
 use cranelift_codegen::settings::{self, Configurable};
@@ -39,6 +45,7 @@ pub struct Jit {
     ctx: Context,
     fctx: FunctionBuilderContext,
     defined: Vec<(FuncId, Extents)>,
+    streams: Vec<(FuncId, usize, usize)>,
     compile_time: Duration,
 }
 
@@ -46,9 +53,15 @@ pub struct Jit {
 pub struct Finished {
     /// The kernels, indexed by the [`KernelId`] that [`Jit::define`] returned.
     pub kernels: Vec<Kernel>,
+    /// The stream kernels, indexed by the [`StreamId`] that [`Jit::define_stream`] returned.
+    pub streams: Vec<StreamKernel>,
     /// Total thread CPU time spent in Cranelift (`define_function` + finalize).
     pub compile_time: Duration,
 }
+
+/// Index of a stream kernel defined in a [`Jit`] (valid in its [`Finished::streams`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamId(pub usize);
 
 /// Index of a kernel defined in a [`Jit`] (valid in its [`Finished`] set).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +96,7 @@ impl Jit {
             ctx,
             fctx: FunctionBuilderContext::new(),
             defined: Vec::new(),
+            streams: Vec::new(),
             compile_time: Duration::ZERO,
         })
     }
@@ -114,10 +128,48 @@ impl Jit {
         extents: Extents,
         body: impl FnOnce(&mut FunctionBuilder, &[ir::Value; KERNEL_ARGS]),
     ) -> Result<KernelId> {
+        let id = self.define_function(name, KERNEL_ARGS, |b, p| {
+            let args: [ir::Value; KERNEL_ARGS] = std::array::from_fn(|i| p[i]);
+            body(b, &args);
+        })?;
+        self.defined.push((id, extents));
+        Ok(KernelId(self.defined.len() - 1))
+    }
+
+    /// Define one elementwise stream kernel (see the module header): `body` gets the builder
+    /// positioned in the sealed entry block and the arguments `[n, scalars, read, w0, w1, w2,
+    /// w3]` (`n` a pointer-sized integer); it must touch only elements `0..n` of `read` and of
+    /// the first `writes` written pointers (never `w[writes..]`), and `scalars[..scalars]`, and
+    /// end with a `return` in a sealed block.
+    pub fn define_stream(
+        &mut self,
+        name: &str,
+        scalars: usize,
+        writes: usize,
+        body: impl FnOnce(&mut FunctionBuilder, &[ir::Value; 3 + STREAM_WRITES]),
+    ) -> Result<StreamId> {
+        if writes == 0 || writes > STREAM_WRITES {
+            return Err(codegen_err(&self.layer, format!("{name}: a stream kernel writes 1..={STREAM_WRITES} buffers, not {writes}")));
+        }
+        let id = self.define_function(name, 3 + STREAM_WRITES, |b, p| {
+            let args: [ir::Value; 3 + STREAM_WRITES] = std::array::from_fn(|i| p[i]);
+            body(b, &args);
+        })?;
+        self.streams.push((id, scalars, writes));
+        Ok(StreamId(self.streams.len() - 1))
+    }
+
+    /// Declare and compile one function of `nargs` pointer-sized arguments and no result.
+    fn define_function(
+        &mut self,
+        name: &str,
+        nargs: usize,
+        body: impl FnOnce(&mut FunctionBuilder, &[ir::Value]),
+    ) -> Result<FuncId> {
         let ptr = self.module.target_config().pointer_type();
         self.module.clear_context(&mut self.ctx);
         let mut sig = self.module.make_signature();
-        for _ in 0..KERNEL_ARGS {
+        for _ in 0..nargs {
             sig.params.push(AbiParam::new(ptr));
         }
         let id = self
@@ -132,9 +184,8 @@ impl Jit {
             b.append_block_params_for_function_params(entry);
             b.switch_to_block(entry);
             b.seal_block(entry);
-            let p = b.block_params(entry);
-            let args: [ir::Value; KERNEL_ARGS] = std::array::from_fn(|i| p[i]);
-            body(&mut b, &args);
+            let p = b.block_params(entry).to_vec();
+            body(&mut b, &p);
             b.finalize(frontend);
         }
         let t0 = super::peak::thread_time();
@@ -147,8 +198,7 @@ impl Jit {
             };
             return Err(codegen_err(&self.layer, format!("compiling {name}: {detail}")));
         }
-        self.defined.push((id, extents));
-        Ok(KernelId(self.defined.len() - 1))
+        Ok(id)
     }
 
     /// Finalize every defined kernel and hand out their callable handles.
@@ -160,9 +210,12 @@ impl Jit {
         let compile_time = self.compile_time + Duration::from_secs_f64((super::peak::thread_time() - t0).max(0.0));
         let addrs: Vec<(*const u8, Extents)> =
             self.defined.iter().map(|&(id, ext)| (self.module.get_finalized_function(id), ext)).collect();
+        let stream_addrs: Vec<(*const u8, usize, usize)> =
+            self.streams.iter().map(|&(id, sc, w)| (self.module.get_finalized_function(id), sc, w)).collect();
         let owner = Arc::new(CodeOwner::new(self.module));
         let kernels = addrs.into_iter().map(|(p, ext)| Kernel::from_finalized(&owner, p, ext)).collect();
-        Ok(Finished { kernels, compile_time })
+        let streams = stream_addrs.into_iter().map(|(p, sc, w)| StreamKernel::from_finalized(&owner, p, sc, w)).collect();
+        Ok(Finished { kernels, streams, compile_time })
     }
 }
 

@@ -32,6 +32,7 @@ pub mod entry;
 pub mod gemm;
 pub mod jit;
 pub mod naive;
+pub mod optim;
 pub mod peak;
 pub mod pointwise;
 pub mod pool;
