@@ -18,10 +18,6 @@ enum BenchFormat {
 /// Arguments of `cnnc bench`.
 #[derive(clap::Args, Debug)]
 #[command(
-    long_about = "Time a model's inference and training step with the fused JIT kernels, the naive JIT kernels and the \
-reference interpreter: medians of repeated runs, GFLOP/s from the cost model's FLOPs and their fraction of this \
-machine's 128-bit FMA peak (measured in the same run), compile time, buffer bytes and measured peak-RSS growth, \
-then one row per fused group of the training plan. Every model of FILE is benchmarked unless --model names one.",
     after_help = "Examples:\n  cnnc bench examples/models/lenet5.cnn --batch 64\n  cnnc bench tests/models/mini_inception.cnn --batch 32 --no-reference\n  cnnc bench examples/models/lenet5.cnn --reps 3 --format json"
 )]
 pub struct Args {

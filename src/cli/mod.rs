@@ -30,6 +30,14 @@ enum Command {
     /// Evaluate a checkpoint on the held-out data
     Eval(train::EvalArgs),
     /// Time a model per engine and per layer: fused vs naive JIT vs interpreter, GFLOP/s, memory
+    ///
+    /// Times inference and the training step with the fused JIT kernels, the naive JIT kernels
+    /// and the reference interpreter: medians of repeated runs, GFLOP/s from the cost model's
+    /// FLOPs and their fraction of this machine's 128-bit FMA peak (a JIT'd f32x4 fma loop
+    /// measured in the same run, times the thread count), compile time, buffer bytes and the
+    /// measured peak-RSS growth next to the cost report's activation memory; then one row per
+    /// fused group of the training plan. Every model of FILE is benchmarked unless --model
+    /// names one. A progress bar runs on stderr.
     Bench(bench::Args),
 }
 

@@ -1,0 +1,73 @@
+//! `cnnc bench` end to end on LeNet-5 with few repetitions and a small batch: the table names
+//! every engine and layer group, the JSON parses into the library's report, `--no-naive` /
+//! `--no-reference` drop engines, and bad input fails cleanly with a message naming it.
+
+mod common;
+
+use cnnc::runtime::bench::BenchReport;
+use common::{cnnc_fails_with, cnnc_ok};
+
+const LENET: &str = "examples/models/lenet5.cnn";
+
+#[test]
+fn table_names_engines_layers_and_memory() {
+    let out = cnnc_ok(["bench", LENET, "--batch", "3", "--reps", "2"]);
+    for needle in [
+        "LeNet5: batch 3",
+        "128-bit FMA peak",
+        "fused JIT",
+        "naive JIT",
+        "reference",
+        "train step ms",
+        "of peak",
+        "peak RSS +",
+        "fused vs naive JIT",
+        "memory: cost report keeps",
+        "per layer",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    // One row per fused group, conv1 fused with its relu.
+    let row = out.lines().find(|l| l.starts_with("conv1 ")).unwrap_or_else(|| panic!("no conv1 row:\n{out}"));
+    assert!(row.contains("conv2d") && row.contains("relu1"), "{row}");
+    for g in ["pool1", "conv2", "pool2", "fc1", "fc2", "fc3"] {
+        assert!(out.lines().any(|l| l.starts_with(g)), "no {g} row:\n{out}");
+    }
+}
+
+#[test]
+fn json_parses_into_the_report() {
+    let out = cnnc_ok(["bench", LENET, "-b", "2", "-r", "1", "--no-reference", "--format", "json"]);
+    let r = BenchReport::from_json(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    assert_eq!((r.model.as_str(), r.batch), ("LeNet5", 2));
+    let engines: Vec<&str> = r.engines.iter().map(|e| e.engine.as_str()).collect();
+    assert_eq!(engines, ["fused JIT", "naive JIT"]);
+    assert_eq!(r.layers[0].nodes, ["conv1", "relu1"]);
+    assert!(r.engines.iter().all(|e| e.train_ns > 0 && e.infer_ns > 0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["engines"][0]["train_gflops"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn fused_only() {
+    let out = cnnc_ok(["bench", LENET, "-b", "1", "-r", "1", "--no-naive", "--no-reference"]);
+    assert!(out.contains("fused JIT") && !out.contains("naive JIT") && !out.contains("reference"), "{out}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    cnnc_fails_with(["bench", "no/such/model.cnn"], &["cannot read", "no/such/model.cnn"]);
+    cnnc_fails_with(["bench", LENET, "--model", "NoSuchNet"], &["no model named `NoSuchNet`"]);
+    cnnc_fails_with(["bench", LENET, "--batch", "0"], &["--batch must be at least 1"]);
+    cnnc_fails_with(["bench", LENET, "--reps", "0"], &["--reps must be at least 1"]);
+    cnnc_fails_with(["bench", LENET, "--format", "xml"], &["xml"]);
+}
+
+#[test]
+fn help_explains_the_command() {
+    let help = cnnc_ok(["help", "bench"]);
+    for needle in ["--batch", "--reps", "--no-naive", "--no-reference", "--format", "Examples:", "FMA peak"] {
+        assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
+    }
+    assert!(cnnc_ok(["--help"]).contains("bench"));
+}
