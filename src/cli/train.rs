@@ -8,7 +8,7 @@ use cnnc_runtime::data::idx::load_mnist_dir;
 use cnnc_runtime::data::{Augment, Dataset};
 use cnnc_runtime::engine::{default_engine, Engine, ReferenceEngine};
 use cnnc_runtime::init::InitConfig;
-use cnnc_runtime::optim::{OptimizerConfig, Schedule};
+use cnnc_runtime::optim::{LrMultipliers, OptimizerConfig, Schedule};
 use cnnc_runtime::params::ParamStore;
 use cnnc_runtime::train::{self, EpochSummary, Observer, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -111,9 +111,22 @@ pub struct TrainArgs {
     /// Write training curves here (CSV; a PNG is rendered beside it)
     #[arg(long, value_name = "PATH")]
     curves: Option<PathBuf>,
-    /// Freeze these layers (comma-separated names, or a prefix ending in `*`)
+    /// Freeze these layers (comma-separated names, or a prefix ending in `*`): the compiler
+    /// drops their backward work
     #[arg(long, value_delimiter = ',', value_name = "LAYERS")]
     freeze: Vec<String>,
+    /// Transfer learning: initialise from this checkpoint by tensor name (any architecture;
+    /// layers whose shapes differ must be skipped)
+    #[arg(long, value_name = "PATH")]
+    init_from: Option<PathBuf>,
+    /// With --init-from: layers not to load, kept freshly initialised (a replaced head;
+    /// comma-separated names, or a prefix ending in `*`)
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS", requires = "init_from")]
+    skip: Vec<String>,
+    /// Learning-rate multiplier for the tensors whose name starts with PREFIX (repeatable or
+    /// comma-separated; the longest matching prefix wins), e.g. `conv=0.01,fc1=0.1`
+    #[arg(long = "lr-mult", value_delimiter = ',', value_name = "PREFIX=M", value_parser = parse_lr_mult)]
+    lr_mult: Vec<(String, f32)>,
     /// Seed for initialisation, shuffling, augmentation and dropout
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -135,6 +148,29 @@ pub struct EvalArgs {
     /// Images per batch
     #[arg(long, short = 'b', default_value_t = 256)]
     batch: usize,
+}
+
+/// `PREFIX=M` of `--lr-mult`.
+fn parse_lr_mult(s: &str) -> Result<(String, f32), String> {
+    let (prefix, m) = s.split_once('=').ok_or_else(|| format!("`{s}` is not PREFIX=MULTIPLIER (e.g. fc1=0.1)"))?;
+    let m: f32 = m.trim().parse().map_err(|_| format!("`{m}` in `{s}` is not a number"))?;
+    if prefix.is_empty() {
+        return Err(format!("`{s}` has an empty layer prefix"));
+    }
+    Ok((prefix.to_string(), m))
+}
+
+/// The trainer's per-tensor multipliers from `--lr-mult`; a prefix that matches no parameter
+/// of the model is an error (a typo would otherwise train at the full rate).
+fn lr_multipliers(rules: &[(String, f32)], params: &ParamStore, model: &str) -> Result<LrMultipliers, CliError> {
+    let mut m = LrMultipliers::new();
+    for (prefix, mult) in rules {
+        if !params.infos().iter().any(|i| !i.kind.is_buffer() && i.name.starts_with(prefix.as_str())) {
+            return Err(CliError(format!("--lr-mult {prefix}={mult}: no parameter of {model} starts with `{prefix}`")));
+        }
+        m = m.set(prefix, *mult).map_err(|e| CliError(format!("--lr-mult: {e}")))?;
+    }
+    Ok(m)
 }
 
 fn one_model(m: &ModelArgs) -> Result<Graph, CliError> {
@@ -216,6 +252,16 @@ pub fn run_train(a: TrainArgs) -> Result<(), CliError> {
     freeze(&mut graph, &a.freeze)?;
     let (train_set, test_set) = load_data(&a.data, &graph)?;
     let mut params = ParamStore::for_graph(&graph, &InitConfig::default(), a.seed)?;
+    if let Some(src) = &a.init_from {
+        if a.resume.is_some() {
+            return Err(CliError("--init-from and --resume exclude each other: --resume continues this model's own run, --init-from starts a new one from another model's weights".into()));
+        }
+        let report = params.load_checkpoint_by_name(src, &a.skip).map_err(|e| CliError(format!("--init-from: {e}")))?;
+        eprintln!(" Initialised from {} by tensor name:", src.display());
+        for line in report.to_string().lines() {
+            eprintln!("   {line}");
+        }
+    }
     if let Some(r) = &a.resume {
         let loaded = train::load_checkpoint(r, &graph, &mut params)?;
         eprintln!(" Resuming from {} (epoch {})", r.display(), loaded.epoch);
@@ -261,7 +307,7 @@ pub fn run_train(a: TrainArgs) -> Result<(), CliError> {
         patience: a.patience,
         checkpoint: a.checkpoint.clone(),
         curves: a.curves.clone(),
-        lr_multipliers: Default::default(),
+        lr_multipliers: lr_multipliers(&a.lr_mult, &params, &graph.name)?,
     };
     let mut eng = engine(a.engine, &graph, loss, a.batch)?;
     eprintln!(
@@ -272,6 +318,18 @@ pub fn run_train(a: TrainArgs) -> Result<(), CliError> {
         test_set.len(),
         eng.name()
     );
+    let frozen: Vec<&str> = graph.nodes().map(|n| graph.node(n)).filter(|n| n.op.has_params() && !n.trainable).map(|n| n.name.as_str()).collect();
+    if !frozen.is_empty() {
+        let c = cnnc_compiler::cost::analyze(&graph, a.batch);
+        let all = c.totals.flops.backward.total() + c.backward_flops_saved;
+        eprintln!(
+            "  Frozen {}: backward drops {} of {} FLOPs per batch ({:.1}%)",
+            frozen.join(", "),
+            c.backward_flops_saved,
+            all,
+            100.0 * c.backward_flops_saved as f64 / all.max(1) as f64
+        );
+    }
     let out = train::train(eng.as_mut(), &graph, &mut params, &train_set, Some(&test_set), &cfg, &mut Bars { bar: None })?;
     if out.stopped_early {
         eprintln!("   Stopped early: held-out loss did not improve for {} epochs", a.patience.unwrap_or(0));
