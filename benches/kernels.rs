@@ -6,14 +6,15 @@
 //! Then criterion timings of the blocked kernels (throughput in FLOP/s).
 //!
 //! `cargo bench --bench kernels` runs both; `cargo bench --bench kernels -- --report-only`
-//! prints only the table.
+//! prints only the table; `--blocked-only` leaves the (slow) naive rows out of it.
 
 use cnnc::compiler::lower::report::{conv_report, fill, standard_cases};
 use cnnc::compiler::lower::{ConvKernels, Epilogue, EpilogueArgs, Mode};
 use criterion::{Criterion, Throughput};
 
 fn main() {
-    print!("{}", conv_report(&standard_cases(), true).expect("kernel report"));
+    let naive = !std::env::args().any(|a| a == "--blocked-only");
+    print!("{}", conv_report(&standard_cases(), naive).expect("kernel report"));
     if std::env::args().any(|a| a == "--report-only") {
         return;
     }

@@ -145,6 +145,19 @@ fn geometries() -> Vec<G> {
         // Output rows a multiple of 8 wide: the whole-row packing paths (with borders).
         g(4, 10, 16, 6, [3, 3], [2, 1], [1, 2, 2, 2], [1, 2], 2),
         g(3, 9, 24, 5, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1),
+        // Stride 1 with output rows >= 8 wide: the direct (in-place padded-plane) forward and
+        // backward-data kernels, with row tails, pads 0/1/2, asymmetric and over-padding,
+        // dilation, groups, 1xk/kx1, odd channel counts (plane-unroll remainders).
+        g(5, 7, 13, 7, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1),
+        g(3, 6, 15, 5, [3, 3], [1, 1], [0, 0, 0, 0], [1, 1], 1),
+        g(17, 9, 12, 6, [3, 3], [1, 1], [2, 2, 2, 2], [1, 1], 1),
+        g(4, 8, 13, 9, [3, 3], [1, 1], [0, 2, 1, 0], [1, 1], 1),
+        g(6, 9, 14, 4, [3, 3], [1, 1], [2, 1, 3, 2], [2, 2], 2),
+        g(2, 5, 20, 3, [1, 3], [1, 1], [0, 0, 1, 1], [1, 1], 1),
+        g(3, 12, 16, 5, [3, 1], [1, 1], [1, 1, 0, 0], [1, 1], 1),
+        g(1, 12, 12, 6, [5, 5], [1, 1], [0, 0, 0, 0], [1, 1], 1),
+        g(6, 12, 12, 15, [5, 5], [1, 1], [2, 2, 2, 2], [1, 1], 3),
+        g(3, 10, 10, 4, [1, 1], [1, 1], [1, 0, 0, 1], [1, 1], 1),
     ]
 }
 
@@ -157,6 +170,9 @@ fn forward_and_backward_match_reference() {
                 let what = format!("geometry {gi} {g:?} {mode:?} batch {n} bias {bias}");
                 let k = ConvKernels::compile("c", &g.conv(bias), (g.cin, g.h, g.w), Epilogue::default(), mode).unwrap();
                 assert_eq!(k.geometry().oh * k.geometry().ow, g.pix(), "{what}: output size");
+                if mode == Mode::Blocked && gi >= 15 && gi != 24 {
+                    assert_eq!(k.algorithms()[..2], ["direct", "direct"], "{what}: stride-1 path");
+                }
                 let x = rand_vec(&mut rng, n * g.in_n());
                 let w = rand_vec(&mut rng, g.cout * g.cin / g.g * g.k[0] * g.k[1]);
                 let b = rand_vec(&mut rng, g.cout);
@@ -188,8 +204,13 @@ fn forward_and_backward_match_reference() {
 
 #[test]
 fn epilogues_match_reference() {
-    let mut rng = StdRng::seed_from_u64(12);
-    let g = G { cin: 3, h: 7, w: 5, cout: 13, k: [3, 3], s: [2, 2], p: [0, 1, 1, 0], d: [1, 1], g: 1 };
+    // im2col path (stride 2) and the direct stride-1 path (rows 12 wide: a 4-wide tail).
+    check_epilogues(G { cin: 3, h: 7, w: 5, cout: 13, k: [3, 3], s: [2, 2], p: [0, 1, 1, 0], d: [1, 1], g: 1 }, 12, "im2col");
+    check_epilogues(G { cin: 5, h: 6, w: 12, cout: 13, k: [3, 3], s: [1, 1], p: [1, 1, 1, 1], d: [1, 1], g: 1 }, 16, "direct");
+}
+
+fn check_epilogues(g: G, seed: u64, algo: &str) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let n = 3;
     let p = g.pix();
     let x = rand_vec(&mut rng, n * g.in_n());
@@ -213,6 +234,9 @@ fn epilogues_match_reference() {
         for epi in cases {
             let what = format!("{mode:?} {epi:?}");
             let k = ConvKernels::compile("c", &g.conv(true), (g.cin, g.h, g.w), epi, mode).unwrap();
+            if mode == Mode::Blocked {
+                assert_eq!(k.algorithms()[0], algo, "{what}");
+            }
             let cs = epi.concat.unwrap_or(ChannelSlice { total: g.cout, offset: 0 });
             let out0 = rand_vec(&mut rng, n * cs.total * p);
             let mut want = out0.clone();
@@ -251,19 +275,28 @@ fn epilogues_match_reference() {
 #[test]
 fn concat_slice_backward_reads_its_channels() {
     let mut rng = StdRng::seed_from_u64(13);
-    let g = G { cin: 4, h: 6, w: 5, cout: 5, k: [3, 3], s: [1, 1], p: [1, 1, 1, 1], d: [1, 1], g: 1 };
+    // Rows 5 wide (im2col) and 13 wide (direct, a 5-wide tail).
+    for w in [5, 13] {
+        concat_backward(&mut rng, G { cin: 4, h: 6, w, cout: 5, k: [3, 3], s: [1, 1], p: [1, 1, 1, 1], d: [1, 1], g: 1 });
+    }
+}
+
+fn concat_backward(rng: &mut StdRng, g: G) {
     let (n, total, off) = (2, 11, 3);
     let p = g.pix();
     let epi = Epilogue { concat: Some(ChannelSlice { total, offset: off }), ..Default::default() };
-    let x = rand_vec(&mut rng, n * g.in_n());
-    let w = rand_vec(&mut rng, g.cout * g.cin * 9);
-    let dfull = rand_vec(&mut rng, n * total * p);
+    let x = rand_vec(rng, n * g.in_n());
+    let w = rand_vec(rng, g.cout * g.cin * 9);
+    let dfull = rand_vec(rng, n * total * p);
     let mut dslice = Vec::new();
     for s in 0..n {
         dslice.extend_from_slice(&dfull[(s * total + off) * p..(s * total + off + g.cout) * p]);
     }
     for mode in [Mode::Blocked, Mode::Naive] {
         let k = ConvKernels::compile("c", &g.conv(true), (g.cin, g.h, g.w), epi, mode).unwrap();
+        if mode == Mode::Blocked {
+            assert_eq!(k.algorithms()[1], if g.w > 8 { "direct" } else { "im2col" });
+        }
         let mut dx = vec![0.0; n * g.in_n()];
         let mut want_dx = dx.clone();
         k.backward_data(&mut dx, &dfull, &w).unwrap();

@@ -27,7 +27,7 @@
 //! the convolution's own result (`W·col + b`): a runtime that fused an activation or residual
 //! must first take the gradient through them.
 
-use super::gemm::{self, pack_a, BiasKind, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, MR, NR};
+use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, MR, NR};
 use super::jit::{Jit, KernelId};
 use super::naive;
 use super::Mode;
@@ -169,9 +169,111 @@ pub struct EpilogueArgs<'a> {
 /// Pixels per block of the weight-gradient reduction.
 const WGRAD_BLOCK: usize = 256;
 
+/// Zero-padded copies of one group's input planes for a direct (stride-1, in-place B) GEMM:
+/// `chans` planes of `src_h x src_w` placed at row `top`, column `left` (negative: cropped) of
+/// `ph x pw` planes, `plane` elements apart, producing `out_h x out_w` output rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Planes {
+    chans: usize,
+    src_h: usize,
+    src_w: usize,
+    top: isize,
+    left: isize,
+    ph: usize,
+    pw: usize,
+    plane: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl Planes {
+    /// Planes for a stride-1 `dk[0] x dk[1]` (dilated) kernel producing `out_h x out_w`.
+    fn new(chans: usize, (src_h, src_w): (usize, usize), (out_h, out_w): (usize, usize), dk: [usize; 2], top: isize, left: isize) -> Planes {
+        let ph = out_h + dk[0] - 1;
+        // Whole 8-wide tiles of every output row stay inside the padded row.
+        let pw = out_w.div_ceil(NR) * NR + dk[1] - 1;
+        // Planes a whole odd number of cache lines apart, so the same pixel of successive
+        // channels falls in different L1 sets.
+        let mut plane = (ph * pw).div_ceil(16) * 16;
+        if (plane / 16).is_multiple_of(2) {
+            plane += 16;
+        }
+        Planes { chans, src_h, src_w, top, left, ph, pw, plane, out_h, out_w }
+    }
+
+    /// Elements of a buffer holding all planes.
+    fn len(&self) -> usize {
+        self.chans * self.plane
+    }
+
+    /// Copy `src` (`chans` planes of `src_h x src_w`) into `dst` (zeroed once: only the
+    /// interior is written, so borders stay zero across calls).
+    fn fill(&self, dst: &mut [f32], src: &[f32]) {
+        let (sh, sw) = (self.src_h as isize, self.src_w as isize);
+        // Source rows/columns that land inside the padded plane.
+        let y0 = (-self.top).max(0);
+        let y1 = sh.min(self.ph as isize - self.top);
+        let x0 = (-self.left).max(0);
+        let x1 = sw.min(self.pw as isize - self.left);
+        if y0 >= y1 || x0 >= x1 {
+            return;
+        }
+        let len = (x1 - x0) as usize;
+        for c in 0..self.chans {
+            for y in y0..y1 {
+                let s = c * self.src_h * self.src_w + (y * sw + x0) as usize;
+                let d = c * self.plane + ((y + self.top) as usize) * self.pw + (x0 + self.left) as usize;
+                dst[d..d + len].copy_from_slice(&src[s..s + len]);
+            }
+        }
+    }
+
+    /// The in-place B description of this layout for kernel taps `(ky*dh, kx*dw)`.
+    fn direct(&self, taps: impl Iterator<Item = (usize, usize)>) -> DirectB {
+        DirectB { chans: self.chans, plane: self.plane, taps: taps.map(|(y, x)| y * self.pw + x).collect() }
+    }
+}
+
+/// Whether 8-wide tiles cover output rows of width `w` with little waste.
+fn rows_fit_tiles(w: usize) -> bool {
+    w >= NR && 4 * w >= 3 * w.div_ceil(NR) * NR
+}
+
+/// A direct GEMM with its plane layout.
+#[derive(Debug)]
+struct Direct {
+    gemm: Gemm,
+    planes: Planes,
+}
+
+impl Direct {
+    /// Run every tile of one sample/group: output pixel `(y, x)` at `c[c_off + y*ldc_row + x]`
+    /// with `ldc_row` the output row width, `a` packed, `pad` the filled planes.
+    fn run(&self, c: &mut [f32], c_off: usize, m: usize, a: &[f32], pad: &[f32], epi: &EpiArgs) {
+        let pl = &self.planes;
+        for oy in 0..pl.out_h {
+            for ox0 in (0..pl.out_w).step_by(NR) {
+                let nr = NR.min(pl.out_w - ox0);
+                let j0 = oy * pl.out_w + ox0;
+                self.gemm.run_cols(c, c_off + j0, m, j0, nr, a, &pad[oy * pl.pw + ox0..], epi);
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Impl {
-    Blocked { fwd: Gemm, bwd_data: Gemm, bwd_w: Gemm, bwd_w_tail: Option<Gemm> },
+    Blocked {
+        fwd: Gemm,
+        bwd_data: Gemm,
+        bwd_w: Gemm,
+        bwd_w_tail: Option<Gemm>,
+        /// Stride-1 forward reading padded input planes in place (replaces `fwd`).
+        direct_fwd: Option<Direct>,
+        /// Stride-1 backward data as a convolution of the padded `d_out` with the flipped,
+        /// transposed weights (replaces `bwd_data`).
+        direct_bwd: Option<Direct>,
+    },
     Naive { fwd: super::entry::Kernel, bwd_data: super::entry::Kernel, bwd_w: super::entry::Kernel },
 }
 
@@ -215,7 +317,7 @@ impl ConvKernels {
         let mut jit = Jit::new(layer)?;
         #[allow(clippy::large_enum_variant)]
         enum Plan {
-            Blocked(GemmPlan, GemmPlan, GemmPlan, Option<GemmPlan>),
+            Blocked(GemmPlan, GemmPlan, GemmPlan, Option<GemmPlan>, Option<(GemmPlan, Planes)>, Option<(GemmPlan, Planes)>),
             Naive(KernelId, KernelId, KernelId),
         }
         let plan = match mode {
@@ -232,7 +334,6 @@ impl ConvKernels {
                     act: epi.act,
                     accumulate: epi.accumulate,
                 };
-                let fwd = GemmPlan::define(&mut jit, "conv_fwd", fwd)?;
                 // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
                 let bd = if g.is_direct() {
                     GemmSpec::plain(Some(kc), p, mg, p, true)
@@ -247,7 +348,35 @@ impl ConvKernels {
                 } else {
                     None
                 };
-                Plan::Blocked(fwd, bd, bw, bwt)
+                let (dfwd, dbwd) = if g.stride == [1, 1] && !g.is_direct() {
+                    let [kh, kw] = g.kernel;
+                    let [dh, dw] = g.dilation;
+                    let dk = [dh * (kh - 1) + 1, dw * (kw - 1) + 1];
+                    let cg = g.cin / g.groups;
+                    let df = if rows_fit_tiles(g.ow) {
+                        let pl = Planes::new(cg, (g.h, g.w), (g.oh, g.ow), dk, g.pads[0] as isize, g.pads[2] as isize);
+                        let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))));
+                        let spec = GemmSpec { n: g.ow, ..fwd };
+                        Some((GemmPlan::define_direct(&mut jit, "conv_fwd_direct", spec, &d)?, pl))
+                    } else {
+                        None
+                    };
+                    let db = if rows_fit_tiles(g.w) {
+                        let top = (dk[0] - 1) as isize - g.pads[0] as isize;
+                        let left = (dk[1] - 1) as isize - g.pads[2] as isize;
+                        let pl = Planes::new(mg, (g.oh, g.ow), (g.h, g.w), dk, top, left);
+                        let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))));
+                        let spec = GemmSpec::plain(Some(cg), g.w, mg * kh * kw, g.h * g.w, true);
+                        Some((GemmPlan::define_direct(&mut jit, "conv_bwd_data_direct", spec, &d)?, pl))
+                    } else {
+                        None
+                    };
+                    (df, db)
+                } else {
+                    (None, None)
+                };
+                let fwd = GemmPlan::define(&mut jit, "conv_fwd", fwd)?;
+                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd)
             }
             Mode::Naive => {
                 let (f, d, w) = naive::define_conv(&mut jit, g, conv.bias)?;
@@ -256,11 +385,13 @@ impl ConvKernels {
         };
         let fin = jit.finish()?;
         let imp = match plan {
-            Plan::Blocked(f, d, w, t) => Impl::Blocked {
+            Plan::Blocked(f, d, w, t, df, db) => Impl::Blocked {
                 fwd: f.resolve(&fin),
                 bwd_data: d.resolve(&fin),
                 bwd_w: w.resolve(&fin),
                 bwd_w_tail: t.map(|t| t.resolve(&fin)),
+                direct_fwd: df.map(|(p, planes)| Direct { gemm: p.resolve(&fin), planes }),
+                direct_bwd: db.map(|(p, planes)| Direct { gemm: p.resolve(&fin), planes }),
             },
             Plan::Naive(f, d, w) => Impl::Naive {
                 fwd: fin.kernels[f.0].clone(),
@@ -305,10 +436,30 @@ impl ConvKernels {
     /// Number of kernels (JIT functions) compiled for this layer.
     pub fn kernel_count(&self) -> usize {
         match &self.imp {
-            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail } => {
-                fwd.tile_count() + bwd_data.tile_count() + bwd_w.tile_count() + bwd_w_tail.as_ref().map_or(0, Gemm::tile_count)
+            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd } => {
+                fwd.tile_count()
+                    + bwd_data.tile_count()
+                    + bwd_w.tile_count()
+                    + bwd_w_tail.as_ref().map_or(0, Gemm::tile_count)
+                    + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
+                    + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
             }
             Impl::Naive { .. } => 3,
+        }
+    }
+
+    /// The algorithm each of forward, backward-data, backward-weight runs: `"direct"`
+    /// (padded planes read in place), `"im2col"` (packed panels gathered from the input),
+    /// `"1x1"` (the input itself is the GEMM operand) or `"naive"`.
+    pub fn algorithms(&self) -> [&'static str; 3] {
+        let packed = if self.geom.is_direct() { "1x1" } else { "im2col" };
+        match &self.imp {
+            Impl::Blocked { direct_fwd, direct_bwd, .. } => [
+                if direct_fwd.is_some() { "direct" } else { packed },
+                if direct_bwd.is_some() { "direct" } else { packed },
+                packed,
+            ],
+            Impl::Naive { .. } => ["naive"; 3],
         }
     }
 
@@ -371,12 +522,29 @@ impl ConvKernels {
         let kc = g.kc();
         let hw = g.h * g.w;
         match &self.imp {
-            Impl::Blocked { fwd, .. } => {
+            Impl::Blocked { fwd, direct_fwd, .. } => {
                 let mut apack = Vec::new();
                 let mut packs = Vec::with_capacity(g.groups);
                 for gi in 0..g.groups {
                     pack_a(&mut apack, &w[gi * mg * kc..], mg, kc, kc, 1);
                     packs.push(apack.clone());
+                }
+                if let Some(d) = direct_fwd {
+                    let mut pad = vec![0.0f32; d.planes.len()];
+                    for s in 0..n {
+                        for (gi, ap) in packs.iter().enumerate() {
+                            d.planes.fill(&mut pad, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
+                            let r0 = gi * mg;
+                            let epi = EpiArgs {
+                                bias: if self.bias { &bias[r0..] } else { &[] },
+                                scale: if self.epi.affine { &scale[r0..] } else { &[] },
+                                shift: if self.epi.affine { &shift[r0..] } else { &[] },
+                                residual: if self.epi.residual { &residual[(s * g.cout + r0) * p..] } else { &[] },
+                            };
+                            d.run(out, (s * cs.total + cs.offset + gi * mg) * p, mg, ap, &pad, &epi);
+                        }
+                    }
+                    return Ok(());
                 }
                 let bp = self.block_panels();
                 let mut panel = vec![0.0f32; bp * kc * NR];
@@ -446,6 +614,35 @@ impl ConvKernels {
         let kc = g.kc();
         let hw = g.h * g.w;
         match &self.imp {
+            Impl::Blocked { direct_bwd: Some(d), .. } => {
+                // A = the flipped, transposed weights: element (ci, (co, t)) is
+                // w[co, ci, kh-1-ky, kw-1-kx] for tap t = (ky, kx).
+                let taps = g.kernel[0] * g.kernel[1];
+                let mut wt = vec![0.0f32; cg * mg * taps];
+                let packs: Vec<Vec<f32>> = (0..g.groups)
+                    .map(|gi| {
+                        for co in 0..mg {
+                            for ci in 0..cg {
+                                let src = &w[((gi * mg + co) * cg + ci) * taps..][..taps];
+                                let dst = &mut wt[(ci * mg + co) * taps..][..taps];
+                                for (t, v) in dst.iter_mut().enumerate() {
+                                    *v = src[taps - 1 - t];
+                                }
+                            }
+                        }
+                        let mut a = Vec::new();
+                        pack_a(&mut a, &wt, cg, mg * taps, mg * taps, 1);
+                        a
+                    })
+                    .collect();
+                let mut pad = vec![0.0f32; d.planes.len()];
+                for s in 0..n {
+                    for (gi, ap) in packs.iter().enumerate() {
+                        d.planes.fill(&mut pad, &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p]);
+                        d.run(d_x, s * g.in_numel() + gi * cg * hw, cg, ap, &pad, &EpiArgs::default());
+                    }
+                }
+            }
             Impl::Blocked { bwd_data, .. } => {
                 // A = W_gᵀ: element (kk, co) at co*kc + kk.
                 let packs: Vec<Vec<f32>> = (0..g.groups)

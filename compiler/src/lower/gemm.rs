@@ -129,6 +129,30 @@ pub struct GemmPlan {
     ids: Vec<((usize, usize), KernelId)>,
 }
 
+/// How a *direct* tile reads its `B` operand in place, from zero-padded input planes, instead
+/// of from a packed panel (implicit im2col for stride-1 convolutions: no packing at all).
+///
+/// Reduction index `k = c * taps.len() + t` reads, for the tile's 8 columns, the 8 consecutive
+/// elements at `b + c * plane + taps[t]`: the `B` pointer handed to a tile is the padded input
+/// at the tile's first output pixel, `taps[t]` the offset of kernel tap `t` (`ky*dh*PW + kx*dw`
+/// for a padded row width `PW`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectB {
+    /// Input channels (planes) of the reduction.
+    pub chans: usize,
+    /// Elements from one plane to the next.
+    pub plane: usize,
+    /// Element offset of every kernel tap within a plane, in reduction order.
+    pub taps: Vec<usize>,
+}
+
+impl DirectB {
+    /// Elements a tile may read behind its `B` pointer.
+    pub fn extent(&self) -> usize {
+        (self.chans - 1) * self.plane + self.taps.iter().copied().max().unwrap_or(0) + NR
+    }
+}
+
 /// A compiled GEMM: its tile kernels and the panel driver.
 #[derive(Debug, Clone)]
 pub struct Gemm {
@@ -154,6 +178,23 @@ pub struct EpiArgs<'a> {
 impl GemmPlan {
     /// Define the tile kernels `spec` needs in `jit`.
     pub fn define(jit: &mut Jit, name: &str, spec: GemmSpec) -> Result<GemmPlan> {
+        Self::define_impl(jit, name, spec, None)
+    }
+
+    /// Define the tile kernels of a GEMM whose `B` is read in place as `direct` says
+    /// (`spec.k` must be `direct.chans * direct.taps.len()`; `spec.n` is the output row width
+    /// the driver splits into 8-column tiles, see [`Gemm::run_cols`]).
+    pub fn define_direct(jit: &mut Jit, name: &str, spec: GemmSpec, direct: &DirectB) -> Result<GemmPlan> {
+        if spec.k != direct.chans * direct.taps.len() || direct.chans == 0 {
+            return Err(crate::Error::Codegen {
+                layer: jit.layer().to_string(),
+                message: format!("direct GEMM {name}: K = {} but {} planes x {} taps", spec.k, direct.chans, direct.taps.len()),
+            });
+        }
+        Self::define_impl(jit, name, spec, Some(direct))
+    }
+
+    fn define_impl(jit: &mut Jit, name: &str, spec: GemmSpec, direct: Option<&DirectB>) -> Result<GemmPlan> {
         let mrs: Vec<usize> = match spec.m {
             None => (1..=MR).collect(),
             Some(m) => {
@@ -177,9 +218,12 @@ impl GemmPlan {
         let mut ids = Vec::new();
         for &mr in &mrs {
             for &nr in &nrs {
-                let ext = tile_extents(&spec, mr, nr);
+                let mut ext = tile_extents(&spec, mr, nr);
+                if let Some(d) = direct {
+                    ext[2] = d.extent();
+                }
                 let id = jit.define(&format!("{name}_tile{mr}x{nr}_k{}", spec.k), ext, |b, args| {
-                    gen_tile(b, args, &spec, mr, nr)
+                    gen_tile(b, args, &spec, mr, nr, direct)
                 })?;
                 ids.push(((mr, nr), id));
             }
@@ -209,8 +253,9 @@ fn tile_extents(s: &GemmSpec, mr: usize, nr: usize) -> Extents {
     [c, MR * s.k, NR * s.k, bias, aff, aff, res]
 }
 
-/// Emit one `mr x nr` tile: `args = [c, a, b, bias, scale, shift, residual]`.
-fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: usize, nr: usize) {
+/// Emit one `mr x nr` tile: `args = [c, a, b, bias, scale, shift, residual]`; `B` packed, or
+/// read in place from padded planes when `direct` is given.
+fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: usize, nr: usize, direct: Option<&DirectB>) {
     let [c, a, bp, bias, scale, shift, res] = *args;
     let zero = emit::f32x4c(b, 0.0);
     let acc: Vec<_> = (0..MR * 2)
@@ -235,8 +280,20 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
             }
         }
     };
-    let iters = s.k / KU;
-    let rem = s.k % KU;
+    // One loop iteration covers `per` reduction steps: `KU` packed ones, or `cu` whole planes
+    // of a direct B (`cu` planes of `taps` steps, at least `KU` steps when taps are few).
+    // `boffs[u]` is step `u`'s B offset from the iteration's B pointer, `bstep` its advance.
+    let (per, boffs, bstep): (usize, Vec<i64>, i64) = match direct {
+        None => (KU, (0..KU).map(|u| (u * NR) as i64).collect(), (KU * NR) as i64),
+        Some(d) => {
+            let nt = d.taps.len();
+            let cu = KU.div_ceil(nt).min(d.chans).max(1);
+            let offs = (0..cu).flat_map(|c| d.taps.iter().map(move |&t| (c * d.plane + t) as i64)).collect();
+            (cu * nt, offs, (cu * d.plane) as i64)
+        }
+    };
+    let iters = s.k / per;
+    let rem = s.k % per;
     let (mut pa, mut pb) = (a, bp);
     if iters > 0 {
         let head = b.create_block();
@@ -244,14 +301,14 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
         let ptr_ty = b.func.dfg.value_type(a);
         let la = b.append_block_param(head, ptr_ty);
         let lb = b.append_block_param(head, ptr_ty);
-        let a_end = emit::offset(b, a, (iters * KU * MR) as i64);
+        let a_end = emit::offset(b, a, (iters * per * MR) as i64);
         b.ins().jump(head, &[BlockArg::Value(a), BlockArg::Value(bp)]);
         b.switch_to_block(head);
-        for u in 0..KU {
-            step(b, la, lb, (u * MR) as i64, (u * NR) as i64);
+        for (u, &bo) in boffs.iter().enumerate() {
+            step(b, la, lb, (u * MR) as i64, bo);
         }
-        let na = emit::offset(b, la, (KU * MR) as i64);
-        let nb = emit::offset(b, lb, (KU * NR) as i64);
+        let na = emit::offset(b, la, (per * MR) as i64);
+        let nb = emit::offset(b, lb, bstep);
         let more = b.ins().icmp(ir::condcodes::IntCC::NotEqual, na, a_end);
         let ea = b.append_block_param(exit, ptr_ty);
         let eb = b.append_block_param(exit, ptr_ty);
@@ -265,8 +322,8 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
         pa = ea;
         pb = eb;
     }
-    for u in 0..rem {
-        step(b, pa, pb, (u * MR) as i64, (u * NR) as i64);
+    for (u, &bo) in boffs.iter().enumerate().take(rem) {
+        step(b, pa, pb, (u * MR) as i64, bo);
     }
 
     // Epilogue and store.
@@ -435,9 +492,17 @@ impl Gemm {
     /// that is static. Epilogue operands are indexed from row 0 / column 0 of the GEMM.
     #[allow(clippy::too_many_arguments)]
     pub fn run_panel(&self, c: &mut [f32], c_off: usize, m: usize, j0: usize, a: &[f32], b: &[f32], epi: &EpiArgs) {
+        let nr = NR.min(self.spec.n - j0);
+        self.run_cols(c, c_off, m, j0, nr, a, b, epi);
+    }
+
+    /// Like [`Self::run_panel`] with the tile width `nr` given (a direct GEMM's tiles split
+    /// each output row, `nr = min(8, row width - column)`; a tile kernel of that width must be
+    /// compiled). `j0` indexes the epilogue's column operands (bias, residual).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_cols(&self, c: &mut [f32], c_off: usize, m: usize, j0: usize, nr: usize, a: &[f32], b: &[f32], epi: &EpiArgs) {
         let s = &self.spec;
         debug_assert!(s.m.is_none_or(|sm| sm == m));
-        let nr = NR.min(s.n - j0);
         let k = s.k;
         for ip in 0..m.div_ceil(MR) {
             let i0 = ip * MR;
