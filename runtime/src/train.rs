@@ -170,11 +170,50 @@ pub fn train(
     cfg: &TrainConfig,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome, TrainError> {
+    train_resumed(engine, graph, params, train_set, val, cfg, None, observer)
+}
+
+/// [`train`], continuing a run from the state a checkpoint recorded ([`load_resume`]: the
+/// weights are already in `params`): epochs `resume.epoch + 1 ..= cfg.epochs` (so
+/// `cfg.epochs` is the run's total), the optimiser's state and step count, the early-stopping
+/// state and the checkpoint's input normaliser. Shuffling, augmentation and dropout are
+/// seeded by epoch and step, so with the same data, configuration and thread count the
+/// result is bit-identical to a run that was never interrupted. Resuming with another
+/// optimiser than the one that wrote the state is an error.
+#[allow(clippy::too_many_arguments)]
+pub fn train_resumed(
+    engine: &mut dyn Engine,
+    graph: &Graph,
+    params: &mut ParamStore,
+    train_set: &Dataset,
+    val: Option<&Dataset>,
+    cfg: &TrainConfig,
+    resume: Option<&Resume>,
+    observer: &mut dyn Observer,
+) -> Result<TrainOutcome, TrainError> {
     if cfg.batch == 0 || cfg.epochs == 0 {
         return Err(TrainError::Config("epochs and batch size must be at least 1".into()));
     }
     cfg.schedule.validate()?;
-    let normalizer = Normalizer::fit(train_set)?;
+    if let Some(r) = resume {
+        if r.epoch >= cfg.epochs {
+            return Err(TrainError::Config(format!(
+                "the checkpoint has already completed epoch {} of the {} asked for (the epoch count is the run's total: ask for more to continue)",
+                r.epoch, cfg.epochs
+            )));
+        }
+        if r.optimizer != cfg.optimizer.name() {
+            return Err(TrainError::Config(format!(
+                "the checkpoint's optimiser state is {}'s but this run uses {}: resume with the same optimiser",
+                if r.optimizer.is_empty() { "no optimiser" } else { r.optimizer.as_str() },
+                cfg.optimizer.name()
+            )));
+        }
+    }
+    let normalizer = match resume.and_then(|r| r.normalizer.clone()) {
+        Some(n) => n,
+        None => Normalizer::fit(train_set)?,
+    };
     let mut loader = LoaderConfig::new(cfg.batch).shuffled(cfg.seed).last_batch(LastBatch::Keep).normalize(normalizer.clone());
     if let Some(a) = &cfg.augment {
         loader = loader.augment(a.clone());
@@ -190,7 +229,18 @@ pub fn train(
     let mut outcome = TrainOutcome { epochs: Vec::new(), stopped_early: false, normalizer: normalizer.clone() };
     let mut saved_checkpoint: Option<PathBuf> = None;
     let mut step: u64 = 0;
-    for epoch in 1..=cfg.epochs {
+    let mut first_epoch = 1;
+    if let Some(r) = resume {
+        let tensors: Vec<(String, usize)> = params.infos().iter().map(|i| (i.name.clone(), i.shape.iter().product())).collect();
+        optimizer
+            .import_state(&r.optimizer_state, &tensors, r.step)
+            .map_err(|e| TrainError::Config(format!("cannot resume the optimiser: {e}")))?;
+        step = r.step;
+        best_val = r.best_val;
+        since_best = r.since_best;
+        first_epoch = r.epoch + 1;
+    }
+    for epoch in first_epoch..=cfg.epochs {
         let started = Instant::now();
         let batches = loader.num_batches(train_set.len());
         let mut running = BatchStats::default();
@@ -261,15 +311,26 @@ pub fn train(
                     extra: [
                         ("normalizer_mean".to_string(), join(&normalizer.mean)),
                         ("normalizer_std".to_string(), join(&normalizer.std)),
+                        (STEP_KEY.to_string(), step.to_string()),
+                        (BEST_KEY.to_string(), best_val.to_string()),
+                        (SINCE_BEST_KEY.to_string(), since_best.to_string()),
                     ]
                     .into_iter()
                     .collect(),
                 };
                 let infos = params.infos().to_vec();
+                let state: Vec<checkpoint::Tensor> = optimizer
+                    .export_state()
+                    .into_iter()
+                    .map(|(n, s, d)| (format!("{}{n}", checkpoint::OPTIM_PREFIX), s, d))
+                    .collect();
                 checkpoint::save(
                     path,
                     &meta,
-                    infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice(), params.slice(&i.name).expect("own name"))),
+                    infos
+                        .iter()
+                        .map(|i| (i.name.as_str(), i.shape.as_slice(), params.slice(&i.name).expect("own name")))
+                        .chain(state.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))),
                 )?;
                 saved_checkpoint = Some(path.clone());
             }
@@ -282,6 +343,72 @@ pub fn train(
         }
     }
     Ok(outcome)
+}
+
+const STEP_KEY: &str = "step";
+const BEST_KEY: &str = "best_monitored_loss";
+const SINCE_BEST_KEY: &str = "epochs_since_best";
+
+/// The training state a checkpoint written by [`train`] records besides the weights, for
+/// [`train_resumed`].
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// Epochs completed.
+    pub epoch: u64,
+    /// Optimiser steps taken (the learning-rate schedule and dropout seeds follow it).
+    pub step: u64,
+    /// Best monitored loss so far (validation loss, or training loss without validation).
+    pub best_val: f64,
+    /// Epochs since that best (early stopping).
+    pub since_best: u64,
+    /// Name of the optimiser that wrote the state (`Adam`, `SGD`, ...).
+    pub optimizer: String,
+    /// The optimiser's state tensors, `"{tensor}.{buffer}"` (as `Optimizer::export_state`).
+    pub optimizer_state: Vec<checkpoint::Tensor>,
+    /// The input normaliser the weights were trained with.
+    pub normalizer: Option<Normalizer>,
+}
+
+/// Load a checkpoint written by [`train`] for [`train_resumed`]: its weights into `params`
+/// (architecture, fingerprint and shapes checked first, nothing changed on a mismatch) and
+/// its training state. A checkpoint without training state (weights only) is an error that
+/// says so.
+pub fn load_resume(path: &std::path::Path, graph: &Graph, params: &mut ParamStore) -> Result<Resume, TrainError> {
+    let infos = params.infos().to_vec();
+    let expected: Vec<(&str, &[usize])> = infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice())).collect();
+    let c = checkpoint::load_checked(path, &graph.name, &fingerprint(graph), &expected)?;
+    let file = path.display();
+    let num = |k: &str| -> Result<Option<String>, TrainError> { Ok(c.meta.extra.get(k).cloned()) };
+    let missing = || TrainError::Config(format!("checkpoint {file} holds weights but no training state (optimiser step), so it cannot be resumed; start a new run from its weights instead"));
+    let step: u64 = num(STEP_KEY)?.ok_or_else(missing)?.parse().map_err(|_| {
+        TrainError::Config(format!("checkpoint {file}: metadata {STEP_KEY} is not a number"))
+    })?;
+    let best_val: f64 = match num(BEST_KEY)? {
+        Some(v) => v.parse().map_err(|_| TrainError::Config(format!("checkpoint {file}: metadata {BEST_KEY} '{v}' is not a number")))?,
+        None => f64::INFINITY,
+    };
+    let since_best: u64 = match num(SINCE_BEST_KEY)? {
+        Some(v) => v.parse().map_err(|_| TrainError::Config(format!("checkpoint {file}: metadata {SINCE_BEST_KEY} '{v}' is not a number")))?,
+        None => 0,
+    };
+    for (name, _, data) in c.model_tensors() {
+        if let Some(dst) = params.slice_mut(name) {
+            dst.copy_from_slice(data);
+        }
+    }
+    let normalizer = match (c.meta.extra.get("normalizer_mean"), c.meta.extra.get("normalizer_std")) {
+        (Some(m), Some(s)) => split(m).zip(split(s)).and_then(|(m, s)| Normalizer::new(m, s).ok()),
+        _ => None,
+    };
+    Ok(Resume {
+        epoch: c.meta.epoch,
+        step,
+        best_val,
+        since_best,
+        optimizer: c.meta.optimizer.clone(),
+        optimizer_state: c.optimizer_tensors(),
+        normalizer,
+    })
 }
 
 fn join(v: &[f32]) -> String {
