@@ -1,16 +1,21 @@
 //! Training-step benchmark: LeNet-5 at batch 64 and a small CIFAR-size inception net at batch
-//! 32, `JitEngine` fused (blocked kernels, `Fusion::Full`) vs naive (`Fusion::None`, naive
-//! kernels) vs the reference interpreter. Prints the median of several steps per engine (and
-//! inference medians), plus compile times. Run: `cargo bench --bench train_step`
-//! (`TRAIN_STEP_ITERS=n` changes the number of timed steps).
+//! 32. First the tables of `cnnc_runtime::bench` (what `cnnc bench` prints): `JitEngine` fused
+//! (blocked kernels, `Fusion::Full`) vs naive (`Fusion::None`, naive kernels) vs the reference
+//! interpreter, inference and training step, medians of repeated runs, GFLOP/s and fraction of
+//! the 128-bit FMA peak measured in the same run, memory, one row per fused group. Then
+//! criterion timings of the fused training step.
+//!
+//! Run: `cargo bench --bench train_step` (`-- --report-only` prints only the tables;
+//! `TRAIN_STEP_ITERS=n` changes the number of timed steps of the tables, default 7).
 
 use cnnc_compiler::ir::*;
 use cnnc_compiler::plan::Fusion;
-use cnnc_runtime::engine::{Engine, ReferenceEngine};
+use cnnc_runtime::bench::{self, BenchConfig};
+use cnnc_runtime::engine::Engine;
 use cnnc_runtime::exec::JitEngine;
 use cnnc_runtime::init::InitConfig;
 use cnnc_runtime::params::ParamStore;
-use std::time::Instant;
+use criterion::{Criterion, Throughput};
 
 fn relu() -> Op {
     Op::Act(Activation::Relu)
@@ -65,54 +70,34 @@ fn inception() -> Graph {
     g
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn bench(g: &Graph, batch: usize, iters: usize) {
-    let loss = Loss::SoftmaxCrossEntropy;
-    let params0 = ParamStore::<f32>::for_graph(g, &InitConfig::pytorch(), 1).unwrap();
-    let per = g.node(g.inputs()[0]).shape.numel();
-    let x: Vec<f32> = (0..batch * per).map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0).collect();
-    let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
-    let threads = JitEngine::new(g, loss, 1, Fusion::None).map(|e| e.threads()).unwrap_or(1);
-    println!("\n{} (batch {batch}, {threads} threads)", g.name);
-    println!("{:<12} {:>12} {:>14} {:>14} {:>10}", "engine", "compile ms", "train step ms", "infer ms", "speed-up");
-    let mut rows = Vec::new();
-    let mut engines: Vec<(Box<dyn Engine>, f64, usize)> = Vec::new();
-    for fusion in [Fusion::Full, Fusion::None] {
-        let e = JitEngine::new(g, loss, batch, fusion).unwrap();
-        let ct = e.compile_time().as_secs_f64() * 1e3;
-        engines.push((Box::new(e), ct, iters));
-    }
-    engines.push((Box::new(ReferenceEngine::new(g.clone(), loss)), 0.0, iters.div_ceil(3).max(1)));
-    for (mut e, ct, it) in engines {
-        let (mut p, mut gr) = (params0.clone(), params0.zeros_like());
-        e.train_step(&mut p, &mut gr, &x, &labels, 0).unwrap();
-        let mut t = Vec::new();
-        for i in 0..it {
-            let t0 = Instant::now();
-            e.train_step(&mut p, &mut gr, &x, &labels, i as u64).unwrap();
-            t.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        let mut ti = Vec::new();
-        for _ in 0..it {
-            let t0 = Instant::now();
-            e.infer(&p, &x, batch).unwrap();
-            ti.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        rows.push((e.name().to_string(), ct, median(t), median(ti)));
-    }
-    let reference = rows.last().map(|r| r.2).unwrap_or(1.0);
-    for (name, ct, t, ti) in rows {
-        let ct = if name == "reference" { "-".to_string() } else { format!("{ct:.1}") };
-        println!("{name:<12} {ct:>12} {t:>14.2} {ti:>14.2} {:>9.1}x", reference / t);
-    }
-}
-
 fn main() {
-    let iters = std::env::var("TRAIN_STEP_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
-    bench(&lenet(), 64, iters);
-    bench(&inception(), 32, iters);
+    let reps = std::env::var("TRAIN_STEP_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+    let cases = [(lenet(), 64), (inception(), 32)];
+    for (i, (g, batch)) in cases.iter().enumerate() {
+        let cfg = BenchConfig { batch: *batch, reps, ..BenchConfig::default() };
+        let r = bench::run(g, &cfg, &mut |_| {}).expect("benchmark");
+        if i > 0 {
+            println!();
+        }
+        print!("{}", r.render_table());
+    }
+    if std::env::args().any(|a| a == "--report-only") {
+        return;
+    }
+    let mut crit = Criterion::default().sample_size(10).configure_from_args();
+    let loss = Loss::SoftmaxCrossEntropy;
+    for (g, batch) in &cases {
+        let batch = *batch;
+        let mut e = JitEngine::new(g, loss, batch, Fusion::Full).expect("compile");
+        let mut p = ParamStore::<f32>::for_graph(g, &InitConfig::pytorch(), 1).expect("params");
+        let mut gr = p.zeros_like();
+        let x = cnnc_compiler::lower::report::fill(batch * g.node(g.inputs()[0]).shape.numel(), 1);
+        let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
+        let c = cnnc_compiler::cost::analyze(g, batch);
+        let mut group = crit.benchmark_group(format!("{} b{batch}", g.name));
+        group.throughput(Throughput::Elements(c.totals.flops.forward + c.totals.flops.backward.total()));
+        group.bench_function("fused train step", |b| b.iter(|| e.train_step(&mut p, &mut gr, &x, &labels, 0).expect("step")));
+        group.finish();
+    }
+    crit.final_summary();
 }

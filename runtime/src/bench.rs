@@ -658,7 +658,7 @@ impl BenchReport {
         }
         let _ = writeln!(o);
         let _ = writeln!(o, "per layer: groups of the fused training plan, ms per step (fwd = forward, f+b = forward + backward)");
-        let mut head: Vec<String> = ["group", "op", "nodes", "MFLOP fwd", "MFLOP bwd"].iter().map(|s| s.to_string()).collect();
+        let mut head: Vec<String> = ["group", "op", "fused with", "MFLOP fwd", "MFLOP bwd"].iter().map(|s| s.to_string()).collect();
         for (i, e) in self.engines.iter().enumerate() {
             let short = e.engine.split(' ').next().unwrap_or("").to_string();
             head.push(format!("{short} fwd"));
@@ -688,7 +688,14 @@ impl BenchReport {
             }
             if l.times.len() > 1 {
                 let (f, nv) = (l.times[0].total_ns(), l.times[1].total_ns());
-                r.push(if f > 0 { format!("{:.1}x", nv as f64 / f as f64) } else { "-".into() });
+                // A group that runs no kernel (an in-place concat) has no meaningful ratio.
+                r.push(if l.op == "concat" && f * 100 < nv {
+                    "in place".into()
+                } else if f == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.1}x", nv as f64 / f as f64)
+                });
             }
             t.rows.push(r);
         }
