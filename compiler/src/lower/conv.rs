@@ -239,6 +239,9 @@ fn rows_fit_tiles(w: usize) -> bool {
     w >= NR && 4 * w >= 3 * w.div_ceil(NR) * NR
 }
 
+/// Bytes of `B` a direct GEMM's block of tiles may span (see [`Direct::run`]).
+const TILE_BLOCK_BYTES: usize = 32768;
+
 /// A direct GEMM with its plane layout.
 #[derive(Debug)]
 struct Direct {
@@ -249,19 +252,32 @@ struct Direct {
 impl Direct {
     /// Run every tile of one sample/group: output pixel `(y, x)` at `c[c_off + y*ldc_row + x]`
     /// with `ldc_row` the output row width, `a` packed, `pad` the filled planes.
+    ///
+    /// Tiles go in blocks of `tb` along a row, each row panel of `A` over the whole block
+    /// (`tb` is chosen so that the block's `B` stays in L1: many tiles for a short reduction,
+    /// whose cost is then the `C` traffic, one for a long one, whose `A` panel is reused less
+    /// than its `B`).
     fn run(&self, c: &mut [f32], c_off: usize, m: usize, a: &[f32], pad: &[f32], epi: &EpiArgs) {
         let pl = &self.planes;
+        let k = self.gemm.spec().k;
+        let tb = (TILE_BLOCK_BYTES / (k * NR * 4)).clamp(1, 8);
         for oy in 0..pl.out_h {
-            for ox0 in (0..pl.out_w).step_by(NR) {
-                let nr = NR.min(pl.out_w - ox0);
-                let j0 = oy * pl.out_w + ox0;
-                self.gemm.run_cols(c, c_off + j0, m, j0, nr, a, &pad[oy * pl.pw + ox0..], epi);
+            for xb in (0..pl.out_w).step_by(NR * tb) {
+                let xe = pl.out_w.min(xb + NR * tb);
+                for ip in 0..m.div_ceil(MR) {
+                    for ox0 in (xb..xe).step_by(NR) {
+                        let nr = NR.min(pl.out_w - ox0);
+                        let j0 = oy * pl.out_w + ox0;
+                        self.gemm.run_panels(c, c_off + j0, m, ip..ip + 1, j0, nr, a, &pad[oy * pl.pw + ox0..], epi);
+                    }
+                }
             }
         }
     }
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer; the blocked variant is the common one
 enum Impl {
     Blocked {
         fwd: Gemm,
@@ -348,25 +364,27 @@ impl ConvKernels {
                 } else {
                     None
                 };
-                let (dfwd, dbwd) = if g.stride == [1, 1] && !g.is_direct() {
+                let (dfwd, dbwd) = if g.stride == [1, 1] {
                     let [kh, kw] = g.kernel;
                     let [dh, dw] = g.dilation;
                     let dk = [dh * (kh - 1) + 1, dw * (kw - 1) + 1];
                     let cg = g.cin / g.groups;
-                    let df = if rows_fit_tiles(g.ow) {
-                        let pl = Planes::new(cg, (g.h, g.w), (g.oh, g.ow), dk, g.pads[0] as isize, g.pads[2] as isize);
+                    // An unpadded 1x1 convolution sees each plane as one row of pixels.
+                    let (ihw, ohw) = if g.is_direct() { ((1, g.h * g.w), (1, p)) } else { ((g.h, g.w), (g.oh, g.ow)) };
+                    let df = if rows_fit_tiles(ohw.1) {
+                        let pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
                         let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))));
-                        let spec = GemmSpec { n: g.ow, ..fwd };
+                        let spec = GemmSpec { n: ohw.1, ..fwd };
                         Some((GemmPlan::define_direct(&mut jit, "conv_fwd_direct", spec, &d)?, pl))
                     } else {
                         None
                     };
-                    let db = if rows_fit_tiles(g.w) {
+                    let db = if rows_fit_tiles(ihw.1) {
                         let top = (dk[0] - 1) as isize - g.pads[0] as isize;
                         let left = (dk[1] - 1) as isize - g.pads[2] as isize;
-                        let pl = Planes::new(mg, (g.oh, g.ow), (g.h, g.w), dk, top, left);
+                        let pl = Planes::new(mg, ohw, ihw, dk, top, left);
                         let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))));
-                        let spec = GemmSpec::plain(Some(cg), g.w, mg * kh * kw, g.h * g.w, true);
+                        let spec = GemmSpec::plain(Some(cg), ihw.1, mg * kh * kw, g.h * g.w, true);
                         Some((GemmPlan::define_direct(&mut jit, "conv_bwd_data_direct", spec, &d)?, pl))
                     } else {
                         None

@@ -501,10 +501,27 @@ impl Gemm {
     /// compiled). `j0` indexes the epilogue's column operands (bias, residual).
     #[allow(clippy::too_many_arguments)]
     pub fn run_cols(&self, c: &mut [f32], c_off: usize, m: usize, j0: usize, nr: usize, a: &[f32], b: &[f32], epi: &EpiArgs) {
+        self.run_panels(c, c_off, m, 0..m.div_ceil(MR), j0, nr, a, b, epi);
+    }
+
+    /// Like [`Self::run_cols`] for the row panels `panels` (of `ceil(m/4)`) only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_panels(
+        &self,
+        c: &mut [f32],
+        c_off: usize,
+        m: usize,
+        panels: std::ops::Range<usize>,
+        j0: usize,
+        nr: usize,
+        a: &[f32],
+        b: &[f32],
+        epi: &EpiArgs,
+    ) {
         let s = &self.spec;
         debug_assert!(s.m.is_none_or(|sm| sm == m));
         let k = s.k;
-        for ip in 0..m.div_ceil(MR) {
+        for ip in panels {
             let i0 = ip * MR;
             let mr = MR.min(m - i0);
             let kern = self.tiles[(mr - 1) * NR + (nr - 1)].as_ref().expect("GEMM tile variant compiled");
