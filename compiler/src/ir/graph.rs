@@ -133,7 +133,7 @@ impl Graph {
     /// The model's outputs.
     pub fn outputs(&self) -> Vec<NodeId> {
         if self.outputs.is_empty() {
-            self.g.node_indices().last().map(NodeId).into_iter().collect()
+            self.g.node_indices().next_back().map(NodeId).into_iter().collect()
         } else {
             self.outputs.clone()
         }
