@@ -105,7 +105,8 @@ pub struct TrainArgs {
     /// Save the best weights here (safetensors, written atomically)
     #[arg(long, value_name = "PATH")]
     checkpoint: Option<PathBuf>,
-    /// Start from the weights of this checkpoint
+    /// Continue the run this checkpoint recorded (weights, optimiser state, step, early
+    /// stopping); `--epochs` is then the run's total, so `--epochs 10` after 4 trains 6 more
     #[arg(long, value_name = "PATH")]
     resume: Option<PathBuf>,
     /// Write training curves here (CSV; a PNG is rendered beside it)
@@ -262,10 +263,14 @@ pub fn run_train(a: TrainArgs) -> Result<(), CliError> {
             eprintln!("   {line}");
         }
     }
-    if let Some(r) = &a.resume {
-        let loaded = train::load_checkpoint(r, &graph, &mut params)?;
-        eprintln!(" Resuming from {} (epoch {})", r.display(), loaded.epoch);
-    }
+    let resume = match &a.resume {
+        Some(r) => {
+            let state = train::load_resume(r, &graph, &mut params)?;
+            eprintln!(" Resuming from {} (epoch {}, step {})", r.display(), state.epoch, state.step);
+            Some(state)
+        }
+        None => None,
+    };
     for info in params.infos().to_vec() {
         if !info.layer_trainable {
             params.set_layer_trainable(&info.layer, false);
@@ -330,7 +335,7 @@ pub fn run_train(a: TrainArgs) -> Result<(), CliError> {
             100.0 * c.backward_flops_saved as f64 / all.max(1) as f64
         );
     }
-    let out = train::train(eng.as_mut(), &graph, &mut params, &train_set, Some(&test_set), &cfg, &mut Bars { bar: None })?;
+    let out = train::train_resumed(eng.as_mut(), &graph, &mut params, &train_set, Some(&test_set), &cfg, resume.as_ref(), &mut Bars { bar: None })?;
     if out.stopped_early {
         eprintln!("   Stopped early: held-out loss did not improve for {} epochs", a.patience.unwrap_or(0));
     }
