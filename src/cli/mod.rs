@@ -2,6 +2,7 @@
 
 mod bench;
 mod graph;
+mod predict;
 mod report;
 mod train;
 
@@ -29,6 +30,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Evaluate a checkpoint on the held-out data
     Eval(train::EvalArgs),
+    /// Classify one image with a checkpoint: the top-5 classes and their probabilities
+    Predict(predict::PredictArgs),
     /// Time a model per engine and per layer: fused vs naive JIT vs interpreter, GFLOP/s, memory
     ///
     /// Times inference and the training step with the fused JIT kernels, the naive JIT kernels
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Graph(a) => graph::run(a),
         Command::Train(a) => train::run_train(a),
         Command::Eval(a) => train::run_eval(a),
+        Command::Predict(a) => predict::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the CLI integration tests: the repository root, running the `cnnc` binary,
-//! asserting a clean failure (non-zero exit, a message, no panic), and a self-deleting
-//! temporary directory.
+//! asserting a clean failure (non-zero exit, a message, no panic), a self-deleting
+//! temporary directory, and a minimal PNG writer (8-bit grey or RGB, uncompressed deflate) for
+//! image inputs.
 //!
 //! Use from a test file with `mod common;` (each test crate compiles its own copy, so some
 //! helpers are unused in some crates).
@@ -112,4 +113,59 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// Write an 8-bit PNG of `width x height` pixels with `channels` 1 (grey) or 3 (RGB),
+/// `pixels` row-major and interleaved (`height * width * channels` bytes).
+pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixels: &[u8]) {
+    assert!(channels == 1 || channels == 3);
+    assert_eq!(pixels.len(), width * height * channels);
+    let mut raw = Vec::new();
+    for row in pixels.chunks(width * channels) {
+        raw.push(0u8); // filter: none
+        raw.extend_from_slice(row);
+    }
+    // zlib: header, stored deflate blocks, Adler-32.
+    let mut z = vec![0x78u8, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, b) in blocks.iter().enumerate() {
+        z.push((i + 1 == blocks.len()) as u8);
+        let n = b.len() as u16;
+        z.extend_from_slice(&n.to_le_bytes());
+        z.extend_from_slice(&(!n).to_le_bytes());
+        z.extend_from_slice(b);
+    }
+    let (mut a, mut bsum) = (1u32, 0u32);
+    for &x in &raw {
+        a = (a + x as u32) % 65_521;
+        bsum = (bsum + a) % 65_521;
+    }
+    z.extend_from_slice(&((bsum << 16) | a).to_be_bytes());
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut c = kind.to_vec();
+        c.extend_from_slice(data);
+        png.extend_from_slice(&c);
+        png.extend_from_slice(&crc32(&c).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&(width as u32).to_be_bytes());
+    ihdr.extend_from_slice(&(height as u32).to_be_bytes());
+    ihdr.extend_from_slice(&[8, if channels == 1 { 0 } else { 2 }, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    std::fs::write(path, png).expect("cannot write the PNG");
 }

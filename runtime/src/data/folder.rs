@@ -110,6 +110,20 @@ fn push_chw(out: &mut Vec<f32>, img: &DynamicImage, channels: usize) {
     }
 }
 
+/// Decodes one image file to CHW `f32` in `[0, 1]` (as the folder loader does) with
+/// `channels` channels (1 or 3; `None`: 1 for a greyscale file, else 3); returns the values
+/// and their `[channels, height, width]`. No resizing: callers check the size.
+pub fn load_image(path: &Path, channels: Option<usize>) -> Result<(Vec<f32>, [usize; 3]), DataError> {
+    let img = decode(path)?;
+    let c = channels.unwrap_or(if is_grey(&img) { 1 } else { 3 });
+    if c != 1 && c != 3 {
+        return Err(DataError::Invalid(format!("{}: images can be read with 1 or 3 channels, not {c}", path.display())));
+    }
+    let mut out = Vec::with_capacity(c * img.width() as usize * img.height() as usize);
+    push_chw(&mut out, &img, c);
+    Ok((out, [c, img.height() as usize, img.width() as usize]))
+}
+
 /// Loads `dir` as a dataset (see the module docs). An image whose size differs from the
 /// expected one is an error naming the file and both sizes, unless `opts.resize`.
 pub fn load_image_folder(dir: &Path, opts: FolderOptions) -> Result<Dataset, DataError> {
