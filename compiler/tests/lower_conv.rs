@@ -158,6 +158,9 @@ fn geometries() -> Vec<G> {
         g(1, 12, 12, 6, [5, 5], [1, 1], [0, 0, 0, 0], [1, 1], 1),
         g(6, 12, 12, 15, [5, 5], [1, 1], [2, 2, 2, 2], [1, 1], 3),
         g(3, 10, 10, 4, [1, 1], [1, 1], [1, 0, 0, 1], [1, 1], 1),
+        // Weight-gradient pixel blocks of 12 rows and a 3-row tail, 4+2 input and 8+5 output
+        // channels (edge tiles).
+        g(6, 15, 20, 13, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1),
     ]
 }
 
@@ -172,6 +175,9 @@ fn forward_and_backward_match_reference() {
                 assert_eq!(k.geometry().oh * k.geometry().ow, g.pix(), "{what}: output size");
                 if mode == Mode::Blocked && (gi >= 15 && gi != 24 || gi == 7 || gi == 10) {
                     assert_eq!(k.algorithms()[..2], ["direct", "direct"], "{what}: stride-1 path");
+                }
+                if mode == Mode::Blocked {
+                    assert_eq!(k.algorithms()[2] == "direct", g.s == [1, 1], "{what}: weight-gradient path");
                 }
                 let x = rand_vec(&mut rng, n * g.in_n());
                 let w = rand_vec(&mut rng, g.cout * g.cin / g.g * g.k[0] * g.k[1]);

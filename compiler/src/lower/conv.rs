@@ -27,7 +27,7 @@
 //! the convolution's own result (`W·col + b`): a runtime that fused an activation or residual
 //! must first take the gradient through them.
 
-use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, MR, NR};
+use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::jit::{Jit, KernelId};
 use super::naive;
 use super::Mode;
@@ -276,6 +276,66 @@ impl Direct {
     }
 }
 
+/// The stride-1 weight gradient: tile kernels for the main and the last pixel block, the
+/// forward's plane layout, and the taps' offsets in a plane.
+#[derive(Debug)]
+struct DirectW {
+    main: Wgrad,
+    tail: Option<Wgrad>,
+    planes: Planes,
+    taps: Vec<usize>,
+}
+
+struct DirectWPlan {
+    main: WgradPlan,
+    tail: Option<WgradPlan>,
+    planes: Planes,
+    taps: Vec<usize>,
+}
+
+impl DirectWPlan {
+    /// Pixel blocks of about [`WGRAD_BLOCK`] pixels: whole output rows, or runs of the single
+    /// pixel row of a flattened 1x1 convolution.
+    fn define(jit: &mut Jit, planes: Planes, taps: Vec<usize>, cg: usize, mg: usize) -> Result<DirectWPlan> {
+        let (oh, ow) = (planes.out_h, planes.out_w);
+        let (main, tail) = if oh == 1 {
+            let w = ow.min(WGRAD_BLOCK);
+            ((1, w), (!ow.is_multiple_of(w)).then_some((1, ow % w)))
+        } else {
+            let r = (WGRAD_BLOCK / ow).clamp(1, oh);
+            ((r, ow), (!oh.is_multiple_of(r)).then_some((oh % r, ow)))
+        };
+        let mut mrs = Vec::new();
+        if cg >= MR {
+            mrs.push(MR);
+        }
+        if !cg.is_multiple_of(MR) {
+            mrs.push(cg % MR);
+        }
+        let mut nrs = Vec::new();
+        if mg >= NR {
+            nrs.push(NR);
+        }
+        if !mg.is_multiple_of(NR) {
+            nrs.push(mg % NR);
+        }
+        let spec = |(rows, width): (usize, usize)| WgradSpec { rows, width, pw: planes.pw, plane: planes.plane, ldc: mg };
+        Ok(DirectWPlan {
+            main: WgradPlan::define(jit, "conv_bwd_w_direct", spec(main), &mrs, &nrs)?,
+            tail: match tail {
+                Some(t) => Some(WgradPlan::define(jit, "conv_bwd_w_direct_tail", spec(t), &mrs, &nrs)?),
+                None => None,
+            },
+            planes,
+            taps,
+        })
+    }
+
+    fn resolve(self, fin: &super::jit::Finished) -> DirectW {
+        DirectW { main: self.main.resolve(fin), tail: self.tail.map(|t| t.resolve(fin)), planes: self.planes, taps: self.taps }
+    }
+}
+
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per layer; the blocked variant is the common one
 enum Impl {
@@ -289,6 +349,8 @@ enum Impl {
         /// Stride-1 backward data as a convolution of the padded `d_out` with the flipped,
         /// transposed weights (replaces `bwd_data`).
         direct_bwd: Option<Direct>,
+        /// Stride-1 weight gradient reading the padded input in place (replaces `bwd_w`).
+        direct_w: Option<DirectW>,
     },
     Naive { fwd: super::entry::Kernel, bwd_data: super::entry::Kernel, bwd_w: super::entry::Kernel },
 }
@@ -333,7 +395,7 @@ impl ConvKernels {
         let mut jit = Jit::new(layer)?;
         #[allow(clippy::large_enum_variant)]
         enum Plan {
-            Blocked(GemmPlan, GemmPlan, GemmPlan, Option<GemmPlan>, Option<(GemmPlan, Planes)>, Option<(GemmPlan, Planes)>),
+            Blocked(GemmPlan, GemmPlan, GemmPlan, Option<GemmPlan>, Option<(GemmPlan, Planes)>, Option<(GemmPlan, Planes)>, Option<DirectWPlan>),
             Naive(KernelId, KernelId, KernelId),
         }
         let plan = match mode {
@@ -364,7 +426,7 @@ impl ConvKernels {
                 } else {
                     None
                 };
-                let (dfwd, dbwd) = if g.stride == [1, 1] {
+                let (dfwd, dbwd, dwgt) = if g.stride == [1, 1] {
                     let [kh, kw] = g.kernel;
                     let [dh, dw] = g.dilation;
                     let dk = [dh * (kh - 1) + 1, dw * (kw - 1) + 1];
@@ -389,12 +451,15 @@ impl ConvKernels {
                     } else {
                         None
                     };
-                    (df, db)
+                    let pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
+                    let taps = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)))).taps;
+                    let dw = DirectWPlan::define(&mut jit, pl, taps, cg, mg)?;
+                    (df, db, Some(dw))
                 } else {
-                    (None, None)
+                    (None, None, None)
                 };
                 let fwd = GemmPlan::define(&mut jit, "conv_fwd", fwd)?;
-                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd)
+                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt)
             }
             Mode::Naive => {
                 let (f, d, w) = naive::define_conv(&mut jit, g, conv.bias)?;
@@ -403,7 +468,8 @@ impl ConvKernels {
         };
         let fin = jit.finish()?;
         let imp = match plan {
-            Plan::Blocked(f, d, w, t, df, db) => Impl::Blocked {
+            Plan::Blocked(f, d, w, t, df, db, dw) => Impl::Blocked {
+                direct_w: dw.map(|p| p.resolve(&fin)),
                 fwd: f.resolve(&fin),
                 bwd_data: d.resolve(&fin),
                 bwd_w: w.resolve(&fin),
@@ -454,13 +520,14 @@ impl ConvKernels {
     /// Number of kernels (JIT functions) compiled for this layer.
     pub fn kernel_count(&self) -> usize {
         match &self.imp {
-            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd } => {
+            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w } => {
                 fwd.tile_count()
                     + bwd_data.tile_count()
                     + bwd_w.tile_count()
                     + bwd_w_tail.as_ref().map_or(0, Gemm::tile_count)
                     + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
+                    + direct_w.as_ref().map_or(0, |d| d.main.tile_count() + d.tail.as_ref().map_or(0, Wgrad::tile_count))
             }
             Impl::Naive { .. } => 3,
         }
@@ -472,10 +539,10 @@ impl ConvKernels {
     pub fn algorithms(&self) -> [&'static str; 3] {
         let packed = if self.geom.is_direct() { "1x1" } else { "im2col" };
         match &self.imp {
-            Impl::Blocked { direct_fwd, direct_bwd, .. } => [
+            Impl::Blocked { direct_fwd, direct_bwd, direct_w, .. } => [
                 if direct_fwd.is_some() { "direct" } else { packed },
                 if direct_bwd.is_some() { "direct" } else { packed },
-                packed,
+                if direct_w.is_some() { "direct" } else { packed },
             ],
             Impl::Naive { .. } => ["naive"; 3],
         }
@@ -740,6 +807,63 @@ impl ConvKernels {
         let kc = g.kc();
         let hw = g.h * g.w;
         match &self.imp {
+            Impl::Blocked { direct_w: Some(d), .. } => {
+                let pl = &d.planes;
+                let nt = d.taps.len();
+                let (main_rows, main_w) = (d.main.spec().rows, d.main.spec().width);
+                let mut pad = vec![0.0f32; pl.len()];
+                let mut dwt = vec![0.0f32; nt * cg * mg];
+                let mut bpan = vec![0.0f32; mg.div_ceil(NR) * main_rows * main_w * NR];
+                for gi in 0..g.groups {
+                    dwt.fill(0.0);
+                    for s in 0..n {
+                        pl.fill(&mut pad, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
+                        let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
+                        // Pixel blocks: (first row, first column, kernels).
+                        let mut blocks = Vec::new();
+                        if pl.out_h == 1 {
+                            for x0 in (0..pl.out_w).step_by(main_w) {
+                                blocks.push((0, x0, if x0 + main_w <= pl.out_w { &d.main } else { d.tail.as_ref().expect("tail") }));
+                            }
+                        } else {
+                            for y0 in (0..pl.out_h).step_by(main_rows) {
+                                blocks.push((y0, 0, if y0 + main_rows <= pl.out_h { &d.main } else { d.tail.as_ref().expect("tail") }));
+                            }
+                        }
+                        for (y0, x0, kern) in blocks {
+                            let p0 = y0 * pl.out_w + x0;
+                            let kb = kern.spec().rows * kern.spec().width;
+                            // B = d_outᵀ for this block: panel jp holds channels 8jp..8jp+8.
+                            for jp in 0..mg.div_ceil(NR) {
+                                let nr = NR.min(mg - jp * NR);
+                                gemm::pack_b_panel(&mut bpan[jp * kb * NR..], &dout[p0..], kb, jp * NR, nr, 1, p);
+                            }
+                            let a0 = y0 * pl.pw + x0;
+                            for jp in 0..mg.div_ceil(NR) {
+                                let nr = NR.min(mg - jp * NR);
+                                let b = &bpan[jp * kb * NR..(jp + 1) * kb * NR];
+                                for (t, &toff) in d.taps.iter().enumerate() {
+                                    for ip in 0..cg.div_ceil(MR) {
+                                        let mr = MR.min(cg - ip * MR);
+                                        let c = &mut dwt[(t * cg + ip * MR) * mg + jp * NR..];
+                                        kern.run(c, mr, nr, &pad[ip * MR * pl.plane + toff + a0..], b);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // d_w[co][ci][t] += dwt[t][ci][co].
+                    let dwg = &mut d_w[gi * mg * kc..(gi + 1) * mg * kc];
+                    for co in 0..mg {
+                        for ci in 0..cg {
+                            let row = &mut dwg[(co * cg + ci) * nt..][..nt];
+                            for (t, v) in row.iter_mut().enumerate() {
+                                *v += dwt[(t * cg + ci) * mg + co];
+                            }
+                        }
+                    }
+                }
+            }
             Impl::Blocked { bwd_w, bwd_w_tail, .. } => {
                 let mut apack = Vec::new();
                 let mut panel = vec![0.0f32; WGRAD_BLOCK * NR];

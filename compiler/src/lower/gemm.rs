@@ -598,3 +598,200 @@ fn transpose8_from(dst: &mut [f32], cols: &[&[f32]; NR], k: usize) {
         *d = [c[0][q], c[1][q], c[2][q], c[3][q], c[4][q], c[5][q], c[6][q], c[7][q]];
     }
 }
+
+/// Shape of a weight-gradient tile kernel ([`WgradPlan`]): `C[mr x nr] += Σ_k A[r][k] · B[k][t]`
+/// where the reduction runs over a block of output pixels, `rows` output rows of `width`
+/// pixels, and
+/// - `A[r][k]` is read in place from padded input planes: row `r` (an input channel) at
+///   `a + r*plane`, pixel `(y, x)` of the block at `y*pw + x` (the caller points `a` at the
+///   block's first pixel shifted by the kernel tap);
+/// - `B` is packed like a GEMM B panel, `b[k*8 + t]` (the output gradient of 8 channels,
+///   transposed), `k = y*width + x`;
+/// - `C` (the transposed weight gradient, `[tap][ci][co]`) has leading dimension `ldc`.
+///
+/// No im2col and no transposition per tap: the transposed output gradient is packed once per
+/// pixel block and reused by every tap and input channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgradSpec {
+    /// Output rows per block.
+    pub rows: usize,
+    /// Pixels per row of the block.
+    pub width: usize,
+    /// Padded row width of the input planes.
+    pub pw: usize,
+    /// Elements from one input plane to the next.
+    pub plane: usize,
+    /// Leading dimension of `C`.
+    pub ldc: usize,
+}
+
+impl WgradSpec {
+    fn extents(&self, mr: usize, nr: usize) -> Extents {
+        let a = (mr - 1) * self.plane + (self.rows - 1) * self.pw + self.width;
+        [(mr - 1) * self.ldc + nr, a, self.rows * self.width * NR, 0, 0, 0, 0]
+    }
+}
+
+/// The weight-gradient tile kernels of one block shape, before finalization.
+#[derive(Debug, Clone)]
+pub struct WgradPlan {
+    spec: WgradSpec,
+    ids: Vec<((usize, usize), KernelId)>,
+}
+
+/// Compiled weight-gradient tile kernels ([`WgradSpec`]).
+#[derive(Debug, Clone)]
+pub struct Wgrad {
+    spec: WgradSpec,
+    tiles: Vec<Option<Kernel>>,
+}
+
+impl WgradPlan {
+    /// Define the `mr x nr` variants (`mrs` in `1..=4`, `nrs` in `1..=8`) of `spec`.
+    pub fn define(jit: &mut Jit, name: &str, spec: WgradSpec, mrs: &[usize], nrs: &[usize]) -> Result<WgradPlan> {
+        let mut ids = Vec::new();
+        for &mr in mrs {
+            for &nr in nrs {
+                let id = jit.define(&format!("{name}_{mr}x{nr}_{}x{}", spec.rows, spec.width), spec.extents(mr, nr), |b, args| {
+                    gen_wgrad_tile(b, args, &spec, mr, nr)
+                })?;
+                ids.push(((mr, nr), id));
+            }
+        }
+        Ok(WgradPlan { spec, ids })
+    }
+
+    /// Resolve against the finalized module.
+    pub fn resolve(&self, fin: &Finished) -> Wgrad {
+        let mut tiles = vec![None; MR * NR];
+        for &((mr, nr), id) in &self.ids {
+            tiles[(mr - 1) * NR + (nr - 1)] = Some(fin.kernels[id.0].clone());
+        }
+        Wgrad { spec: self.spec, tiles }
+    }
+}
+
+impl Wgrad {
+    /// The block shape.
+    pub fn spec(&self) -> &WgradSpec {
+        &self.spec
+    }
+
+    /// Number of tile kernels.
+    pub fn tile_count(&self) -> usize {
+        self.tiles.iter().filter(|t| t.is_some()).count()
+    }
+
+    /// `C[r][t] += Σ_k A[r][k] · b[k*8 + t]` for `r < mr`, `t < nr` (see [`WgradSpec`]).
+    pub fn run(&self, c: &mut [f32], mr: usize, nr: usize, a: &[f32], b: &[f32]) {
+        let kern = self.tiles[(mr - 1) * NR + (nr - 1)].as_ref().expect("weight-gradient tile variant compiled");
+        kern.call(c, [a, b, &[], &[], &[], &[]]);
+    }
+}
+
+fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec, mr: usize, nr: usize) {
+    use cranelift_codegen::ir::condcodes::IntCC;
+    let [c, a, bp, ..] = *args;
+    let ptr_ty = b.func.dfg.value_type(a);
+    let zero = emit::f32x4c(b, 0.0);
+    let acc: Vec<_> = (0..mr * 2)
+        .map(|_| {
+            let v = b.declare_var(F32X4);
+            b.def_var(v, zero);
+            v
+        })
+        .collect();
+    let va = b.declare_var(ptr_ty); // A at the current pixel
+    let vrow = b.declare_var(ptr_ty); // A at the current row's first pixel
+    let vb = b.declare_var(ptr_ty);
+    let vcnt = b.declare_var(ptr_ty);
+    let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, u: usize| {
+        let b0 = emit::ld4(b, pb, (u * NR) as i64);
+        let b1 = emit::ld4(b, pb, (u * NR + 4) as i64);
+        for r in 0..mr {
+            let x = emit::ld(b, pa, (r * s.plane + u) as i64);
+            let xs = b.ins().splat(F32X4, x);
+            for (h, bv) in [b0, b1].into_iter().enumerate() {
+                let v = acc[r * 2 + h];
+                let old = b.use_var(v);
+                let new = b.ins().fma(xs, bv, old);
+                b.def_var(v, new);
+            }
+        }
+    };
+    b.def_var(vrow, a);
+    b.def_var(vb, bp);
+    let rows = b.ins().iconst(ptr_ty, s.rows as i64);
+    b.def_var(vcnt, rows);
+    let row_head = b.create_block();
+    let row_exit = b.create_block();
+    b.ins().jump(row_head, &[]);
+    b.switch_to_block(row_head);
+    let row_a = b.use_var(vrow);
+    b.def_var(va, row_a);
+    let iters = s.width / KU;
+    if iters > 0 {
+        let head = b.create_block();
+        let exit = b.create_block();
+        let end = emit::offset(b, row_a, (iters * KU) as i64);
+        b.ins().jump(head, &[]);
+        b.switch_to_block(head);
+        let la = b.use_var(va);
+        let lb = b.use_var(vb);
+        for u in 0..KU {
+            step(b, la, lb, u);
+        }
+        let na = emit::offset(b, la, KU as i64);
+        let nb = emit::offset(b, lb, (KU * NR) as i64);
+        b.def_var(va, na);
+        b.def_var(vb, nb);
+        let more = b.ins().icmp(IntCC::NotEqual, na, end);
+        b.ins().brif(more, head, &[], exit, &[]);
+        b.seal_block(head);
+        b.switch_to_block(exit);
+        b.seal_block(exit);
+    }
+    let rem = s.width % KU;
+    if rem > 0 {
+        let la = b.use_var(va);
+        let lb = b.use_var(vb);
+        for u in 0..rem {
+            step(b, la, lb, u);
+        }
+        let nb = emit::offset(b, lb, (rem * NR) as i64);
+        b.def_var(vb, nb);
+    }
+    let next_row = emit::offset(b, row_a, s.pw as i64);
+    b.def_var(vrow, next_row);
+    let cnt = b.use_var(vcnt);
+    let cnt1 = b.ins().iadd_imm_s(cnt, -1);
+    b.def_var(vcnt, cnt1);
+    b.ins().brif(cnt1, row_head, &[], row_exit, &[]);
+    b.seal_block(row_head);
+    b.switch_to_block(row_exit);
+    b.seal_block(row_exit);
+    // C += acc.
+    for r in 0..mr {
+        for h in 0..2 {
+            let lanes = nr.saturating_sub(4 * h).min(4);
+            if lanes == 0 {
+                continue;
+            }
+            let coff = (r * s.ldc + 4 * h) as i64;
+            let accv = b.use_var(acc[r * 2 + h]);
+            if lanes == 4 {
+                let old = emit::ld4(b, c, coff);
+                let t = b.ins().fadd(accv, old);
+                emit::st(b, t, c, coff);
+            } else {
+                for l in 0..lanes {
+                    let t = b.ins().extractlane(accv, l as u8);
+                    let old = emit::ld(b, c, coff + l as i64);
+                    let t = b.ins().fadd(t, old);
+                    emit::st(b, t, c, coff + l as i64);
+                }
+            }
+        }
+    }
+    b.ins().return_(&[]);
+}
