@@ -168,12 +168,25 @@ pub struct LayerRow {
     pub op: String,
     /// Every node of the group, anchor first.
     pub nodes: Vec<String>,
+    /// A concatenation the fused plan computes in place (its branches write their channel
+    /// slices; no kernel runs for it in the fused engine).
+    #[serde(default)]
+    pub in_place: bool,
     /// Forward FLOPs of the group's nodes (cost model, whole batch).
     pub flops_forward: u64,
     /// Backward FLOPs of the group's nodes.
     pub flops_backward: u64,
     /// One entry per [`BenchReport::engines`], same order.
     pub times: Vec<LayerTime>,
+}
+
+impl LayerRow {
+    /// GFLOP/s of forward + backward in `t`; `None` when the row takes under 10 µs (a group
+    /// that runs no kernel, such as an in-place concat, whose backward FLOPs the cost model
+    /// charges to it while the engine does that work in its users' kernels).
+    pub fn gflops(&self, t: &LayerTime) -> Option<f64> {
+        (t.total_ns() >= 10_000).then(|| gflops(self.flops_forward + self.flops_backward, t.total_ns()))
+    }
 }
 
 /// Everything [`run`] measured for one model.
@@ -303,6 +316,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
     let mut node_times: Vec<NodeTimes> = Vec::new();
     let mut fused_groups: Vec<Vec<String>> = Vec::new();
     let mut fused_ops: Vec<String> = Vec::new();
+    let mut fused_inplace: Vec<bool> = Vec::new();
     let mut labels_k = 0;
 
     let mut jit_kinds = vec![(Fusion::Full, "fused JIT", cfg.reps)];
@@ -324,6 +338,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
             }
             fused_groups = plan.groups.iter().map(|g| g.nodes.iter().map(|&n| plan.graph.node(n).name.clone()).collect()).collect();
             fused_ops = plan.groups.iter().map(|g| plan.graph.node(g.anchor()).op.kind().to_string()).collect();
+            fused_inplace = plan.groups.iter().map(|g| plan.inplace_concats.contains(&g.anchor())).collect();
         }
         let k = classes(graph)?;
         labels_k = k;
@@ -444,7 +459,8 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
     let layers = fused_groups
         .iter()
         .zip(&fused_ops)
-        .map(|(nodes, op)| {
+        .zip(&fused_inplace)
+        .map(|((nodes, op), &in_place)| {
             let (mut ff, mut fb) = (0, 0);
             for n in nodes {
                 if let Some(l) = cost_of.get(n.as_str()) {
@@ -465,7 +481,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
                     LayerTime { forward_ns: ns(f), backward_ns: ns(b) }
                 })
                 .collect();
-            LayerRow { group: nodes[0].clone(), op: op.clone(), nodes: nodes.clone(), flops_forward: ff, flops_backward: fb, times }
+            LayerRow { group: nodes[0].clone(), op: op.clone(), nodes: nodes.clone(), in_place, flops_forward: ff, flops_backward: fb, times }
         })
         .collect();
     progress(Progress { done: total, total, what: "done" });
@@ -674,32 +690,34 @@ impl BenchReport {
         let hr: Vec<&str> = head.iter().map(String::as_str).collect();
         let mut t = Table::new(&hr, 3);
         for l in &self.layers {
-            let mut r = vec![l.group.clone(), l.op.clone(), l.nodes[1..].join(" ")];
+            let op = if l.in_place { format!("{} (in place)", l.op) } else { l.op.clone() };
+            let mut r = vec![l.group.clone(), op, l.nodes[1..].join(" ")];
             r.push(format!("{:.2}", l.flops_forward as f64 / 1e6));
             r.push(format!("{:.2}", l.flops_backward as f64 / 1e6));
             for (i, lt) in l.times.iter().enumerate() {
                 r.push(ms(lt.forward_ns));
                 r.push(ms(lt.total_ns()));
                 if i == 0 {
-                    let g = gflops(l.flops_forward + l.flops_backward, lt.total_ns());
-                    r.push(format!("{g:.2}"));
-                    r.push(format!("{:.3}", self.of_peak(g)));
+                    match l.gflops(lt) {
+                        Some(g) => {
+                            r.push(format!("{g:.2}"));
+                            r.push(format!("{:.3}", self.of_peak(g)));
+                        }
+                        None => r.extend(["-".to_string(), "-".to_string()]),
+                    }
                 }
             }
             if l.times.len() > 1 {
                 let (f, nv) = (l.times[0].total_ns(), l.times[1].total_ns());
                 // A group that runs no kernel (an in-place concat) has no meaningful ratio.
-                r.push(if l.op == "concat" && f * 100 < nv {
-                    "in place".into()
-                } else if f == 0 {
-                    "-".into()
-                } else {
-                    format!("{:.1}x", nv as f64 / f as f64)
-                });
+                r.push(if l.in_place || f == 0 { "-".into() } else { format!("{:.1}x", nv as f64 / f as f64) });
             }
             t.rows.push(r);
         }
         t.render(&mut o);
+        if self.engines.iter().any(|e| e.rss_growth_bytes.is_some()) {
+            let _ = writeln!(o, "note: peak RSS + = resident-set high-water mark after building the engine and one training step, minus the RSS before building it; engines run in the order listed in one process, so a later one may reuse pages an earlier one freed");
+        }
         for n in &self.notes {
             let _ = writeln!(o, "note: {n}");
         }
@@ -724,10 +742,10 @@ impl BenchReport {
         }
         for (i, l) in self.layers.iter().enumerate() {
             for (j, lt) in l.times.iter().enumerate() {
-                let g = gflops(l.flops_forward + l.flops_backward, lt.total_ns());
+                let g = l.gflops(lt);
                 let d = &mut v["layers"][i]["times"][j];
                 d["gflops"] = g.into();
-                d["of_peak"] = self.of_peak(g).into();
+                d["of_peak"] = g.map(|g| self.of_peak(g)).into();
             }
         }
         v

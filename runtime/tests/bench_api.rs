@@ -114,7 +114,9 @@ fn residual_bn_side_output_and_inplace_concat_models() {
     let g = model("tests/models/mini_inception.cnn", "MiniInception");
     let r = run(&g, 2, 1);
     check_report(&g, &r, 2);
-    assert!(r.layers.iter().any(|l| l.op == "concat"), "no concat row");
+    let concats: Vec<_> = r.layers.iter().filter(|l| l.op == "concat").collect();
+    assert_eq!(concats.len(), 3, "three inception modules");
+    assert!(concats.iter().all(|l| l.in_place), "{concats:?}");
 }
 
 #[test]
