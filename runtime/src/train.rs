@@ -227,7 +227,9 @@ pub fn train_resumed(
     let mut best_val = f64::INFINITY;
     let mut since_best = 0;
     let mut outcome = TrainOutcome { epochs: Vec::new(), stopped_early: false, normalizer: normalizer.clone() };
-    let mut saved_checkpoint: Option<PathBuf> = None;
+    // A failed run never writes: a checkpoint already at the path (e.g. the one resumed
+    // from) is the last good one until this run saves its own.
+    let mut saved_checkpoint: Option<PathBuf> = cfg.checkpoint.clone().filter(|p| p.is_file());
     let mut step: u64 = 0;
     let mut first_epoch = 1;
     if let Some(r) = resume {
