@@ -451,7 +451,12 @@ impl ConvKernels {
                     } else {
                         None
                     };
-                    let pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
+                    let mut pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
+                    if g.is_direct() {
+                        // The weight gradient reads an unpadded 1x1 layer's input itself (its A
+                        // rows are 4 streams; nothing is read past a plane).
+                        pl = Planes { ph: 1, pw: p, plane: p, ..pl };
+                    }
                     let taps = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)))).taps;
                     let dw = DirectWPlan::define(&mut jit, pl, taps, cg, mg)?;
                     (df, db, Some(dw))
@@ -811,13 +816,19 @@ impl ConvKernels {
                 let pl = &d.planes;
                 let nt = d.taps.len();
                 let (main_rows, main_w) = (d.main.spec().rows, d.main.spec().width);
-                let mut pad = vec![0.0f32; pl.len()];
+                let mut pad = vec![0.0f32; if g.is_direct() { 0 } else { pl.len() }];
                 let mut dwt = vec![0.0f32; nt * cg * mg];
                 let mut bpan = vec![0.0f32; mg.div_ceil(NR) * main_rows * main_w * NR];
                 for gi in 0..g.groups {
                     dwt.fill(0.0);
                     for s in 0..n {
-                        pl.fill(&mut pad, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
+                        let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
+                        let pad: &[f32] = if g.is_direct() {
+                            xs
+                        } else {
+                            pl.fill(&mut pad, xs);
+                            &pad
+                        };
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
                         // Pixel blocks: (first row, first column, kernels).
                         let mut blocks = Vec::new();
