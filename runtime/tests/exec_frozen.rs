@@ -2,7 +2,8 @@
 //! batch norm over a trainable convolution, a frozen residual branch, and everything frozen,
 //! the fused and naive engines agree with the reference interpreter (loss, running statistics,
 //! the gradient of every trainable tensor) and give exact zeros for frozen tensors, while
-//! allocating no gradient buffers below the lowest trainable layer. A store that trains a
+//! allocating no gradient buffers and running no backward step below the lowest trainable
+//! layer (the per-group profile shows which ran). A store that trains a
 //! layer the compiled graph froze is a clear error.
 
 use cnnc_compiler::cost::analyze;
@@ -271,4 +272,35 @@ fn cost_report_and_engine_share_the_rule() {
     let ng = f.needs_grad();
     let names: Vec<_> = f.nodes().filter(|n| ng[n.index()]).map(|n| f.node(n).name.clone()).collect();
     assert_eq!(names, ["fc1", "relu3", "fc2", "relu4", "fc3"]);
+}
+
+#[test]
+fn dropped_backward_steps_do_not_run() {
+    // Not a timing test: the engine's per-group profile shows which backward steps ran at
+    // all. Below the lowest trainable layer (fc1) no step runs; from fc1 up every one does.
+    for fusion in [Fusion::Full, Fusion::None] {
+        let g = freeze(&lenet(), &["conv1", "conv2"]);
+        let mut jit = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 4, fusion).unwrap();
+        let mut p = params_for(&g, 14);
+        let mut gr = p.zeros_like();
+        let x: Vec<f32> = (0..4 * 17 * 15).map(|i| ((i * 29 % 83) as f32 / 30.0) - 1.3).collect();
+        jit.set_profiling(true);
+        jit.train_step(&mut p, &mut gr, &x, &[0, 3, 6, 2], 0).unwrap();
+        let plan = jit.plan(true);
+        let ng = plan.graph.needs_grad();
+        let (mut ran, mut skipped) = (Vec::new(), Vec::new());
+        for (group, t) in plan.groups.iter().zip(jit.profile(true)) {
+            let name = plan.graph.node(group.anchor()).name.clone();
+            assert!(t.forward > std::time::Duration::ZERO, "{fusion:?}: {name} forward did not run");
+            if ng[group.output().index()] {
+                ran.push(name);
+            } else {
+                assert_eq!(t.backward, std::time::Duration::ZERO, "{fusion:?}: backward of {name} ran below the lowest trainable layer");
+                skipped.push(name);
+            }
+        }
+        assert!(skipped.iter().any(|n| n == "conv1") && skipped.iter().any(|n| n == "conv2") && skipped.iter().any(|n| n == "pool1"), "{fusion:?}: {skipped:?}");
+        assert!(ran.iter().any(|n| n == "fc1") && ran.iter().any(|n| n == "fc3"), "{fusion:?}: {ran:?}");
+        assert!(!ran.iter().any(|n| n.starts_with("conv")), "{fusion:?}: {ran:?}");
+    }
 }

@@ -60,7 +60,7 @@ struct DataArgs {
 
 /// Arguments of `cnnc train`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Example:\n  cnnc train examples/models/lenet5.cnn --epochs 15 --optimizer adam --lr 1e-3 --checkpoint runs/lenet5.safetensors")]
+#[command(after_help = "Examples:\n  cnnc train examples/models/lenet5.cnn --epochs 15 --optimizer adam --lr 1e-3 --checkpoint runs/lenet5.safetensors\n  # fine-tune: its weights, a fresh head, frozen features, slower middle layers\n  cnnc train examples/models/lenet5.cnn --init-from runs/lenet5.safetensors --skip fc3 --freeze conv1,conv2 --lr-mult fc1=0.1,fc2=0.1")]
 pub struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
