@@ -292,20 +292,22 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
     let x = fill(batch * per, cfg.seed);
     let params0 = ParamStore::<f32>::for_graph(graph, &InitConfig::pytorch(), cfg.seed).map_err(|e| eerr(format!("model `{}`: {e}", graph.name)))?;
 
+    let slow = cfg.slow_reps();
+    let total = 2 * (cfg.reps + 1) + if cfg.naive { 2 * (slow + 1) } else { 0 } + if cfg.reference { 2 * (slow + 1) } else { 0 };
+    // Report `what`, then count one run done when `run` is set.
+    let mut done = 0;
+    let mut tick = move |what: &str, run: bool| {
+        progress(Progress { done, total, what });
+        done += usize::from(run);
+    };
+
     // The peak (and warm rayon's pool so its threads are not charged to the first engine).
+    tick("measuring the FMA peak", false);
     let peak_kernel = PeakKernel::compile().map_err(|e| eerr(format!("FMA peak loop: {e}")))?;
     let threads = rayon::current_num_threads().max(1);
     rayon::broadcast(|_| std::hint::black_box(0));
     let flops_per_thread = (peak_kernel.measure_gflops(30) * 1e9) as u64;
     let peak = Peak { flops_per_thread, threads };
-
-    let slow = cfg.slow_reps();
-    let total = 2 * (cfg.reps + 1) + if cfg.naive { 2 * (slow + 1) } else { 0 } + if cfg.reference { 2 * (slow + 1) } else { 0 };
-    let mut done = 0;
-    let mut tick = |what: &str, done: &mut usize| {
-        progress(Progress { done: *done, total, what });
-        *done += 1;
-    };
 
     let proc_ok = read_rss().is_some() && reset_peak_rss();
     if !proc_ok {
@@ -324,6 +326,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
         jit_kinds.push((Fusion::None, "naive JIT", slow));
     }
     for (fusion, label, reps) in jit_kinds {
+        tick(&format!("{label}: compiling"), false);
         let base = if proc_ok { read_rss() } else { None };
         let mut e = JitEngine::new(graph, cfg.loss, batch, fusion).map_err(|e| eerr(format!("{label}: {e}")))?;
         let compile_ns = ns(e.compile_time());
@@ -345,7 +348,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
         let labels: Vec<usize> = (0..batch).map(|i| (i * 7 + 3) % k).collect();
         let (mut p, mut gr) = (params0.clone(), params0.zeros_like());
         e.set_profiling(true);
-        tick(&format!("{label}: warm-up"), &mut done);
+        tick(&format!("{label}: warm-up"), true);
         e.train_step(&mut p, &mut gr, &x, &labels, 0).map_err(|er| eerr(format!("{label}: {er}")))?;
         let rss_growth_bytes = match (base, proc_ok.then(read_rss).flatten()) {
             (Some(b), Some(a)) => Some(a.peak.saturating_sub(b.current)),
@@ -354,7 +357,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
         let (mut train, mut fwd, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
         let mut per_node: Vec<NodeTimes> = Vec::new();
         for i in 0..reps {
-            tick(&format!("{label}: train step"), &mut done);
+            tick(&format!("{label}: train step"), true);
             let t0 = Instant::now();
             e.train_step(&mut p, &mut gr, &x, &labels, i as u64 + 1).map_err(|er| eerr(format!("{label}: {er}")))?;
             train.push(ns(t0.elapsed()));
@@ -368,11 +371,11 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
             }
             per_node.push(m);
         }
-        tick(&format!("{label}: warm-up"), &mut done);
+        tick(&format!("{label}: warm-up"), true);
         e.infer(&p, &x, batch).map_err(|er| eerr(format!("{label}: {er}")))?;
         let mut infer = Vec::new();
         for _ in 0..reps {
-            tick(&format!("{label}: inference"), &mut done);
+            tick(&format!("{label}: inference"), true);
             let t0 = Instant::now();
             e.infer(&p, &x, batch).map_err(|er| eerr(format!("{label}: {er}")))?;
             infer.push(ns(t0.elapsed()));
@@ -415,7 +418,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
                 })
                 .collect())
         };
-        tick("reference: warm-up", &mut done);
+        tick("reference: warm-up", true);
         step(&mut p, 0)?;
         let rss_growth_bytes = match (base, proc_ok.then(read_rss).flatten()) {
             (Some(b), Some(a)) => Some(a.peak.saturating_sub(b.current)),
@@ -423,7 +426,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
         };
         let (mut train, mut fwd, mut bwd, mut per_node) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..slow {
-            tick("reference: train step", &mut done);
+            tick("reference: train step", true);
             let t0 = Instant::now();
             let m = step(&mut p, i as u64 + 1)?;
             train.push(ns(t0.elapsed()));
@@ -433,7 +436,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
         }
         let mut infer = Vec::new();
         for i in 0..=slow {
-            tick("reference: inference", &mut done);
+            tick("reference: inference", true);
             let t0 = Instant::now();
             reference::forward(graph, &p, view.view(), reference::Mode::Eval, 0).map_err(|e| eerr(format!("{label}: {e}")))?;
             if i > 0 {
@@ -484,7 +487,7 @@ pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'
             LayerRow { group: nodes[0].clone(), op: op.clone(), nodes: nodes.clone(), in_place, flops_forward: ff, flops_backward: fb, times }
         })
         .collect();
-    progress(Progress { done: total, total, what: "done" });
+    tick("done", false);
     Ok(BenchReport {
         model: graph.name.clone(),
         batch,
@@ -605,7 +608,7 @@ impl BenchReport {
         let slow_reps = self.engines.get(1).map(|e| e.reps);
         let _ = writeln!(
             o,
-            "{}: batch {}, {} thread(s), medians of {} runs{}",
+            "{}: batch {}, {} thread(s), medians of {} run(s){}",
             self.model,
             self.batch,
             self.peak.threads,
