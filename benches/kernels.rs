@@ -6,15 +6,20 @@
 //! Then criterion timings of the blocked kernels (throughput in FLOP/s).
 //!
 //! `cargo bench --bench kernels` runs both; `cargo bench --bench kernels -- --report-only`
-//! prints only the table; `--blocked-only` leaves the (slow) naive rows out of it.
+//! prints only the table; `--blocked-only` leaves the (slow) naive rows out of it, `--small`
+//! adds the small layers of the training-step benchmarks (`report::small_cases`).
 
-use cnnc::compiler::lower::report::{conv_report, fill, standard_cases};
+use cnnc::compiler::lower::report::{conv_report, fill, small_cases, standard_cases};
 use cnnc::compiler::lower::{ConvKernels, Epilogue, EpilogueArgs, Mode};
 use criterion::{Criterion, Throughput};
 
 fn main() {
     let naive = !std::env::args().any(|a| a == "--blocked-only");
-    print!("{}", conv_report(&standard_cases(), naive).expect("kernel report"));
+    let mut cases = standard_cases();
+    if std::env::args().any(|a| a == "--small") {
+        cases.extend(small_cases());
+    }
+    print!("{}", conv_report(&cases, naive).expect("kernel report"));
     if std::env::args().any(|a| a == "--report-only") {
         return;
     }
