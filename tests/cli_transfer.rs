@@ -45,6 +45,10 @@ fn pretrain_then_finetune_a_fresh_head_on_frozen_features() {
     // fc2 trained (at a tenth of the rate); fc3 is fresh (another seed) and trained.
     assert_ne!(tensor(&ft, "fc2.weight"), tensor(&pre, "fc2.weight"));
     assert_ne!(tensor(&ft, "fc3.weight"), tensor(&pre, "fc3.weight"));
+    // Freezing is not architecture: the fine-tuned checkpoint evaluates on the plain model.
+    let out = cnnc(["eval", lenet, "--checkpoint", ft_s]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("on 2000 held-out images: accuracy"));
 
     // A head of another shape must be skipped: the error names the tensor and both shapes.
     let other = dir.join("wide.cnn");

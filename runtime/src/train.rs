@@ -130,7 +130,13 @@ pub struct TrainOutcome {
 }
 
 /// Fingerprint of a graph's architecture: FNV-1a of its IR text (names, ops, shapes).
+/// Frozen flags are a training choice, not architecture, and do not count: a checkpoint
+/// fine-tuned with frozen layers loads into (evaluates, resumes) the plain model.
 pub fn fingerprint(g: &Graph) -> String {
+    let mut g = g.clone();
+    for id in g.nodes().collect::<Vec<_>>() {
+        g.node_mut(id).trainable = true;
+    }
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in g.to_string().bytes() {
         h ^= b as u64;
