@@ -12,6 +12,15 @@ use cnnc_runtime::bench::{self, BenchConfig, BenchReport};
 use cnnc_runtime::exec::JitEngine;
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Mutex;
+
+/// `bench::run` resets the process's RSS high-water mark: tests that run it or read that mark
+/// take this lock so they do not disturb each other.
+static PROC: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    PROC.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn model(rel: &str, name: &str) -> Graph {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
@@ -95,6 +104,7 @@ fn check_report(g: &Graph, r: &BenchReport, batch: usize) {
 
 #[test]
 fn lenet5_rows_cover_every_group() {
+    let _guard = lock();
     let g = model("examples/models/lenet5.cnn", "LeNet5");
     let r = run(&g, 3, 2);
     check_report(&g, &r, 3);
@@ -106,6 +116,7 @@ fn lenet5_rows_cover_every_group() {
 
 #[test]
 fn residual_bn_side_output_and_inplace_concat_models() {
+    let _guard = lock();
     // A residual add, batch norm and a second (side) output.
     let g = model("tests/models/tiny.cnn", "TinyRes");
     let r = run(&g, 3, 1);
@@ -121,6 +132,7 @@ fn residual_bn_side_output_and_inplace_concat_models() {
 
 #[test]
 fn json_round_trips_exactly() {
+    let _guard = lock();
     let g = model("tests/models/tiny.cnn", "TinyFile");
     let r = run(&g, 2, 1);
     let text = serde_json::to_string_pretty(&r.to_json()).unwrap();
@@ -136,6 +148,7 @@ fn json_round_trips_exactly() {
 
 #[test]
 fn skipping_engines_and_bad_configurations() {
+    let _guard = lock();
     let g = model("tests/models/tiny.cnn", "TinyFile");
     let cfg = BenchConfig { batch: 1, reps: 1, naive: false, reference: false, ..BenchConfig::default() };
     let r = bench::run(&g, &cfg, &mut |_| {}).unwrap();
@@ -151,6 +164,7 @@ fn skipping_engines_and_bad_configurations() {
 
 #[test]
 fn peak_rss_probe_sees_an_allocation() {
+    let _guard = lock();
     let (Some(before), true) = (bench::read_rss(), bench::reset_peak_rss()) else {
         eprintln!("no /proc/self/status or clear_refs here: nothing to check");
         return;
