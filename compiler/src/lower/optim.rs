@@ -190,20 +190,22 @@ fn while_lt(b: &mut FunctionBuilder, start: ir::Value, end: ir::Value, step: i64
     b.seal_block(exit);
 }
 
-/// Loads and stores of one element (or one block of four) at a byte offset.
+/// Loads and stores of one element (or one block of four) at a dynamic byte offset plus a
+/// constant one.
 struct At {
     ty: ir::Type,
     off: ir::Value,
+    imm: i32,
 }
 
 impl At {
     fn ld(&self, b: &mut FunctionBuilder, p: ir::Value) -> ir::Value {
         let a = b.ins().iadd(p, self.off);
-        b.ins().load(self.ty, emit::mem(), a, 0)
+        b.ins().load(self.ty, emit::mem(), a, self.imm)
     }
     fn st(&self, b: &mut FunctionBuilder, v: ir::Value, p: ir::Value) {
         let a = b.ins().iadd(p, self.off);
-        b.ins().store(emit::mem(), v, a, 0);
+        b.ins().store(emit::mem(), v, a, self.imm);
     }
 }
 
@@ -212,15 +214,22 @@ fn emit_update(b: &mut FunctionBuilder, rule: UpdateRule, args: &[ir::Value; 3 +
     let scalars: Vec<ir::Value> = (0..rule.scalars()).map(|i| emit::ld(b, sc, i as i64)).collect();
     let splat: Vec<ir::Value> = scalars.iter().map(|&s| b.ins().splat(F32X4, s)).collect();
     let zero = b.ins().iconst(I64, 0);
+    let n8 = b.ins().band_imm_s(n, !7i64);
     let n4 = b.ins().band_imm_s(n, !3i64);
     let w = [w0, w1, w2, w3];
-    while_lt(b, zero, n4, 4, |b, i| {
+    // Two f32x4 blocks per iteration, then at most one more block, then the scalar tail.
+    while_lt(b, zero, n8, 8, |b, i| {
         let off = b.ins().ishl_imm_u(i, 2);
-        update(b, rule, &At { ty: F32X4, off }, &splat, rd, w);
+        update(b, rule, &At { ty: F32X4, off, imm: 0 }, &splat, rd, w);
+        update(b, rule, &At { ty: F32X4, off, imm: 16 }, &splat, rd, w);
+    });
+    while_lt(b, n8, n4, 4, |b, i| {
+        let off = b.ins().ishl_imm_u(i, 2);
+        update(b, rule, &At { ty: F32X4, off, imm: 0 }, &splat, rd, w);
     });
     while_lt(b, n4, n, 1, |b, i| {
         let off = b.ins().ishl_imm_u(i, 2);
-        update(b, rule, &At { ty: F32, off }, &scalars, rd, w);
+        update(b, rule, &At { ty: F32, off, imm: 0 }, &scalars, rd, w);
     });
     b.ins().return_(&[]);
 }
