@@ -183,6 +183,11 @@ fn cli_resume_continues_bit_identically_and_refuses_mismatches() {
     args[7] = "adam".into();
     args.extend(["--resume".to_string(), part.to_str().unwrap().to_string()]);
     cnnc_fails_with(&args, &["optimiser state is SGD's but this run uses Adam"]);
+    // The same optimiser without momentum keeps no state: refused too, not silently reset.
+    let mut args = base("2", &part);
+    args[7] = "sgd".into();
+    args.extend(["--resume".to_string(), part.to_str().unwrap().to_string()]);
+    cnnc_fails_with(&args, &["keeps state [momentum_buffer] but this run's SGD keeps []"]);
     // Already at the requested epoch count.
     let mut args = base("1", &part);
     args.extend(["--resume".to_string(), part.to_str().unwrap().to_string()]);

@@ -215,6 +215,15 @@ pub fn train_resumed(
                 cfg.optimizer.name()
             )));
         }
+        let buffers = cfg.optimizer.buffer_names().join(",");
+        if r.optimizer_buffers.as_ref().is_some_and(|b| *b != buffers) {
+            return Err(TrainError::Config(format!(
+                "the checkpoint's {} keeps state [{}] but this run's {} keeps [{buffers}] (momentum or centring differ): resume with the same settings",
+                r.optimizer,
+                r.optimizer_buffers.as_deref().unwrap_or_default(),
+                cfg.optimizer.name()
+            )));
+        }
     }
     let normalizer = match resume.and_then(|r| r.normalizer.clone()) {
         Some(n) => n,
@@ -322,6 +331,7 @@ pub fn train_resumed(
                         (STEP_KEY.to_string(), step.to_string()),
                         (BEST_KEY.to_string(), best_val.to_string()),
                         (SINCE_BEST_KEY.to_string(), since_best.to_string()),
+                        (BUFFERS_KEY.to_string(), cfg.optimizer.buffer_names().join(",")),
                     ]
                     .into_iter()
                     .collect(),
@@ -356,6 +366,7 @@ pub fn train_resumed(
 const STEP_KEY: &str = "step";
 const BEST_KEY: &str = "best_monitored_loss";
 const SINCE_BEST_KEY: &str = "epochs_since_best";
+const BUFFERS_KEY: &str = "optimizer_buffers";
 
 /// The training state a checkpoint written by [`train`] records besides the weights, for
 /// [`train_resumed`].
@@ -371,6 +382,8 @@ pub struct Resume {
     pub since_best: u64,
     /// Name of the optimiser that wrote the state (`Adam`, `SGD`, ...).
     pub optimizer: String,
+    /// Its state buffers per tensor, comma-separated (`momentum_buffer`, ...), if recorded.
+    pub optimizer_buffers: Option<String>,
     /// The optimiser's state tensors, `"{tensor}.{buffer}"` (as `Optimizer::export_state`).
     pub optimizer_state: Vec<checkpoint::Tensor>,
     /// The input normaliser the weights were trained with.
@@ -414,6 +427,7 @@ pub fn load_resume(path: &std::path::Path, graph: &Graph, params: &mut ParamStor
         best_val,
         since_best,
         optimizer: c.meta.optimizer.clone(),
+        optimizer_buffers: c.meta.extra.get(BUFFERS_KEY).cloned(),
         optimizer_state: c.optimizer_tensors(),
         normalizer,
     })
