@@ -161,6 +161,9 @@ fn geometries() -> Vec<G> {
         // Weight-gradient pixel blocks of 12 rows and a 3-row tail, 4+2 input and 8+5 output
         // channels (edge tiles).
         g(6, 15, 20, 13, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1),
+        // Fewer than 4 input channels: weight-gradient tiles over 4 taps of one channel, with
+        // a 4-row pixel-block tail (also 1->6 5x5 and the grouped 5x5 above).
+        g(2, 30, 19, 5, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1),
     ]
 }
 

@@ -236,7 +236,7 @@ impl Planes {
 
 /// Whether 8-wide tiles cover output rows of width `w` with little waste.
 fn rows_fit_tiles(w: usize) -> bool {
-    w >= NR && 4 * w >= 3 * w.div_ceil(NR) * NR
+    w >= NR
 }
 
 /// Bytes of `B` a direct GEMM's block of tiles may span (see [`Direct::run`]).
@@ -277,20 +277,29 @@ impl Direct {
 }
 
 /// The stride-1 weight gradient: tile kernels for the main and the last pixel block, the
-/// forward's plane layout, and the taps' offsets in a plane.
+/// forward's plane layout, and the taps' offsets in a plane. With `tap_rows`, the kernels'
+/// rows are groups of 4 taps of one channel (`main[i]`, `tail[i]` for tap group `i`), else 4
+/// channels at one tap (one kernel set).
 #[derive(Debug)]
 struct DirectW {
-    main: Wgrad,
-    tail: Option<Wgrad>,
+    main: Vec<Wgrad>,
+    tail: Vec<Wgrad>,
     planes: Planes,
     taps: Vec<usize>,
+    tap_rows: bool,
 }
 
 struct DirectWPlan {
-    main: WgradPlan,
-    tail: Option<WgradPlan>,
+    main: Vec<WgradPlan>,
+    tail: Vec<WgradPlan>,
     planes: Planes,
     taps: Vec<usize>,
+    tap_rows: bool,
+}
+
+/// Fraction of a 4-row tile's rows that `rows` rows use.
+fn row_use(rows: usize) -> f64 {
+    rows as f64 / (rows.div_ceil(MR) * MR) as f64
 }
 
 impl DirectWPlan {
@@ -319,20 +328,40 @@ impl DirectWPlan {
         if !mg.is_multiple_of(NR) {
             nrs.push(mg % NR);
         }
-        let spec = |(rows, width): (usize, usize)| WgradSpec { rows, width, pw: planes.pw, plane: planes.plane, ldc: mg };
-        Ok(DirectWPlan {
-            main: WgradPlan::define(jit, "conv_bwd_w_direct", spec(main), &mrs, &nrs)?,
-            tail: match tail {
-                Some(t) => Some(WgradPlan::define(jit, "conv_bwd_w_direct_tail", spec(t), &mrs, &nrs)?),
-                None => None,
-            },
-            planes,
-            taps,
-        })
+        let nt = taps.len();
+        let tap_rows = row_use(nt) > row_use(cg);
+        // Row offsets (and C's row stride) of each kernel set.
+        let groups: Vec<([usize; MR], usize, usize)> = if tap_rows {
+            (0..nt)
+                .step_by(MR)
+                .map(|t0| {
+                    let mr = MR.min(nt - t0);
+                    (std::array::from_fn(|r| taps[(t0 + r).min(nt - 1)]), mr, cg * mg)
+                })
+                .collect()
+        } else {
+            vec![(std::array::from_fn(|r| r * planes.plane), 0, mg)]
+        };
+        let (mut mains, mut tails) = (Vec::new(), Vec::new());
+        for (row_off, mr, ldc) in groups {
+            let spec = |(rows, width): (usize, usize)| WgradSpec { rows, width, pw: planes.pw, row_off, ldc };
+            let mrs_here = if tap_rows { vec![mr] } else { mrs.clone() };
+            mains.push(WgradPlan::define(jit, "conv_bwd_w_direct", spec(main), &mrs_here, &nrs)?);
+            if let Some(t) = tail {
+                tails.push(WgradPlan::define(jit, "conv_bwd_w_direct_tail", spec(t), &mrs_here, &nrs)?);
+            }
+        }
+        Ok(DirectWPlan { main: mains, tail: tails, planes, taps, tap_rows })
     }
 
     fn resolve(self, fin: &super::jit::Finished) -> DirectW {
-        DirectW { main: self.main.resolve(fin), tail: self.tail.map(|t| t.resolve(fin)), planes: self.planes, taps: self.taps }
+        DirectW {
+            main: self.main.iter().map(|p| p.resolve(fin)).collect(),
+            tail: self.tail.iter().map(|p| p.resolve(fin)).collect(),
+            planes: self.planes,
+            taps: self.taps,
+            tap_rows: self.tap_rows,
+        }
     }
 }
 
@@ -532,7 +561,7 @@ impl ConvKernels {
                     + bwd_w_tail.as_ref().map_or(0, Gemm::tile_count)
                     + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
-                    + direct_w.as_ref().map_or(0, |d| d.main.tile_count() + d.tail.as_ref().map_or(0, Wgrad::tile_count))
+                    + direct_w.as_ref().map_or(0, |d| d.main.iter().chain(&d.tail).map(Wgrad::tile_count).sum())
             }
             Impl::Naive { .. } => 3,
         }
@@ -815,7 +844,7 @@ impl ConvKernels {
             Impl::Blocked { direct_w: Some(d), .. } => {
                 let pl = &d.planes;
                 let nt = d.taps.len();
-                let (main_rows, main_w) = (d.main.spec().rows, d.main.spec().width);
+                let (main_rows, main_w) = (d.main[0].spec().rows, d.main[0].spec().width);
                 let mut pad = vec![0.0f32; if g.is_direct() { 0 } else { pl.len() }];
                 let mut dwt = vec![0.0f32; nt * cg * mg];
                 let mut bpan = vec![0.0f32; mg.div_ceil(NR) * main_rows * main_w * NR];
@@ -834,16 +863,16 @@ impl ConvKernels {
                         let mut blocks = Vec::new();
                         if pl.out_h == 1 {
                             for x0 in (0..pl.out_w).step_by(main_w) {
-                                blocks.push((0, x0, if x0 + main_w <= pl.out_w { &d.main } else { d.tail.as_ref().expect("tail") }));
+                                blocks.push((0, x0, if x0 + main_w <= pl.out_w { &d.main } else { &d.tail }));
                             }
                         } else {
                             for y0 in (0..pl.out_h).step_by(main_rows) {
-                                blocks.push((y0, 0, if y0 + main_rows <= pl.out_h { &d.main } else { d.tail.as_ref().expect("tail") }));
+                                blocks.push((y0, 0, if y0 + main_rows <= pl.out_h { &d.main } else { &d.tail }));
                             }
                         }
-                        for (y0, x0, kern) in blocks {
+                        for (y0, x0, kerns) in blocks {
                             let p0 = y0 * pl.out_w + x0;
-                            let kb = kern.spec().rows * kern.spec().width;
+                            let kb = kerns[0].spec().rows * kerns[0].spec().width;
                             // B = d_outᵀ for this block: panel jp holds channels 8jp..8jp+8.
                             for jp in 0..mg.div_ceil(NR) {
                                 let nr = NR.min(mg - jp * NR);
@@ -853,11 +882,22 @@ impl ConvKernels {
                             for jp in 0..mg.div_ceil(NR) {
                                 let nr = NR.min(mg - jp * NR);
                                 let b = &bpan[jp * kb * NR..(jp + 1) * kb * NR];
-                                for (t, &toff) in d.taps.iter().enumerate() {
-                                    for ip in 0..cg.div_ceil(MR) {
-                                        let mr = MR.min(cg - ip * MR);
-                                        let c = &mut dwt[(t * cg + ip * MR) * mg + jp * NR..];
-                                        kern.run(c, mr, nr, &pad[ip * MR * pl.plane + toff + a0..], b);
+                                if d.tap_rows {
+                                    // Rows = taps 4i..4i+4 of channel ci.
+                                    for (i, kern) in kerns.iter().enumerate() {
+                                        let mr = MR.min(nt - i * MR);
+                                        for ci in 0..cg {
+                                            let c = &mut dwt[(i * MR * cg + ci) * mg + jp * NR..];
+                                            kern.run(c, mr, nr, &pad[ci * pl.plane + a0..], b);
+                                        }
+                                    }
+                                } else {
+                                    for (t, &toff) in d.taps.iter().enumerate() {
+                                        for ip in 0..cg.div_ceil(MR) {
+                                            let mr = MR.min(cg - ip * MR);
+                                            let c = &mut dwt[(t * cg + ip * MR) * mg + jp * NR..];
+                                            kerns[0].run(c, mr, nr, &pad[ip * MR * pl.plane + toff + a0..], b);
+                                        }
                                     }
                                 }
                             }

@@ -602,9 +602,11 @@ fn transpose8_from(dst: &mut [f32], cols: &[&[f32]; NR], k: usize) {
 /// Shape of a weight-gradient tile kernel ([`WgradPlan`]): `C[mr x nr] += Σ_k A[r][k] · B[k][t]`
 /// where the reduction runs over a block of output pixels, `rows` output rows of `width`
 /// pixels, and
-/// - `A[r][k]` is read in place from padded input planes: row `r` (an input channel) at
-///   `a + r*plane`, pixel `(y, x)` of the block at `y*pw + x` (the caller points `a` at the
-///   block's first pixel shifted by the kernel tap);
+/// - `A[r][k]` is read in place from padded input planes: row `r` at `a + row_off[r]`, pixel
+///   `(y, x)` of the block at `y*pw + x`. Rows are 4 input channels at one kernel tap
+///   (`row_off[r] = r*plane`, the caller points `a` at the block's first pixel shifted by the
+///   tap) or, for layers with fewer than 4 input channels, 4 taps of one channel
+///   (`row_off[r]` = the taps' offsets);
 /// - `B` is packed like a GEMM B panel, `b[k*8 + t]` (the output gradient of 8 channels,
 ///   transposed), `k = y*width + x`;
 /// - `C` (the transposed weight gradient, `[tap][ci][co]`) has leading dimension `ldc`.
@@ -619,15 +621,15 @@ pub struct WgradSpec {
     pub width: usize,
     /// Padded row width of the input planes.
     pub pw: usize,
-    /// Elements from one input plane to the next.
-    pub plane: usize,
+    /// Element offset of each `A` row from the `A` pointer.
+    pub row_off: [usize; MR],
     /// Leading dimension of `C`.
     pub ldc: usize,
 }
 
 impl WgradSpec {
     fn extents(&self, mr: usize, nr: usize) -> Extents {
-        let a = (mr - 1) * self.plane + (self.rows - 1) * self.pw + self.width;
+        let a = self.row_off[..mr].iter().copied().max().unwrap_or(0) + (self.rows - 1) * self.pw + self.width;
         [(mr - 1) * self.ldc + nr, a, self.rows * self.width * NR, 0, 0, 0, 0]
     }
 }
@@ -709,7 +711,7 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
         let b0 = emit::ld4(b, pb, (u * NR) as i64);
         let b1 = emit::ld4(b, pb, (u * NR + 4) as i64);
         for r in 0..mr {
-            let x = emit::ld(b, pa, (r * s.plane + u) as i64);
+            let x = emit::ld(b, pa, (s.row_off[r] + u) as i64);
             let xs = b.ins().splat(F32X4, x);
             for (h, bv) in [b0, b1].into_iter().enumerate() {
                 let v = acc[r * 2 + h];
