@@ -143,9 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut runs, mut engines) = (Vec::new(), Vec::new());
     for (label, g) in [("frozen conv1+conv2", &frozen), ("fine-tune everything", &graph)] {
         let mut p = start.clone();
-        for l in FEATURES {
-            p.set_layer_trainable(l, g.node(g.find(l)?).trainable);
-        }
+        p.set_trainable_from(g);
         let mut eng = JitEngine::new(g, loss, BATCH, Fusion::Full)?;
         let t0 = Instant::now();
         let out = train(&mut eng, g, &mut p, &train_b, Some(&test_b), &config(epochs), &mut Print(label))?;

@@ -476,6 +476,17 @@ impl<T: Scalar> ParamStore<T> {
         self.load_by_name(c.model_tensors().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())), skip, &name)
     }
 
+    /// Freeze or unfreeze every layer as `graph` does (`Node::trainable`): the store for an
+    /// engine compiled from `graph` (which rejects a store that trains a layer it froze).
+    /// Layers the graph does not have are left as they are.
+    pub fn set_trainable_from(&mut self, graph: &Graph) {
+        for info in self.infos.iter_mut() {
+            if let Ok(id) = graph.find(&info.layer) {
+                info.layer_trainable = graph.node(id).trainable;
+            }
+        }
+    }
+
     /// Freeze (`false`) or unfreeze every tensor of `layer`; false when no tensor belongs to it.
     pub fn set_layer_trainable(&mut self, layer: &str, trainable: bool) -> bool {
         let mut any = false;

@@ -78,6 +78,16 @@ fn replaced_head_loads_the_features_and_keeps_the_fresh_head() {
     for name in ["fc2.weight", "fc2.bias"] {
         assert_eq!(p.slice(name).unwrap(), fresh.slice(name).unwrap(), "{name}");
     }
+    // Freezing the features in the graph and the store alike.
+    let mut g = net(5);
+    for l in ["conv1", "bn1", "conv2"] {
+        let id = g.find(l).unwrap();
+        g.node_mut(id).trainable = false;
+    }
+    assert_eq!(p.num_trainable(), p.num_params());
+    p.set_trainable_from(&g);
+    let frozen: Vec<_> = p.infos().iter().filter(|i| !i.layer_trainable).map(|i| i.name.as_str()).collect();
+    assert_eq!(frozen, &features[..8]);
     let text = r.to_string();
     assert!(text.starts_with("loaded 10 tensors: conv1.weight, conv1.bias,") && text.contains("skipped 2 tensors: fc2.weight, fc2.bias"), "{text}");
     // A prefix pattern skips every matching layer.
