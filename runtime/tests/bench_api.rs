@@ -179,3 +179,31 @@ fn peak_rss_probe_sees_an_allocation() {
     let after = bench::read_rss().unwrap();
     assert!(after.peak >= before.current + (60 << 20), "64 MiB touched, high-water mark {} -> {}", before.current, after.peak);
 }
+
+#[test]
+fn jit_profile_is_off_by_default_and_per_group_when_on() {
+    use cnnc_runtime::engine::Engine;
+    use cnnc_runtime::init::InitConfig;
+    use cnnc_runtime::params::ParamStore;
+    let g = model("tests/models/tiny.cnn", "TinyFile");
+    let mut e = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 3, Fusion::Full).unwrap();
+    let mut p = ParamStore::<f32>::for_graph(&g, &InitConfig::pytorch(), 7).unwrap();
+    let mut gr = p.zeros_like();
+    let x = cnnc_compiler::lower::report::fill(3 * 144, 5);
+    let step = |e: &mut JitEngine, p: &mut ParamStore<f32>, gr: &mut ParamStore<f32>| e.train_step(p, gr, &x, &[1, 4, 9], 0).unwrap();
+    step(&mut e, &mut p, &mut gr);
+    let groups = e.plan(true).groups.len();
+    assert_eq!(e.profile(true).len(), groups);
+    assert!(e.profile(true).iter().all(|t| t.forward.is_zero() && t.backward.is_zero()), "profiling is off by default");
+    e.set_profiling(true);
+    step(&mut e, &mut p, &mut gr);
+    let prof = e.profile(true);
+    // conv1 (+relu) is the first group: it ran forward and backward.
+    assert!(!prof[0].forward.is_zero() && !prof[0].backward.is_zero(), "{prof:?}");
+    e.infer(&p, &x, 3).unwrap();
+    let inf = e.profile(false);
+    assert_eq!(inf.len(), e.plan(false).groups.len());
+    assert!(!inf[0].forward.is_zero() && inf.iter().all(|t| t.backward.is_zero()), "{inf:?}");
+    e.set_profiling(false);
+    assert!(e.profile(true).iter().all(|t| t.forward.is_zero()), "turning profiling off clears the times");
+}
