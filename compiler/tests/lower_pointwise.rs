@@ -221,3 +221,44 @@ fn batchnorm_train_and_inference() {
     let mut short = vec![0.0; len - 1];
     assert!(batchnorm_forward_infer("bn", shape, &mut short, &x, &gamma, &beta, &rm, &rv, eps).is_err());
 }
+
+/// 2x2 stride-2 max pooling takes an unrolled fast path; with `ceil` on an odd-sized input the
+/// last window is clipped and the general loop runs instead. Both must pick the same winners
+/// on the windows they share, with ties (first cell in row-major order wins), NaNs (win over
+/// numbers) and all--inf windows.
+#[test]
+fn max_pool_2x2_fast_path_matches_the_general_loop() {
+    let mut rng = StdRng::seed_from_u64(41);
+    let (n, c, h, w) = (2, 3, 5, 7);
+    let floor = Pool2d::new(PoolKind::Max, 2, 2);
+    let mut ceil = floor;
+    ceil.ceil_mode = true;
+    let fast = PoolKernels::new("fast", &floor, (c, h, w)).unwrap();
+    let general = PoolKernels::new("general", &ceil, (c, h, w)).unwrap();
+    let ((_, oh, ow), (_, ch, cw)) = (fast.out_shape(), general.out_shape());
+    assert_eq!((oh, ow, ch, cw), (2, 3, 3, 4));
+    // Few distinct values: many ties.
+    let vals = [1.5f32, -0.5, 1.5, f32::NEG_INFINITY, 0.25];
+    let mut x: Vec<f32> = (0..n * c * h * w).map(|_| vals[rng.random_range(0..vals.len())]).collect();
+    for i in [3, 17, 40, 41, 88] {
+        x[i] = f32::NAN;
+    }
+    for v in &mut x[w * 2..w * 2 + 2] {
+        *v = f32::NEG_INFINITY;
+    }
+    x[w * 3..w * 3 + 2].fill(f32::NEG_INFINITY);
+    let (mut o1, mut a1) = (vec![0.0; n * c * oh * ow], vec![0u32; n * c * oh * ow]);
+    let (mut o2, mut a2) = (vec![0.0; n * c * ch * cw], vec![0u32; n * c * ch * cw]);
+    fast.forward(&mut o1, Some(&mut a1), &x).unwrap();
+    general.forward(&mut o2, Some(&mut a2), &x).unwrap();
+    for pl in 0..n * c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (i, j) = (pl * oh * ow + oy * ow + ox, pl * ch * cw + oy * cw + ox);
+                assert_eq!(a1[i], a2[j], "plane {pl} window ({oy}, {ox}): winner");
+                assert!(o1[i] == o2[j] || o1[i].is_nan() && o2[j].is_nan(), "plane {pl} window ({oy}, {ox}): {} vs {}", o1[i], o2[j]);
+            }
+        }
+    }
+    assert!(o1.iter().any(|v| v.is_nan()) && o1.contains(&f32::NEG_INFINITY), "the input exercises NaN and -inf windows");
+}

@@ -198,7 +198,8 @@ fn resnet() -> Graph {
     g
 }
 
-/// An inception module: 1x1, 1x1->3x3 (relu'd), pool->1x1 and a bare avg-pool branch,
+/// An inception module: 1x1 (bn-relu'd: training batch norm writing its channel slice),
+/// 1x1->3x3 (relu'd), pool->1x1 and a bare avg-pool branch,
 /// concatenated in place, then bn-relu on the concat, a 1x1 conv, global pooling and a head.
 fn inception() -> Graph {
     let mut g = Graph::new("inception");
@@ -206,6 +207,7 @@ fn inception() -> Graph {
     let s = g.add("stem", Op::Conv2d(conv(8, 3).pad(Padding::uniform(1))), &[x]).unwrap();
     let s = g.add("stem_relu", relu(), &[s]).unwrap();
     let a = g.add("b1", Op::Conv2d(conv(4, 1)), &[s]).unwrap();
+    let a = g.add("bn_b1", bn(), &[a]).unwrap();
     let a = g.add("b1_relu", relu(), &[a]).unwrap();
     let b = g.add("b2a", Op::Conv2d(conv(3, 1)), &[s]).unwrap();
     let b = g.add("b2a_relu", relu(), &[b]).unwrap();

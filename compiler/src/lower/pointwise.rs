@@ -4,8 +4,11 @@
 //! All functions follow the `X_forward`/`X_backward` convention: outputs first, gradients
 //! accumulated with `+=`, lengths checked (an error names `layer`).
 //!
-//! Batch norm works on a whole batch `[n, C, H, W]` (statistics span the batch); a runtime can
-//! split it over threads by channel with [`batchnorm_forward_train`]'s `channels` range.
+//! Batch norm works on a whole batch `[n, C, H, W]` (statistics span the batch). Each pass is
+//! also given as its two phases, so a runtime can split it over threads deterministically:
+//! per-channel reductions ([`batchnorm_channel_stats`], [`batchnorm_channel_grad_sums`]: one
+//! thread per channel, fixed order inside), then per-sample elementwise work
+//! ([`channel_affine`], [`batchnorm_backward_sample`]).
 
 use crate::ir::Activation;
 use crate::{Error, Result};
@@ -121,10 +124,67 @@ impl BnShape {
     }
 }
 
+/// Batch statistics of channel `ch` over every sample and pixel of `x` (`[n, c, hw]`):
+/// `(mean, Σ (x - mean)²)`, accumulated in f64 (two passes: the mean, then the squared
+/// deviations). Reads `x` only, so a runtime computes channels on several threads at once.
+pub fn batchnorm_channel_stats(shape: BnShape, ch: usize, x: &[f32]) -> (f64, f64) {
+    let BnShape { n, c, hw } = shape;
+    let m = (n * hw) as f64;
+    let plane = |s: usize| &x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw];
+    let sum: f64 = (0..n).map(|s| plane(s).iter().map(|&v| v as f64).sum::<f64>()).sum();
+    let mean = sum / m;
+    let ss: f64 = (0..n).map(|s| plane(s).iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum();
+    (mean, ss)
+}
+
+/// Finish channel `ch` of the training forward from its [`batchnorm_channel_stats`]: saves
+/// `mean` and `rstd = 1/sqrt(var + eps)` in `saved` (already sized to `c`), updates the running
+/// statistics PyTorch's way (`running = (1-m)*running + m*batch`, unbiased variance, `M` values
+/// per channel), and returns the channel's affine map `(a, b)`: `out = x*a + b` with
+/// `a = gamma*rstd`, `b = beta - gamma*rstd*mean`.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_channel_finish(
+    ch: usize,
+    (mean, ss): (f64, f64),
+    values: usize,
+    saved: &mut BnSaved,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    momentum: f32,
+) -> (f32, f32) {
+    let m = values as f64;
+    let var = ss / m;
+    let rstd = 1.0 / (var + eps as f64).sqrt();
+    let (mean32, rstd32) = (mean as f32, rstd as f32);
+    saved.mean[ch] = mean32;
+    saved.rstd[ch] = rstd32;
+    let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
+    running_mean[ch] = (1.0 - momentum) * running_mean[ch] + momentum * mean32;
+    running_var[ch] = (1.0 - momentum) * running_var[ch] + momentum * unbiased as f32;
+    (gamma[ch] * rstd32, beta[ch] - gamma[ch] * rstd32 * mean32)
+}
+
+/// `out[ch, p] = x[ch, p] * a[i] + b[i]` for the channels `ch = first + i` of one sample
+/// (`out`, `x`: that sample's `[c, hw]` values, `a.len()` channels from `first`): the second
+/// phase of the training forward, independent per sample.
+pub fn channel_affine(out: &mut [f32], x: &[f32], first: usize, a: &[f32], b: &[f32], hw: usize) {
+    for (i, (&a, &b)) in a.iter().zip(b).enumerate() {
+        let p = (first + i) * hw;
+        for (o, &v) in out[p..p + hw].iter_mut().zip(&x[p..p + hw]) {
+            *o = v * a + b;
+        }
+    }
+}
+
 /// Training forward over channels `channels` (use `0..c` for all):
 /// `mean_c = E[x]`, `var_c = E[(x-mean)²]`, `out = gamma * (x - mean) / sqrt(var + eps) + beta`;
 /// saves `mean`, `rstd` into `saved` (resized to `c`) and updates the running statistics
 /// PyTorch's way: `running = (1-m)*running + m*batch`, with the unbiased variance.
+/// The composition of [`batchnorm_channel_stats`], [`batchnorm_channel_finish`] and
+/// [`channel_affine`], which a runtime can run on several threads (channels, then samples).
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_forward_train(
     layer: &str,
@@ -141,50 +201,72 @@ pub fn batchnorm_forward_train(
     momentum: f32,
 ) -> Result<()> {
     let BnShape { n, c, hw } = shape;
-    shape.check(layer, "input", x.len(), shape.numel())?;
-    shape.check(layer, "output", out.len(), shape.numel())?;
-    for (w, l) in [("gamma", gamma.len()), ("beta", beta.len()), ("running mean", running_mean.len()), ("running var", running_var.len())] {
+    batchnorm_check_train(layer, shape, &channels, x.len(), out.len(), [gamma.len(), beta.len(), running_mean.len(), running_var.len()])?;
+    saved.mean.resize(c, 0.0);
+    saved.rstd.resize(c, 0.0);
+    let (a, b): (Vec<f32>, Vec<f32>) = channels
+        .clone()
+        .map(|ch| batchnorm_channel_finish(ch, batchnorm_channel_stats(shape, ch, x), n * hw, saved, running_mean, running_var, gamma, beta, eps, momentum))
+        .unzip();
+    for s in 0..n {
+        let r = s * c * hw..(s + 1) * c * hw;
+        channel_affine(&mut out[r.clone()], &x[r], channels.start, &a, &b, hw);
+    }
+    Ok(())
+}
+
+/// The length checks of the training forward: input and output `n*c*hw`, per-channel tensors
+/// (gamma, beta, running mean, running variance) `c`, `channels` within `0..c`, values present.
+pub fn batchnorm_check_train(layer: &str, shape: BnShape, channels: &Range<usize>, x: usize, out: usize, per_channel: [usize; 4]) -> Result<()> {
+    let BnShape { n, c, hw } = shape;
+    shape.check(layer, "input", x, shape.numel())?;
+    shape.check(layer, "output", out, shape.numel())?;
+    for (w, l) in ["gamma", "beta", "running mean", "running var"].into_iter().zip(per_channel) {
         shape.check(layer, w, l, c)?;
     }
     if channels.end > c || n * hw == 0 {
         return Err(err(layer, format!("batchnorm channels {channels:?} of {c}, {n} samples x {hw} pixels")));
     }
-    saved.mean.resize(c, 0.0);
-    saved.rstd.resize(c, 0.0);
-    let m = (n * hw) as f64;
-    for ch in channels {
-        let plane = |s: usize| s * c * hw + ch * hw;
-        let mut sum = 0.0f64;
-        for s in 0..n {
-            sum += x[plane(s)..plane(s) + hw].iter().map(|&v| v as f64).sum::<f64>();
-        }
-        let mean = sum / m;
-        let mut ss = 0.0f64;
-        for s in 0..n {
-            ss += x[plane(s)..plane(s) + hw].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
-        }
-        let var = ss / m;
-        let rstd = 1.0 / (var + eps as f64).sqrt();
-        let (mean32, rstd32) = (mean as f32, rstd as f32);
-        saved.mean[ch] = mean32;
-        saved.rstd[ch] = rstd32;
-        let (a, bb) = (gamma[ch] * rstd32, beta[ch] - gamma[ch] * rstd32 * mean32);
-        for s in 0..n {
-            let p = plane(s);
-            for (o, &v) in out[p..p + hw].iter_mut().zip(&x[p..p + hw]) {
-                *o = v * a + bb;
-            }
-        }
-        let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
-        running_mean[ch] = (1.0 - momentum) * running_mean[ch] + momentum * mean32;
-        running_var[ch] = (1.0 - momentum) * running_var[ch] + momentum * unbiased as f32;
-    }
     Ok(())
+}
+
+/// Gradient sums of channel `ch` for the backward pass: `(Σ d_out, Σ d_out*xhat)` over every
+/// sample and pixel, `xhat = (x - mean) * rstd`, accumulated in f64. Reads only.
+pub fn batchnorm_channel_grad_sums(shape: BnShape, ch: usize, d_out: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f32, f32) {
+    let BnShape { n, c, hw } = shape;
+    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+    for s in 0..n {
+        let p = s * c * hw + ch * hw;
+        for (&g, &v) in d_out[p..p + hw].iter().zip(&x[p..p + hw]) {
+            sg += g as f64;
+            sgx += (g * (v - mean) * rstd) as f64;
+        }
+    }
+    (sg as f32, sgx as f32)
+}
+
+/// The input gradient of one sample (`d_x`, `d_out`, `x`: its `[c, hw]` values) for the
+/// channels `first..first + sums.len()`, from their [`batchnorm_channel_grad_sums`]:
+/// `d_x += gamma*rstd/M * (M*d_out - Σd_out - xhat*Σ(d_out*xhat))` with `M` values per channel.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_backward_sample(d_x: &mut [f32], d_out: &[f32], x: &[f32], first: usize, sums: &[(f32, f32)], saved: &BnSaved, gamma: &[f32], values: usize, hw: usize) {
+    let m = values as f32;
+    for (i, &(sg, sgx)) in sums.iter().enumerate() {
+        let ch = first + i;
+        let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
+        let k = gamma[ch] * rstd / m;
+        let p = ch * hw;
+        for ((d, &g), &v) in d_x[p..p + hw].iter_mut().zip(&d_out[p..p + hw]).zip(&x[p..p + hw]) {
+            let xhat = (v - mean) * rstd;
+            *d += k * (m * g - sg - xhat * sgx);
+        }
+    }
 }
 
 /// Backward of the training forward, with `xhat = (x - mean) * rstd` and `M = n*hw`:
 /// `d_beta += Σ d_out`, `d_gamma += Σ d_out*xhat`,
 /// `d_x += gamma*rstd/M * (M*d_out - Σd_out - xhat*Σ(d_out*xhat))`.
+/// The composition of [`batchnorm_channel_grad_sums`] and [`batchnorm_backward_sample`].
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward(
     layer: &str,
@@ -199,38 +281,31 @@ pub fn batchnorm_backward(
     gamma: &[f32],
 ) -> Result<()> {
     let BnShape { n, c, hw } = shape;
-    for (w, l) in [("input", x.len()), ("input gradient", d_x.len()), ("output gradient", d_out.len())] {
-        shape.check(layer, w, l, shape.numel())?;
-    }
-    for (w, l) in [("gamma", gamma.len()), ("gamma gradient", d_gamma.len()), ("beta gradient", d_beta.len()), ("saved mean", saved.mean.len()), ("saved rstd", saved.rstd.len())] {
-        shape.check(layer, w, l, c)?;
-    }
-    if channels.end > c {
-        return Err(err(layer, format!("batchnorm channels {channels:?} of {c}")));
-    }
-    let m = (n * hw) as f32;
-    for ch in channels {
-        let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
-        let plane = |s: usize| s * c * hw + ch * hw;
-        let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-        for s in 0..n {
-            let p = plane(s);
-            for (&g, &v) in d_out[p..p + hw].iter().zip(&x[p..p + hw]) {
-                sg += g as f64;
-                sgx += (g * (v - mean) * rstd) as f64;
-            }
-        }
-        let (sg, sgx) = (sg as f32, sgx as f32);
+    batchnorm_check_backward(layer, shape, &channels, [x.len(), d_x.len(), d_out.len()], [gamma.len(), d_gamma.len(), d_beta.len()], saved)?;
+    let sums: Vec<(f32, f32)> = channels.clone().map(|ch| batchnorm_channel_grad_sums(shape, ch, d_out, x, saved.mean[ch], saved.rstd[ch])).collect();
+    for (ch, &(sg, sgx)) in channels.clone().zip(&sums) {
         d_beta[ch] += sg;
         d_gamma[ch] += sgx;
-        let k = gamma[ch] * rstd / m;
-        for s in 0..n {
-            let p = plane(s);
-            for ((d, &g), &v) in d_x[p..p + hw].iter_mut().zip(&d_out[p..p + hw]).zip(&x[p..p + hw]) {
-                let xhat = (v - mean) * rstd;
-                *d += k * (m * g - sg - xhat * sgx);
-            }
-        }
+    }
+    for s in 0..n {
+        let r = s * c * hw..(s + 1) * c * hw;
+        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, hw);
+    }
+    Ok(())
+}
+
+/// The length checks of the backward pass: input, input gradient and output gradient `n*c*hw`;
+/// gamma, its gradient, beta's gradient and the saved statistics `c`; `channels` within `0..c`.
+pub fn batchnorm_check_backward(layer: &str, shape: BnShape, channels: &Range<usize>, full: [usize; 3], per_channel: [usize; 3], saved: &BnSaved) -> Result<()> {
+    for (w, l) in ["input", "input gradient", "output gradient"].into_iter().zip(full) {
+        shape.check(layer, w, l, shape.numel())?;
+    }
+    let names = ["gamma", "gamma gradient", "beta gradient", "saved mean", "saved rstd"];
+    for (w, l) in names.into_iter().zip(per_channel.into_iter().chain([saved.mean.len(), saved.rstd.len()])) {
+        shape.check(layer, w, l, shape.c)?;
+    }
+    if channels.end > shape.c {
+        return Err(err(layer, format!("batchnorm channels {channels:?} of {}", shape.c)));
     }
     Ok(())
 }

@@ -34,6 +34,9 @@ pub struct PoolKernels {
     cols: Vec<(usize, usize)>,
     /// Divisor per output pixel (average pooling).
     div: Vec<f32>,
+    /// Every window is the full `2x2` block at `(2*oy, 2*ox)` (2x2 stride-2 pooling without
+    /// padding, floor or exact): max pooling takes the unrolled fast path.
+    tiled2: bool,
 }
 
 /// Output size, clipped input range per output, and padded-window length per output.
@@ -92,7 +95,9 @@ impl PoolKernels {
                 div.push(1.0 / d as f32);
             }
         }
-        Ok(PoolKernels { layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div })
+        let tile = |r: &[(usize, usize)]| r.iter().enumerate().all(|(o, &(a, b))| (a, b) == (2 * o, 2 * o + 2));
+        let tiled2 = tile(&rows) && tile(&cols);
+        Ok(PoolKernels { layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div, tiled2 })
     }
 
     /// Output `(C, OH, OW)` per sample.
@@ -125,6 +130,10 @@ impl PoolKernels {
             (PoolKind::Max, Some(am)) => {
                 if am.len() != out.len() {
                     return Err(self.err(format!("argmax has {} elements, expected {}", am.len(), out.len())));
+                }
+                if self.tiled2 {
+                    self.max2x2(out, am, x, planes);
+                    return Ok(());
                 }
                 for pl in 0..planes {
                     let xp = &x[pl * hw..(pl + 1) * hw];
@@ -166,6 +175,37 @@ impl PoolKernels {
             (PoolKind::Avg, Some(_)) => return Err(self.err("average pooling takes no argmax buffer".into())),
         }
         Ok(())
+    }
+
+    /// 2x2 stride-2 max pooling over whole blocks (`tiled2`), lengths checked by `forward`:
+    /// the same winner as the general loop (cells in row-major order, `>` keeps the first
+    /// maximum, a NaN wins over a number), without its window tables and bounds checks.
+    fn max2x2(&self, out: &mut [f32], am: &mut [u32], x: &[f32], planes: usize) {
+        let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
+        let wins = |v: f32, best: f32| v > best || v.is_nan() && !best.is_nan();
+        for pl in 0..planes {
+            let xp = &x[pl * hw..(pl + 1) * hw];
+            let (op, ap) = (&mut out[pl * ohw..(pl + 1) * ohw], &mut am[pl * ohw..(pl + 1) * ohw]);
+            for oy in 0..self.oh {
+                let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
+                let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
+                for (ox, ((o, a), (p0, p1))) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))).enumerate() {
+                    let base = 2 * oy * w + 2 * ox;
+                    let (mut best, mut bi) = (p0[0], base);
+                    if wins(p0[1], best) {
+                        (best, bi) = (p0[1], base + 1);
+                    }
+                    if wins(p1[0], best) {
+                        (best, bi) = (p1[0], base + w);
+                    }
+                    if wins(p1[1], best) {
+                        (best, bi) = (p1[1], base + w + 1);
+                    }
+                    *o = best;
+                    *a = bi as u32;
+                }
+            }
+        }
     }
 
     /// Backward: `d_x += ∂L/∂x` (max: to the recorded winners; avg: spread over the window).

@@ -103,9 +103,8 @@ fn chain_forward(step: &Step, params: &ParamStore, out: &mut [f32], ol: Loc, buf
                 }
             }
             Chain::Act(a) => {
-                for s in 0..n {
-                    act_inplace(*a, &mut out[ol.sample(s)]);
-                }
+                let (num, off) = (ol.numel(), ol.off * ol.hw);
+                out[..n * ol.stride()].par_chunks_mut(ol.stride()).for_each(|o| act_inplace(*a, &mut o[off..off + num]));
             }
         }
     }
@@ -215,18 +214,19 @@ impl Program {
                             return Err(eerr(format!("layer `{layer}`: batch norm over a single value per channel (batch {n}): the unbiased variance is undefined")));
                         }
                         let (gamma, beta) = (param(params, layer, "weight")?, param(params, layer, "bias")?);
-                        let run = |o: &mut [f32], saved: &mut _, rm: &mut [f32], rv: &mut [f32]| {
-                            pointwise::batchnorm_forward_train(layer, shape, 0..ol.ch, o, saved, rm, rv, xin, gamma, beta, *eps, *momentum).map_err(lerr)
-                        };
-                        if ol.contiguous() {
-                            run(out, saved, new_rm, new_rv)?;
-                        } else {
-                            let mut tmp = std::mem::take(&mut step.scratch);
-                            tmp.resize(n * ol.numel(), 0.0);
-                            run(&mut tmp, saved, new_rm, new_rv)?;
-                            scatter(out, ol, &tmp, n);
-                            step.scratch = tmp;
-                        }
+                        let (c, hw, num, off) = (ol.ch, ol.hw, ol.numel(), ol.off * ol.hw);
+                        pointwise::batchnorm_check_train(layer, shape, &(0..c), xin.len(), n * num, [gamma.len(), beta.len(), new_rm.len(), new_rv.len()]).map_err(lerr)?;
+                        // Per-channel statistics on all threads (each channel on one, in a fixed
+                        // order: deterministic), then the affine map per sample.
+                        let stats: Vec<(f64, f64)> = (0..c).into_par_iter().map(|ch| pointwise::batchnorm_channel_stats(shape, ch, xin)).collect();
+                        saved.mean.resize(c, 0.0);
+                        saved.rstd.resize(c, 0.0);
+                        let (a, b): (Vec<f32>, Vec<f32>) = stats
+                            .into_iter()
+                            .enumerate()
+                            .map(|(ch, st)| pointwise::batchnorm_channel_finish(ch, st, n * hw, saved, new_rm, new_rv, gamma, beta, *eps, *momentum))
+                            .unzip();
+                        out.par_chunks_mut(stride).zip(xin.par_chunks(num)).for_each(|(o, xs)| pointwise::channel_affine(&mut o[off..off + num], xs, 0, &a, &b, hw));
                     }
                     Kind::BnInfer { x, layer, eps } => {
                         let xin = whole(bufs, locs, g, *x, n)?;
@@ -393,9 +393,8 @@ impl Program {
                 for c in step.chain.iter().rev() {
                     match c {
                         Chain::Act(a) => {
-                            for s in 0..n {
-                                act_grad_inplace(*a, &mut gr[ol.sample(s)], &y[ol.sample(s)]);
-                            }
+                            let (num, off) = (ol.numel(), ol.off * ol.hw);
+                            gr.par_chunks_mut(stride).zip(y.par_chunks(stride)).for_each(|(d, y)| act_grad_inplace(*a, &mut d[off..off + num], &y[off..off + num]));
                         }
                         Chain::Add { others } => {
                             for &o in others {
@@ -420,7 +419,7 @@ impl Program {
                         let xl = loc_of(locs, g, *x)?;
                         let shape = BnShape { n, c: ol.ch, hw: ol.hw };
                         let gamma = param(params, layer, "weight")?;
-                        let (mut dg, mut db) = (vec![0.0; ol.ch], vec![0.0; ol.ch]);
+                        let (c, hw, num) = (ol.ch, ol.hw, ol.numel());
                         let mut tmp = std::mem::take(&mut step.scratch);
                         let d_out: &[f32] = if ol.contiguous() {
                             gr
@@ -428,22 +427,26 @@ impl Program {
                             gather(&mut tmp, gr, Loc { off: ol.off, ..ol }, n);
                             &tmp
                         };
-                        // The kernel always writes an input gradient: a throw-away one when
-                        // the operand needs none (its gradient buffer does not exist).
-                        let mut unused = Vec::new();
-                        let dx = if ng[x.index()] {
-                            &mut grads[xl.buf][..n * xl.numel()]
-                        } else {
-                            unused.resize(n * xl.numel(), 0.0);
-                            &mut unused[..]
-                        };
-                        let r = pointwise::batchnorm_backward(layer, shape, 0..ol.ch, dx, &mut dg, &mut db, d_out, xin, saved, gamma).map_err(lerr);
+                        let r = (|| -> R {
+                            pointwise::batchnorm_check_backward(layer, shape, &(0..c), [xin.len(), n * xl.numel(), d_out.len()], [gamma.len(), c, c], saved).map_err(lerr)?;
+                            // Per-channel sums on all threads (one channel per task, fixed order:
+                            // deterministic), then the input gradient per sample where needed.
+                            let sums: Vec<(f32, f32)> = (0..c).into_par_iter().map(|ch| pointwise::batchnorm_channel_grad_sums(shape, ch, d_out, xin, saved.mean[ch], saved.rstd[ch])).collect();
+                            if ng[x.index()] {
+                                let dx = &mut grads[xl.buf][..n * xl.numel()];
+                                dx.par_chunks_mut(num).zip(d_out.par_chunks(num).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
+                                    pointwise::batchnorm_backward_sample(d, go, xs, 0, &sums, saved, gamma, n * hw, hw)
+                                });
+                            }
+                            if trains(g, layer) {
+                                let (db, dg): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
+                                add_param(pgrads, layer, "weight", &dg)?;
+                                add_param(pgrads, layer, "bias", &db)?;
+                            }
+                            Ok(())
+                        })();
                         step.scratch = tmp;
                         r?;
-                        if trains(g, layer) {
-                            add_param(pgrads, layer, "weight", &dg)?;
-                            add_param(pgrads, layer, "bias", &db)?;
-                        }
                     }
                     Kind::BnInfer { layer, .. } => return Err(eerr(format!("layer `{layer}`: inference batch norm in a training plan"))),
                     Kind::Pool { k, x, argmax, per_am } => {
