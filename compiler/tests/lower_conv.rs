@@ -325,13 +325,19 @@ fn concat_backward(rng: &mut StdRng, g: G) {
 #[test]
 fn gradients_match_finite_differences() {
     let mut rng = StdRng::seed_from_u64(14);
-    let g = G { cin: 4, h: 6, w: 7, cout: 6, k: [3, 3], s: [2, 1], p: [1, 0, 1, 2], d: [1, 2], g: 2 };
+    finite_differences(&mut rng, G { cin: 4, h: 6, w: 7, cout: 6, k: [3, 3], s: [2, 1], p: [1, 0, 1, 2], d: [1, 2], g: 2 }, "im2col");
+    // Stride 1: the direct kernels (tap-row weight gradient: 3 input channels, 5x5 taps).
+    finite_differences(&mut rng, G { cin: 3, h: 5, w: 9, cout: 5, k: [5, 3], s: [1, 1], p: [2, 1, 1, 2], d: [1, 1], g: 1 }, "direct");
+}
+
+fn finite_differences(rng: &mut StdRng, g: G, algo: &str) {
     let n = 2;
     let k = ConvKernels::compile("c", &g.conv(true), (g.cin, g.h, g.w), Epilogue::default(), Mode::Blocked).unwrap();
-    let x = rand_vec(&mut rng, n * g.in_n());
-    let w = rand_vec(&mut rng, g.cout * g.cin / g.g * 9);
-    let b = rand_vec(&mut rng, g.cout);
-    let r = rand_vec(&mut rng, n * g.out_n());
+    assert_eq!(k.algorithms(), [algo; 3], "{g:?}");
+    let x = rand_vec(rng, n * g.in_n());
+    let w = rand_vec(rng, g.cout * g.cin / g.g * g.k[0] * g.k[1]);
+    let b = rand_vec(rng, g.cout);
+    let r = rand_vec(rng, n * g.out_n());
     let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
         let mut out = vec![0.0; n * g.out_n()];
         k.forward(&mut out, x, w, Some(b), EpilogueArgs::default()).unwrap();
@@ -355,9 +361,9 @@ fn gradients_match_finite_differences() {
         let want = fd(&w, i, &|w| loss(&x, w, &b));
         assert!((dw[i] - want).abs() < 2e-2 * (1.0 + want.abs()), "d_w[{i}]: {} vs fd {want}", dw[i]);
     }
-    for i in 0..b.len() {
+    for (i, &got) in db.iter().enumerate() {
         let want = fd(&b, i, &|b| loss(&x, &w, b));
-        assert!((db[i] - want).abs() < 2e-2 * (1.0 + want.abs()), "d_b[{i}]: {} vs fd {want}", db[i]);
+        assert!((got - want).abs() < 2e-2 * (1.0 + want.abs()), "d_b[{i}]: {got} vs fd {want}");
     }
 }
 
