@@ -1,5 +1,5 @@
-//! Convolution forward and backward on the JIT GEMM ([`gemm`](super::gemm)), or on naive JIT
-//! loops ([`naive`](super::naive)) for comparison.
+//! Convolution forward and backward on the JIT GEMM ([`gemm`]), or on naive JIT
+//! loops ([`naive`]) for comparison.
 //!
 //! ## Layouts (NCHW, as PyTorch)
 //! - input `x`: `[n, Cin, H, W]`; weights `w`: `[Cout, Cin/g, kh, kw]`; bias `b`: `[Cout]`;
@@ -22,6 +22,24 @@
 //!   gather above: every `col` element's gradient is added to the `x` element it was read from).
 //! - backward weight: `d_W_g += d_out_g · col_gᵀ` (reduction over pixels, blocked by 256),
 //!   `d_b[co] += Σ_p d_out[co, p]`.
+//!
+//! ## Stride 1: direct kernels, no im2col ([`ConvKernels::algorithms`] says `"direct"`)
+//! Each sample's group input is copied once into zero-padded planes (`PW` = the output row
+//! rounded up to 8 plus the kernel's extent, planes an odd number of cache lines apart so a
+//! pixel of successive channels falls in different L1 sets); an unpadded 1x1 layer sees each
+//! plane as one row of `H*W` pixels.
+//! - forward (output rows >= 8 wide): a tile of 4 output channels x 8 pixels of one output row
+//!   reads its `B` in place, `x_pad[ci, oy + ky*dh, ox + kx*dw .. +8]`, at compile-time tap
+//!   offsets ([`DirectB`]); `A` is the packed weights as before. No packing of `B` at all.
+//! - backward data (input rows >= 8 wide): the same kernel as a stride-1 convolution of the
+//!   zero-padded `d_out` (placed at `dh*(kh-1) - pt`, `dw*(kw-1) - pl`, cropped where the
+//!   padding exceeds that) with the flipped, transposed weights `w'[ci, co, ky, kx] =
+//!   w[co, ci, kh-1-ky, kw-1-kx]`, accumulated into `d_x`.
+//! - backward weight: the operands flipped, `d_Wᵀ[(tap, ci), co] += x_tap[(tap, ci), p] ·
+//!   d_outᵀ[p, co]` ([`WgradSpec`]): `d_outᵀ` is packed once per block of ~256 pixels and
+//!   reused by every tap and channel, `x_tap` is read in place from the padded planes (4
+//!   channels at one tap per tile, or 4 taps of one channel when the layer has fewer than 4
+//!   input channels), and the `[tap][ci][co]` result is added into `d_w` once per call.
 //!
 //! The fused epilogue applies to `forward` only. `backward_*` take the gradient with respect to
 //! the convolution's own result (`W·col + b`): a runtime that fused an activation or residual

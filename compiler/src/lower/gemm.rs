@@ -19,6 +19,14 @@
 //!
 //! Each kernel is specialised to `K`, `ldc`, `ldr`, the epilogue and its tile shape `mr x nr`
 //! (`mr <= 4`, `nr <= 8`); a GEMM compiles only the edge variants its `M` and `N` need.
+//!
+//! ## Operands read in place (stride-1 convolutions)
+//! - [`DirectB`]: the same tile with `B` read straight from zero-padded input planes at
+//!   compile-time tap offsets instead of from a packed panel ([`GemmPlan::define_direct`],
+//!   driven tile by tile with [`Gemm::run_panels`]).
+//! - [`WgradSpec`]: the weight-gradient tile, `C += A · B` over a block of output pixels with
+//!   `A` rows read in place from the padded planes (a nested row/pixel loop) and `B` the packed
+//!   transposed output gradient; `C` accumulates.
 
 use super::entry::Kernel;
 use super::jit::{emit, Extents, Finished, Jit, KernelId};

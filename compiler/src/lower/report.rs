@@ -1,7 +1,7 @@
 //! Throughput report of the JIT kernels: this machine's 128-bit FMA peak, the bare GEMM
 //! micro-kernel (packed operands, no packing cost), and convolution forward / backward-data /
 //! backward-weight, blocked vs naive, as GFLOP/s and fractions of that peak, single-threaded,
-//! timed by thread CPU time ([`peak::best_of`]). Used by `benches/kernels.rs`.
+//! timed by thread CPU time ([`best_of`]). Used by `benches/kernels.rs`.
 
 use super::gemm::{pack_a, EpiArgs, GemmPlan, GemmSpec, NR};
 use super::jit::Jit;
