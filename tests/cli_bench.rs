@@ -50,8 +50,9 @@ fn json_parses_into_the_report() {
 
 #[test]
 fn fused_only() {
-    let out = cnnc_ok(["bench", LENET, "-b", "1", "-r", "1", "--no-naive", "--no-reference"]);
+    let out = cnnc_ok(["bench", LENET, "-b", "1", "-r", "1", "--no-naive", "--no-reference", "--threads", "1"]);
     assert!(out.contains("fused JIT") && !out.contains("naive JIT") && !out.contains("reference"), "{out}");
+    assert!(out.contains("LeNet5: batch 1, 1 thread(s)") && out.contains("x 1 ="), "{out}");
 }
 
 #[test]
@@ -60,13 +61,14 @@ fn bad_input_is_a_clear_error() {
     cnnc_fails_with(["bench", LENET, "--model", "NoSuchNet"], &["no model named `NoSuchNet`"]);
     cnnc_fails_with(["bench", LENET, "--batch", "0"], &["--batch must be at least 1"]);
     cnnc_fails_with(["bench", LENET, "--reps", "0"], &["--reps must be at least 1"]);
+    cnnc_fails_with(["bench", LENET, "--threads", "0"], &["--threads must be at least 1"]);
     cnnc_fails_with(["bench", LENET, "--format", "xml"], &["xml"]);
 }
 
 #[test]
 fn help_explains_the_command() {
     let help = cnnc_ok(["help", "bench"]);
-    for needle in ["--batch", "--reps", "--no-naive", "--no-reference", "--format", "Examples:", "FMA peak"] {
+    for needle in ["--batch", "--reps", "--threads", "--no-naive", "--no-reference", "--format", "Examples:", "FMA peak"] {
         assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
     }
     assert!(cnnc_ok(["--help"]).contains("bench"));

@@ -65,11 +65,14 @@ pub struct BenchConfig {
     pub loss: Loss,
     /// Seed of the parameters, inputs and dropout masks.
     pub seed: u64,
+    /// Threads of the JIT engines (a rayon pool of this size); `None`: the global pool
+    /// (`RAYON_NUM_THREADS`, else one per core). For thread-scaling measurements.
+    pub threads: Option<usize>,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        BenchConfig { batch: 32, reps: 10, naive: true, reference: true, loss: Loss::SoftmaxCrossEntropy, seed: 1 }
+        BenchConfig { batch: 32, reps: 10, naive: true, reference: true, loss: Loss::SoftmaxCrossEntropy, seed: 1, threads: None }
     }
 }
 
@@ -272,13 +275,25 @@ type NodeTimes = HashMap<String, (Duration, Duration)>;
 
 /// Run the benchmark of `graph` (see the module header). `progress` is called before each
 /// timed run. Errors name the engine and the layer where one is involved.
-pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut dyn FnMut(Progress<'_>)) -> Result<BenchReport, EngineError> {
+pub fn run(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress<'_>) + Send)) -> Result<BenchReport, EngineError> {
     if cfg.batch == 0 {
         return Err(eerr("batch size must be at least 1"));
     }
     if cfg.reps == 0 {
         return Err(eerr("repetitions must be at least 1"));
     }
+    match cfg.threads {
+        None => run_here(graph, cfg, progress),
+        Some(0) => Err(eerr("threads must be at least 1")),
+        Some(n) => {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| eerr(format!("a pool of {n} threads: {e}")))?;
+            pool.install(|| run_here(graph, cfg, progress))
+        }
+    }
+}
+
+/// [`run`] on the current rayon pool.
+fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress<'_>) + Send)) -> Result<BenchReport, EngineError> {
     let batch = cfg.batch;
     let report = cost::analyze(graph, batch);
     let mut notes = Vec::new();

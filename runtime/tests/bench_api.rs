@@ -158,8 +158,14 @@ fn skipping_engines_and_bad_configurations() {
 
     let e = bench::run(&g, &BenchConfig { batch: 0, ..cfg.clone() }, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("batch"), "{e}");
-    let e = bench::run(&g, &BenchConfig { reps: 0, ..cfg }, &mut |_| {}).unwrap_err();
+    let e = bench::run(&g, &BenchConfig { reps: 0, ..cfg.clone() }, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("repetitions"), "{e}");
+    let e = bench::run(&g, &BenchConfig { threads: Some(0), ..cfg.clone() }, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("threads"), "{e}");
+
+    // A pool of its own: the engines and the peak scale by its size.
+    let r = bench::run(&g, &BenchConfig { threads: Some(3), ..cfg }, &mut |_| {}).unwrap();
+    assert_eq!(r.peak.threads, 3);
 }
 
 #[test]
@@ -177,11 +183,13 @@ fn peak_rss_probe_sees_an_allocation() {
     std::hint::black_box(&v);
     drop(v);
     let after = bench::read_rss().unwrap();
-    assert!(after.peak >= before.current + (60 << 20), "64 MiB touched, high-water mark {} -> {}", before.current, after.peak);
+    // (the allocator or the rest of the process may have returned a few MiB meanwhile)
+    assert!(after.peak >= before.current + (48 << 20), "64 MiB touched, high-water mark {} -> {}", before.current, after.peak);
 }
 
 #[test]
 fn jit_profile_is_off_by_default_and_per_group_when_on() {
+    let _guard = lock();
     use cnnc_runtime::engine::Engine;
     use cnnc_runtime::init::InitConfig;
     use cnnc_runtime::params::ParamStore;

@@ -18,7 +18,7 @@ enum BenchFormat {
 /// Arguments of `cnnc bench`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  cnnc bench examples/models/lenet5.cnn --batch 64\n  cnnc bench tests/models/mini_inception.cnn --batch 32 --no-reference\n  cnnc bench examples/models/lenet5.cnn --reps 3 --format json"
+    after_help = "Examples:\n  cnnc bench examples/models/lenet5.cnn --batch 64\n  cnnc bench tests/models/mini_inception.cnn --batch 32 --no-reference\n  cnnc bench examples/models/lenet5.cnn --reps 3 --format json\n  cnnc bench examples/models/lenet5.cnn --batch 64 --threads 1 --no-reference"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -29,6 +29,9 @@ pub struct Args {
     /// Timed runs of the fused engine (the naive JIT and the interpreter run a third as many)
     #[arg(long, short = 'r', default_value_t = 10, value_name = "R")]
     reps: usize,
+    /// Threads of the JIT engines (default: RAYON_NUM_THREADS, else one per core)
+    #[arg(long, short = 'j', value_name = "N")]
+    threads: Option<usize>,
     /// Skip the naive JIT engine
     #[arg(long)]
     no_naive: bool,
@@ -48,8 +51,11 @@ pub fn run(a: Args) -> Result<(), CliError> {
     if a.reps == 0 {
         return Err(CliError("--reps must be at least 1".into()));
     }
+    if a.threads == Some(0) {
+        return Err(CliError("--threads must be at least 1".into()));
+    }
     let graphs = load_models(&a.model.file, a.model.model.as_deref())?;
-    let cfg = BenchConfig { batch: a.batch, reps: a.reps, naive: !a.no_naive, reference: !a.no_reference, ..BenchConfig::default() };
+    let cfg = BenchConfig { batch: a.batch, reps: a.reps, naive: !a.no_naive, reference: !a.no_reference, threads: a.threads, ..BenchConfig::default() };
     let mut reports: Vec<BenchReport> = Vec::new();
     for g in &graphs {
         let bar = ProgressBar::new(1);
