@@ -162,12 +162,21 @@ fn cli_resume_continues_bit_identically_and_refuses_mismatches() {
     let straight = ckpt("straight.safetensors");
     cnnc_ok(base("2", &straight));
     let part = ckpt("part.safetensors");
-    cnnc_ok(base("1", &part));
+    let curves = ckpt("curves.csv");
+    let mut args = base("1", &part);
+    args.extend(["--curves".to_string(), curves.to_str().unwrap().to_string()]);
+    cnnc_ok(&args);
     let resumed = ckpt("resumed.safetensors");
     std::fs::copy(&part, &resumed).unwrap();
     let mut args = base("2", &resumed);
     args.extend(["--resume".to_string(), resumed.to_str().unwrap().to_string()]);
+    args.extend(["--curves".to_string(), curves.to_str().unwrap().to_string()]);
     cnnc_ok(&args);
+    // The curve log continues: epoch 1 from the first run, epoch 2 from the resumed one.
+    let csv = std::fs::read_to_string(&curves).unwrap();
+    let epochs: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(epochs, ["1", "2"], "{csv}");
+    assert!(curves.with_extension("png").is_file());
     let (a, b) = (checkpoint::load(&straight).unwrap(), checkpoint::load(&resumed).unwrap());
     // Both saved epoch 2 only if held-out loss improved in epoch 2; either way they match.
     assert_eq!(a.meta.epoch, b.meta.epoch);

@@ -238,7 +238,11 @@ pub fn train_resumed(
     let mut optimizer = Optimizer::new(cfg.optimizer.clone())?.with_multipliers(cfg.lr_multipliers.clone());
     let mut grads = params.zeros_like();
     let mut curves = cfg.curves.as_ref().map(|p| CurveLog::open(p)).transpose()?;
-    let mut rows = Vec::new();
+    // A resumed run's curves continue the log; its PNG shows the epochs before the resume too.
+    let mut rows = match (resume, &cfg.curves) {
+        (Some(r), Some(p)) if p.is_file() => crate::curves::read_csv(p)?.into_iter().filter(|row| row.epoch <= r.epoch).collect(),
+        _ => Vec::new(),
+    };
     let mut best_val = f64::INFINITY;
     let mut since_best = 0;
     let mut outcome = TrainOutcome { epochs: Vec::new(), stopped_early: false, normalizer: normalizer.clone() };
