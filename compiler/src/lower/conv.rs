@@ -387,9 +387,10 @@ impl DirectWPlan {
 #[allow(clippy::large_enum_variant)] // one per layer; the blocked variant is the common one
 enum Impl {
     Blocked {
-        fwd: Gemm,
-        bwd_data: Gemm,
-        bwd_w: Gemm,
+        /// Packed (im2col) kernels, compiled only where no direct kernel replaces them.
+        fwd: Option<Gemm>,
+        bwd_data: Option<Gemm>,
+        bwd_w: Option<Gemm>,
         bwd_w_tail: Option<Gemm>,
         /// Stride-1 forward reading padded input planes in place (replaces `fwd`).
         direct_fwd: Option<Direct>,
@@ -442,7 +443,15 @@ impl ConvKernels {
         let mut jit = Jit::new(layer)?;
         #[allow(clippy::large_enum_variant)]
         enum Plan {
-            Blocked(GemmPlan, GemmPlan, GemmPlan, Option<GemmPlan>, Option<(GemmPlan, Planes)>, Option<(GemmPlan, Planes)>, Option<DirectWPlan>),
+            Blocked(
+                Option<GemmPlan>,
+                Option<GemmPlan>,
+                Option<GemmPlan>,
+                Option<GemmPlan>,
+                Option<(GemmPlan, Planes)>,
+                Option<(GemmPlan, Planes)>,
+                Option<DirectWPlan>,
+            ),
             Naive(KernelId, KernelId, KernelId),
         }
         let plan = match mode {
@@ -458,20 +467,6 @@ impl ConvKernels {
                     residual: epi.residual,
                     act: epi.act,
                     accumulate: epi.accumulate,
-                };
-                // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
-                let bd = if g.is_direct() {
-                    GemmSpec::plain(Some(kc), p, mg, p, true)
-                } else {
-                    GemmSpec::plain(Some(kc), NR, mg, NR, false)
-                };
-                let bd = GemmPlan::define(&mut jit, "conv_bwd_data", bd)?;
-                let kb = WGRAD_BLOCK.min(p);
-                let bw = GemmPlan::define(&mut jit, "conv_bwd_w", GemmSpec::plain(Some(mg), kc, kb, kc, true))?;
-                let bwt = if !p.is_multiple_of(kb) {
-                    Some(GemmPlan::define(&mut jit, "conv_bwd_w_tail", GemmSpec::plain(Some(mg), kc, p % kb, kc, true))?)
-                } else {
-                    None
                 };
                 let (dfwd, dbwd, dwgt) = if g.stride == [1, 1] {
                     let [kh, kw] = g.kernel;
@@ -510,7 +505,28 @@ impl ConvKernels {
                 } else {
                     (None, None, None)
                 };
-                let fwd = GemmPlan::define(&mut jit, "conv_fwd", fwd)?;
+                // The packed (im2col) kernels, only where no direct one replaces them.
+                let fwd = if dfwd.is_none() { Some(GemmPlan::define(&mut jit, "conv_fwd", fwd)?) } else { None };
+                // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
+                let bd = if dbwd.is_some() {
+                    None
+                } else if g.is_direct() {
+                    Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), p, mg, p, true))?)
+                } else {
+                    Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), NR, mg, NR, false))?)
+                };
+                let kb = WGRAD_BLOCK.min(p);
+                let (bw, bwt) = if dwgt.is_some() {
+                    (None, None)
+                } else {
+                    let bw = GemmPlan::define(&mut jit, "conv_bwd_w", GemmSpec::plain(Some(mg), kc, kb, kc, true))?;
+                    let bwt = if !p.is_multiple_of(kb) {
+                        Some(GemmPlan::define(&mut jit, "conv_bwd_w_tail", GemmSpec::plain(Some(mg), kc, p % kb, kc, true))?)
+                    } else {
+                        None
+                    };
+                    (Some(bw), bwt)
+                };
                 Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt)
             }
             Mode::Naive => {
@@ -522,9 +538,9 @@ impl ConvKernels {
         let imp = match plan {
             Plan::Blocked(f, d, w, t, df, db, dw) => Impl::Blocked {
                 direct_w: dw.map(|p| p.resolve(&fin)),
-                fwd: f.resolve(&fin),
-                bwd_data: d.resolve(&fin),
-                bwd_w: w.resolve(&fin),
+                fwd: f.map(|f| f.resolve(&fin)),
+                bwd_data: d.map(|d| d.resolve(&fin)),
+                bwd_w: w.map(|w| w.resolve(&fin)),
                 bwd_w_tail: t.map(|t| t.resolve(&fin)),
                 direct_fwd: df.map(|(p, planes)| Direct { gemm: p.resolve(&fin), planes }),
                 direct_bwd: db.map(|(p, planes)| Direct { gemm: p.resolve(&fin), planes }),
@@ -573,10 +589,7 @@ impl ConvKernels {
     pub fn kernel_count(&self) -> usize {
         match &self.imp {
             Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w } => {
-                fwd.tile_count()
-                    + bwd_data.tile_count()
-                    + bwd_w.tile_count()
-                    + bwd_w_tail.as_ref().map_or(0, Gemm::tile_count)
+                [fwd, bwd_data, bwd_w, bwd_w_tail].iter().map(|k| k.as_ref().map_or(0, Gemm::tile_count)).sum::<usize>()
                     + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_w.as_ref().map_or(0, |d| d.main.iter().chain(&d.tail).map(Wgrad::tile_count).sum())
@@ -683,6 +696,9 @@ impl ConvKernels {
                     }
                     return Ok(());
                 }
+                let Some(fwd) = fwd else {
+                    return Err(conv_err(&self.layer, "no forward kernel compiled".into()));
+                };
                 let bp = self.block_panels();
                 let mut panel = vec![0.0f32; bp * kc * NR];
                 for s in 0..n {
@@ -780,7 +796,10 @@ impl ConvKernels {
                     }
                 }
             }
-            Impl::Blocked { bwd_data, .. } => {
+            Impl::Blocked { bwd_data: None, .. } => {
+                return Err(conv_err(&self.layer, "no backward-data kernel compiled".into()));
+            }
+            Impl::Blocked { bwd_data: Some(bwd_data), .. } => {
                 // A = W_gᵀ: element (kk, co) at co*kc + kk.
                 let packs: Vec<Vec<f32>> = (0..g.groups)
                     .map(|gi| {
@@ -933,7 +952,10 @@ impl ConvKernels {
                     }
                 }
             }
-            Impl::Blocked { bwd_w, bwd_w_tail, .. } => {
+            Impl::Blocked { bwd_w: None, .. } => {
+                return Err(conv_err(&self.layer, "no backward-weight kernel compiled".into()));
+            }
+            Impl::Blocked { bwd_w: Some(bwd_w), bwd_w_tail, .. } => {
                 let mut apack = Vec::new();
                 let mut panel = vec![0.0f32; WGRAD_BLOCK * NR];
                 let mut rows = Vec::new();
