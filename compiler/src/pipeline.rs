@@ -3,6 +3,8 @@
 //! 1. `ir::verify` — the graph's invariants (debug builds, and always on entry).
 //! 2. [`passes::fuse::fuse`] — cut the graph into fused groups by the fusion table.
 //! 3. [`passes::concat_inplace::concat_inplace`] — place concatenation operands in slices.
+//! 4. [`passes::memplan::memplan`] — buffer liveness; slots shared by buffers (inference
+//!    values, training gradients) whose lifetimes do not overlap.
 //!
 //! Batch-norm folding happens on parameters, not on the graph: a `Gemm -> BatchNorm` group in
 //! inference mode tells the runtime to fold the running statistics into the weights.
@@ -17,7 +19,8 @@ pub fn plan(g: &Graph, mode: Mode, fusion: Fusion) -> Result<Plan> {
     verify(g)?;
     let groups = passes::fuse::fuse(g, mode, fusion);
     let (placement, inplace_concats) = passes::concat_inplace::concat_inplace(g, &groups, fusion == Fusion::Full);
-    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats };
+    let memory = passes::memplan::memplan(g, mode, &groups, &placement, &inplace_concats);
+    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats, memory };
     #[cfg(debug_assertions)]
     check(&plan);
     Ok(plan)

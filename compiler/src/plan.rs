@@ -3,9 +3,11 @@
 //! A [`Plan`] is the graph cut into [`Group`]s — chains of nodes one kernel computes
 //! (a convolution with its bias, folded batch-norm, residual add and activation, say) — in an
 //! order where every group's operands are ready, plus where each group writes its result
-//! ([`Placement`]: its own buffer, or a channel slice of a concatenation's buffer).
+//! ([`Placement`]: its own buffer, or a channel slice of a concatenation's buffer), and which
+//! memory slot every buffer and gradient uses ([`MemoryPlan`]).
 
 use crate::ir::{Graph, NodeId};
+pub use crate::passes::memplan::MemoryPlan;
 use std::fmt;
 
 /// What the plan is for.
@@ -77,6 +79,9 @@ pub struct Plan {
     pub placement: Vec<Option<Placement>>,
     /// Concatenations computed in place (no kernel runs for them).
     pub inplace_concats: Vec<NodeId>,
+    /// Buffer slots shared by values (inference) and gradients (training) that are never live
+    /// at the same time (`passes::memplan`).
+    pub memory: MemoryPlan,
 }
 
 impl Plan {

@@ -2,3 +2,4 @@
 
 pub mod concat_inplace;
 pub mod fuse;
+pub mod memplan;

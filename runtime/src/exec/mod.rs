@@ -198,7 +198,10 @@ impl Engine for JitEngine {
         }
         let n = load_input(p, x, labels.len())?;
         p.forward(params, n, true, seed)?;
-        for gb in p.grads.iter_mut() {
+        // Gradient slots live from the loss seeds on (the heads') start at zero; backward zeroes
+        // the others when their gradients start to live (the memory plan shares slots).
+        for &s in &p.plan.memory.zero_at_seed {
+            let gb = &mut p.grads[s];
             let len = gb.len() / p.batch * n;
             gb[..len].fill(0.0);
         }
@@ -212,7 +215,7 @@ impl Engine for JitEngine {
                 return Err(eerr(format!("label {y} of sample {i} is out of range for the {k} classes of `{}`", p.graph.node(head).name)));
             }
             if w != 0.0 {
-                let (logits, d) = (&p.bufs[hl.buf][..n * k], &mut p.grads[hl.buf][..n * k]);
+                let (logits, d) = (&p.bufs[hl.buf][..n * k], &mut p.grads[hl.grad][..n * k]);
                 loss_sum += w as f64 * seed_loss(self.loss, logits, d, labels, w / n as f32);
             }
         }

@@ -27,6 +27,8 @@ pub(crate) fn eerr(m: impl Into<String>) -> EngineError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Loc {
     pub buf: usize,
+    /// Gradient slot (training programs; the empty sentinel slot where none is needed).
+    pub grad: usize,
     pub off: usize,
     pub ch: usize,
     pub total: usize,
@@ -178,8 +180,12 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     // Locations: follow slices to their root buffer, composing offsets.
     let size = plan.placement.len();
     let mut locs: Vec<Option<Loc>> = vec![None; size];
-    let mut bufs: Vec<Vec<f32>> = Vec::new();
-    let mut root_buf: Vec<Option<usize>> = vec![None; size];
+    // Value and gradient slots from the memory plan (`passes::memplan`): buffers whose lives
+    // do not overlap share one. The last gradient slot is an empty sentinel for buffers that
+    // need no gradient.
+    let mem = &plan.memory;
+    let bufs: Vec<Vec<f32>> = mem.value_slot_elems.iter().map(|&e| vec![0.0; batch * e]).collect();
+    let no_grad = mem.grad_slot_elems.len();
     fn root(plan: &Plan, id: NodeId) -> Option<(NodeId, usize)> {
         match plan.placement.get(id.index()).copied().flatten()? {
             Placement::Own => Some((id, 0)),
@@ -188,37 +194,20 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     }
     for id in g.nodes() {
         let Some((r, off)) = root(&plan, id) else { continue };
-        let rb = match root_buf[r.index()] {
-            Some(b) => b,
-            None => {
-                bufs.push(vec![0.0; batch * g.node(r).shape.numel()]);
-                root_buf[r.index()] = Some(bufs.len() - 1);
-                bufs.len() - 1
-            }
-        };
+        let rb = mem.value_slot[r.index()].ok_or_else(|| eerr(format!("layer `{}`: no memory slot planned", g.node(r).name)))?;
+        let grad = mem.grad_slot[r.index()].unwrap_or(no_grad);
         let (ch, hw) = chw(g.node(id).shape);
         let (total, rhw) = chw(g.node(r).shape);
         if rhw != hw {
             return Err(eerr(format!("layer `{}`: concat slice with {hw} pixels in a buffer of {rhw}", g.node(id).name)));
         }
-        locs[id.index()] = Some(Loc { buf: rb, off, ch, total, hw });
+        locs[id.index()] = Some(Loc { buf: rb, grad, off, ch, total, hw });
     }
-    // Gradient buffers only where backward writes one ([`Graph::needs_grad`], the cost
-    // model's rule): a buffer holding a value that needs a gradient, or a head's logits (the
-    // loss seeds them). The rest stay empty (frozen prefix: no memory, no zeroing).
-    let grads = if train {
-        let ng = g.needs_grad();
-        let mut need = vec![false; bufs.len()];
-        let heads = g.outputs().into_iter().map(|o| if matches!(g.node(o).op, Op::Loss(_)) { g.operands(o)[0] } else { o });
-        for id in g.nodes().filter(|id| ng[id.index()]).chain(heads) {
-            if let Some(l) = locs[id.index()] {
-                need[l.buf] = true;
-            }
-        }
-        bufs.iter().zip(need).map(|(b, k)| if k { vec![0.0; b.len()] } else { Vec::new() }).collect()
-    } else {
-        Vec::new()
-    };
+    // Gradient slots only where backward writes or reads one ([`Graph::needs_grad`], the cost
+    // model's rule, and the heads' logits, which the loss seeds), shared by buffers whose
+    // gradients live at different times; then the empty sentinel.
+    let grad_elems: &[usize] = if train { &mem.grad_slot_elems } else { &[] };
+    let grads: Vec<Vec<f32>> = grad_elems.iter().map(|&e| vec![0.0; batch * e]).chain([Vec::new()]).collect();
     let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
 
     let mut steps = Vec::with_capacity(plan.groups.len());

@@ -374,11 +374,16 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let Program { graph: g, steps, locs, bufs, grads, threads, profiling, .. } = self;
+        let Program { graph: g, plan, steps, locs, bufs, grads, threads, profiling, batch, .. } = self;
         let threads = *threads;
         let ng = g.needs_grad();
         let ch = chunk(n, threads);
-        for step in steps.iter_mut().rev() {
+        for (i, step) in steps.iter_mut().enumerate().rev() {
+            // Gradient slots whose next gradient starts to live here (shared slots).
+            for &s in &plan.memory.zero_before[i] {
+                let len = grads[s].len() / *batch * n;
+                grads[s][..len].fill(0.0);
+            }
             if !ng[step.out.index()] {
                 continue; // at or below the lowest trainable layer: no backward at all
             }
@@ -386,7 +391,7 @@ impl Program {
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
             let y = &bufs[ol.buf][..n * stride];
-            let mut gbuf = std::mem::take(&mut grads[ol.buf]);
+            let mut gbuf = std::mem::take(&mut grads[ol.grad]);
             let r = (|| -> R {
                 let gr = &mut gbuf[..n * stride];
                 // The chain, in reverse: activation from the output, residual to its operands.
@@ -433,7 +438,7 @@ impl Program {
                             // deterministic), then the input gradient per sample where needed.
                             let sums: Vec<(f32, f32)> = (0..c).into_par_iter().map(|ch| pointwise::batchnorm_channel_grad_sums(shape, ch, d_out, xin, saved.mean[ch], saved.rstd[ch])).collect();
                             if ng[x.index()] {
-                                let dx = &mut grads[xl.buf][..n * xl.numel()];
+                                let dx = &mut grads[xl.grad][..n * xl.numel()];
                                 dx.par_chunks_mut(num).zip(d_out.par_chunks(num).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
                                     pointwise::batchnorm_backward_sample(d, go, xs, 0, &sums, saved, gamma, n * hw, hw)
                                 });
@@ -457,7 +462,7 @@ impl Program {
                         let inp = xl.numel();
                         let per_am = *per_am;
                         let (num, off) = (ol.numel(), ol.off * ol.hw);
-                        let dx = &mut grads[xl.buf][..n * inp];
+                        let dx = &mut grads[xl.grad][..n * inp];
                         let am: &[u32] = argmax;
                         dx.par_chunks_mut(ch * inp).enumerate().try_for_each(|(i, dxc)| -> cnnc_compiler::Result<()> {
                             for (j, d) in dxc.chunks_exact_mut(inp).enumerate() {
@@ -470,7 +475,7 @@ impl Program {
                     }
                     Kind::Gap { x } if ng[x.index()] => {
                         let xl = loc_of(locs, g, *x)?;
-                        let dx = &mut grads[xl.buf];
+                        let dx = &mut grads[xl.grad];
                         for s in 0..n {
                             let d = &mut dx[s * xl.numel()..(s + 1) * xl.numel()];
                             for (p, &v) in d.chunks_exact_mut(xl.hw).zip(&gr[ol.sample(s)]) {
@@ -482,7 +487,7 @@ impl Program {
                     Kind::Act { x, act } if ng[x.index()] => {
                         let xin = whole(bufs, locs, g, *x, n)?;
                         let xl = loc_of(locs, g, *x)?;
-                        let dx = &mut grads[xl.buf];
+                        let dx = &mut grads[xl.grad];
                         for s in 0..n {
                             let r = s * xl.numel()..(s + 1) * xl.numel();
                             pointwise::activation_backward(&name, *act, &mut dx[r.clone()], &gr[ol.sample(s)], &xin[r]).map_err(lerr)?;
@@ -505,7 +510,7 @@ impl Program {
                     Kind::Dropout { x, p, mask } if ng[x.index()] => {
                         let xl = loc_of(locs, g, *x)?;
                         let scale = 1.0 / (1.0 - *p);
-                        let dx = &mut grads[xl.buf];
+                        let dx = &mut grads[xl.grad];
                         for s in 0..n {
                             let r = s * xl.numel()..(s + 1) * xl.numel();
                             for ((d, &v), &k) in dx[r.clone()].iter_mut().zip(&gr[ol.sample(s)]).zip(&mask[r]) {
@@ -555,7 +560,7 @@ impl Program {
                 }
                 Ok(())
             })();
-            grads[ol.buf] = gbuf;
+            grads[ol.grad] = gbuf;
             if let Some(t0) = t0 {
                 step.time.backward = t0.elapsed();
             }
@@ -572,7 +577,7 @@ fn add_into(grads: &mut [Vec<f32>], locs: &[Option<Loc>], g: &Graph, o: NodeId, 
     if l.numel() != sl.numel() {
         return Err(eerr(format!("layer `{}`: gradient of {} elements per sample for a value of {}", g.node(o).name, sl.numel(), l.numel())));
     }
-    let d = &mut grads[l.buf];
+    let d = &mut grads[l.grad];
     if d.is_empty() {
         return Ok(());
     }
@@ -676,7 +681,7 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
     };
     if need_dx {
         let xl = loc_of(locs, g, x)?;
-        let dx = &mut grads[xl.buf][..n * inp];
+        let dx = &mut grads[xl.grad][..n * inp];
         dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
         // chunks beyond n (fewer samples than threads) hold zeros already
         let used = n.div_ceil(ch);

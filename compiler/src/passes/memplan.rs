@@ -1,0 +1,245 @@
+//! Memory planning: buffer liveness over the schedule, and slots shared by buffers whose
+//! lifetimes do not overlap.
+//!
+//! A *buffer* is what a value lives in: a group output placed `Own` (or an input), together
+//! with every value placed as a slice of it (in-place concatenation). Time is the position in
+//! the schedule: forward group `i` runs at time `i`; in a training plan backward then runs the
+//! groups in reverse, group `i`'s backward at backward time `S - 1 - i`, after the loss seeds
+//! the heads' gradients at backward time `-1`.
+//!
+//! - **Inference values.** A value buffer is live from its first writer (inputs: from the
+//!   start) to its last reader (model outputs: to the end). Buffers whose intervals are
+//!   disjoint share a slot, so a chain of layers needs about two activations, not all of them.
+//! - **Training values** are all kept: backward reads every group's input and output (weight
+//!   gradients, activation derivatives from outputs, max-pool switches), so each buffer is its
+//!   own slot.
+//! - **Training gradients.** The gradient of a buffer is written by the backward steps of its
+//!   consumers (`+=`) and read by the backward steps of its producers; it exists only where
+//!   [`Graph::needs_grad`] says backward needs it (or it seeds a head). Its live interval runs
+//!   from the first of those events to the last; disjoint intervals share a slot, and a slot is
+//!   zeroed right before the step that starts an interval in it ([`MemoryPlan::zero_before`],
+//!   [`MemoryPlan::zero_at_seed`]), not all at once.
+//!
+//! Slots are assigned greedily in interval-start order, reusing the free slot that fits best
+//! (the smallest at least as large, else the largest, which grows). Intervals are inclusive, so
+//! a step's operands and results never share a slot: nothing is read and written in place.
+
+use crate::ir::{Graph, NodeId, Op};
+use crate::plan::{Group, Mode, Placement};
+
+/// Where every buffer of a plan lives (see the module header).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Value slot of each buffer, indexed by its root node's [`NodeId::index`] (`None` for
+    /// nodes that own no buffer).
+    pub value_slot: Vec<Option<usize>>,
+    /// Elements per sample of each value slot.
+    pub value_slot_elems: Vec<usize>,
+    /// Gradient slot of each buffer (training plans; `None`: backward needs no gradient there).
+    pub grad_slot: Vec<Option<usize>>,
+    /// Elements per sample of each gradient slot.
+    pub grad_slot_elems: Vec<usize>,
+    /// Gradient slots to zero right before group `i`'s backward step (indexed by group).
+    pub zero_before: Vec<Vec<usize>>,
+    /// Gradient slots to zero before the loss seeds the heads' gradients.
+    pub zero_at_seed: Vec<usize>,
+    /// Elements per sample if every buffer had its own slot (values, then gradients).
+    pub unshared_elems: (usize, usize),
+}
+
+impl MemoryPlan {
+    /// Elements per sample of all value slots.
+    pub fn value_elems(&self) -> usize {
+        self.value_slot_elems.iter().sum()
+    }
+    /// Elements per sample of all gradient slots.
+    pub fn grad_elems(&self) -> usize {
+        self.grad_slot_elems.iter().sum()
+    }
+}
+
+/// The buffer (root node) holding `id`'s value: follows concat slices outwards.
+pub fn root(placement: &[Option<Placement>], id: NodeId) -> Option<NodeId> {
+    match placement.get(id.index()).copied().flatten()? {
+        Placement::Own => Some(id),
+        Placement::Slice { concat, .. } => root(placement, concat),
+    }
+}
+
+/// Operands a group's kernels read: the anchor's (none for an in-place concat, whose
+/// operands are its own slices) and each chain node's other operands (residual adds).
+fn reads(g: &Graph, gr: &Group, inplace: &[NodeId]) -> Vec<NodeId> {
+    let anchor = gr.anchor();
+    let mut r = if inplace.contains(&anchor) { Vec::new() } else { g.operands(anchor) };
+    for w in gr.nodes.windows(2) {
+        r.extend(g.operands(w[1]).into_iter().filter(|&o| o != w[0]));
+    }
+    r
+}
+
+/// The logits of every model output (a loss node's operand where an output is one).
+fn heads(g: &Graph) -> Vec<NodeId> {
+    g.outputs().into_iter().map(|o| if matches!(g.node(o).op, Op::Loss(_)) { g.operands(o)[0] } else { o }).collect()
+}
+
+/// An inclusive live interval `[start, end]` of buffer `root` needing `elems` per sample.
+#[derive(Clone, Copy, Debug)]
+struct Interval {
+    root: NodeId,
+    start: i64,
+    end: i64,
+    elems: usize,
+}
+
+/// Greedy interval colouring: returns the slot of each interval (same order) and the slot sizes.
+fn assign(intervals: &[Interval]) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..intervals.len()).collect();
+    order.sort_by_key(|&i| (intervals[i].start, intervals[i].root.index()));
+    let mut slot_of = vec![0; intervals.len()];
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut busy_until: Vec<i64> = Vec::new();
+    for i in order {
+        let iv = intervals[i];
+        let free: Vec<usize> = (0..sizes.len()).filter(|&s| busy_until[s] < iv.start).collect();
+        let fit = free.iter().copied().filter(|&s| sizes[s] >= iv.elems).min_by_key(|&s| (sizes[s], s));
+        let pick = fit.or_else(|| free.iter().copied().max_by_key(|&s| (sizes[s], usize::MAX - s)));
+        let s = match pick {
+            Some(s) => s,
+            None => {
+                sizes.push(0);
+                busy_until.push(i64::MIN);
+                sizes.len() - 1
+            }
+        };
+        sizes[s] = sizes[s].max(iv.elems);
+        busy_until[s] = iv.end;
+        slot_of[i] = s;
+    }
+    (slot_of, sizes)
+}
+
+/// Plan the memory of a schedule.
+///
+/// Does: computes every buffer's live interval (values in inference plans, gradients in
+/// training plans) and assigns slots shared by disjoint intervals, with the zeroing schedule
+/// of gradient slots. Does not: move values between buffers, share training value buffers
+/// (backward reads them all), or change the schedule.
+/// Before: `groups` in execution order and `placement` from `passes::concat_inplace`.
+/// After: every buffer (root) has a value slot; every buffer backward reads or writes (in
+/// training) has a gradient slot; two buffers share a slot only if no step touches both while
+/// either is live.
+pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Placement>], inplace: &[NodeId]) -> MemoryPlan {
+    let size = placement.len();
+    let steps = groups.len() as i64;
+    let roots: Vec<NodeId> = g.nodes().filter(|&id| matches!(placement.get(id.index()).copied().flatten(), Some(Placement::Own))).collect();
+    let elems = |r: NodeId| g.node(r).shape.numel();
+    let root_of = |id: NodeId| root(placement, id);
+    let mut plan = MemoryPlan {
+        value_slot: vec![None; size],
+        grad_slot: vec![None; size],
+        zero_before: vec![Vec::new(); groups.len()],
+        unshared_elems: (roots.iter().map(|&r| elems(r)).sum(), 0),
+        ..MemoryPlan::default()
+    };
+    let head_roots: Vec<NodeId> = heads(g).into_iter().chain(g.outputs()).filter_map(root_of).collect();
+
+    // Values.
+    let mut span: Vec<Option<(i64, i64)>> = vec![None; size];
+    let mut touch = |r: Option<NodeId>, t: i64| {
+        if let Some(r) = r {
+            let s = &mut span[r.index()];
+            *s = Some(s.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
+        }
+    };
+    for id in g.inputs() {
+        touch(root_of(id), -1);
+    }
+    for (i, gr) in groups.iter().enumerate() {
+        touch(root_of(gr.output()), i as i64);
+        for o in reads(g, gr, inplace) {
+            touch(root_of(o), i as i64);
+        }
+    }
+    for &r in &head_roots {
+        touch(Some(r), steps);
+    }
+    let intervals: Vec<Interval> = roots
+        .iter()
+        .map(|&r| {
+            let (start, end) = match mode {
+                Mode::Inference => span[r.index()].unwrap_or((-1, steps)),
+                Mode::Training => (-1, steps),
+            };
+            Interval { root: r, start, end, elems: elems(r) }
+        })
+        .collect();
+    let (slots, sizes) = match mode {
+        Mode::Inference => assign(&intervals),
+        // Every value is kept for backward: one slot each.
+        Mode::Training => ((0..intervals.len()).collect(), intervals.iter().map(|iv| iv.elems).collect()),
+    };
+    for (iv, s) in intervals.iter().zip(slots) {
+        plan.value_slot[iv.root.index()] = Some(s);
+    }
+    plan.value_slot_elems = sizes;
+    if mode == Mode::Inference {
+        return plan;
+    }
+
+    // Gradients, in backward time.
+    let ng = g.needs_grad();
+    let mut needs = vec![false; size];
+    for id in g.nodes().filter(|id| ng[id.index()]) {
+        if let Some(r) = root_of(id) {
+            needs[r.index()] = true;
+        }
+    }
+    for &r in &head_roots {
+        needs[r.index()] = true;
+    }
+    let mut gspan: Vec<Option<(i64, i64)>> = vec![None; size];
+    let mut gtouch = |r: Option<NodeId>, t: i64| {
+        if let Some(r) = r {
+            let s = &mut gspan[r.index()];
+            *s = Some(s.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
+        }
+    };
+    for &r in &head_roots {
+        gtouch(Some(r), -1);
+    }
+    for (i, gr) in groups.iter().enumerate() {
+        if !ng[gr.output().index()] {
+            continue; // no backward step runs for this group
+        }
+        let t = steps - 1 - i as i64;
+        gtouch(root_of(gr.output()), t);
+        for o in reads(g, gr, inplace).into_iter().filter(|o| ng[o.index()]) {
+            gtouch(root_of(o), t);
+        }
+    }
+    let gintervals: Vec<Interval> = roots
+        .iter()
+        .filter(|r| needs[r.index()])
+        .map(|&r| {
+            let (start, end) = gspan[r.index()].unwrap_or((-1, -1));
+            Interval { root: r, start, end, elems: elems(r) }
+        })
+        .collect();
+    plan.unshared_elems.1 = gintervals.iter().map(|iv| iv.elems).sum();
+    let (gslots, gsizes) = assign(&gintervals);
+    for (iv, s) in gintervals.iter().zip(gslots) {
+        plan.grad_slot[iv.root.index()] = Some(s);
+        if iv.start < 0 {
+            if !plan.zero_at_seed.contains(&s) {
+                plan.zero_at_seed.push(s);
+            }
+        } else {
+            let i = (steps - 1 - iv.start) as usize;
+            if !plan.zero_before[i].contains(&s) {
+                plan.zero_before[i].push(s);
+            }
+        }
+    }
+    plan.grad_slot_elems = gsizes;
+    plan
+}
