@@ -145,6 +145,11 @@ fn auto_backend_and_bad_input() {
     let e = o.update("fc.bias", &mut p, &[0.1; 5], f32::NAN).unwrap_err().to_string();
     assert!(e.contains("learning rate"), "{e}");
 
+    // An empty tensor is a no-op, not an out-of-bounds access.
+    let mut empty: Vec<f32> = Vec::new();
+    o.update("empty", &mut empty, &[], 1e-3).unwrap();
+    assert_eq!(o.state("empty").unwrap().buffers[0].1.len(), 0);
+
     // The compiler-level API checks its buffers too.
     let k = cnnc_compiler::lower::optim::UpdateKernel::compile(&[OptimizerConfig::adam(1e-3).update_rule(1)]).unwrap();
     let (mut m, mut v) = (vec![0.0f32; 5], vec![0.0f32; 4]);
