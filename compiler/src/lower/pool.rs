@@ -133,27 +133,8 @@ impl PoolKernels {
                 }
                 if self.tiled2 {
                     self.max2x2(out, am, x, planes);
-                    return Ok(());
-                }
-                for pl in 0..planes {
-                    let xp = &x[pl * hw..(pl + 1) * hw];
-                    for (oy, &(y0, y1)) in self.rows.iter().enumerate() {
-                        for (ox, &(x0, x1)) in self.cols.iter().enumerate() {
-                            let (mut best, mut bi) = (f32::NEG_INFINITY, y0 * self.w + x0);
-                            for iy in y0..y1 {
-                                let r = &xp[iy * self.w..];
-                                for ix in x0..x1 {
-                                    // `>` keeps the first maximum; NaN wins so it propagates.
-                                    if r[ix] > best || r[ix].is_nan() && !best.is_nan() {
-                                        best = r[ix];
-                                        bi = iy * self.w + ix;
-                                    }
-                                }
-                            }
-                            out[pl * ohw + oy * self.ow + ox] = best;
-                            am[pl * ohw + oy * self.ow + ox] = bi as u32;
-                        }
-                    }
+                } else {
+                    self.max_separable(out, am, x, planes);
                 }
             }
             (PoolKind::Avg, None) => {
@@ -175,6 +156,46 @@ impl PoolKernels {
             (PoolKind::Avg, Some(_)) => return Err(self.err("average pooling takes no argmax buffer".into())),
         }
         Ok(())
+    }
+
+    /// Max pooling in two passes per plane (lengths checked by `forward`): the winner of each
+    /// input row over each output column's window, then the winner over each output row's
+    /// window of those. Taking the first maximum in each pass (`>`, a NaN wins over a number)
+    /// picks the first maximum in row-major window order, as a single pass over the window
+    /// would: `kh + kw` comparisons per output instead of `kh * kw`, and the second pass runs
+    /// over whole rows (vectorisable selects).
+    fn max_separable(&self, out: &mut [f32], am: &mut [u32], x: &[f32], planes: usize) {
+        let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
+        let wins = |v: f32, best: f32| v > best || v.is_nan() && !best.is_nan();
+        let (mut hv, mut hi) = (vec![0.0f32; self.h * ow], vec![0u32; self.h * ow]);
+        for pl in 0..planes {
+            let xp = &x[pl * hw..(pl + 1) * hw];
+            for (iy, (row, (hvr, hir))) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(ow).zip(hi.chunks_exact_mut(ow))).enumerate() {
+                for ((&(x0, x1), v), i) in self.cols.iter().zip(hvr.iter_mut()).zip(hir.iter_mut()) {
+                    let (mut best, mut bi) = (row[x0], x0);
+                    for (ix, &r) in row[x0 + 1..x1].iter().enumerate() {
+                        if wins(r, best) {
+                            (best, bi) = (r, x0 + 1 + ix);
+                        }
+                    }
+                    *v = best;
+                    *i = (iy * w + bi) as u32;
+                }
+            }
+            let (op, ap) = (&mut out[pl * ohw..(pl + 1) * ohw], &mut am[pl * ohw..(pl + 1) * ohw]);
+            for (&(y0, y1), (orow, arow)) in self.rows.iter().zip(op.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow))) {
+                orow.copy_from_slice(&hv[y0 * ow..(y0 + 1) * ow]);
+                arow.copy_from_slice(&hi[y0 * ow..(y0 + 1) * ow]);
+                for iy in y0 + 1..y1 {
+                    let (vr, ir) = (&hv[iy * ow..(iy + 1) * ow], &hi[iy * ow..(iy + 1) * ow]);
+                    for ((o, a), (&v, &i)) in orow.iter_mut().zip(arow.iter_mut()).zip(vr.iter().zip(ir)) {
+                        if wins(v, *o) {
+                            (*o, *a) = (v, i);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// 2x2 stride-2 max pooling over whole blocks (`tiled2`), lengths checked by `forward`:
