@@ -5,61 +5,17 @@
 //! conv and bare pool branches), fallback ops (LRN, SE channel_mul, softmax), hinge loss, odd
 //! batch sizes (1, 3) and odd image sizes, stride 2, asymmetric padding; plus error cases.
 
+mod common;
+
 use cnnc_compiler::ir::*;
+use common::*;
 use cnnc_compiler::plan::Fusion;
 use cnnc_runtime::engine::{Engine, ReferenceEngine};
 use cnnc_runtime::exec::JitEngine;
 use cnnc_runtime::init::InitConfig;
-use cnnc_runtime::params::{ParamKind, ParamStore};
+use cnnc_runtime::params::ParamStore;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn conv(c: usize, k: usize) -> Conv2d {
-    Conv2d::new(c, [k, k])
-}
-
-fn bn() -> Op {
-    Op::BatchNorm(BatchNorm::default())
-}
-
-fn relu() -> Op {
-    Op::Act(Activation::Relu)
-}
-
-fn dense(n: usize) -> Op {
-    Op::Dense(Dense { out_features: n, bias: true })
-}
-
-fn maxpool(k: usize, s: usize) -> Op {
-    Op::Pool(Pool2d::new(PoolKind::Max, k, s))
-}
-
-/// Random parameters with non-trivial batch-norm affine parameters and running statistics.
-fn params_for(g: &Graph, seed: u64) -> ParamStore {
-    let mut p = ParamStore::<f32>::for_graph(g, &InitConfig::pytorch(), seed).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xabc);
-    for info in p.infos().to_vec() {
-        let v = p.slice_mut(&info.name).unwrap();
-        let is_bn = info.layer.starts_with("bn") || info.layer.contains(".bn");
-        match (is_bn, info.kind) {
-            (true, ParamKind::Weight) => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.5)),
-            (true, ParamKind::Bias) | (true, ParamKind::RunningMean) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.5..0.5)),
-            (true, ParamKind::RunningVar) => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..2.0)),
-            (false, ParamKind::Bias) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.3..0.3)),
-            _ => {}
-        }
-    }
-    p
-}
-
-/// Max-abs-normalised difference, the scale floored at `floor`: gradients that are
-/// mathematically zero (the bias of a convolution followed by batch norm) are rounding noise.
-fn rel_floor(a: &[f32], b: &[f32], floor: f64) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64)).max(floor).max(1e-12);
-    let diff = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs() as f64));
-    diff / scale
-}
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     rel_floor(a, b, 1e-6)

@@ -6,31 +6,16 @@
 //! layer (the per-group profile shows which ran). A store that trains a
 //! layer the compiled graph froze is a clear error.
 
+mod common;
+
 use cnnc_compiler::cost::analyze;
 use cnnc_compiler::ir::*;
+use common::*;
 use cnnc_compiler::plan::Fusion;
 use cnnc_runtime::engine::{Engine, ReferenceEngine};
 use cnnc_runtime::exec::JitEngine;
-use cnnc_runtime::init::InitConfig;
-use cnnc_runtime::params::{ParamKind, ParamStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn conv(c: usize, k: usize) -> Conv2d {
-    Conv2d::new(c, [k, k])
-}
-
-fn bn() -> Op {
-    Op::BatchNorm(BatchNorm::default())
-}
-
-fn relu() -> Op {
-    Op::Act(Activation::Relu)
-}
-
-fn dense(n: usize) -> Op {
-    Op::Dense(Dense { out_features: n, bias: true })
-}
 
 /// LeNet-5 on an odd 1x17x15 image (sizes kept small so the test is fast).
 fn lenet() -> Graph {
@@ -99,33 +84,6 @@ fn freeze(g: &Graph, layers: &[&str]) -> Graph {
         g.node_mut(id).trainable = false;
     }
     g
-}
-
-/// Random parameters (non-trivial batch-norm affine parameters and running statistics); the
-/// store's frozen flags come from the graph.
-fn params_for(g: &Graph, seed: u64) -> ParamStore {
-    let mut p = ParamStore::<f32>::for_graph(g, &InitConfig::pytorch(), seed).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    for info in p.infos().to_vec() {
-        let v = p.slice_mut(&info.name).unwrap();
-        let is_bn = info.layer.contains("bn");
-        match (is_bn, info.kind) {
-            (true, ParamKind::Weight) => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.5)),
-            (true, ParamKind::Bias) | (true, ParamKind::RunningMean) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.5..0.5)),
-            (true, ParamKind::RunningVar) => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..2.0)),
-            (false, ParamKind::Bias) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.3..0.3)),
-            _ => {}
-        }
-    }
-    p
-}
-
-/// Max-abs difference over the reference's max-abs, the scale floored at `floor`.
-fn rel_floor(a: &[f32], b: &[f32], floor: f64) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64)).max(floor).max(1e-12);
-    let diff = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs() as f64));
-    diff / scale
 }
 
 /// One training step with each engine from the same parameters on random data: the JIT
