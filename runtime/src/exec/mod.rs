@@ -124,9 +124,10 @@ impl JitEngine {
         p.steps.iter().map(|s| s.time).collect()
     }
 
-    /// Value and gradient buffer bytes of the training program.
+    /// Bytes of the value, gradient and weight-gradient scratch buffers of the training and
+    /// inference programs (the memory plan's slots; parameters not included).
     pub fn buffer_bytes(&self) -> usize {
-        let f = |p: &Program| p.bufs.iter().chain(&p.grads).map(Vec::len).sum::<usize>() * 4;
+        let f = |p: &Program| p.bufs.iter().chain(&p.grads).chain(&p.partials).map(Vec::len).sum::<usize>() * 4;
         f(&self.train) + f(&self.infer)
     }
 }

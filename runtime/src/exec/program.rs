@@ -69,8 +69,8 @@ pub(crate) enum Chain {
 /// What a step's anchor computes.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Kind {
-    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, partials: Vec<Vec<f32>> },
-    Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool, partials: Vec<Vec<f32>> },
+    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)> },
+    Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool },
     BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32> },
     BnInfer { x: NodeId, layer: String, eps: f32 },
     Pool { k: PoolKernels, x: NodeId, argmax: Vec<u32>, per_am: usize },
@@ -119,6 +119,10 @@ pub(crate) struct Program {
     pub batch: usize,
     pub threads: usize,
     pub compile_time: Duration,
+    /// Per-thread-chunk weight (and bias) gradient partials, shared by every convolution and
+    /// dense layer (one layer's backward runs at a time), sized for the largest; empty for
+    /// inference programs.
+    pub partials: Vec<Vec<f32>>,
     /// Whether `forward` / `backward` record each step's wall time in [`Step::time`].
     pub profiling: bool,
 }
@@ -211,6 +215,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
 
     let mut steps = Vec::with_capacity(plan.groups.len());
+    let mut partial_len = 0;
     for gr in &plan.groups {
         let anchor = gr.anchor();
         let node = g.node(anchor);
@@ -247,7 +252,6 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         let in_chw = |i: usize| -> Result<(usize, usize, usize), EngineError> {
             ops.get(i).map(|&o| g.node(o).shape.as_chw()).ok_or_else(|| eerr(format!("layer `{name}`: missing operand {i}")))
         };
-        let partials = |len: usize| if train { vec![vec![0.0f32; len]; threads] } else { Vec::new() };
         let mut fused = 0;
         let kind = match node.op {
             Op::Conv2d(c) => {
@@ -282,7 +286,8 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 }
                 let k = ConvKernels::compile(&name, &c, in_chw(0)?, epi, lmode).map_err(|e| eerr(e.to_string()))?;
                 let wn = k.geometry().weight_numel();
-                Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, partials: partials(wn + c.out_channels) }
+                partial_len = partial_len.max(wn + c.out_channels);
+                Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold }
             }
             Op::Dense(d) => {
                 let mut act = FusedAct::None;
@@ -296,8 +301,9 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                     return Err(eerr(format!("layer `{name}`: a dense layer writing into a concat slice is not supported")));
                 }
                 let inf = g.node(ops[0]).shape.numel();
+                partial_len = partial_len.max(d.out_features * (inf + 1));
                 let k = DenseKernels::compile(&name, &d, inf, act, lmode).map_err(|e| eerr(e.to_string()))?;
-                Kind::Dense { k, x: ops[0], layer: name.clone(), bias: d.bias, partials: partials(d.out_features * (inf + 1)) }
+                Kind::Dense { k, x: ops[0], layer: name.clone(), bias: d.bias }
             }
             Op::BatchNorm(bn) if train => Kind::BnTrain { x: ops[0], layer: name.clone(), eps: bn.eps, momentum: bn.momentum, saved: BnSaved::default(), new_rm: Vec::new(), new_rv: Vec::new() },
             Op::BatchNorm(bn) => Kind::BnInfer { x: ops[0], layer: name.clone(), eps: bn.eps },
@@ -333,5 +339,6 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     if !heads.iter().all(|&h| contiguous(h)) || !contiguous(input) {
         return Err(eerr("the logits and the input must be whole buffers"));
     }
-    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false })
+    let partials = if train { vec![vec![0.0f32; partial_len]; threads] } else { Vec::new() };
+    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials })
 }

@@ -374,7 +374,7 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let Program { graph: g, plan, steps, locs, bufs, grads, threads, profiling, batch, .. } = self;
+        let Program { graph: g, plan, steps, locs, bufs, grads, threads, profiling, batch, partials, .. } = self;
         let threads = *threads;
         let ng = g.needs_grad();
         let ch = chunk(n, threads);
@@ -412,11 +412,11 @@ impl Program {
                 let gr: &[f32] = gr;
                 let name = step.name.clone();
                 match &mut step.kind {
-                    Kind::Conv { k, x, layer, bias, partials, .. } => {
+                    Kind::Conv { k, x, layer, bias, .. } => {
                         let k: &ConvKernels = k;
                         gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
                     }
-                    Kind::Dense { k, x, layer, bias, partials } => {
+                    Kind::Dense { k, x, layer, bias } => {
                         gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
                     }
                     Kind::BnTrain { x, layer, saved, .. } => {
@@ -662,7 +662,12 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
     let xin = whole(bufs, locs, g, x, n)?;
     let inp = xin.len() / n;
     let wn = w.len();
+    let bn = if bias { pgrads.slice(&format!("{layer}.bias")).map_or(0, <[f32]>::len) } else { 0 };
+    if partials.iter().any(|p| p.len() < wn + bn) {
+        return Err(eerr(format!("layer `{layer}`: {wn} weights and {bn} biases exceed the compiled gradient scratch")));
+    }
     let work = |i: usize, dx: Option<&mut [f32]>, part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
+        let part = &mut part[..wn + bn];
         part.fill(0.0);
         let s0 = i * ch;
         if s0 >= n {
@@ -685,21 +690,16 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
         dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
         // chunks beyond n (fewer samples than threads) hold zeros already
         let used = n.div_ceil(ch);
-        partials[used..].iter_mut().for_each(|p| p.fill(0.0));
+        partials[used..].iter_mut().for_each(|p| p[..wn + bn].fill(0.0));
     } else {
         partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
     }
     if !trains {
         return Ok(());
     }
-    reduce(pgrads, layer, bias, wn, partials)
-}
-
-fn reduce(pgrads: &mut ParamStore, layer: &str, bias: bool, wn: usize, partials: &[Vec<f32>]) -> R {
-    for p in partials {
+    for p in partials.iter() {
         add_param(pgrads, layer, "weight", &p[..wn])?;
         if bias {
-            let bn = pgrads.slice(&format!("{layer}.bias")).map_or(0, <[f32]>::len);
             add_param(pgrads, layer, "bias", &p[wn..wn + bn])?;
         }
     }
