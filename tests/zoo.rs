@@ -60,6 +60,28 @@ fn lenet5() {
     assert_eq!(r.input, vec![Shape::chw(1, 28, 28)]);
 }
 
+/// The issues' benchmark networks, counted by hand: the MNIST VGG (conv 1->32->32, pool,
+/// 32->64->64, pool, dense 3136->128->10; batch norm 2C each) and the CIFAR-size inception net
+/// (stem 3->64, two factored inception modules, a 40-wide bottleneck residual between them).
+#[test]
+fn benchmark_networks() {
+    let convs = 320 + 9_248 + 18_496 + 36_928;
+    let bns = 2 * (32 + 32 + 64 + 64);
+    check("mnist_vgg.cnn", "MnistVgg", convs + bns + 401_536 + 1_290, 9 * (32 * 784 + 32 * 32 * 784 + 32 * 64 * 196 + 64 * 64 * 196) + 3_136 * 128 + 1_280, 10);
+    // (cin, cout, kh*kw, pixels) of every conv-bn, then the 288->10 head.
+    let module = |cin: u64, hw: u64, [b1, b2r, b2, b3r, b3, pp]: [u64; 6]| {
+        vec![(cin, b1, 1, hw), (cin, b2r, 1, hw), (b2r, b2, 3, hw), (b2, b2, 3, hw), (cin, b3r, 1, hw), (b3r, b3, 3, hw), (b3, b3, 3, hw), (cin, pp, 1, hw)]
+    };
+    let mut convs = vec![(3, 64, 9, 1024)];
+    convs.extend(module(64, 1024, [32, 48, 64, 16, 16, 16]));
+    convs.extend([(128, 40, 1, 256), (40, 40, 9, 256), (40, 128, 1, 256)]);
+    convs.extend(module(128, 256, [64, 96, 128, 32, 48, 48]));
+    let params: u64 = convs.iter().map(|&(i, o, k, _)| i * o * k + 2 * o).sum::<u64>() + 288 * 10 + 10;
+    let macs: u64 = convs.iter().map(|&(i, o, k, p)| i * o * k * p).sum::<u64>() + 288 * 10;
+    assert_eq!((params, macs), (189_994, 71_846_720), "the issue's 'about 200k params, about 70M MACs'");
+    check("cifar_inception.cnn", "CifarInception", params, macs, 10);
+}
+
 #[test]
 fn alexnet_torchvision() {
     let r = check("alexnet.cnn", "AlexNet", 61_100_840, 714_188_480, 1000);
