@@ -307,3 +307,42 @@ fn deterministic_for_a_thread_count() {
     };
     assert_eq!(run(), run());
 }
+
+/// Inference borrows the training program's value buffers: running it between training steps
+/// changes nothing (bit-identical gradients and statistics), and its logits match an engine
+/// that never trained.
+#[test]
+fn inference_between_training_steps_changes_nothing() {
+    for g in [inception(), resnet()] {
+        let p = params_for(&g, 12);
+        let shape = g.node(g.inputs()[0]).shape;
+        let x: Vec<f32> = (0..3 * shape.numel()).map(|i| ((i * 17 % 31) as f32 - 15.0) / 9.0 + 0.02).collect();
+        let labels = [0, 2, 1];
+        let run = |interleave: bool| {
+            let mut e = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 3, Fusion::Full).unwrap();
+            let (mut pp, mut gr) = (p.clone(), p.zeros_like());
+            let mut logits = Vec::new();
+            for step in 0..2 {
+                e.train_step(&mut pp, &mut gr, &x, &labels, step).unwrap();
+                if interleave {
+                    logits.push(e.infer(&pp, &x[..2 * shape.numel()], 2).unwrap());
+                }
+            }
+            (gr.flat().to_vec(), pp.flat().to_vec(), logits)
+        };
+        let (a, b) = (run(false), run(true));
+        assert_eq!((&a.0, &a.1), (&b.0, &b.1), "{}: inference between steps changed training", g.name);
+        let fresh = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 3, Fusion::Full).unwrap().infer(&trained_twice(&g, &p, &x, &labels), &x[..2 * shape.numel()], 2).unwrap();
+        assert_eq!(b.2[1], fresh, "{}: logits of a borrowing inference", g.name);
+    }
+}
+
+/// The parameters after two training steps from `p` (what the second inference above sees).
+fn trained_twice(g: &Graph, p: &ParamStore, x: &[f32], labels: &[usize]) -> ParamStore {
+    let mut e = JitEngine::new(g, Loss::SoftmaxCrossEntropy, 3, Fusion::Full).unwrap();
+    let (mut pp, mut gr) = (p.clone(), p.zeros_like());
+    for step in 0..2 {
+        e.train_step(&mut pp, &mut gr, x, labels, step).unwrap();
+    }
+    pp
+}

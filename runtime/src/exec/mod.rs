@@ -64,6 +64,10 @@ pub struct JitEngine {
     logits_buf: Vec<f32>,
     /// Loss weight of each head of the training program (main output first).
     loss_weights: Vec<f32>,
+    /// `(inference slot, training slot)`: value slots the inference program borrows from the
+    /// training program while it runs (the two never run at once, and a training step writes
+    /// every value before reading it), so evaluation costs no activation memory of its own.
+    lent: Vec<(usize, usize)>,
 }
 
 impl JitEngine {
@@ -75,10 +79,14 @@ impl JitEngine {
         }
         let threads = rayon::current_num_threads().max(1);
         let train = compile(graph, loss, PlanMode::Training, fusion, batch, threads)?;
-        let infer = compile(graph, loss, PlanMode::Inference, fusion, batch, threads)?;
+        let mut infer = compile(graph, loss, PlanMode::Inference, fusion, batch, threads)?;
         let name = if fusion == Fusion::Full { "jit" } else { "jit-naive" };
         let loss_weights = crate::reference::default_loss_weights(graph);
-        Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights })
+        let lent = lend(&train.bufs, &infer.bufs);
+        for &(i, _) in &lent {
+            infer.bufs[i] = Vec::new();
+        }
+        Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights, lent })
     }
 
     /// Time spent compiling (planning and Cranelift), training and inference plans together.
@@ -139,6 +147,27 @@ pub struct StepTime {
     pub forward: Duration,
     /// Backward pass of the group (zero after an inference).
     pub backward: Duration,
+}
+
+/// Which inference value slots can borrow a training value slot: the largest inference slots
+/// get the largest training slots, each at most once, where it is large enough.
+fn lend(train: &[Vec<f32>], infer: &[Vec<f32>]) -> Vec<(usize, usize)> {
+    let by_size = |b: &[Vec<f32>]| {
+        let mut v: Vec<usize> = (0..b.len()).collect();
+        v.sort_by_key(|&i| (std::cmp::Reverse(b[i].len()), i));
+        v
+    };
+    let mut free = by_size(train).into_iter().peekable();
+    let mut lent = Vec::new();
+    for i in by_size(infer) {
+        if let Some(&t) = free.peek() {
+            if train[t].len() >= infer[i].len() {
+                lent.push((i, t));
+                free.next();
+            }
+        }
+    }
+    lent
 }
 
 /// Check the batch and copy it into the program's input buffer; returns `n`.
@@ -251,14 +280,24 @@ impl Engine for JitEngine {
     }
 
     fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
-        let p = &mut self.infer;
-        check_params(p, params)?;
-        let n = load_input(p, x, batch)?;
-        p.forward(params, n, false, 0)?;
-        let ll = p.loc(p.logits)?;
-        self.logits_buf.clear();
-        self.logits_buf.extend_from_slice(&p.bufs[ll.buf][..n * ll.numel()]);
-        Ok(self.logits_buf.clone())
+        let swap = |e: &mut JitEngine| {
+            for &(i, t) in &e.lent {
+                std::mem::swap(&mut e.infer.bufs[i], &mut e.train.bufs[t]);
+            }
+        };
+        swap(self);
+        let r = (|| {
+            let p = &mut self.infer;
+            check_params(p, params)?;
+            let n = load_input(p, x, batch)?;
+            p.forward(params, n, false, 0)?;
+            let ll = p.loc(p.logits)?;
+            self.logits_buf.clear();
+            self.logits_buf.extend_from_slice(&p.bufs[ll.buf][..n * ll.numel()]);
+            Ok(self.logits_buf.clone())
+        })();
+        swap(self);
+        r
     }
 }
 
