@@ -47,6 +47,7 @@
 
 use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::jit::{Jit, KernelId};
+use super::winograd::{WinoEpi, WinoPlan, WinoScratch, WinoShape, Winograd};
 use super::naive;
 use super::Mode;
 use crate::ir::Conv2d;
@@ -399,6 +400,8 @@ enum Impl {
         direct_bwd: Option<Direct>,
         /// Stride-1 weight gradient reading the padded input in place (replaces `bwd_w`).
         direct_w: Option<DirectW>,
+        /// Winograd F(2x2,3x3) forward (replaces the other forwards where present).
+        winograd: Option<Winograd>,
     },
     Naive { fwd: super::entry::Kernel, bwd_data: super::entry::Kernel, bwd_w: super::entry::Kernel },
 }
@@ -421,10 +424,43 @@ fn conv_err(layer: &str, m: String) -> Error {
     Error::Codegen { layer: layer.to_string(), message: m }
 }
 
+/// Algorithm choices of [`ConvKernels::compile_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvOptions {
+    /// Use Winograd `F(2x2, 3x3)` for the forward of eligible layers (3x3, stride 1, no
+    /// dilation, one group, at least [`WINOGRAD_MIN_CHANNELS`] input and output channels).
+    pub winograd: bool,
+}
+
+impl Default for ConvOptions {
+    /// Winograd off: with its transforms in plain Rust it measured 0.75-1.0x the speed of the
+    /// direct kernels (`cargo bench --bench kernels`), so it is opt-in until they are JIT'd.
+    fn default() -> ConvOptions {
+        ConvOptions { winograd: false }
+    }
+}
+
+/// Fewest input and output channels for which Winograd is used (below it the transforms
+/// cost more than the multiplications they save).
+pub const WINOGRAD_MIN_CHANNELS: usize = 16;
+
 impl ConvKernels {
     /// Compile the kernels of `conv` (named `layer` in errors) on a per-sample input
-    /// `(Cin, H, W)`, with the forward epilogue `epi`, blocked or naive.
+    /// `(Cin, H, W)`, with the forward epilogue `epi`, blocked or naive, with the default
+    /// [`ConvOptions`].
     pub fn compile(layer: &str, conv: &Conv2d, in_shape: (usize, usize, usize), epi: Epilogue, mode: Mode) -> Result<ConvKernels> {
+        Self::compile_with(layer, conv, in_shape, epi, mode, ConvOptions::default())
+    }
+
+    /// [`Self::compile`] with explicit algorithm choices.
+    pub fn compile_with(
+        layer: &str,
+        conv: &Conv2d,
+        in_shape: (usize, usize, usize),
+        epi: Epilogue,
+        mode: Mode,
+        opts: ConvOptions,
+    ) -> Result<ConvKernels> {
         let geom = ConvGeometry::new(layer, conv, in_shape)?;
         if let Some(cs) = epi.concat {
             if cs.offset + geom.cout > cs.total {
@@ -451,6 +487,7 @@ impl ConvKernels {
                 Option<(GemmPlan, Planes)>,
                 Option<(GemmPlan, Planes)>,
                 Option<DirectWPlan>,
+                Option<WinoPlan>,
             ),
             Naive(KernelId, KernelId, KernelId),
         }
@@ -505,8 +542,22 @@ impl ConvKernels {
                 } else {
                     (None, None, None)
                 };
+                let wino = if opts.winograd
+                    && g.kernel == [3, 3]
+                    && g.stride == [1, 1]
+                    && g.dilation == [1, 1]
+                    && g.groups == 1
+                    && g.cin >= WINOGRAD_MIN_CHANNELS
+                    && g.cout >= WINOGRAD_MIN_CHANNELS
+                {
+                    let shape = WinoShape { cin: g.cin, cout: g.cout, h: g.h, w: g.w, pt: g.pads[0], pl: g.pads[2], oh: g.oh, ow: g.ow };
+                    Some(WinoPlan::define(&mut jit, shape)?)
+                } else {
+                    None
+                };
+                let dfwd = if wino.is_some() { None } else { dfwd };
                 // The packed (im2col) kernels, only where no direct one replaces them.
-                let fwd = if dfwd.is_none() { Some(GemmPlan::define(&mut jit, "conv_fwd", fwd)?) } else { None };
+                let fwd = if dfwd.is_none() && wino.is_none() { Some(GemmPlan::define(&mut jit, "conv_fwd", fwd)?) } else { None };
                 // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
                 let bd = if dbwd.is_some() {
                     None
@@ -527,7 +578,7 @@ impl ConvKernels {
                     };
                     (Some(bw), bwt)
                 };
-                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt)
+                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt, wino)
             }
             Mode::Naive => {
                 let (f, d, w) = naive::define_conv(&mut jit, g, conv.bias)?;
@@ -536,7 +587,8 @@ impl ConvKernels {
         };
         let fin = jit.finish()?;
         let imp = match plan {
-            Plan::Blocked(f, d, w, t, df, db, dw) => Impl::Blocked {
+            Plan::Blocked(f, d, w, t, df, db, dw, wino) => Impl::Blocked {
+                winograd: wino.map(|p| p.resolve(&fin)),
                 direct_w: dw.map(|p| p.resolve(&fin)),
                 fwd: f.map(|f| f.resolve(&fin)),
                 bwd_data: d.map(|d| d.resolve(&fin)),
@@ -588,7 +640,8 @@ impl ConvKernels {
     /// Number of kernels (JIT functions) compiled for this layer.
     pub fn kernel_count(&self) -> usize {
         match &self.imp {
-            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w } => {
+            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w, winograd } => {
+                winograd.as_ref().map_or(0, Winograd::tile_count) +
                 [fwd, bwd_data, bwd_w, bwd_w_tail].iter().map(|k| k.as_ref().map_or(0, Gemm::tile_count)).sum::<usize>()
                     + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
@@ -598,14 +651,21 @@ impl ConvKernels {
         }
     }
 
-    /// The algorithm each of forward, backward-data, backward-weight runs: `"direct"`
+    /// The algorithm each of forward, backward-data, backward-weight runs: `"winograd"`
+    /// (forward only, [`winograd`](super::winograd)), `"direct"`
     /// (padded planes read in place), `"im2col"` (packed panels gathered from the input),
     /// `"1x1"` (the input itself is the GEMM operand) or `"naive"`.
     pub fn algorithms(&self) -> [&'static str; 3] {
         let packed = if self.geom.is_direct() { "1x1" } else { "im2col" };
         match &self.imp {
-            Impl::Blocked { direct_fwd, direct_bwd, direct_w, .. } => [
-                if direct_fwd.is_some() { "direct" } else { packed },
+            Impl::Blocked { direct_fwd, direct_bwd, direct_w, winograd, .. } => [
+                if winograd.is_some() {
+                    "winograd"
+                } else if direct_fwd.is_some() {
+                    "direct"
+                } else {
+                    packed
+                },
                 if direct_bwd.is_some() { "direct" } else { packed },
                 if direct_w.is_some() { "direct" } else { packed },
             ],
@@ -672,6 +732,22 @@ impl ConvKernels {
         let kc = g.kc();
         let hw = g.h * g.w;
         match &self.imp {
+            Impl::Blocked { winograd: Some(wg), .. } => {
+                let mut scratch = WinoScratch::default();
+                wg.prepare(w, &mut scratch);
+                for s in 0..n {
+                    let we = WinoEpi {
+                        bias,
+                        scale,
+                        shift,
+                        residual: if self.epi.residual { &residual[s * g.cout * p..(s + 1) * g.cout * p] } else { &[] },
+                        act: self.epi.act,
+                        accumulate: self.epi.accumulate,
+                    };
+                    let o = &mut out[(s * cs.total + cs.offset) * p..][..g.cout * p];
+                    wg.forward_sample(o, &x[s * g.in_numel()..][..g.in_numel()], &mut scratch, &we);
+                }
+            }
             Impl::Blocked { fwd, direct_fwd, .. } => {
                 let mut apack = Vec::new();
                 let mut packs = Vec::with_capacity(g.groups);

@@ -37,8 +37,9 @@ pub mod peak;
 pub mod pointwise;
 pub mod pool;
 pub mod report;
+pub mod winograd;
 
-pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, Epilogue, EpilogueArgs};
+pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, ConvOptions, Epilogue, EpilogueArgs};
 pub use dense::DenseKernels;
 pub use gemm::FusedAct;
 

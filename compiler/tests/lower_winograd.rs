@@ -1,0 +1,132 @@
+//! Winograd F(2x2, 3x3) forward (`ConvOptions { winograd: true }`) against a nested-loop
+//! reference: odd sizes (partial 2x2 output tiles), pads 0/1/2 and asymmetric, channel counts
+//! that are not multiples of 4 or 8, batches 1 and 3, every epilogue.
+#![cfg(feature = "jit")]
+
+use cnnc_compiler::ir::{Conv2d, Padding};
+use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, EpilogueArgs, FusedAct, Mode};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// `[n, cout, oh, ow]` of a 3x3 stride-1 convolution with bias.
+#[allow(clippy::too_many_arguments)]
+fn reference(x: &[f32], w: &[f32], b: &[f32], n: usize, cin: usize, cout: usize, (h, wd): (usize, usize), p: [usize; 4]) -> (Vec<f32>, usize, usize) {
+    let (oh, ow) = (h + p[0] + p[1] - 2, wd + p[2] + p[3] - 2);
+    let mut out = vec![0.0f32; n * cout * oh * ow];
+    for s in 0..n {
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = b[co] as f64;
+                    for ci in 0..cin {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) = ((oy + ky) as isize - p[0] as isize, (ox + kx) as isize - p[2] as isize);
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xv = x[((s * cin + ci) * h + iy as usize) * wd + ix as usize];
+                                acc += (xv * w[((co * cin + ci) * 3 + ky) * 3 + kx]) as f64;
+                            }
+                        }
+                    }
+                    out[((s * cout + co) * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    (out, oh, ow)
+}
+
+/// `(cin, cout, (h, w), pads)`.
+type Case = (usize, usize, (usize, usize), [usize; 4]);
+
+#[test]
+fn winograd_forward_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let cases: [Case; 5] = [
+        (16, 17, (7, 9), [1, 1, 1, 1]),
+        (17, 16, (10, 11), [0, 0, 0, 0]),
+        (16, 16, (6, 5), [2, 2, 2, 2]),
+        (19, 21, (9, 8), [0, 2, 1, 0]),
+        (16, 24, (13, 13), [1, 1, 1, 1]),
+    ];
+    let opts = ConvOptions { winograd: true };
+    for (cin, cout, hw, p) in cases {
+        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] });
+        let w = rand_vec(&mut rng, cout * cin * 9);
+        let b = rand_vec(&mut rng, cout);
+        let scale = rand_vec(&mut rng, cout);
+        let shift = rand_vec(&mut rng, cout);
+        for n in [1, 3] {
+            let x = rand_vec(&mut rng, n * cin * hw.0 * hw.1);
+            let (base, oh, ow) = reference(&x, &w, &b, n, cin, cout, hw, p);
+            let pix = oh * ow;
+            let res = rand_vec(&mut rng, n * cout * pix);
+            let scale_of_out = base.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let epis = [
+                Epilogue::default(),
+                Epilogue { affine: true, residual: true, act: FusedAct::Relu, ..Default::default() },
+                Epilogue { act: FusedAct::LeakyRelu(0.1), accumulate: true, ..Default::default() },
+                Epilogue { concat: Some(ChannelSlice { total: cout + 5, offset: 3 }), residual: true, ..Default::default() },
+            ];
+            for epi in epis {
+                let what = format!("cin {cin} cout {cout} {hw:?} pads {p:?} batch {n} {epi:?}");
+                let k = ConvKernels::compile_with("wino", &conv, (cin, hw.0, hw.1), epi, Mode::Blocked, opts).unwrap();
+                assert_eq!(k.algorithms()[0], "winograd", "{what}");
+                let cs = epi.concat.unwrap_or(ChannelSlice { total: cout, offset: 0 });
+                let out0 = rand_vec(&mut rng, n * cs.total * pix);
+                let mut want = out0.clone();
+                for s in 0..n {
+                    for co in 0..cout {
+                        for q in 0..pix {
+                            let i = (s * cout + co) * pix + q;
+                            let mut t = base[i];
+                            if epi.affine {
+                                t = t * scale[co] + shift[co];
+                            }
+                            if epi.residual {
+                                t += res[i];
+                            }
+                            t = epi.act.apply(t);
+                            let o = &mut want[(s * cs.total + cs.offset + co) * pix + q];
+                            *o = if epi.accumulate { *o + t } else { t };
+                        }
+                    }
+                }
+                let mut out = out0.clone();
+                let extra = EpilogueArgs {
+                    affine: epi.affine.then_some((&scale[..], &shift[..])),
+                    residual: epi.residual.then_some(&res[..]),
+                };
+                k.forward(&mut out, &x, &w, Some(&b), extra).unwrap();
+                let tol = 1e-5 * scale_of_out.max(1.0) * 4.0;
+                for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= tol + 1e-5 * w.abs(), "{what}: element {i}: got {g}, want {w}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn winograd_only_where_eligible_and_off_by_default() {
+    let c = Conv2d::new(16, [3, 3]).pad(Padding::uniform(1));
+    let on = ConvOptions { winograd: true };
+    let k = ConvKernels::compile("c", &c, (16, 8, 8), Epilogue::default(), Mode::Blocked).unwrap();
+    assert_ne!(k.algorithms()[0], "winograd");
+    // Too few input channels, stride 2, dilation 2, groups: not eligible.
+    for (conv, cin) in [
+        (c, 8),
+        (c.stride(2), 16),
+        (Conv2d { dilation: [2, 2], ..c }, 16),
+        (Conv2d { groups: 2, ..c }, 16),
+    ] {
+        let k = ConvKernels::compile_with("c", &conv, (cin, 12, 12), Epilogue::default(), Mode::Blocked, on).unwrap();
+        assert_ne!(k.algorithms()[0], "winograd", "{conv:?} on {cin} channels");
+    }
+}
