@@ -164,7 +164,14 @@ pub fn batchnorm_channel_finish(
     let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
     running_mean[ch] = (1.0 - momentum) * running_mean[ch] + momentum * mean32;
     running_var[ch] = (1.0 - momentum) * running_var[ch] + momentum * unbiased as f32;
-    (gamma[ch] * rstd32, beta[ch] - gamma[ch] * rstd32 * mean32)
+    batchnorm_affine(gamma[ch], beta[ch], mean32, rstd32)
+}
+
+/// The affine map `(a, b)` of a normalised channel, `out = x*a + b`: `a = gamma*rstd`,
+/// `b = beta - gamma*rstd*mean` (shared by the forward pass and a backward-time recomputation
+/// of its output, so both round identically).
+pub fn batchnorm_affine(gamma: f32, beta: f32, mean: f32, rstd: f32) -> (f32, f32) {
+    (gamma * rstd, beta - gamma * rstd * mean)
 }
 
 /// `out[ch, p] = x[ch, p] * a[i] + b[i]` for the channels `ch = first + i` of one sample

@@ -10,9 +10,12 @@
 //! - **Inference values.** A value buffer is live from its first writer (inputs: from the
 //!   start) to its last reader (model outputs: to the end). Buffers whose intervals are
 //!   disjoint share a slot, so a chain of layers needs about two activations, not all of them.
-//! - **Training values** are all kept: backward reads every group's input and output (weight
-//!   gradients, activation derivatives from outputs, max-pool switches), so each buffer is its
-//!   own slot.
+//! - **Training values** are kept for backward (weight gradients read layer inputs,
+//!   activation derivatives read outputs), except batch norm + activation outputs, which are
+//!   cheap to recompute from the kept batch-norm input and saved statistics: such a value lives
+//!   in forward until its last reader, is recomputed right before the first backward step that
+//!   reads it ([`MemoryPlan::recompute_before`]) and lives until its own group's backward step;
+//!   in between its slot serves other values. (Backward group `i` runs at time `2S - 1 - i`.)
 //! - **Training gradients.** The gradient of a buffer is written by the backward steps of its
 //!   consumers (`+=`) and read by the backward steps of its producers; it exists only where
 //!   [`Graph::needs_grad`] says backward needs it (or it seeds a head). Its live interval runs
@@ -43,6 +46,10 @@ pub struct MemoryPlan {
     pub zero_before: Vec<Vec<usize>>,
     /// Gradient slots to zero before the loss seeds the heads' gradients.
     pub zero_at_seed: Vec<usize>,
+    /// Training: values (their buffers' root nodes) to recompute right before group `i`'s
+    /// backward step, indexed by group: batch norm + activation outputs whose slot other
+    /// values used in between (see the module header).
+    pub recompute_before: Vec<Vec<NodeId>>,
     /// Elements per sample if every buffer had its own slot (values, then gradients).
     pub unshared_elems: (usize, usize),
 }
@@ -82,40 +89,70 @@ fn heads(g: &Graph) -> Vec<NodeId> {
     g.outputs().into_iter().map(|o| if matches!(g.node(o).op, Op::Loss(_)) { g.operands(o)[0] } else { o }).collect()
 }
 
-/// An inclusive live interval `[start, end]` of buffer `root` needing `elems` per sample.
-#[derive(Clone, Copy, Debug)]
+/// The live time of buffer `root` needing `elems` per sample: inclusive `[start, end]`
+/// pieces in increasing order (two for a value recomputed in backward, else one).
+#[derive(Clone, Debug)]
 struct Interval {
     root: NodeId,
-    start: i64,
-    end: i64,
+    pieces: Vec<(i64, i64)>,
     elems: usize,
 }
 
-/// Greedy interval colouring: returns the slot of each interval (same order) and the slot sizes.
+impl Interval {
+    fn one(root: NodeId, start: i64, end: i64, elems: usize) -> Interval {
+        Interval { root, pieces: vec![(start, end)], elems }
+    }
+    fn start(&self) -> i64 {
+        self.pieces[0].0
+    }
+}
+
+/// Greedy interval colouring: returns the slot of each interval (same order) and the slot
+/// sizes. A slot is free for an interval when none of its pieces overlaps a piece already
+/// there; of the free slots the smallest large enough wins, else the largest (which grows).
 fn assign(intervals: &[Interval]) -> (Vec<usize>, Vec<usize>) {
     let mut order: Vec<usize> = (0..intervals.len()).collect();
-    order.sort_by_key(|&i| (intervals[i].start, intervals[i].root.index()));
+    order.sort_by_key(|&i| (intervals[i].start(), intervals[i].root.index()));
     let mut slot_of = vec![0; intervals.len()];
     let mut sizes: Vec<usize> = Vec::new();
-    let mut busy_until: Vec<i64> = Vec::new();
+    let mut busy: Vec<Vec<(i64, i64)>> = Vec::new();
+    let disjoint = |a: &[(i64, i64)], b: &[(i64, i64)]| a.iter().all(|x| b.iter().all(|y| x.1 < y.0 || y.1 < x.0));
     for i in order {
-        let iv = intervals[i];
-        let free: Vec<usize> = (0..sizes.len()).filter(|&s| busy_until[s] < iv.start).collect();
+        let iv = &intervals[i];
+        let free: Vec<usize> = (0..sizes.len()).filter(|&s| disjoint(&busy[s], &iv.pieces)).collect();
         let fit = free.iter().copied().filter(|&s| sizes[s] >= iv.elems).min_by_key(|&s| (sizes[s], s));
         let pick = fit.or_else(|| free.iter().copied().max_by_key(|&s| (sizes[s], usize::MAX - s)));
         let s = match pick {
             Some(s) => s,
             None => {
                 sizes.push(0);
-                busy_until.push(i64::MIN);
+                busy.push(Vec::new());
                 sizes.len() - 1
             }
         };
         sizes[s] = sizes[s].max(iv.elems);
-        busy_until[s] = iv.end;
+        busy[s].extend(&iv.pieces);
         slot_of[i] = s;
     }
     (slot_of, sizes)
+}
+
+/// Groups whose output a training backward pass can recompute instead of keeping: a batch
+/// norm followed only by activations (`y = act(a*x + b)` from the kept input `x`, the saved
+/// batch statistics and the unchanged `gamma`, `beta`: elementwise, bit-identical), writing a
+/// buffer of its own that is no model output, and whose input is not itself recomputed.
+fn recomputable(g: &Graph, groups: &[Group], placement: &[Option<Placement>], outputs: &[NodeId]) -> Vec<bool> {
+    let mut r = vec![false; placement.len()];
+    for gr in groups {
+        let out = gr.output();
+        let ok = matches!(g.node(gr.anchor()).op, Op::BatchNorm(_))
+            && gr.nodes[1..].iter().all(|&n| matches!(g.node(n).op, Op::Act(_)))
+            && matches!(placement.get(out.index()).copied().flatten(), Some(Placement::Own))
+            && !outputs.contains(&out)
+            && g.operands(gr.anchor()).iter().all(|o| !r[o.index()]);
+        r[out.index()] = ok;
+    }
+    r
 }
 
 /// Plan the memory of a schedule.
@@ -163,21 +200,46 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     for &r in &head_roots {
         touch(Some(r), steps);
     }
+    // Training: backward of group `i` runs at time `2S - 1 - i`. A value is kept to the end
+    // unless its group is recomputable: then it lives in forward until its last reader, and
+    // again from the first backward step of a reader (recomputed just before it) to its own
+    // group's backward step.
+    let recomp = if mode == Mode::Training { recomputable(g, groups, placement, &head_roots) } else { vec![false; size] };
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); size];
+    for (i, gr) in groups.iter().enumerate() {
+        for o in reads(g, gr, inplace) {
+            if let Some(r) = root_of(o) {
+                readers[r.index()].push(i);
+            }
+        }
+    }
+    let own_group: Vec<Option<usize>> = {
+        let mut v = vec![None; size];
+        for (i, gr) in groups.iter().enumerate() {
+            v[gr.output().index()] = Some(i);
+        }
+        v
+    };
+    plan.recompute_before = vec![Vec::new(); groups.len()];
     let intervals: Vec<Interval> = roots
         .iter()
         .map(|&r| {
-            let (start, end) = match mode {
-                Mode::Inference => span[r.index()].unwrap_or((-1, steps)),
-                Mode::Training => (-1, steps),
-            };
-            Interval { root: r, start, end, elems: elems(r) }
+            let (start, end) = span[r.index()].unwrap_or((-1, steps));
+            match mode {
+                Mode::Inference => Interval::one(r, start, end, elems(r)),
+                Mode::Training => match own_group[r.index()].filter(|_| recomp[r.index()] && !readers[r.index()].is_empty()) {
+                    Some(own) => {
+                        let first = *readers[r.index()].iter().max().expect("readers");
+                        plan.recompute_before[first].push(r);
+                        let back = |i: usize| 2 * steps - 1 - i as i64;
+                        Interval { root: r, pieces: vec![(start, end), (back(first), back(own))], elems: elems(r) }
+                    }
+                    None => Interval::one(r, start, 2 * steps, elems(r)),
+                },
+            }
         })
         .collect();
-    let (slots, sizes) = match mode {
-        Mode::Inference => assign(&intervals),
-        // Every value is kept for backward: one slot each.
-        Mode::Training => ((0..intervals.len()).collect(), intervals.iter().map(|iv| iv.elems).collect()),
-    };
+    let (slots, sizes) = assign(&intervals);
     for (iv, s) in intervals.iter().zip(slots) {
         plan.value_slot[iv.root.index()] = Some(s);
     }
@@ -222,19 +284,19 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
         .filter(|r| needs[r.index()])
         .map(|&r| {
             let (start, end) = gspan[r.index()].unwrap_or((-1, -1));
-            Interval { root: r, start, end, elems: elems(r) }
+            Interval::one(r, start, end, elems(r))
         })
         .collect();
     plan.unshared_elems.1 = gintervals.iter().map(|iv| iv.elems).sum();
     let (gslots, gsizes) = assign(&gintervals);
     for (iv, s) in gintervals.iter().zip(gslots) {
         plan.grad_slot[iv.root.index()] = Some(s);
-        if iv.start < 0 {
+        if iv.start() < 0 {
             if !plan.zero_at_seed.contains(&s) {
                 plan.zero_at_seed.push(s);
             }
         } else {
-            let i = (steps - 1 - iv.start) as usize;
+            let i = (steps - 1 - iv.start()) as usize;
             if !plan.zero_before[i].contains(&s) {
                 plan.zero_before[i].push(s);
             }

@@ -123,6 +123,9 @@ pub(crate) struct Program {
     /// dense layer (one layer's backward runs at a time), sized for the largest; empty for
     /// inference programs.
     pub partials: Vec<Vec<f32>>,
+    /// Steps whose output backward recomputes before group `i`'s step (indexed by group; from
+    /// the memory plan's `recompute_before`).
+    pub recompute: Vec<Vec<usize>>,
     /// Whether `forward` / `backward` record each step's wall time in [`Step::time`].
     pub profiling: bool,
 }
@@ -340,5 +343,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         return Err(eerr("the logits and the input must be whole buffers"));
     }
     let partials = if train { vec![vec![0.0f32; partial_len]; threads] } else { Vec::new() };
-    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials })
+    let step_of = |r: NodeId| steps.iter().position(|s: &Step| s.out == r).ok_or_else(|| eerr(format!("layer `{}`: recomputed value has no step", g.node(r).name)));
+    let recompute = plan.memory.recompute_before.iter().map(|rs| rs.iter().map(|&r| step_of(r)).collect::<Result<Vec<_>, _>>()).collect::<Result<Vec<_>, _>>()?;
+    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials, recompute })
 }

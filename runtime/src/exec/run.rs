@@ -374,11 +374,17 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let Program { graph: g, plan, steps, locs, bufs, grads, threads, profiling, batch, partials, .. } = self;
+        let Program { graph: g, plan, steps, locs, bufs, grads, threads, profiling, batch, partials, recompute, .. } = self;
         let threads = *threads;
         let ng = g.needs_grad();
         let ch = chunk(n, threads);
-        for (i, step) in steps.iter_mut().enumerate().rev() {
+        for i in (0..steps.len()).rev() {
+            // Values whose slot served others since forward: recompute them now (the memory
+            // plan's batch norm + activation outputs).
+            for &r in &recompute[i] {
+                recompute_bn_act(&steps[r], params, bufs, locs, g, n)?;
+            }
+            let step = &mut steps[i];
             // Gradient slots whose next gradient starts to live here (shared slots).
             for &s in &plan.memory.zero_before[i] {
                 let len = grads[s].len() / *batch * n;
@@ -568,6 +574,37 @@ impl Program {
         }
         Ok(())
     }
+}
+
+/// Recompute a training batch norm's output (with its activation chain) from its kept input,
+/// its saved batch statistics and `gamma`, `beta`, exactly as the forward pass computed it
+/// (same affine map, same activation code): the memory plan let other values use its slot.
+fn recompute_bn_act(step: &Step, params: &ParamStore, bufs: &mut [Vec<f32>], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
+    let Kind::BnTrain { x, layer, saved, .. } = &step.kind else {
+        return Err(eerr(format!("layer `{}`: only a batch norm's output can be recomputed", step.name)));
+    };
+    let ol = loc_of(locs, g, step.out)?;
+    let (gamma, beta) = (param(params, layer, "weight")?, param(params, layer, "bias")?);
+    if !ol.contiguous() || saved.mean.len() != ol.ch || gamma.len() != ol.ch || beta.len() != ol.ch {
+        return Err(eerr(format!("layer `{layer}`: cannot recompute its output (slice or statistics of another shape)")));
+    }
+    let (a, b): (Vec<f32>, Vec<f32>) = (0..ol.ch).map(|c| pointwise::batchnorm_affine(gamma[c], beta[c], saved.mean[c], saved.rstd[c])).unzip();
+    let mut out = std::mem::take(&mut bufs[ol.buf]);
+    let r = (|| -> R {
+        let xin = whole(bufs, locs, g, *x, n)?;
+        let (num, hw) = (ol.numel(), ol.hw);
+        let o = out.get_mut(..n * num).ok_or_else(|| eerr(format!("layer `{layer}`: buffer too small")))?;
+        o.par_chunks_mut(num).zip(xin.par_chunks(num)).for_each(|(o, xs)| pointwise::channel_affine(o, xs, 0, &a, &b, hw));
+        for c in &step.chain {
+            match c {
+                Chain::Act(act) => o.par_chunks_mut(num).for_each(|v| act_inplace(*act, v)),
+                _ => return Err(eerr(format!("layer `{layer}`: only activations can follow a recomputed batch norm"))),
+            }
+        }
+        Ok(())
+    })();
+    bufs[ol.buf] = out;
+    r
 }
 
 /// `grad(o) += src` where `src` is laid out as `sl` (per-sample ranges of `src`); nothing when
