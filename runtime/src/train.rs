@@ -399,9 +399,7 @@ pub struct Resume {
 /// its training state. A checkpoint without training state (weights only) is an error that
 /// says so.
 pub fn load_resume(path: &std::path::Path, graph: &Graph, params: &mut ParamStore) -> Result<Resume, TrainError> {
-    let infos = params.infos().to_vec();
-    let expected: Vec<(&str, &[usize])> = infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice())).collect();
-    let c = checkpoint::load_checked(path, &graph.name, &fingerprint(graph), &expected)?;
+    let c = read_checked(path, graph, params)?;
     let file = path.display();
     let num = |k: &str| -> Result<Option<String>, TrainError> { Ok(c.meta.extra.get(k).cloned()) };
     let missing = || TrainError::Config(format!("checkpoint {file} holds weights but no training state (optimiser step), so it cannot be resumed; start a new run from its weights instead"));
@@ -416,15 +414,7 @@ pub fn load_resume(path: &std::path::Path, graph: &Graph, params: &mut ParamStor
         Some(v) => v.parse().map_err(|_| TrainError::Config(format!("checkpoint {file}: metadata {SINCE_BEST_KEY} '{v}' is not a number")))?,
         None => 0,
     };
-    for (name, _, data) in c.model_tensors() {
-        if let Some(dst) = params.slice_mut(name) {
-            dst.copy_from_slice(data);
-        }
-    }
-    let normalizer = match (c.meta.extra.get("normalizer_mean"), c.meta.extra.get("normalizer_std")) {
-        (Some(m), Some(s)) => split(m).zip(split(s)).and_then(|(m, s)| Normalizer::new(m, s).ok()),
-        _ => None,
-    };
+    let normalizer = restore(&c, params);
     Ok(Resume {
         epoch: c.meta.epoch,
         step,
@@ -435,6 +425,27 @@ pub fn load_resume(path: &std::path::Path, graph: &Graph, params: &mut ParamStor
         optimizer_state: c.optimizer_tensors(),
         normalizer,
     })
+}
+
+/// Read a checkpoint written by [`train`] for `graph`, checking its architecture, fingerprint
+/// and every tensor's shape against `params` (which it does not change).
+fn read_checked(path: &std::path::Path, graph: &Graph, params: &ParamStore) -> Result<checkpoint::Checkpoint, TrainError> {
+    let infos = params.infos().to_vec();
+    let expected: Vec<(&str, &[usize])> = infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice())).collect();
+    Ok(checkpoint::load_checked(path, &graph.name, &fingerprint(graph), &expected)?)
+}
+
+/// Copy a checked checkpoint's weights into `params`; the input normaliser it recorded.
+fn restore(c: &checkpoint::Checkpoint, params: &mut ParamStore) -> Option<Normalizer> {
+    for (name, _, data) in c.model_tensors() {
+        if let Some(dst) = params.slice_mut(name) {
+            dst.copy_from_slice(data);
+        }
+    }
+    match (c.meta.extra.get("normalizer_mean"), c.meta.extra.get("normalizer_std")) {
+        (Some(m), Some(s)) => split(m).zip(split(s)).and_then(|(m, s)| Normalizer::new(m, s).ok()),
+        _ => None,
+    }
 }
 
 fn join(v: &[f32]) -> String {
@@ -457,17 +468,7 @@ pub struct Loaded {
 /// Load the tensors of a checkpoint saved by [`train`] into `params`, checking the
 /// architecture, fingerprint and every shape first (nothing is changed on a mismatch).
 pub fn load_checkpoint(path: &std::path::Path, graph: &Graph, params: &mut ParamStore) -> Result<Loaded, TrainError> {
-    let infos = params.infos().to_vec();
-    let expected: Vec<(&str, &[usize])> = infos.iter().map(|i| (i.name.as_str(), i.shape.as_slice())).collect();
-    let c = checkpoint::load_checked(path, &graph.name, &fingerprint(graph), &expected)?;
-    for (name, _, data) in c.model_tensors() {
-        if let Some(dst) = params.slice_mut(name) {
-            dst.copy_from_slice(data);
-        }
-    }
-    let normalizer = match (c.meta.extra.get("normalizer_mean"), c.meta.extra.get("normalizer_std")) {
-        (Some(m), Some(s)) => split(m).zip(split(s)).and_then(|(m, s)| Normalizer::new(m, s).ok()),
-        _ => None,
-    };
+    let c = read_checked(path, graph, params)?;
+    let normalizer = restore(&c, params);
     Ok(Loaded { epoch: c.meta.epoch, normalizer })
 }
