@@ -1,4 +1,4 @@
-//! Winograd F(2x2, 3x3) forward (`ConvOptions { winograd: true }`) against a nested-loop
+//! Winograd F(2x2, 3x3) forward (on by default for eligible layers) against a nested-loop
 //! reference: odd sizes (partial 2x2 output tiles), pads 0/1/2 and asymmetric, channel counts
 //! that are not multiples of 4 or 8, batches 1 and 3, every epilogue.
 #![cfg(feature = "jit")]
@@ -48,12 +48,13 @@ type Case = (usize, usize, (usize, usize), [usize; 4]);
 #[test]
 fn winograd_forward_matches_reference() {
     let mut rng = StdRng::seed_from_u64(21);
-    let cases: [Case; 5] = [
-        (16, 17, (7, 9), [1, 1, 1, 1]),
-        (17, 16, (10, 11), [0, 0, 0, 0]),
-        (16, 16, (6, 5), [2, 2, 2, 2]),
-        (19, 21, (9, 8), [0, 2, 1, 0]),
-        (16, 24, (13, 13), [1, 1, 1, 1]),
+    let cases: [Case; 6] = [
+        (24, 25, (7, 9), [1, 1, 1, 1]),
+        (25, 24, (10, 11), [0, 0, 0, 0]),
+        (24, 24, (6, 5), [2, 2, 2, 2]),
+        (27, 29, (9, 8), [0, 2, 1, 0]),
+        (24, 32, (13, 13), [1, 1, 1, 1]),
+        (32, 24, (20, 18), [1, 1, 1, 1]),
     ];
     let opts = ConvOptions { winograd: true };
     for (cin, cout, hw, p) in cases {
@@ -114,17 +115,21 @@ fn winograd_forward_matches_reference() {
 }
 
 #[test]
-fn winograd_only_where_eligible_and_off_by_default() {
-    let c = Conv2d::new(16, [3, 3]).pad(Padding::uniform(1));
+fn winograd_only_where_eligible() {
+    let c = Conv2d::new(24, [3, 3]).pad(Padding::uniform(1));
     let on = ConvOptions { winograd: true };
-    let k = ConvKernels::compile("c", &c, (16, 8, 8), Epilogue::default(), Mode::Blocked).unwrap();
-    assert_ne!(k.algorithms()[0], "winograd");
-    // Too few input channels, stride 2, dilation 2, groups: not eligible.
+    let k = ConvKernels::compile("c", &c, (24, 8, 8), Epilogue::default(), Mode::Blocked).unwrap();
+    assert_eq!(k.algorithms()[0], "winograd", "default options");
+    let off = ConvOptions { winograd: false };
+    let k = ConvKernels::compile_with("c", &c, (24, 8, 8), Epilogue::default(), Mode::Blocked, off).unwrap();
+    assert_eq!(k.algorithms()[0], "direct", "switched off");
+    // Too few input or output channels, stride 2, dilation 2, groups: not eligible.
     for (conv, cin) in [
-        (c, 8),
-        (c.stride(2), 16),
-        (Conv2d { dilation: [2, 2], ..c }, 16),
-        (Conv2d { groups: 2, ..c }, 16),
+        (c, 16),
+        (Conv2d::new(16, [3, 3]).pad(Padding::uniform(1)), 24),
+        (c.stride(2), 24),
+        (Conv2d { dilation: [2, 2], ..c }, 24),
+        (Conv2d { groups: 2, ..c }, 24),
     ] {
         let k = ConvKernels::compile_with("c", &conv, (cin, 12, 12), Epilogue::default(), Mode::Blocked, on).unwrap();
         assert_ne!(k.algorithms()[0], "winograd", "{conv:?} on {cin} channels");

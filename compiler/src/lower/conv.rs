@@ -433,16 +433,17 @@ pub struct ConvOptions {
 }
 
 impl Default for ConvOptions {
-    /// Winograd off: with its transforms in plain Rust it measured 0.75-1.0x the speed of the
-    /// direct kernels (`cargo bench --bench kernels`), so it is opt-in until they are JIT'd.
+    /// Winograd on (for eligible layers only).
     fn default() -> ConvOptions {
-        ConvOptions { winograd: false }
+        ConvOptions { winograd: true }
     }
 }
 
-/// Fewest input and output channels for which Winograd is used (below it the transforms
-/// cost more than the multiplications they save).
-pub const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// Fewest input and output channels for which Winograd is used. Measured one thread
+/// (`cargo bench --bench kernels -- --small`): 64->64 on 56x56 1.22x and 24->48 on 16x16
+/// 1.1x the direct kernel, but 16->32 on 32x32 0.85x (its GEMMs' reduction is only `Cin`
+/// long, and the transforms cost more than the multiplications they save).
+pub const WINOGRAD_MIN_CHANNELS: usize = 24;
 
 impl ConvKernels {
     /// Compile the kernels of `conv` (named `layer` in errors) on a per-sample input

@@ -1,6 +1,7 @@
 //! Throughput report of the JIT kernels: this machine's 128-bit FMA peak, the bare GEMM
 //! micro-kernel (packed operands, no packing cost), and convolution forward / backward-data /
-//! backward-weight, blocked vs naive, as GFLOP/s and fractions of that peak, single-threaded,
+//! backward-weight, blocked vs naive (plus the opt-in Winograd forward where a layer is
+//! eligible, in effective GFLOP/s), as GFLOP/s and fractions of that peak, single-threaded,
 //! timed by thread CPU time ([`best_of`]). Used by `benches/kernels.rs`.
 
 use super::gemm::{pack_a, EpiArgs, GemmPlan, GemmSpec, NR};
@@ -95,7 +96,8 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
     let modes: &[Mode] = if naive { &[Mode::Blocked, Mode::Naive] } else { &[Mode::Blocked] };
     for c in cases {
         for &mode in modes {
-            let k = ConvKernels::compile(c.name, &c.conv, c.input, Epilogue::default(), mode)?;
+            // The direct / im2col kernels; Winograd gets its own row below.
+            let k = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, super::ConvOptions { winograd: false })?;
             let g = *k.geometry();
             let flops = 2.0 * (c.batch * g.macs()) as f64;
             let x = fill(c.batch * g.in_numel(), 3);
@@ -131,6 +133,27 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                     gf,
                     gf / peak
                 );
+            }
+            if mode == Mode::Blocked {
+                // Winograd forward where the layer is eligible: effective GFLOP/s (direct FLOPs).
+                let opts = super::ConvOptions { winograd: true };
+                let kw = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
+                if kw.algorithms()[0] == "winograd" {
+                    let mut res = Ok(());
+                    let secs = best_of(reps, || res = kw.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()));
+                    res?;
+                    let gf = flops / secs / 1e9;
+                    let _ = writeln!(
+                        r,
+                        "{:<22} {:<16} {:>8} {:>10.2} {:>9.1} {:>8.2}  (effective: direct-conv FLOPs / time)",
+                        c.name,
+                        "forward",
+                        "Winograd",
+                        secs * 1e3,
+                        gf,
+                        gf / peak
+                    );
+                }
             }
             let ms = k.compile_time().as_secs_f64() * 1e3;
             let _ = writeln!(

@@ -187,27 +187,35 @@ impl Winograd {
                 });
                 for ci in 0..cin {
                     let plane = &s.pad[ci * ph * pw..(ci + 1) * ph * pw];
-                    let d: [[[f32; NR]; 4]; 4] =
-                        std::array::from_fn(|i| std::array::from_fn(|c| std::array::from_fn(|l| plane[org[l] + i * pw + c])));
-                    let lanes = |f: &dyn Fn(usize) -> f32| -> [f32; NR] { std::array::from_fn(f) };
-                    // Bᵀ d (rows), then (·) B (columns).
-                    let bd: [[[f32; NR]; 4]; 4] = std::array::from_fn(|c| {
-                        [
-                            lanes(&|l| d[0][c][l] - d[2][c][l]),
-                            lanes(&|l| d[1][c][l] + d[2][c][l]),
-                            lanes(&|l| d[2][c][l] - d[1][c][l]),
-                            lanes(&|l| d[1][c][l] - d[3][c][l]),
-                        ]
-                    });
-                    // bd[c][i] = (Bᵀ d)[i][c].
-                    #[allow(clippy::needless_range_loop)] // i indexes the inner dimension
-                    for i in 0..4 {
-                        let vals = [
-                            lanes(&|l| bd[0][i][l] - bd[2][i][l]),
-                            lanes(&|l| bd[1][i][l] + bd[2][i][l]),
-                            lanes(&|l| bd[2][i][l] - bd[1][i][l]),
-                            lanes(&|l| bd[1][i][l] - bd[3][i][l]),
-                        ];
+                    // d[i][c][l]: patch row i, column c of lane l's tile.
+                    let mut d = [[[0.0f32; NR]; 4]; 4];
+                    for (l, &o) in org.iter().enumerate() {
+                        for (i, di) in d.iter_mut().enumerate() {
+                            let r = &plane[o + i * pw..o + i * pw + 4];
+                            for c in 0..4 {
+                                di[c][l] = r[c];
+                            }
+                        }
+                    }
+                    // e = Bᵀ d (rows).
+                    let mut e = [[[0.0f32; NR]; 4]; 4];
+                    for c in 0..4 {
+                        for l in 0..NR {
+                            e[0][c][l] = d[0][c][l] - d[2][c][l];
+                            e[1][c][l] = d[1][c][l] + d[2][c][l];
+                            e[2][c][l] = d[2][c][l] - d[1][c][l];
+                            e[3][c][l] = d[1][c][l] - d[3][c][l];
+                        }
+                    }
+                    // V = e B (columns), stored lane-contiguous.
+                    for (i, ei) in e.iter().enumerate() {
+                        let mut vals = [[0.0f32; NR]; 4];
+                        for l in 0..NR {
+                            vals[0][l] = ei[0][l] - ei[2][l];
+                            vals[1][l] = ei[1][l] + ei[2][l];
+                            vals[2][l] = ei[2][l] - ei[1][l];
+                            vals[3][l] = ei[1][l] - ei[3][l];
+                        }
                         for (j, v) in vals.iter().enumerate() {
                             let o = (((i * 4 + j) * np + q) * cin + ci) * NR;
                             let dst: &mut [f32; NR] = (&mut s.v[o..o + NR]).try_into().expect("8 lanes");
@@ -234,18 +242,21 @@ impl Winograd {
                         let o = (xi * cout + co) * tb + q * NR;
                         s.m[o..o + NR].try_into().expect("8 lanes")
                     });
-                    let lanes = |f: &dyn Fn(usize) -> f32| -> [f32; NR] { std::array::from_fn(f) };
-                    // Aᵀ M: 2x4, then (·) A: 2x2.
-                    let am: [[[f32; NR]; 4]; 2] = [
-                        std::array::from_fn(|c| lanes(&|l| mv[c][l] + mv[4 + c][l] + mv[8 + c][l])),
-                        std::array::from_fn(|c| lanes(&|l| mv[4 + c][l] - mv[8 + c][l] - mv[12 + c][l])),
-                    ];
-                    let y: [[[f32; NR]; 2]; 2] = std::array::from_fn(|i| {
-                        [
-                            lanes(&|l| am[i][0][l] + am[i][1][l] + am[i][2][l] + b),
-                            lanes(&|l| am[i][1][l] - am[i][2][l] - am[i][3][l] + b),
-                        ]
-                    });
+                    // Aᵀ M: 2x4, then (·) A: 2x2 (plus bias).
+                    let mut am = [[[0.0f32; NR]; 4]; 2];
+                    for c in 0..4 {
+                        for l in 0..NR {
+                            am[0][c][l] = mv[c][l] + mv[4 + c][l] + mv[8 + c][l];
+                            am[1][c][l] = mv[4 + c][l] - mv[8 + c][l] - mv[12 + c][l];
+                        }
+                    }
+                    let mut y = [[[0.0f32; NR]; 2]; 2];
+                    for (yi, ai) in y.iter_mut().zip(&am) {
+                        for l in 0..NR {
+                            yi[0][l] = ai[0][l] + ai[1][l] + ai[2][l] + b;
+                            yi[1][l] = ai[1][l] - ai[2][l] - ai[3][l] + b;
+                        }
+                    }
                     for l in 0..NR {
                         let ti = b0 + q * NR + l;
                         if ti >= t {
