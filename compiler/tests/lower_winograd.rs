@@ -114,6 +114,56 @@ fn winograd_forward_matches_reference() {
     }
 }
 
+/// Backward data (a Winograd convolution of the padded output gradient with the flipped,
+/// transposed weights) against nested loops, plain and reading a concat slice of `d_out`.
+#[test]
+fn winograd_backward_data_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let cases: [Case; 4] = [(24, 25, (7, 9), [1, 1, 1, 1]), (25, 24, (10, 11), [0, 0, 0, 0]), (24, 26, (6, 5), [2, 2, 2, 2]), (27, 24, (9, 8), [0, 2, 1, 0])];
+    for (cin, cout, (h, wd), p) in cases {
+        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] });
+        let w = rand_vec(&mut rng, cout * cin * 9);
+        let (oh, ow) = (h + p[0] + p[1] - 2, wd + p[2] + p[3] - 2);
+        for (n, slice) in [(1, None), (3, Some(ChannelSlice { total: cout + 4, offset: 3 }))] {
+            let what = format!("cin {cin} cout {cout} {h}x{wd} pads {p:?} batch {n} {slice:?}");
+            let epi = Epilogue { concat: slice, ..Default::default() };
+            let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true }).unwrap();
+            assert_eq!(k.algorithms()[..2], ["winograd", "winograd"], "{what}");
+            let cs = slice.unwrap_or(ChannelSlice { total: cout, offset: 0 });
+            let dout = rand_vec(&mut rng, n * cs.total * oh * ow);
+            let dx0 = rand_vec(&mut rng, n * cin * h * wd);
+            let mut want: Vec<f64> = dx0.iter().map(|&v| v as f64).collect();
+            for s in 0..n {
+                for co in 0..cout {
+                    for ci in 0..cin {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let wv = w[((co * cin + ci) * 3 + ky) * 3 + kx] as f64;
+                                for oy in 0..oh {
+                                    for ox in 0..ow {
+                                        let (iy, ix) = ((oy + ky) as isize - p[0] as isize, (ox + kx) as isize - p[2] as isize);
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                            continue;
+                                        }
+                                        let d = dout[((s * cs.total + cs.offset + co) * oh + oy) * ow + ox] as f64;
+                                        want[((s * cin + ci) * h + iy as usize) * wd + ix as usize] += wv * d;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut dx = dx0.clone();
+            k.backward_data(&mut dx, &dout, &w).unwrap();
+            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (i, (g, w)) in dx.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() <= 4e-5 * scale, "{what}: element {i}: got {g}, want {w}");
+            }
+        }
+    }
+}
+
 #[test]
 fn winograd_only_where_eligible() {
     let c = Conv2d::new(24, [3, 3]).pad(Padding::uniform(1));

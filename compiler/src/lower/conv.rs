@@ -402,6 +402,9 @@ enum Impl {
         direct_w: Option<DirectW>,
         /// Winograd F(2x2,3x3) forward (replaces the other forwards where present).
         winograd: Option<Winograd>,
+        /// Winograd backward data: the forward machinery on the padded `d_out` with the
+        /// flipped, transposed weights (replaces the other backward-data kernels).
+        winograd_bwd: Option<Winograd>,
     },
     Naive { fwd: super::entry::Kernel, bwd_data: super::entry::Kernel, bwd_w: super::entry::Kernel },
 }
@@ -489,6 +492,7 @@ impl ConvKernels {
                 Option<(GemmPlan, Planes)>,
                 Option<DirectWPlan>,
                 Option<WinoPlan>,
+                Option<WinoPlan>,
             ),
             Naive(KernelId, KernelId, KernelId),
         }
@@ -556,11 +560,21 @@ impl ConvKernels {
                 } else {
                     None
                 };
+                // Backward data as a Winograd convolution of d_out padded by 2 - pad (so only
+                // for pads <= 2 on the top and left; larger bottom/right pads crop).
+                let wino_bwd = if wino.is_some() && g.pads[0] <= 2 && g.pads[2] <= 2 {
+                    let shape =
+                        WinoShape { cin: g.cout, cout: g.cin, h: g.oh, w: g.ow, pt: 2 - g.pads[0], pl: 2 - g.pads[2], oh: g.h, ow: g.w };
+                    Some(WinoPlan::define(&mut jit, shape)?)
+                } else {
+                    None
+                };
+                let dbwd = if wino_bwd.is_some() { None } else { dbwd };
                 let dfwd = if wino.is_some() { None } else { dfwd };
                 // The packed (im2col) kernels, only where no direct one replaces them.
                 let fwd = if dfwd.is_none() && wino.is_none() { Some(GemmPlan::define(&mut jit, "conv_fwd", fwd)?) } else { None };
                 // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
-                let bd = if dbwd.is_some() {
+                let bd = if dbwd.is_some() || wino_bwd.is_some() {
                     None
                 } else if g.is_direct() {
                     Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), p, mg, p, true))?)
@@ -579,7 +593,7 @@ impl ConvKernels {
                     };
                     (Some(bw), bwt)
                 };
-                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt, wino)
+                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt, wino, wino_bwd)
             }
             Mode::Naive => {
                 let (f, d, w) = naive::define_conv(&mut jit, g, conv.bias)?;
@@ -588,8 +602,9 @@ impl ConvKernels {
         };
         let fin = jit.finish()?;
         let imp = match plan {
-            Plan::Blocked(f, d, w, t, df, db, dw, wino) => Impl::Blocked {
+            Plan::Blocked(f, d, w, t, df, db, dw, wino, wino_bwd) => Impl::Blocked {
                 winograd: wino.map(|p| p.resolve(&fin)),
+                winograd_bwd: wino_bwd.map(|p| p.resolve(&fin)),
                 direct_w: dw.map(|p| p.resolve(&fin)),
                 fwd: f.map(|f| f.resolve(&fin)),
                 bwd_data: d.map(|d| d.resolve(&fin)),
@@ -641,8 +656,8 @@ impl ConvKernels {
     /// Number of kernels (JIT functions) compiled for this layer.
     pub fn kernel_count(&self) -> usize {
         match &self.imp {
-            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w, winograd } => {
-                winograd.as_ref().map_or(0, Winograd::tile_count) +
+            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w, winograd, winograd_bwd } => {
+                winograd.as_ref().map_or(0, Winograd::tile_count) + winograd_bwd.as_ref().map_or(0, Winograd::tile_count) +
                 [fwd, bwd_data, bwd_w, bwd_w_tail].iter().map(|k| k.as_ref().map_or(0, Gemm::tile_count)).sum::<usize>()
                     + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
@@ -659,7 +674,7 @@ impl ConvKernels {
     pub fn algorithms(&self) -> [&'static str; 3] {
         let packed = if self.geom.is_direct() { "1x1" } else { "im2col" };
         match &self.imp {
-            Impl::Blocked { direct_fwd, direct_bwd, direct_w, winograd, .. } => [
+            Impl::Blocked { direct_fwd, direct_bwd, direct_w, winograd, winograd_bwd, .. } => [
                 if winograd.is_some() {
                     "winograd"
                 } else if direct_fwd.is_some() {
@@ -667,7 +682,13 @@ impl ConvKernels {
                 } else {
                     packed
                 },
-                if direct_bwd.is_some() { "direct" } else { packed },
+                if winograd_bwd.is_some() {
+                    "winograd"
+                } else if direct_bwd.is_some() {
+                    "direct"
+                } else {
+                    packed
+                },
                 if direct_w.is_some() { "direct" } else { packed },
             ],
             Impl::Naive { .. } => ["naive"; 3],
@@ -844,6 +865,26 @@ impl ConvKernels {
         let kc = g.kc();
         let hw = g.h * g.w;
         match &self.imp {
+            Impl::Blocked { winograd_bwd: Some(wg), .. } => {
+                // w'[ci, co, t] = w[co, ci, 8 - t] (one group).
+                let mut wt = vec![0.0f32; g.cin * g.cout * 9];
+                for co in 0..g.cout {
+                    for ci in 0..g.cin {
+                        let src = &w[(co * g.cin + ci) * 9..][..9];
+                        let dst = &mut wt[(ci * g.cout + co) * 9..][..9];
+                        for (t, v) in dst.iter_mut().enumerate() {
+                            *v = src[8 - t];
+                        }
+                    }
+                }
+                let mut scratch = WinoScratch::default();
+                wg.prepare(&wt, &mut scratch);
+                let we = WinoEpi { bias: &[], scale: &[], shift: &[], residual: &[], act: FusedAct::None, accumulate: true };
+                for s in 0..n {
+                    let dos = &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p];
+                    wg.forward_sample(&mut d_x[s * g.in_numel()..][..g.in_numel()], dos, &mut scratch, &we);
+                }
+            }
             Impl::Blocked { direct_bwd: Some(d), .. } => {
                 // A = the flipped, transposed weights: element (ci, (co, t)) is
                 // w[co, ci, kh-1-ky, kw-1-kx] for tap t = (ky, kx).

@@ -138,16 +138,25 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                 // Winograd forward where the layer is eligible: effective GFLOP/s (direct FLOPs).
                 let opts = super::ConvOptions { winograd: true };
                 let kw = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
-                if kw.algorithms()[0] == "winograd" {
+                for (i, op) in ["forward", "backward-data"].into_iter().enumerate() {
+                    if kw.algorithms()[i] != "winograd" {
+                        continue;
+                    }
                     let mut res = Ok(());
-                    let secs = best_of(reps, || res = kw.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()));
+                    let secs = best_of(reps, || {
+                        res = if i == 0 {
+                            kw.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default())
+                        } else {
+                            kw.backward_data(&mut dx, &out, &w)
+                        }
+                    });
                     res?;
                     let gf = flops / secs / 1e9;
                     let _ = writeln!(
                         r,
                         "{:<22} {:<16} {:>8} {:>10.2} {:>9.1} {:>8.2}  (effective: direct-conv FLOPs / time)",
                         c.name,
-                        "forward",
+                        op,
                         "Winograd",
                         secs * 1e3,
                         gf,
