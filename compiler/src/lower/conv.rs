@@ -23,6 +23,10 @@
 //! - backward weight: `d_W_g += d_out_g · col_gᵀ` (reduction over pixels, blocked by 256),
 //!   `d_b[co] += Σ_p d_out[co, p]`.
 //!
+//! ## 3x3 stride 1 with >= 24 channels: Winograd `F(2x2, 3x3)`
+//! Forward and backward data run on [`winograd`](super::winograd) (see there; switch off
+//! with [`ConvOptions`]); the weight gradient on the direct kernel below.
+//!
 //! ## Stride 1: direct kernels, no im2col ([`ConvKernels::algorithms`] says `"direct"`)
 //! Each sample's group input is copied once into zero-padded planes (`PW` = the output row
 //! rounded up to 8 plus the kernel's extent, planes an odd number of cache lines apart so a

@@ -1,6 +1,9 @@
-//! Winograd `F(2x2, 3x3)` convolution forward for 3x3, stride-1, undilated, ungrouped layers
+//! Winograd `F(2x2, 3x3)` convolution for 3x3, stride-1, undilated, ungrouped layers
 //! (Lavin & Gray 2016): 2.25x fewer multiplications than direct convolution, paid for with
-//! input/output transforms.
+//! input/output transforms. [`ConvKernels`](super::ConvKernels) runs its forward on it and,
+//! as a convolution of the output gradient padded by `2 - pad` with the flipped, transposed
+//! weights (accumulating), its backward data; used for layers with at least
+//! [`WINOGRAD_MIN_CHANNELS`](super::conv::WINOGRAD_MIN_CHANNELS) input and output channels.
 //!
 //! ## Maths (per sample)
 //! Output tiles of `2 x 2` pixels, `T = ceil(OH/2) * ceil(OW/2)` of them; tile `(ty, tx)` reads
