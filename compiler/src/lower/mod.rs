@@ -9,8 +9,14 @@
 //! - [`gemm`]: the register-blocked `4 x 8` `f32x4`+`fma` micro-kernel with its fused epilogue
 //!   (bias, folded batch-norm scale/shift, residual add, relu/leaky relu, accumulate, output
 //!   leading dimension for concat slices), packing and the panel driver.
-//! - [`conv`]: [`ConvKernels`] — convolution forward / backward-data / backward-weight via
-//!   implicit im2col + GEMM (any kernel, stride, asymmetric padding, dilation, groups).
+//! - [`conv`]: [`ConvKernels`] — convolution forward / backward-data / backward-weight: direct
+//!   GEMMs reading zero-padded planes in place for stride 1 (backward-data as the correlation
+//!   with flipped weights, the weight gradient with the operands swapped), implicit im2col +
+//!   GEMM for the rest (any kernel, stride, asymmetric padding, dilation, groups).
+//! - [`winograd`]: Winograd F(2x2, 3x3) forward and backward-data for 3x3 stride-1 layers with
+//!   enough channels (2.25x fewer multiplies; chosen by [`ConvKernels`]).
+//! - [`optim`]: optimiser updates (SGD/momentum/Nesterov, RMSprop, Adam/AdamW) as one fused
+//!   `f32x4` stream kernel per rule.
 //! - [`dense`]: [`DenseKernels`] — fully connected layers as GEMMs over the batch.
 //! - [`naive`]: scalar JIT loop nests for the same conv/dense maths ([`Mode::Naive`]), the
 //!   baseline of the benchmarks.
