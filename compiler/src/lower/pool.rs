@@ -174,9 +174,10 @@ impl PoolKernels {
                 for ((&(x0, x1), v), i) in self.cols.iter().zip(hvr.iter_mut()).zip(hir.iter_mut()) {
                     let (mut best, mut bi) = (row[x0], x0);
                     for (ix, &r) in row[x0 + 1..x1].iter().enumerate() {
-                        if wins(r, best) {
-                            (best, bi) = (r, x0 + 1 + ix);
-                        }
+                        // Selects, not branches: random data mispredicts half of them.
+                        let t = wins(r, best);
+                        best = if t { r } else { best };
+                        bi = if t { x0 + 1 + ix } else { bi };
                     }
                     *v = best;
                     *i = (iy * w + bi) as u32;
@@ -189,9 +190,9 @@ impl PoolKernels {
                 for iy in y0 + 1..y1 {
                     let (vr, ir) = (&hv[iy * ow..(iy + 1) * ow], &hi[iy * ow..(iy + 1) * ow]);
                     for ((o, a), (&v, &i)) in orow.iter_mut().zip(arow.iter_mut()).zip(vr.iter().zip(ir)) {
-                        if wins(v, *o) {
-                            (*o, *a) = (v, i);
-                        }
+                        let t = wins(v, *o);
+                        *a = if t { i } else { *a };
+                        *o = if t { v } else { *o };
                     }
                 }
             }
@@ -213,14 +214,10 @@ impl PoolKernels {
                 for (ox, ((o, a), (p0, p1))) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))).enumerate() {
                     let base = 2 * oy * w + 2 * ox;
                     let (mut best, mut bi) = (p0[0], base);
-                    if wins(p0[1], best) {
-                        (best, bi) = (p0[1], base + 1);
-                    }
-                    if wins(p1[0], best) {
-                        (best, bi) = (p1[0], base + w);
-                    }
-                    if wins(p1[1], best) {
-                        (best, bi) = (p1[1], base + w + 1);
+                    for (v, i) in [(p0[1], base + 1), (p1[0], base + w), (p1[1], base + w + 1)] {
+                        let t = wins(v, best);
+                        best = if t { v } else { best };
+                        bi = if t { i } else { bi };
                     }
                     *o = best;
                     *a = bi as u32;
