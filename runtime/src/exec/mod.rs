@@ -233,7 +233,7 @@ impl Engine for JitEngine {
         for &s in &p.plan.memory.zero_at_seed {
             let gb = &mut p.grads[s];
             let len = gb.len() / p.batch * n;
-            gb[..len].fill(0.0);
+            run::zero(&mut gb[..len]);
         }
         // The loss of every head (main output first), weighted, and its gradient (of the
         // weighted mean loss) into the head's gradient.
