@@ -241,11 +241,7 @@ impl GemmPlan {
 
     /// Resolve against the finalized module.
     pub fn resolve(&self, fin: &Finished) -> Gemm {
-        let mut tiles = vec![None; MR * NR];
-        for &((mr, nr), id) in &self.ids {
-            tiles[(mr - 1) * NR + (nr - 1)] = Some(fin.kernels[id.0].clone());
-        }
-        Gemm { spec: self.spec, tiles }
+        Gemm { spec: self.spec, tiles: resolve_tiles(&self.ids, fin) }
     }
 }
 
@@ -656,6 +652,15 @@ pub struct Wgrad {
     tiles: Vec<Option<Kernel>>,
 }
 
+/// The finished kernels of `mr x nr` tile variants, indexed `(mr - 1) * NR + (nr - 1)`.
+fn resolve_tiles(ids: &[((usize, usize), KernelId)], fin: &Finished) -> Vec<Option<Kernel>> {
+    let mut tiles = vec![None; MR * NR];
+    for &((mr, nr), id) in ids {
+        tiles[(mr - 1) * NR + (nr - 1)] = Some(fin.kernels[id.0].clone());
+    }
+    tiles
+}
+
 impl WgradPlan {
     /// Define the `mr x nr` variants (`mrs` in `1..=4`, `nrs` in `1..=8`) of `spec`.
     pub fn define(jit: &mut Jit, name: &str, spec: WgradSpec, mrs: &[usize], nrs: &[usize]) -> Result<WgradPlan> {
@@ -673,11 +678,7 @@ impl WgradPlan {
 
     /// Resolve against the finalized module.
     pub fn resolve(&self, fin: &Finished) -> Wgrad {
-        let mut tiles = vec![None; MR * NR];
-        for &((mr, nr), id) in &self.ids {
-            tiles[(mr - 1) * NR + (nr - 1)] = Some(fin.kernels[id.0].clone());
-        }
-        Wgrad { spec: self.spec, tiles }
+        Wgrad { spec: self.spec, tiles: resolve_tiles(&self.ids, fin) }
     }
 }
 
