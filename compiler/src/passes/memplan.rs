@@ -84,8 +84,9 @@ fn reads(g: &Graph, gr: &Group, inplace: &[NodeId]) -> Vec<NodeId> {
     r
 }
 
-/// The logits of every model output (a loss node's operand where an output is one).
-fn heads(g: &Graph) -> Vec<NodeId> {
+/// The logits of every model output, main output first (a loss node's operand where an
+/// output is one): what the loss seeds.
+pub fn heads(g: &Graph) -> Vec<NodeId> {
     g.outputs().into_iter().map(|o| if matches!(g.node(o).op, Op::Loss(_)) { g.operands(o)[0] } else { o }).collect()
 }
 

@@ -14,6 +14,7 @@ use cnnc_compiler::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
 use cnnc_compiler::lower::pointwise::BnSaved;
 use cnnc_compiler::lower::pool::PoolKernels;
 use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, DenseKernels, Epilogue, FusedAct};
+use cnnc_compiler::passes::memplan;
 use cnnc_compiler::pipeline;
 use cnnc_compiler::plan::{Fusion, Mode as PlanMode, Placement, Plan};
 use std::time::{Duration, Instant};
@@ -153,19 +154,14 @@ fn chw(s: Shape) -> (usize, usize) {
 /// The logits node of every graph output, main output first (a loss node's operand where an
 /// output is one): each head gets the loss, weighted (see `JitEngine::set_loss_weights`).
 pub(crate) fn head_nodes(g: &Graph, loss: Loss) -> Result<Vec<NodeId>, EngineError> {
-    let outs = g.outputs();
-    if outs.is_empty() {
+    if let Some(out) = g.outputs().into_iter().find(|&o| matches!(g.node(o).op, Op::Loss(own) if own != loss)) {
+        return Err(eerr(format!("layer `{}`: the graph ends in `{}`, but `{}` was asked for", g.node(out).name, g.node(out).op, Op::Loss(loss))));
+    }
+    let heads = memplan::heads(g);
+    if heads.is_empty() {
         return Err(eerr(format!("graph `{}` has no output", g.name)));
     }
-    outs.into_iter()
-        .map(|out| match g.node(out).op {
-            Op::Loss(own) if own != loss => {
-                Err(eerr(format!("layer `{}`: the graph ends in `{}`, but `{}` was asked for", g.node(out).name, Op::Loss(own), Op::Loss(loss))))
-            }
-            Op::Loss(_) => Ok(g.operands(out)[0]),
-            _ => Ok(out),
-        })
-        .collect()
+    Ok(heads)
 }
 
 /// Compile `g` for `mode` with `fusion` for batches of up to `batch` samples on `threads`
