@@ -14,6 +14,15 @@
 //! ## Maths
 //! - max: `out = x[argmax]`; backward `d_x[argmax] += d_out` (gradient switches to the winner);
 //! - avg: `out = Σ_window x / count`; backward `d_x[cell] += d_out / count` for every cell.
+//!
+//! ## Max pooling passes
+//! Ties go to the first maximum in row-major window order; a NaN wins over a number. Max
+//! pooling is separable under that rule: the first maximum of each input row over each window's
+//! columns, then the first of those over the window's rows. Whole (unclipped) windows run as
+//! `k` passes of branch-free compare-and-select over contiguous slices (`x[t*s + k]` for every
+//! slot `t`; a strided row is first split into its `s` phases), which rustc vectorises; only
+//! windows clipped by the padding take scalar loops. 2x2 stride-2 pooling without padding has
+//! its own unrolled loop.
 
 use crate::ir::{Pool2d, PoolKind};
 use crate::{Error, Result};
@@ -37,10 +46,46 @@ pub struct PoolKernels {
     /// Every window is the full `2x2` block at `(2*oy, 2*ox)` (2x2 stride-2 pooling without
     /// padding, floor or exact): max pooling takes the unrolled fast path.
     tiled2: bool,
+    /// Kernel height and width, row and column stride, left padding.
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    left: usize,
+    /// Output columns `lo..up` whose window lies whole inside the input (the vectorised part of
+    /// the horizontal max pass); `lo == up` when there is none.
+    inner: (usize, usize),
+    /// The horizontal max pass runs over whole planes (see `max_separable`): the column stride
+    /// divides `W` and `OW <= W/s`.
+    flat: bool,
+    /// Row stride of the horizontal pass's results: `W/s` when `flat`, else `OW`.
+    hs: usize,
 }
 
 /// Output size, clipped input range per output, and padded-window length per output.
 type Axis = (usize, Vec<(usize, usize)>, Vec<usize>);
+
+/// Whether `v` replaces `best` as a window's maximum so far: it is greater, or a NaN over a
+/// number (`!(v <= best)` holds for both; a NaN `best` is never replaced). Branch-free, so the
+/// loops that use it vectorise into compare-and-select.
+#[inline(always)]
+fn wins(v: f32, best: f32) -> bool {
+    !(v <= best) & !best.is_nan()
+}
+
+/// `if t { a } else { b }` as a bit mask: rustc turns the plain `if` over a slice element into a
+/// conditional store, which blocks vectorisation; the masked form stores unconditionally.
+#[inline(always)]
+fn pick(t: bool, a: f32, b: f32) -> f32 {
+    f32::from_bits(pick_u32(t, a.to_bits(), b.to_bits()))
+}
+
+/// [`pick`] for indices.
+#[inline(always)]
+fn pick_u32(t: bool, a: u32, b: u32) -> u32 {
+    let m = (t as u32).wrapping_neg();
+    (a & m) | (b & !m)
+}
 
 fn axis(n: usize, k: usize, s: usize, pads: (usize, usize), ceil: bool) -> Option<Axis> {
     if k == 0 || s == 0 || n + pads.0 + pads.1 < k {
@@ -97,7 +142,23 @@ impl PoolKernels {
         }
         let tile = |r: &[(usize, usize)]| r.iter().enumerate().all(|(o, &(a, b))| (a, b) == (2 * o, 2 * o + 2));
         let tiled2 = tile(&rows) && tile(&cols);
-        Ok(PoolKernels { layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div, tiled2 })
+        let kw = pool.kernel[1];
+        // Whole windows start at `ox*s - left` without clipping: a contiguous run of columns.
+        let whole: Vec<usize> = (0..ow).filter(|&ox| cols[ox].1 - cols[ox].0 == kw).collect();
+        let inner = match (whole.first(), whole.last()) {
+            (Some(&lo), Some(&up)) => (lo, up + 1),
+            _ => (0, 0),
+        };
+        debug_assert_eq!(whole.len(), inner.1 - inner.0);
+        let (sh, sw) = (pool.stride[0], pool.stride[1]);
+        let flat = w.is_multiple_of(sw) && ow <= w / sw;
+        let hs = if flat { w / sw } else { ow };
+        #[rustfmt::skip]
+        let k = PoolKernels {
+            layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div, tiled2,
+            kh: pool.kernel[0], kw, sh, sw, left: pads[2], inner, flat, hs,
+        };
+        Ok(k)
     }
 
     /// Output `(C, OH, OW)` per sample.
@@ -159,42 +220,149 @@ impl PoolKernels {
     }
 
     /// Max pooling in two passes per plane (lengths checked by `forward`): the winner of each
-    /// input row over each output column's window, then the winner over each output row's
-    /// window of those. Taking the first maximum in each pass (`>`, a NaN wins over a number)
-    /// picks the first maximum in row-major window order, as a single pass over the window
-    /// would: `kh + kw` comparisons per output instead of `kh * kw`, and the second pass runs
-    /// over whole rows (vectorisable selects).
+    /// input row over each output column's window ([`Self::row_max`]), then the winner over
+    /// each output row's window of those ([`Self::column_max`]). Taking the first maximum in each
+    /// pass (`>`, a NaN wins over a number) picks the first maximum in row-major window order,
+    /// as a single pass over the window would: `kh + kw` comparisons per output instead of
+    /// `kh * kw`.
+    ///
+    /// The row maxima `hv`, `hi` have a row stride `hs`. When the column stride divides the
+    /// width and `ow <= W/s` (`flat`), `hs = W/s`: then the window of row `iy`, column `ox`
+    /// starts at plane cell `(iy*hs + ox)*s - left`, linear in the flat slot `t = iy*hs + ox`,
+    /// and one pass over the whole plane serves every row (long vector loops even for narrow
+    /// planes); the slots of clipped windows are redone afterwards. Otherwise `hs = OW` and the
+    /// pass runs row by row.
     fn max_separable(&self, out: &mut [f32], am: &mut [u32], x: &[f32], planes: usize) {
-        let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
-        let wins = |v: f32, best: f32| v > best || v.is_nan() && !best.is_nan();
-        let (mut hv, mut hi) = (vec![0.0f32; self.h * ow], vec![0u32; self.h * ow]);
+        let (w, hw, ohw, hs) = (self.w, self.h * self.w, self.oh * self.ow, self.hs);
+        let (mut hv, mut hi) = (vec![0.0f32; self.h * hs], vec![0u32; self.h * hs]);
+        let mut phases = vec![0.0f32; if self.sw == 1 { 0 } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw }];
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
-            for (iy, (row, (hvr, hir))) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(ow).zip(hi.chunks_exact_mut(ow))).enumerate() {
-                for ((&(x0, x1), v), i) in self.cols.iter().zip(hvr.iter_mut()).zip(hir.iter_mut()) {
-                    let (mut best, mut bi) = (row[x0], x0);
-                    for (ix, &r) in row[x0 + 1..x1].iter().enumerate() {
-                        // Selects, not branches: random data mispredicts half of them.
-                        let t = wins(r, best);
-                        best = if t { r } else { best };
-                        bi = if t { x0 + 1 + ix } else { bi };
-                    }
-                    *v = best;
-                    *i = (iy * w + bi) as u32;
+            if self.flat {
+                self.row_max(xp, 0, &mut hv, &mut hi, &mut phases);
+            } else {
+                for (iy, (row, (hvr, hir))) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))).enumerate() {
+                    self.row_max(row, (iy * w) as u32, hvr, hir, &mut phases);
                 }
             }
-            let (op, ap) = (&mut out[pl * ohw..(pl + 1) * ohw], &mut am[pl * ohw..(pl + 1) * ohw]);
-            for (&(y0, y1), (orow, arow)) in self.rows.iter().zip(op.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow))) {
-                orow.copy_from_slice(&hv[y0 * ow..(y0 + 1) * ow]);
-                arow.copy_from_slice(&hi[y0 * ow..(y0 + 1) * ow]);
-                for iy in y0 + 1..y1 {
-                    let (vr, ir) = (&hv[iy * ow..(iy + 1) * ow], &hi[iy * ow..(iy + 1) * ow]);
-                    for ((o, a), (&v, &i)) in orow.iter_mut().zip(arow.iter_mut()).zip(vr.iter().zip(ir)) {
-                        let t = wins(v, *o);
-                        *a = if t { i } else { *a };
-                        *o = if t { v } else { *o };
-                    }
+            self.column_max(&mut out[pl * ohw..(pl + 1) * ohw], &mut am[pl * ohw..(pl + 1) * ohw], &hv, &hi);
+        }
+    }
+
+    /// The horizontal pass of [`Self::max_separable`] over `src`: one input row, or a whole
+    /// plane when `flat` (its first cell has plane index `base`). For every output column `ox`
+    /// of every row `r`, `hv[r*hs + ox]`, `hi[r*hs + ox]` = the first maximum of the row over
+    /// the column's window and its plane index.
+    ///
+    /// Whole windows (columns `lo..up`) run as `kw` passes of vectorisable selects over
+    /// contiguous slices, over the slots `t = lo..(rows-1)*hs + up`: pass `k` offers slot `t`
+    /// the cell `t*s - left + k`, so each window still sees its cells left to right. With stride
+    /// `s > 1`, `src` is first split into its `s` phases (`phases[p*len + j] = src[j*s + p]`),
+    /// where those cells are contiguous. Clipped border windows then take a scalar loop.
+    fn row_max(&self, src: &[f32], base: u32, hv: &mut [f32], hi: &mut [u32], phases: &mut [f32]) {
+        let (w, s, hs, (lo, up)) = (self.w, self.sw, self.hs, self.inner);
+        let rows = src.len() / w;
+        if lo < up {
+            let m = (rows - 1) * hs + up - lo;
+            let len = src.len().div_ceil(s);
+            if s == 2 {
+                let (even, odd) = phases.split_at_mut(len);
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
                 }
+                if src.len() % 2 == 1 {
+                    even[len - 1] = src[src.len() - 1];
+                }
+            } else if s > 2 {
+                for (i, &v) in src.iter().enumerate() {
+                    phases[(i % s) * len + i / s] = v;
+                }
+            }
+            // Cells `t*s - left + k` for t in lo..lo + m: contiguous in `src` or in one phase.
+            let cells = |k: usize| -> &[f32] {
+                let off = k as isize - self.left as isize;
+                let start = (off.rem_euclid(s as isize) as usize) * len + (lo as isize + off.div_euclid(s as isize)) as usize;
+                if s == 1 {
+                    &src[start..start + m]
+                } else {
+                    &phases[start..start + m]
+                }
+            };
+            let (hvm, him) = (&mut hv[lo..lo + m], &mut hi[lo..lo + m]);
+            let step = s as u32;
+            hvm.copy_from_slice(cells(0));
+            let mut idx = base + (lo * s - self.left) as u32;
+            for i in him.iter_mut() {
+                *i = idx;
+                idx += step;
+            }
+            for k in 1..self.kw {
+                let mut idx = base + (lo * s + k - self.left) as u32;
+                for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
+                    let t = wins(v, *b);
+                    *b = pick(t, v, *b);
+                    *bi = pick_u32(t, idx, *bi);
+                    idx += step;
+                }
+            }
+        }
+        for (r, row) in src.chunks_exact(w).enumerate() {
+            for ox in (0..lo).chain(up..self.ow) {
+                let (x0, x1) = self.cols[ox];
+                let (mut best, mut bi) = (row[x0], x0);
+                for (ix, &v) in row[x0 + 1..x1].iter().enumerate() {
+                    let t = wins(v, best);
+                    best = pick(t, v, best);
+                    bi = if t { x0 + 1 + ix } else { bi };
+                }
+                hv[r * hs + ox] = best;
+                hi[r * hs + ox] = base + (r * w + bi) as u32;
+            }
+        }
+    }
+
+    /// The vertical pass of [`Self::max_separable`] over one plane's row maxima: output row `oy`
+    /// takes the first maximum over its window's rows of `hv`, top to bottom. With row stride 1
+    /// and `hs == OW`, the rows whose window is whole form one contiguous block of the output
+    /// that `kh` long passes fill; the others (and every row otherwise) go one by one.
+    fn column_max(&self, op: &mut [f32], ap: &mut [u32], hv: &[f32], hi: &[u32]) {
+        let (ow, hs) = (self.ow, self.hs);
+        let kh = self.kh;
+        let whole = |oy: usize| self.rows[oy].1 - self.rows[oy].0 == kh;
+        let block = if self.sh == 1 && hs == ow {
+            let lo = (0..self.oh).find(|&oy| whole(oy)).unwrap_or(0);
+            let up = (lo..self.oh).find(|&oy| !whole(oy)).unwrap_or(self.oh);
+            lo..up.max(lo)
+        } else {
+            0..0
+        };
+        let merge = |o: &mut [f32], a: &mut [u32], vr: &[f32], ir: &[u32]| {
+            for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
+                let t = wins(v, *o);
+                *a = pick_u32(t, i, *a);
+                *o = pick(t, v, *o);
+            }
+        };
+        if !block.is_empty() {
+            let (y0, len) = (self.rows[block.start].0, block.len() * ow);
+            let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
+            o.copy_from_slice(&hv[y0 * hs..y0 * hs + len]);
+            a.copy_from_slice(&hi[y0 * hs..y0 * hs + len]);
+            for k in 1..kh {
+                let r = (y0 + k) * hs;
+                merge(o, a, &hv[r..r + len], &hi[r..r + len]);
+            }
+        }
+        for (oy, (orow, arow)) in op.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow)).enumerate() {
+            if block.contains(&oy) {
+                continue;
+            }
+            let (y0, y1) = self.rows[oy];
+            orow.copy_from_slice(&hv[y0 * hs..y0 * hs + ow]);
+            arow.copy_from_slice(&hi[y0 * hs..y0 * hs + ow]);
+            for iy in y0 + 1..y1 {
+                merge(orow, arow, &hv[iy * hs..iy * hs + ow], &hi[iy * hs..iy * hs + ow]);
             }
         }
     }
@@ -204,7 +372,6 @@ impl PoolKernels {
     /// maximum, a NaN wins over a number), without its window tables and bounds checks.
     fn max2x2(&self, out: &mut [f32], am: &mut [u32], x: &[f32], planes: usize) {
         let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
-        let wins = |v: f32, best: f32| v > best || v.is_nan() && !best.is_nan();
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
             let (op, ap) = (&mut out[pl * ohw..(pl + 1) * ohw], &mut am[pl * ohw..(pl + 1) * ohw]);

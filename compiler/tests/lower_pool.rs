@@ -1,0 +1,159 @@
+//! Max pooling's vectorised paths (whole-plane and row-by-row horizontal passes, strided
+//! phases, the 2x2 stride-2 path) against a single pass over each window in row-major order,
+//! over many geometries: winners (ties, NaNs, -inf), values and the backward scatter.
+#![cfg(feature = "jit")]
+
+use cnnc_compiler::ir::{Padding, Pool2d, PoolKind};
+use cnnc_compiler::lower::pool::PoolKernels;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The winner rule, one pass over the clipped window in row-major order: `>` keeps the first
+/// maximum, a NaN wins over a number. Returns `(value, index in the plane)`.
+fn single_pass_max(xp: &[f32], w: usize, rows: (usize, usize), cols: (usize, usize)) -> (f32, u32) {
+    let (mut best, mut bi) = (xp[rows.0 * w + cols.0], rows.0 * w + cols.0);
+    for iy in rows.0..rows.1 {
+        for ix in cols.0..cols.1 {
+            let v = xp[iy * w + ix];
+            if v > best || v.is_nan() && !best.is_nan() {
+                (best, bi) = (v, iy * w + ix);
+            }
+        }
+    }
+    (best, bi as u32)
+}
+
+/// Clipped input range of output `o` on an axis of `n` cells.
+fn window(o: usize, k: usize, s: usize, pad: usize, n: usize) -> (usize, usize) {
+    let start = (o * s) as isize - pad as isize;
+    (start.max(0) as usize, ((start + k as isize).max(0) as usize).min(n))
+}
+
+/// Inputs of one kind: `0` random distinct-ish values, `1` few distinct values (many ties) with
+/// NaNs and -inf runs, `2` all equal (the first cell of every window wins).
+fn input(rng: &mut StdRng, kind: u32, len: usize) -> Vec<f32> {
+    match kind {
+        0 => (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect(),
+        1 => {
+            let vals = [1.5f32, -0.5, 1.5, f32::NEG_INFINITY, 0.25, f32::NAN];
+            (0..len)
+                .map(|_| {
+                    let nan = rng.random_range(0..8) == 0;
+                    vals[rng.random_range(0..if nan { 6 } else { 5 })]
+                })
+                .collect()
+        }
+        _ => vec![0.75; len],
+    }
+}
+
+/// Forward (values and winners) and backward of `p` on `n` samples of `(c, h, w)` against the
+/// single-pass rule; returns the number of outputs checked.
+fn check(p: &Pool2d, n: usize, (c, h, w): (usize, usize, usize), x: &[f32], what: &str) -> usize {
+    let pk = match PoolKernels::new("pool", p, (c, h, w)) {
+        Ok(k) => k,
+        Err(_) => return 0, // a window entirely in the padding
+    };
+    let [t, _, l, _] = p.pads();
+    let (_, oh, ow) = pk.out_shape();
+    let (mut out, mut am) = (vec![0.0; n * c * oh * ow], vec![0u32; n * c * oh * ow]);
+    pk.forward(&mut out, Some(&mut am), x).unwrap();
+    let mut want_dx = vec![0.0f32; x.len()];
+    let d_out: Vec<f32> = (0..out.len()).map(|i| (i % 7) as f32 * 0.5 - 1.0).collect();
+    for pl in 0..n * c {
+        let xp = &x[pl * h * w..(pl + 1) * h * w];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (v, i) = single_pass_max(xp, w, window(oy, p.kernel[0], p.stride[0], t, h), window(ox, p.kernel[1], p.stride[1], l, w));
+                let q = pl * oh * ow + oy * ow + ox;
+                assert_eq!(am[q], i, "{what}: plane {pl} window ({oy}, {ox}): winner");
+                assert!(out[q] == v || out[q].is_nan() && v.is_nan(), "{what}: plane {pl} window ({oy}, {ox}): {} vs {v}", out[q]);
+                want_dx[pl * h * w + i as usize] += d_out[q];
+            }
+        }
+    }
+    let mut dx = vec![0.25f32; x.len()];
+    pk.backward(&mut dx, &d_out, Some(&am)).unwrap();
+    for (i, (&g, &want)) in dx.iter().zip(&want_dx).enumerate() {
+        assert_eq!(g, want + 0.25, "{what}: d_x[{i}]");
+    }
+    out.len()
+}
+
+fn pool(k: [usize; 2], s: [usize; 2], pads: [usize; 4], ceil: bool) -> Pool2d {
+    let mut p = Pool2d::new(PoolKind::Max, k[0], s[0]);
+    p.kernel = k;
+    p.stride = s;
+    p.padding = Padding::Explicit { top: pads[0], bottom: pads[1], left: pads[2], right: pads[3] };
+    p.ceil_mode = ceil;
+    p
+}
+
+/// Square kernels 2, 3, 5 with strides 1, 2, 3, paddings 0..=2 (symmetric), floor and ceil,
+/// on odd and even planes (whole-plane horizontal pass when the stride divides the width,
+/// row by row otherwise), batches 1 and 3, channel counts not multiples of 8.
+#[test]
+fn max_pool_matches_single_pass_over_geometries() {
+    let mut rng = StdRng::seed_from_u64(71);
+    let mut checked = 0;
+    for (n, c, h, w) in [(1, 3, 7, 9), (3, 5, 5, 13), (1, 2, 12, 12), (3, 3, 8, 6), (1, 9, 11, 10)] {
+        for kind in 0..3 {
+            let x = input(&mut rng, kind, n * c * h * w);
+            for k in [2, 3, 5] {
+                for s in [1, 2, 3] {
+                    for pad in 0..=2 {
+                        if pad > k / 2 {
+                            continue; // PyTorch's limit; windows would lie in the padding
+                        }
+                        for ceil in [false, true] {
+                            let p = pool([k, k], [s, s], [pad; 4], ceil);
+                            let what = format!("{k}x{k}/{s} pad {pad} ceil {ceil} on {n}x{c}x{h}x{w}, input kind {kind}");
+                            checked += check(&p, n, (c, h, w), &x, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 10_000, "{checked} outputs checked");
+}
+
+/// Rectangular kernels, per-axis strides and asymmetric padding (the horizontal pass's left
+/// padding offsets the flat cells; the vertical block depends on the top padding only).
+#[test]
+fn max_pool_rectangular_and_asymmetric() {
+    let mut rng = StdRng::seed_from_u64(72);
+    let cases: [([usize; 2], [usize; 2], [usize; 4], bool); 9] = [
+        ([1, 3], [1, 1], [0, 0, 1, 1], false),
+        ([3, 1], [1, 1], [1, 1, 0, 0], false),
+        ([3, 3], [1, 1], [0, 1, 1, 0], false),
+        ([3, 3], [1, 1], [2, 0, 0, 2], false),
+        ([2, 3], [2, 1], [1, 0, 0, 1], true),
+        ([3, 2], [1, 2], [0, 1, 1, 0], true),
+        ([5, 3], [3, 2], [2, 2, 1, 1], true),
+        ([2, 2], [1, 1], [1, 1, 1, 1], false),
+        ([3, 3], [2, 3], [1, 1, 0, 1], true),
+    ];
+    for (n, c, h, w) in [(3, 3, 7, 9), (1, 4, 10, 12), (2, 1, 6, 6)] {
+        for kind in 0..2 {
+            let x = input(&mut rng, kind, n * c * h * w);
+            for (k, s, pads, ceil) in cases {
+                let what = format!("{k:?}/{s:?} pads {pads:?} ceil {ceil} on {n}x{c}x{h}x{w}, input kind {kind}");
+                check(&pool(k, s, pads, ceil), n, (c, h, w), &x, &what);
+            }
+        }
+    }
+}
+
+/// The network shapes the benchmarks run: 3x3/1 pad 1 (inception's pool branch), 3x3/2 pad 1
+/// and 2x2/2 on 32x32, 2x2/2 on 28x28 and 14x14.
+#[test]
+fn max_pool_network_shapes() {
+    let mut rng = StdRng::seed_from_u64(73);
+    for (k, s, pad, (c, h)) in [(3, 1, 1, (5, 32)), (3, 2, 1, (3, 32)), (2, 2, 0, (3, 32)), (2, 2, 0, (4, 28)), (2, 2, 0, (3, 14)), (3, 2, 0, (2, 15))] {
+        for kind in 0..2 {
+            let x = input(&mut rng, kind, 2 * c * h * h);
+            check(&pool([k, k], [s, s], [pad; 4], false), 2, (c, h, h), &x, &format!("{k}x{k}/{s} pad {pad} on {c}x{h}x{h}, input kind {kind}"));
+        }
+    }
+}
