@@ -123,7 +123,8 @@ fn max_pool_matches_single_pass_over_geometries() {
 #[test]
 fn max_pool_rectangular_and_asymmetric() {
     let mut rng = StdRng::seed_from_u64(72);
-    let cases: [([usize; 2], [usize; 2], [usize; 4], bool); 9] = [
+    type Case = ([usize; 2], [usize; 2], [usize; 4], bool);
+    let cases: [Case; 9] = [
         ([1, 3], [1, 1], [0, 0, 1, 1], false),
         ([3, 1], [1, 1], [1, 1, 0, 0], false),
         ([3, 3], [1, 1], [0, 1, 1, 0], false),

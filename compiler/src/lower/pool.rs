@@ -69,6 +69,7 @@ type Axis = (usize, Vec<(usize, usize)>, Vec<usize>);
 /// number (`!(v <= best)` holds for both; a NaN `best` is never replaced). Branch-free, so the
 /// loops that use it vectorise into compare-and-select.
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v <= best)` is meant: true for a NaN `v`
 fn wins(v: f32, best: f32) -> bool {
     !(v <= best) & !best.is_nan()
 }
