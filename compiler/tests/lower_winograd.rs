@@ -48,13 +48,18 @@ type Case = (usize, usize, (usize, usize), [usize; 4]);
 #[test]
 fn winograd_forward_matches_reference() {
     let mut rng = StdRng::seed_from_u64(21);
-    let cases: [Case; 6] = [
+    let cases: [Case; 10] = [
         (24, 25, (7, 9), [1, 1, 1, 1]),
         (25, 24, (10, 11), [0, 0, 0, 0]),
         (24, 24, (6, 5), [2, 2, 2, 2]),
         (27, 29, (9, 8), [0, 2, 1, 0]),
         (24, 32, (13, 13), [1, 1, 1, 1]),
         (32, 24, (20, 18), [1, 1, 1, 1]),
+        (29, 27, (13, 5), [0, 0, 0, 0]),
+        (25, 31, (13, 5), [1, 1, 1, 1]),
+        // Several blocks of tile rows; a tile row longer than a block (one row per block).
+        (24, 24, (30, 29), [1, 1, 1, 1]),
+        (24, 24, (5, 350), [1, 0, 1, 0]),
     ];
     let opts = ConvOptions { winograd: true };
     for (cin, cout, hw, p) in cases {
@@ -74,9 +79,16 @@ fn winograd_forward_matches_reference() {
                 Epilogue { affine: true, residual: true, act: FusedAct::Relu, ..Default::default() },
                 Epilogue { act: FusedAct::LeakyRelu(0.1), accumulate: true, ..Default::default() },
                 Epilogue { concat: Some(ChannelSlice { total: cout + 5, offset: 3 }), residual: true, ..Default::default() },
+                Epilogue { affine: true, accumulate: true, concat: Some(ChannelSlice { total: cout + 2, offset: 2 }), ..Default::default() },
+                Epilogue { residual: true, act: FusedAct::LeakyRelu(0.2), ..Default::default() },
             ];
-            for epi in epis {
-                let what = format!("cin {cin} cout {cout} {hw:?} pads {p:?} batch {n} {epi:?}");
+            for (e, epi) in epis.into_iter().enumerate() {
+                // Every other epilogue on a layer without bias.
+                let bias = e % 2 == 0;
+                let conv = Conv2d { bias, ..conv };
+                let zeros = vec![0.0f32; cout];
+                let bvec = if bias { &b } else { &zeros };
+                let what = format!("cin {cin} cout {cout} {hw:?} pads {p:?} batch {n} bias {bias} {epi:?}");
                 let k = ConvKernels::compile_with("wino", &conv, (cin, hw.0, hw.1), epi, Mode::Blocked, opts).unwrap();
                 assert_eq!(k.algorithms()[0], "winograd", "{what}");
                 let cs = epi.concat.unwrap_or(ChannelSlice { total: cout, offset: 0 });
@@ -86,7 +98,7 @@ fn winograd_forward_matches_reference() {
                     for co in 0..cout {
                         for q in 0..pix {
                             let i = (s * cout + co) * pix + q;
-                            let mut t = base[i];
+                            let mut t = base[i] - b[co] + bvec[co];
                             if epi.affine {
                                 t = t * scale[co] + shift[co];
                             }
@@ -104,7 +116,7 @@ fn winograd_forward_matches_reference() {
                     affine: epi.affine.then_some((&scale[..], &shift[..])),
                     residual: epi.residual.then_some(&res[..]),
                 };
-                k.forward(&mut out, &x, &w, Some(&b), extra).unwrap();
+                k.forward(&mut out, &x, &w, bias.then_some(&b[..]), extra).unwrap();
                 let tol = 1e-5 * scale_of_out.max(1.0) * 4.0;
                 for (i, (g, w)) in out.iter().zip(&want).enumerate() {
                     assert!((g - w).abs() <= tol + 1e-5 * w.abs(), "{what}: element {i}: got {g}, want {w}");
@@ -119,7 +131,15 @@ fn winograd_forward_matches_reference() {
 #[test]
 fn winograd_backward_data_matches_reference() {
     let mut rng = StdRng::seed_from_u64(22);
-    let cases: [Case; 4] = [(24, 25, (7, 9), [1, 1, 1, 1]), (25, 24, (10, 11), [0, 0, 0, 0]), (24, 26, (6, 5), [2, 2, 2, 2]), (27, 24, (9, 8), [0, 2, 1, 0])];
+    let cases: [Case; 7] = [
+        (24, 25, (7, 9), [1, 1, 1, 1]),
+        (25, 24, (10, 11), [0, 0, 0, 0]),
+        (24, 26, (6, 5), [2, 2, 2, 2]),
+        (27, 24, (9, 8), [0, 2, 1, 0]),
+        (29, 25, (13, 5), [1, 1, 1, 1]),
+        (24, 27, (13, 5), [0, 0, 0, 0]),
+        (24, 24, (30, 29), [1, 1, 1, 1]),
+    ];
     for (cin, cout, (h, wd), p) in cases {
         let conv = Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] });
         let w = rand_vec(&mut rng, cout * cin * 9);
@@ -183,5 +203,51 @@ fn winograd_only_where_eligible() {
     ] {
         let k = ConvKernels::compile_with("c", &conv, (cin, 12, 12), Epilogue::default(), Mode::Blocked, on).unwrap();
         assert_ne!(k.algorithms()[0], "winograd", "{conv:?} on {cin} channels");
+    }
+}
+
+/// Thread-CPU timings (best of 5) of the MNIST VGG's Winograd-eligible layers at half its
+/// batch of 64 (what one of two threads gets) and ResNet's 3x3 64->64, Winograd vs direct:
+/// `cargo test --release -p cnnc-compiler --test lower_winograd -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn winograd_timing() {
+    use cnnc_compiler::lower::peak::best_of;
+    let cases: [(usize, usize, usize, usize); 4] = [(32, 32, 28, 32), (32, 64, 14, 32), (64, 64, 14, 32), (64, 64, 56, 8)];
+    if let Ok(v) = std::env::var("WINO_PROFILE") {
+        let (cin, cout, hw, n) = cases[v.parse::<usize>().unwrap()];
+        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::uniform(1));
+        let mut rng = StdRng::seed_from_u64(5);
+        let x = rand_vec(&mut rng, n * cin * hw * hw);
+        let w = rand_vec(&mut rng, cout * cin * 9);
+        let b = rand_vec(&mut rng, cout);
+        let mut out = vec![0.0f32; n * cout * hw * hw];
+        let k = ConvKernels::compile_with("t", &conv, (cin, hw, hw), Epilogue::default(), Mode::Blocked, ConvOptions { winograd: true }).unwrap();
+        for _ in 0..300 {
+            k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap();
+        }
+        return;
+    }
+    for (cin, cout, hw, n) in cases {
+        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::uniform(1));
+        let mut rng = StdRng::seed_from_u64(5);
+        let x = rand_vec(&mut rng, n * cin * hw * hw);
+        let w = rand_vec(&mut rng, cout * cin * 9);
+        let b = rand_vec(&mut rng, cout);
+        let dout = rand_vec(&mut rng, n * cout * hw * hw);
+        let mut out = vec![0.0f32; n * cout * hw * hw];
+        let mut dx = vec![0.0f32; x.len()];
+        let mut dw = vec![0.0f32; w.len()];
+        let mut db = vec![0.0f32; cout];
+        let mut row = format!("{cin:>3}->{cout:<3} {hw:>2}x{hw:<2} b{n:<3}");
+        for wino in [false, true] {
+            let k = ConvKernels::compile_with("t", &conv, (cin, hw, hw), Epilogue::default(), Mode::Blocked, ConvOptions { winograd: wino }).unwrap();
+            let f = best_of(5, || k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap());
+            let d = best_of(5, || k.backward_data(&mut dx, &dout, &w).unwrap());
+            let g = best_of(5, || k.backward_weight(&mut dw, Some(&mut db), &dout, &x).unwrap());
+            let a = k.algorithms();
+            row += &format!(" | {}/{}/{} fwd {:6.2} bwd-data {:6.2} bwd-w {:6.2} ms", a[0], a[1], a[2], f * 1e3, d * 1e3, g * 1e3);
+        }
+        println!("{row}");
     }
 }

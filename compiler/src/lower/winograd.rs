@@ -6,15 +6,37 @@
 //! [`WINOGRAD_MIN_CHANNELS`](super::conv::WINOGRAD_MIN_CHANNELS) input and output channels.
 //!
 //! ## Maths (per sample)
-//! Output tiles of `2 x 2` pixels, `T = ceil(OH/2) * ceil(OW/2)` of them; tile `(ty, tx)` reads
-//! the `4 x 4` input patch at rows `2ty - pt ..`, columns `2tx - pl ..` (zero outside).
-//! - filter: `U = G g Gᵀ` (`4 x 4` per `(co, ci)`), `G = [[1,0,0],[½,½,½],[½,-½,½],[0,0,1]]`;
+//! Output tiles of `2 x 2` pixels, `T = TH * TW = ceil(OH/2) * ceil(OW/2)` of them; tile
+//! `(ty, tx)` reads the `4 x 4` input patch at rows `2ty - pt ..`, columns `2tx - pl ..` (zero
+//! outside).
+//! - filter: `U = G g Gᵀ` (`4 x 4` per `(co, ci)`), `G = [[1,0,0],[½,½,½],[½,-½,½],[0,0,1]]`,
+//!   once per call ([`Winograd::prepare`]);
 //! - input: `V = Bᵀ d B`, `Bᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`;
-//! - 16 GEMMs, one per transform position `ξ`: `M_ξ[co, t] = Σ_ci U_ξ[co, ci] · V_ξ[ci, t]`
-//!   on the JIT micro-kernel ([`gemm`](super::gemm), `K = Cin`);
+//! - 16 GEMMs, one per transform position `ξ = 4i + j`: `M_ξ[co, t] = Σ_ci U_ξ[co, ci] ·
+//!   V_ξ[ci, t]` on the JIT micro-kernel ([`gemm`](super::gemm), `K = Cin`);
 //! - output: `Y = Aᵀ M A`, `Aᵀ = [[1,1,1,0],[0,1,-1,-1]]`, then the fused epilogue (bias,
-//!   folded batch-norm scale/shift, residual, activation, accumulate, concat slice) in plain
-//!   Rust as each `2 x 2` tile is stored.
+//!   folded batch-norm scale/shift, residual, activation, accumulate, concat slice).
+//!
+//! ## Layout and vectorisation
+//! Every transform runs on contiguous runs of tiles, so the plain-Rust loops below are simple
+//! element-wise slice operations the compiler vectorises (SSE2 on baseline x86-64):
+//! - each sample's input channel is copied once into a zero-padded plane of `2TH + 2` rows whose
+//!   columns are *split by parity*: a row holds the `TW + 1` even padded columns, then the
+//!   `TW + 1` odd ones. Tile `tx`'s patch columns `2tx .. 2tx+4` are then `even[tx], odd[tx],
+//!   even[tx+1], odd[tx+1]`: shifted contiguous runs, not a stride-2 gather.
+//! - input transform, per channel and tile row: `Bᵀ d` on four whole split rows, then `(·) B` as
+//!   four element-wise combinations of the shifted runs; the 16 values of the row's `TW` tiles
+//!   come out contiguous over `tx` (`t[ξ][tile]`), and runs of 8 tiles are copied into the
+//!   packed `Cin x 8` B panels the GEMM reads (`v[((ξ·NP + q)·Cin + ci)·8 + l]`, tile `8q + l`).
+//! - the GEMM writes `M` contiguous over tiles (`m[(ξ·Cout + co)·TB + tile]`); the output
+//!   transform combines those 16 rows element-wise into the four `2 x 2` outputs per tile
+//!   (contiguous over tiles), interleaves each tile row's into two output rows and applies the
+//!   epilogue along the contiguous output row.
+//!
+//! Tiles are processed in blocks of whole tile rows (`TB` tiles, rounded up to a multiple of 8)
+//! sized so the block's `V` and `M` (`16 (Cin + Cout)` floats per tile) stay in L2 between the
+//! transforms and the GEMMs. Scratch lives in [`WinoScratch`], reused across the samples of a
+//! call (the padded planes' zero border is written once).
 //!
 //! Speed is reported as *effective* GFLOP/s (direct-convolution FLOPs / time); the maths is
 //! exact in real arithmetic, its f32 rounding differs from direct convolution by ~1e-6 of the
@@ -25,9 +47,13 @@ use super::jit::{Finished, Jit};
 use super::FusedAct;
 use crate::Result;
 
-/// Tiles per block (a multiple of 8): the transformed input and the GEMM results of one block
-/// stay in L2.
-const TILE_BLOCK: usize = 32;
+/// Bytes of one block's transformed input and GEMM results together: whole tile rows up to
+/// this many stay in L2 (at least one tile row per block).
+const BLOCK_BYTES: usize = 1 << 19;
+
+/// Input channels transformed together: each copy into the packed panels then writes
+/// `CG x 8` consecutive floats (whole cache lines).
+const CG: usize = 4;
 
 /// The geometry a Winograd layer is specialised to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,11 +62,11 @@ pub struct WinoShape {
     pub cin: usize,
     /// Output channels.
     pub cout: usize,
-    /// Input height and width.
+    /// Input height.
     pub h: usize,
     /// Input width.
     pub w: usize,
-    /// Top and left padding.
+    /// Top padding.
     pub pt: usize,
     /// Left padding.
     pub pl: usize,
@@ -51,8 +77,27 @@ pub struct WinoShape {
 }
 
 impl WinoShape {
+    /// Tile rows and columns `(TH, TW)`.
     fn tiles(&self) -> (usize, usize) {
         (self.oh.div_ceil(2), self.ow.div_ceil(2))
+    }
+
+    /// Tile rows per block and the block's tile capacity `TB` (a multiple of 8).
+    fn block(&self) -> (usize, usize) {
+        let (th, tw) = self.tiles();
+        let per_tile = 16 * (self.cin + self.cout) * std::mem::size_of::<f32>();
+        let rows = (BLOCK_BYTES / per_tile / tw).clamp(1, th);
+        (rows, (rows * tw).next_multiple_of(NR))
+    }
+
+    /// Width of a split padded row: `TW + 1` even columns, then `TW + 1` odd ones.
+    fn split_width(&self) -> usize {
+        2 * (self.tiles().1 + 1)
+    }
+
+    /// Rows of a padded plane: every tile's patch, `2TH + 2`.
+    fn pad_rows(&self) -> usize {
+        2 * self.tiles().0 + 2
     }
 }
 
@@ -87,12 +132,11 @@ pub struct Winograd {
 }
 
 impl WinoPlan {
-    /// Define the 16 GEMMs' tile kernels (one plain `Cout x T x Cin` GEMM shape).
+    /// Define the 16 GEMMs' tile kernels (one plain `Cout x TB x Cin` GEMM shape, `TB` the
+    /// block's tile capacity).
     pub fn define(jit: &mut Jit, shape: WinoShape) -> Result<WinoPlan> {
-        let (th, tw) = shape.tiles();
-        let t = th * tw;
-        let _ = t;
-        let gemm = GemmPlan::define(jit, "conv_winograd", GemmSpec::plain(Some(shape.cout), TILE_BLOCK, shape.cin, TILE_BLOCK, false))?;
+        let tb = shape.block().1;
+        let gemm = GemmPlan::define(jit, "conv_winograd", GemmSpec::plain(Some(shape.cout), tb, shape.cin, tb, false))?;
         Ok(WinoPlan { shape, gemm })
     }
 
@@ -102,13 +146,133 @@ impl WinoPlan {
     }
 }
 
-/// Per-call scratch: transformed filters (packed per `ξ`), transformed input, GEMM results.
+/// Scratch of one call, reused across its samples: transformed filters (packed per `ξ`),
+/// split padded input planes, one block's transformed input and GEMM results, and the
+/// transforms' row buffers.
 #[derive(Default)]
 pub struct WinoScratch {
-    u: Vec<Vec<f32>>,
+    /// The shape `pad` was laid out for (its zero border is written only when this changes).
+    shape: Option<WinoShape>,
+    /// `U` unpacked, `[ξ][Cout][Cin]`.
+    u: Vec<f32>,
+    /// `U_ξ` packed as the GEMM's `A`.
+    up: Vec<Vec<f32>>,
+    /// Split padded planes, `[Cin][2TH + 2][2TW + 2]`.
     pad: Vec<f32>,
+    /// `Bᵀ d` of one tile row: four split rows.
+    e: Vec<f32>,
+    /// `CG` channels' transformed block, `[CG][16][TB]`.
+    t: Vec<f32>,
+    /// The block's `V`, packed B panels.
     v: Vec<f32>,
+    /// The block's `M`, `[16][Cout][TB]`.
     m: Vec<f32>,
+    /// Output transform: `Aᵀ M` (`[8][TB]`), then `Y` (`[4][TB + 4]`), then one output row.
+    y: Vec<f32>,
+}
+
+/// `dst = a - b`.
+fn sub(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+        *d = a - b;
+    }
+}
+
+/// `dst = a + b`.
+fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+        *d = a + b;
+    }
+}
+
+/// `dst = a + b + c`.
+fn sum3(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+    for (((d, &a), &b), &c) in dst.iter_mut().zip(a).zip(b).zip(c) {
+        *d = a + b + c;
+    }
+}
+
+/// `dst = a - b - c`.
+fn dif3(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+    for (((d, &a), &b), &c) in dst.iter_mut().zip(a).zip(b).zip(c) {
+        *d = a - b - c;
+    }
+}
+
+/// Copy one input row into a split padded row (`half = TW + 1` even padded columns, then the
+/// odd ones): input column `c` is padded column `c + pl`.
+fn split_row(dst: &mut [f32], src: &[f32], pl: usize, half: usize) {
+    let (even, odd) = dst.split_at_mut(half);
+    // src[2k] lands in `first[o1 + k]`, src[2k + 1] in `second[o2 + k]`.
+    let (first, second, o1, o2) = if pl.is_multiple_of(2) { (even, odd, pl / 2, pl / 2) } else { (odd, even, pl / 2, pl / 2 + 1) };
+    let pairs = src.len() / 2;
+    // Index form over exactly-sized slices: vectorised as shuffles.
+    let (first, second, s2) = (&mut first[o1..o1 + src.len().div_ceil(2)], &mut second[o2..o2 + pairs], &src[..2 * pairs]);
+    for k in 0..pairs {
+        first[k] = s2[2 * k];
+        second[k] = s2[2 * k + 1];
+    }
+    if src.len() % 2 == 1 {
+        first[pairs] = src[2 * pairs];
+    }
+}
+
+/// `dst[2k] = left[k]`, `dst[2k + 1] = right[k]` for `k < dst.len() / 2` (`dst.len()` a
+/// multiple of 8; `left` and `right` at least half as long).
+fn interleave(dst: &mut [f32], left: &[f32], right: &[f32]) {
+    for ((o, a), b) in dst.chunks_exact_mut(8).zip(left.chunks_exact(4)).zip(right.chunks_exact(4)) {
+        let o: &mut [f32; 8] = o.try_into().expect("8");
+        *o = [a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3]];
+    }
+}
+
+/// Input transform of one tile row of one channel: `rows` holds the four split padded rows of
+/// its patches (`4 x 2(TW + 1)`), `e` their `Bᵀ d`; the 16 values of tile `tx` go to
+/// `t[ξ·ld + tx]`.
+fn input_row(t: &mut [f32], ld: usize, rows: &[f32], e: &mut [f32], tw: usize) {
+    let sw = 2 * (tw + 1);
+    let (d0, d1, d2, d3) = (&rows[..sw], &rows[sw..2 * sw], &rows[2 * sw..3 * sw], &rows[3 * sw..4 * sw]);
+    let (e0, rest) = e[..4 * sw].split_at_mut(sw);
+    let (e1, rest) = rest.split_at_mut(sw);
+    let (e2, e3) = rest.split_at_mut(sw);
+    // Bᵀ d, on whole split rows (the row transform acts on every column alike).
+    sub(e0, d0, d2);
+    add(e1, d1, d2);
+    sub(e2, d2, d1);
+    sub(e3, d1, d3);
+    // (·) B: patch columns 0..4 of tile tx are even[tx], odd[tx], even[tx+1], odd[tx+1].
+    for (i, ei) in [&*e0, &*e1, &*e2, &*e3].into_iter().enumerate() {
+        let (even, odd) = ei.split_at(tw + 1);
+        let (e_l, e_r, o_l, o_r) = (&even[..tw], &even[1..], &odd[..tw], &odd[1..tw + 1]);
+        let row = |j: usize| (4 * i + j) * ld;
+        let (t0, rest) = t[row(0)..].split_at_mut(ld);
+        let (t1, rest) = rest.split_at_mut(ld);
+        let (t2, rest) = rest.split_at_mut(ld);
+        let t3 = &mut rest[..tw];
+        sub(&mut t0[..tw], e_l, e_r);
+        add(&mut t1[..tw], o_l, e_r);
+        sub(&mut t2[..tw], e_r, o_l);
+        sub(t3, o_l, o_r);
+    }
+}
+
+/// The rest of the epilogue along one output row: `row` holds the convolution with bias and
+/// scale / shift applied; `dst` and `res` (empty: no residual) are the matching output and
+/// residual row.
+fn finish_row(dst: &mut [f32], row: &mut [f32], res: &[f32], act: FusedAct, accumulate: bool) {
+    if !res.is_empty() {
+        row.iter_mut().zip(res).for_each(|(v, &r)| *v += r);
+    }
+    match act {
+        FusedAct::None => {}
+        FusedAct::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+        FusedAct::LeakyRelu(s) => row.iter_mut().for_each(|v| *v = v.max(0.0) + s * v.min(0.0)),
+    }
+    if accumulate {
+        dst.iter_mut().zip(&*row).for_each(|(d, &v)| *d += v);
+    } else {
+        dst.copy_from_slice(row);
+    }
 }
 
 impl Winograd {
@@ -120,7 +284,7 @@ impl Winograd {
     /// Transform and pack the filters `w` (`[Cout, Cin, 3, 3]`) into `s`.
     pub fn prepare(&self, w: &[f32], s: &mut WinoScratch) {
         let (cin, cout) = (self.shape.cin, self.shape.cout);
-        let mut u = vec![0.0f32; 16 * cout * cin];
+        s.u.resize(16 * cout * cin, 0.0);
         for co in 0..cout {
             for ci in 0..cin {
                 let g = &w[(co * cin + ci) * 9..][..9];
@@ -137,161 +301,138 @@ impl Winograd {
                     let (a, b, d) = (row[0], row[1], row[2]);
                     let vals = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
                     for (c, &v) in vals.iter().enumerate() {
-                        u[((r * 4 + c) * cout + co) * cin + ci] = v;
+                        s.u[((r * 4 + c) * cout + co) * cin + ci] = v;
                     }
                 }
             }
         }
-        s.u.resize_with(16, Vec::new);
-        for (xi, up) in s.u.iter_mut().enumerate() {
-            pack_a(up, &u[xi * cout * cin..], cout, cin, cin, 1);
+        s.up.resize_with(16, Vec::new);
+        for (xi, up) in s.up.iter_mut().enumerate() {
+            pack_a(up, &s.u[xi * cout * cin..], cout, cin, cin, 1);
+        }
+    }
+
+    /// Size `s` for this shape; the padded planes are zeroed only when the shape changes.
+    fn size_scratch(&self, s: &mut WinoScratch) {
+        let sh = &self.shape;
+        if s.shape == Some(*sh) {
+            return;
+        }
+        let (_, tw) = sh.tiles();
+        let tb = sh.block().1;
+        s.pad.clear();
+        s.pad.resize(sh.cin * sh.pad_rows() * sh.split_width(), 0.0);
+        s.e.resize(4 * sh.split_width(), 0.0);
+        s.t.clear();
+        s.t.resize(CG * 16 * tb, 0.0);
+        s.v.resize(16 * sh.cin * tb, 0.0);
+        s.m.resize(16 * sh.cout * tb, 0.0);
+        s.y.resize(8 * tb + 4 * (tb + 4) + (2 * tw).next_multiple_of(8), 0.0);
+        s.shape = Some(*sh);
+    }
+
+    /// Copy sample `x` (`[Cin, H, W]`) into the split padded planes (the border stays zero).
+    fn fill_planes(&self, x: &[f32], pad: &mut [f32]) {
+        let sh = &self.shape;
+        let (ph, sw) = (sh.pad_rows(), sh.split_width());
+        // Rows and columns past the padded plane (a crop on the bottom / right) are dropped.
+        let rows = sh.h.min(ph.saturating_sub(sh.pt));
+        let len = sh.w.min(sw.saturating_sub(sh.pl));
+        for (ci, plane) in pad.chunks_exact_mut(ph * sw).enumerate() {
+            for y in 0..rows {
+                let dst = &mut plane[(y + sh.pt) * sw..][..sw];
+                split_row(dst, &x[(ci * sh.h + y) * sh.w..][..len], sh.pl, sw / 2);
+            }
         }
     }
 
     /// One sample: `out` is this sample's `[Cout, OH, OW]` region of the output, starting at
-    /// its first channel, with `ldc_ch` elements from one channel to the next (`OH*OW`).
+    /// its first channel, with `OH*OW` elements from one channel to the next.
     pub fn forward_sample(&self, out: &mut [f32], x: &[f32], s: &mut WinoScratch, epi: &WinoEpi) {
+        self.size_scratch(s);
         let sh = &self.shape;
         let (th, tw) = sh.tiles();
-        let t = th * tw;
+        let (rows_per_block, tb) = sh.block();
         let (cin, cout) = (sh.cin, sh.cout);
-        // Zero-padded planes covering every tile's 4x4 patch.
-        let (ph, pw) = (2 * th + 2, 2 * tw + 2);
-        s.pad.clear();
-        s.pad.resize(cin * ph * pw, 0.0);
-        for ci in 0..cin {
-            for y in 0..sh.h {
-                let py = y + sh.pt;
-                if py >= ph {
-                    break;
-                }
-                let len = sh.w.min(pw - sh.pl);
-                let d = ci * ph * pw + py * pw + sh.pl;
-                s.pad[d..d + len].copy_from_slice(&x[(ci * sh.h + y) * sh.w..][..len]);
-            }
-        }
-        // Blocks of TILE_BLOCK tiles: V in packed B-panel layout, M, then the output.
-        let tb = TILE_BLOCK;
-        s.v.resize(16 * cin * tb, 0.0);
-        s.m.resize(16 * cout * tb, 0.0);
+        let sw = sh.split_width();
+        let plane = sh.pad_rows() * sw;
+        self.fill_planes(x, &mut s.pad);
         let none = EpiArgs::default();
-        let p = sh.oh * sh.ow;
-        for b0 in (0..t).step_by(tb) {
-            // V_ξ panel q, row ci, column l: v[((ξ*np + q)*cin + ci)*8 + l], np = tb/8; eight
-            // tiles (one panel) at a time, lane l = tile q*8 + l, so the arithmetic vectorises.
-            let np = tb / NR;
-            for q in 0..np {
-                // Patch origins of the panel's tiles (a tile past the last reads tile 0, its
-                // results are never stored).
-                let org: [usize; NR] = std::array::from_fn(|l| {
-                    let ti = b0 + q * NR + l;
-                    let ti = if ti < t { ti } else { 0 };
-                    2 * (ti / tw) * pw + 2 * (ti % tw)
-                });
-                for ci in 0..cin {
-                    let plane = &s.pad[ci * ph * pw..(ci + 1) * ph * pw];
-                    // d[i][c][l]: patch row i, column c of lane l's tile.
-                    let mut d = [[[0.0f32; NR]; 4]; 4];
-                    for (l, &o) in org.iter().enumerate() {
-                        for (i, di) in d.iter_mut().enumerate() {
-                            let r = &plane[o + i * pw..o + i * pw + 4];
-                            for c in 0..4 {
-                                di[c][l] = r[c];
-                            }
-                        }
+        for ty0 in (0..th).step_by(rows_per_block) {
+            let rows = rows_per_block.min(th - ty0);
+            let nt = rows * tw;
+            let np = nt.div_ceil(NR);
+            // V, CG channels at a time: transform into t (`[c][ξ][tile]`, contiguous over
+            // tiles), then copy runs of 8 tiles into the packed panels
+            // v[((ξ·NP + q)·Cin + ci)·8 + l], whole cache lines at a time.
+            let vp = tb / NR;
+            for c0 in (0..cin).step_by(CG) {
+                let g = CG.min(cin - c0);
+                for c in 0..g {
+                    let pl = &s.pad[(c0 + c) * plane..(c0 + c + 1) * plane];
+                    let t = &mut s.t[c * 16 * tb..(c + 1) * 16 * tb];
+                    for r in 0..rows {
+                        let y0 = 2 * (ty0 + r);
+                        input_row(&mut t[r * tw..], tb, &pl[y0 * sw..(y0 + 4) * sw], &mut s.e, tw);
                     }
-                    // e = Bᵀ d (rows).
-                    let mut e = [[[0.0f32; NR]; 4]; 4];
-                    for c in 0..4 {
-                        for l in 0..NR {
-                            e[0][c][l] = d[0][c][l] - d[2][c][l];
-                            e[1][c][l] = d[1][c][l] + d[2][c][l];
-                            e[2][c][l] = d[2][c][l] - d[1][c][l];
-                            e[3][c][l] = d[1][c][l] - d[3][c][l];
-                        }
-                    }
-                    // V = e B (columns), stored lane-contiguous.
-                    for (i, ei) in e.iter().enumerate() {
-                        let mut vals = [[0.0f32; NR]; 4];
-                        for l in 0..NR {
-                            vals[0][l] = ei[0][l] - ei[2][l];
-                            vals[1][l] = ei[1][l] + ei[2][l];
-                            vals[2][l] = ei[2][l] - ei[1][l];
-                            vals[3][l] = ei[1][l] - ei[3][l];
-                        }
-                        for (j, v) in vals.iter().enumerate() {
-                            let o = (((i * 4 + j) * np + q) * cin + ci) * NR;
-                            let dst: &mut [f32; NR] = (&mut s.v[o..o + NR]).try_into().expect("8 lanes");
-                            *dst = *v;
+                }
+                for xi in 0..16 {
+                    for q in 0..np {
+                        let o = ((xi * vp + q) * cin + c0) * NR;
+                        for (c, dst) in s.v[o..o + g * NR].chunks_exact_mut(NR).enumerate() {
+                            dst.copy_from_slice(&s.t[(c * 16 + xi) * tb + q * NR..][..NR]);
                         }
                     }
                 }
             }
-            // M_ξ[co][tt] = U_ξ · V_ξ.
+            // M_ξ[co][tile] = U_ξ · V_ξ.
             for xi in 0..16 {
                 let m = &mut s.m[xi * cout * tb..(xi + 1) * cout * tb];
                 for q in 0..np {
-                    let vp = &s.v[(xi * np + q) * cin * NR..(xi * np + q + 1) * cin * NR];
-                    self.gemm.run_panel(m, q * NR, cout, q * NR, &s.u[xi], vp, &none);
+                    let b = &s.v[(xi * vp + q) * cin * NR..(xi * vp + q + 1) * cin * NR];
+                    self.gemm.run_panel(m, q * NR, cout, q * NR, &s.up[xi], b, &none);
                 }
             }
-            // Y = Aᵀ M A (eight tiles at a time) and the epilogue.
+            // Y = Aᵀ M A for every tile of the block, channel by channel, then the epilogue
+            // along each output row.
+            let n = np * NR;
+            let ys = tb + 4;
             for co in 0..cout {
-                let b = if epi.bias.is_empty() { 0.0 } else { epi.bias[co] };
-                let affine = !epi.scale.is_empty();
-                let (sc, sf) = if affine { (epi.scale[co], epi.shift[co]) } else { (1.0, 0.0) };
-                for q in 0..np {
-                    let mv: [[f32; NR]; 16] = std::array::from_fn(|xi| {
-                        let o = (xi * cout + co) * tb + q * NR;
-                        s.m[o..o + NR].try_into().expect("8 lanes")
-                    });
-                    // Aᵀ M: 2x4, then (·) A: 2x2 (plus bias).
-                    let mut am = [[[0.0f32; NR]; 4]; 2];
-                    for c in 0..4 {
-                        for l in 0..NR {
-                            am[0][c][l] = mv[c][l] + mv[4 + c][l] + mv[8 + c][l];
-                            am[1][c][l] = mv[4 + c][l] - mv[8 + c][l] - mv[12 + c][l];
-                        }
-                    }
-                    let mut y = [[[0.0f32; NR]; 2]; 2];
-                    for (yi, ai) in y.iter_mut().zip(&am) {
-                        for l in 0..NR {
-                            yi[0][l] = ai[0][l] + ai[1][l] + ai[2][l] + b;
-                            yi[1][l] = ai[1][l] - ai[2][l] - ai[3][l] + b;
-                        }
-                    }
-                    for l in 0..NR {
-                        let ti = b0 + q * NR + l;
-                        if ti >= t {
+                let mrow = |xi: usize| &s.m[(xi * cout + co) * tb..][..n];
+                let (am, rest) = s.y.split_at_mut(8 * tb);
+                let (yv, rowbuf) = rest.split_at_mut(4 * ys);
+                // Aᵀ M: am[c] = M[0][c] + M[1][c] + M[2][c], am[4 + c] = M[1][c] - M[2][c] - M[3][c].
+                for c in 0..4 {
+                    sum3(&mut am[c * tb..][..n], mrow(c), mrow(4 + c), mrow(8 + c));
+                    dif3(&mut am[(4 + c) * tb..][..n], mrow(4 + c), mrow(8 + c), mrow(12 + c));
+                }
+                // (·) A: y[2i] = am[i][0] + am[i][1] + am[i][2], y[2i + 1] = am[i][1] - am[i][2] - am[i][3].
+                for i in 0..2 {
+                    let a = |c: usize| &am[(4 * i + c) * tb..][..n];
+                    sum3(&mut yv[2 * i * ys..][..n], a(0), a(1), a(2));
+                    dif3(&mut yv[(2 * i + 1) * ys..][..n], a(1), a(2), a(3));
+                }
+                // Bias and scale / shift, per channel: on the tiles, before interleaving.
+                let b = epi.bias.get(co).copied().unwrap_or(0.0);
+                if !epi.scale.is_empty() {
+                    let (sc, add) = (epi.scale[co], b * epi.scale[co] + epi.shift[co]);
+                    yv.chunks_exact_mut(ys).for_each(|y| y[..n].iter_mut().for_each(|v| *v = *v * sc + add));
+                } else if !epi.bias.is_empty() {
+                    yv.chunks_exact_mut(ys).for_each(|y| y[..n].iter_mut().for_each(|v| *v += b));
+                }
+                let p = sh.oh * sh.ow;
+                let row = &mut rowbuf[..(2 * tw).next_multiple_of(8)];
+                for r in 0..rows {
+                    for i in 0..2 {
+                        let oy = 2 * (ty0 + r) + i;
+                        if oy >= sh.oh {
                             break;
                         }
-                        let (ty, tx) = (ti / tw, ti % tw);
-                        for (i, yr) in y.iter().enumerate() {
-                            let oy = 2 * ty + i;
-                            if oy >= sh.oh {
-                                continue;
-                            }
-                            for (j, yv) in yr.iter().enumerate() {
-                                let ox = 2 * tx + j;
-                                if ox >= sh.ow {
-                                    continue;
-                                }
-                                let qo = co * p + oy * sh.ow + ox;
-                                let mut v = yv[l];
-                                if affine {
-                                    v = v * sc + sf;
-                                }
-                                if !epi.residual.is_empty() {
-                                    v += epi.residual[qo];
-                                }
-                                v = epi.act.apply(v);
-                                if epi.accumulate {
-                                    out[qo] += v;
-                                } else {
-                                    out[qo] = v;
-                                }
-                            }
-                        }
+                        // The tiles' left and right outputs, interleaved into the output row.
+                        interleave(row, &yv[2 * i * ys + r * tw..], &yv[(2 * i + 1) * ys + r * tw..]);
+                        let o = co * p + oy * sh.ow;
+                        let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
+                        finish_row(&mut out[o..o + sh.ow], &mut row[..sh.ow], res, epi.act, epi.accumulate);
                     }
                 }
             }
