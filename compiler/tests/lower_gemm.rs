@@ -115,3 +115,87 @@ fn epilogues() {
     }
     assert_eq!(NR, 8);
 }
+
+/// Direct (in-place `B`) tiles: `B[c*taps + t][j] = x[c*plane + taps[t] + j]`, over plane
+/// counts on both sides of the broadcast-folding threshold (64 planes), `K` not a multiple of
+/// the unroll, edge tiles of 1..8 columns (1..4: the right half skipped) and 1..4 rows.
+#[test]
+fn direct_b_edges() {
+    use cnnc_compiler::lower::gemm::DirectB;
+    let mut rng = StdRng::seed_from_u64(4);
+    for &(m, n, chans, taps) in &[(5, 19, 3, &[0usize, 1, 2][..]), (1, 3, 7, &[0][..]), (7, 12, 65, &[0][..]), (9, 8, 66, &[0, 2][..]), (4, 1, 2, &[1][..])] {
+        let plane = n + 8 + 3;
+        let d = DirectB { chans, plane, taps: taps.to_vec() };
+        let k = chans * taps.len();
+        let x = rand_vec(&mut rng, chans * plane + 16);
+        let a = rand_vec(&mut rng, m * k);
+        let bias = rand_vec(&mut rng, m);
+        let spec = GemmSpec { bias: BiasKind::Row, ..GemmSpec::plain(Some(m), n, k, n, false) };
+        let mut jit = Jit::new("direct_test").unwrap();
+        let plan = GemmPlan::define_direct(&mut jit, "d", spec, &d).unwrap();
+        let fin = jit.finish().unwrap();
+        let g = plan.resolve(&fin);
+        let mut ap = Vec::new();
+        pack_a(&mut ap, &a, m, k, k, 1);
+        let mut got = vec![0.0f32; m * n];
+        let epi = EpiArgs { bias: &bias, ..EpiArgs::default() };
+        for j0 in (0..n).step_by(NR) {
+            g.run_cols(&mut got, j0, m, j0, NR.min(n - j0), &ap, &x[j0..], &epi);
+        }
+        let mut want = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut t = bias[i];
+                for c in 0..chans {
+                    for (ti, &off) in taps.iter().enumerate() {
+                        t += a[i * k + c * taps.len() + ti] * x[c * plane + off + j];
+                    }
+                }
+                want[i * n + j] = t;
+            }
+        }
+        close(&got, &want, &format!("direct {m}x{n} chans {chans} taps {taps:?}"));
+    }
+}
+
+/// Weight-gradient tiles: every `mr x nr` variant, blocks with a width that is not a multiple
+/// of the unroll (and shorter than it), one or several rows.
+#[test]
+fn wgrad_tiles() {
+    use cnnc_compiler::lower::gemm::{WgradPlan, WgradSpec, MR};
+    let mut rng = StdRng::seed_from_u64(5);
+    for &(rows, width) in &[(1, 1), (1, 3), (2, 7), (3, 8), (1, 13)] {
+        let pw = width + 2;
+        let plane = rows * pw + 5;
+        let row_off: [usize; MR] = std::array::from_fn(|r| r * plane);
+        let ldc = 11;
+        let spec = WgradSpec { rows, width, pw, row_off, ldc };
+        let mrs: Vec<usize> = (1..=MR).collect();
+        let nrs: Vec<usize> = (1..=NR).collect();
+        let mut jit = Jit::new("wgrad_test").unwrap();
+        let plan = WgradPlan::define(&mut jit, "w", spec, &mrs, &nrs).unwrap();
+        let fin = jit.finish().unwrap();
+        let wg = plan.resolve(&fin);
+        let a = rand_vec(&mut rng, MR * plane);
+        let kb = rows * width;
+        let b = rand_vec(&mut rng, kb * NR);
+        for &mr in &mrs {
+            for &nr in &nrs {
+                let c0 = rand_vec(&mut rng, MR * ldc);
+                let mut got = c0.clone();
+                wg.run(&mut got, mr, nr, &a, &b);
+                let mut want = c0.clone();
+                for r in 0..mr {
+                    for t in 0..nr {
+                        for y in 0..rows {
+                            for x in 0..width {
+                                want[r * ldc + t] += a[row_off[r] + y * pw + x] * b[(y * width + x) * NR + t];
+                            }
+                        }
+                    }
+                }
+                close(&got, &want, &format!("wgrad {rows}x{width} tile {mr}x{nr}"));
+            }
+        }
+    }
+}
