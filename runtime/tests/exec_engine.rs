@@ -21,8 +21,9 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     rel_floor(a, b, 1e-6)
 }
 
-/// Train two steps (to exercise buffer reuse) with each engine from the same parameters, and
-/// compare against the reference after each step; then compare inference logits.
+/// Train two steps (to exercise buffer reuse) with each engine from the same parameters, with
+/// an inference between them, and compare against the reference after each step; then compare
+/// inference logits.
 fn check(g: &Graph, loss: Loss, compiled: usize, n: usize, seed: u64) {
     let shape = g.node(g.inputs()[0]).shape;
     let k = g.node(g.outputs()[0]).shape.numel();
@@ -65,6 +66,12 @@ fn check(g: &Graph, loss: Loss, compiled: usize, n: usize, seed: u64) {
             assert!(nonzero > 0, "{what}: all gradients zero");
             // Same parameters for the next step (running stats agree to ~1e-6 already).
             pj = pr.clone();
+            // Inference between training steps: it borrows the training program's value and
+            // argmax buffers, which the next step must get back intact.
+            if step == 0 {
+                let e = rel(&jit.infer(&pj, &x, n).unwrap(), &reference.infer(&pr, &x, n).unwrap());
+                assert!(e < 1e-4, "{what}: inference between training steps off by {e:.2e}");
+            }
         }
         let x: Vec<f32> = (0..n * shape.numel()).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) + 0.013).collect();
         let lj = jit.infer(&pr, &x, n).unwrap();
