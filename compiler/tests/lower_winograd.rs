@@ -207,13 +207,15 @@ fn winograd_only_where_eligible() {
 }
 
 /// Thread-CPU timings (best of 5) of the MNIST VGG's Winograd-eligible layers at half its
-/// batch of 64 (what one of two threads gets) and ResNet's 3x3 64->64, Winograd vs direct:
+/// batch of 64 (what one of two threads gets), ResNet's 3x3 64->64 and the smallest eligible
+/// inception layer, Winograd vs direct (`WINO_PROFILE=i` instead loops case `i`'s Winograd
+/// forward, for a profiler):
 /// `cargo test --release -p cnnc-compiler --test lower_winograd -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn winograd_timing() {
     use cnnc_compiler::lower::peak::best_of;
-    let cases: [(usize, usize, usize, usize); 4] = [(32, 32, 28, 32), (32, 64, 14, 32), (64, 64, 14, 32), (64, 64, 56, 8)];
+    let cases: [(usize, usize, usize, usize); 5] = [(32, 32, 28, 32), (32, 64, 14, 32), (64, 64, 14, 32), (64, 64, 56, 8), (24, 48, 16, 16)];
     if let Ok(v) = std::env::var("WINO_PROFILE") {
         let (cin, cout, hw, n) = cases[v.parse::<usize>().unwrap()];
         let conv = Conv2d::new(cout, [3, 3]).pad(Padding::uniform(1));
@@ -249,5 +251,71 @@ fn winograd_timing() {
             row += &format!(" | {}/{}/{} fwd {:6.2} bwd-data {:6.2} bwd-w {:6.2} ms", a[0], a[1], a[2], f * 1e3, d * 1e3, g * 1e3);
         }
         println!("{row}");
+    }
+}
+
+/// Weight gradient (`F(3x3, 2x2)` over every 2x2 tile of the output gradient) against nested
+/// loops: accumulating into non-zero `d_w` / `d_b`, plain and reading a concat slice of `d_out`.
+#[test]
+fn winograd_weight_gradient_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let cases: [Case; 8] = [
+        (24, 25, (7, 9), [1, 1, 1, 1]),
+        (25, 24, (10, 11), [0, 0, 0, 0]),
+        (24, 26, (6, 5), [2, 2, 2, 2]),
+        (27, 29, (9, 8), [0, 2, 1, 0]),
+        (29, 25, (13, 5), [1, 1, 1, 1]),
+        (24, 27, (13, 5), [0, 0, 0, 0]),
+        // Several blocks of tile rows (the last one shorter), and one tile row per block.
+        (24, 24, (30, 29), [1, 1, 1, 1]),
+        (24, 24, (5, 350), [1, 0, 1, 0]),
+    ];
+    for (cin, cout, (h, wd), p) in cases {
+        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] });
+        let (oh, ow) = (h + p[0] + p[1] - 2, wd + p[2] + p[3] - 2);
+        for (n, slice) in [(1, None), (3, Some(ChannelSlice { total: cout + 4, offset: 3 }))] {
+            let what = format!("cin {cin} cout {cout} {h}x{wd} pads {p:?} batch {n} {slice:?}");
+            let epi = Epilogue { concat: slice, ..Default::default() };
+            let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true }).unwrap();
+            assert_eq!(k.algorithms(), ["winograd"; 3], "{what}");
+            let cs = slice.unwrap_or(ChannelSlice { total: cout, offset: 0 });
+            let x = rand_vec(&mut rng, n * cin * h * wd);
+            let dout = rand_vec(&mut rng, n * cs.total * oh * ow);
+            let (dw0, db0) = (rand_vec(&mut rng, cout * cin * 9), rand_vec(&mut rng, cout));
+            let mut want: Vec<f64> = dw0.iter().map(|&v| v as f64).collect();
+            let mut want_b: Vec<f64> = db0.iter().map(|&v| v as f64).collect();
+            for s in 0..n {
+                for co in 0..cout {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let d = dout[((s * cs.total + cs.offset + co) * oh + oy) * ow + ox] as f64;
+                            want_b[co] += d;
+                            for ci in 0..cin {
+                                for ky in 0..3 {
+                                    for kx in 0..3 {
+                                        let (iy, ix) = ((oy + ky) as isize - p[0] as isize, (ox + kx) as isize - p[2] as isize);
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                            continue;
+                                        }
+                                        let xv = x[((s * cin + ci) * h + iy as usize) * wd + ix as usize] as f64;
+                                        want[((co * cin + ci) * 3 + ky) * 3 + kx] += d * xv;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let (mut dw, mut db) = (dw0.clone(), db0.clone());
+            k.backward_weight(&mut dw, Some(&mut db), &dout, &x).unwrap();
+            // The sums run over n*OH*OW products of magnitude <= 1.
+            let tol = 2e-6 * (n * oh * ow) as f64 + 1e-5;
+            for (i, (g, w)) in dw.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() <= tol, "{what}: d_w element {i}: got {g}, want {w}");
+            }
+            for (i, (g, w)) in db.iter().zip(&want_b).enumerate() {
+                assert!((*g as f64 - w).abs() <= tol, "{what}: d_b element {i}: got {g}, want {w}");
+            }
+        }
     }
 }

@@ -23,9 +23,9 @@
 //! - backward weight: `d_W_g += d_out_g · col_gᵀ` (reduction over pixels, blocked by 256),
 //!   `d_b[co] += Σ_p d_out[co, p]`.
 //!
-//! ## 3x3 stride 1 with >= 24 channels: Winograd `F(2x2, 3x3)`
-//! Forward and backward data run on [`winograd`](super::winograd) (see there; switch off
-//! with [`ConvOptions`]); the weight gradient on the direct kernel below.
+//! ## 3x3 stride 1 with >= 24 channels: Winograd
+//! Forward and backward data run on [`winograd`](super::winograd)'s `F(2x2, 3x3)`, the weight
+//! gradient on its `F(3x3, 2x2)` (see there; switch all three off with [`ConvOptions`]).
 //!
 //! ## Stride 1: direct kernels, no im2col ([`ConvKernels::algorithms`] says `"direct"`)
 //! Each sample's group input is copied once into zero-padded planes (`PW` = the output row
@@ -51,7 +51,7 @@
 
 use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::jit::{Jit, KernelId};
-use super::winograd::{WinoEpi, WinoPlan, WinoScratch, WinoShape, Winograd};
+use super::winograd::{WinoEpi, WinoPlan, WinoScratch, WinoShape, WinoWgrad, WinoWgradPlan, WinoWgradScratch, Winograd};
 use super::naive;
 use super::Mode;
 use crate::ir::Conv2d;
@@ -409,6 +409,8 @@ enum Impl {
         /// Winograd backward data: the forward machinery on the padded `d_out` with the
         /// flipped, transposed weights (replaces the other backward-data kernels).
         winograd_bwd: Option<Winograd>,
+        /// Winograd F(3x3,2x2) weight gradient (replaces the other weight gradients).
+        winograd_w: Option<WinoWgrad>,
     },
     Naive { fwd: super::entry::Kernel, bwd_data: super::entry::Kernel, bwd_w: super::entry::Kernel },
 }
@@ -434,8 +436,9 @@ fn conv_err(layer: &str, m: String) -> Error {
 /// Algorithm choices of [`ConvKernels::compile_with`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvOptions {
-    /// Use Winograd `F(2x2, 3x3)` for the forward of eligible layers (3x3, stride 1, no
-    /// dilation, one group, at least [`WINOGRAD_MIN_CHANNELS`] input and output channels).
+    /// Use Winograd for the forward, backward data and weight gradient of eligible layers (3x3,
+    /// stride 1, no dilation, one group, at least [`WINOGRAD_MIN_CHANNELS`] input and output
+    /// channels; backward data also needs top and left padding <= 2).
     pub winograd: bool,
 }
 
@@ -497,6 +500,7 @@ impl ConvKernels {
                 Option<DirectWPlan>,
                 Option<WinoPlan>,
                 Option<WinoPlan>,
+                Option<WinoWgradPlan>,
             ),
             Naive(KernelId, KernelId, KernelId),
         }
@@ -573,6 +577,11 @@ impl ConvKernels {
                 } else {
                     None
                 };
+                let wino_w = match &wino {
+                    Some(_) => Some(WinoWgradPlan::define(&mut jit, WinoShape { cin: g.cin, cout: g.cout, h: g.h, w: g.w, pt: g.pads[0], pl: g.pads[2], oh: g.oh, ow: g.ow })?),
+                    None => None,
+                };
+                let dwgt = if wino_w.is_some() { None } else { dwgt };
                 let dbwd = if wino_bwd.is_some() { None } else { dbwd };
                 let dfwd = if wino.is_some() { None } else { dfwd };
                 // The packed (im2col) kernels, only where no direct one replaces them.
@@ -586,7 +595,7 @@ impl ConvKernels {
                     Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), NR, mg, NR, false))?)
                 };
                 let kb = WGRAD_BLOCK.min(p);
-                let (bw, bwt) = if dwgt.is_some() {
+                let (bw, bwt) = if dwgt.is_some() || wino_w.is_some() {
                     (None, None)
                 } else {
                     let bw = GemmPlan::define(&mut jit, "conv_bwd_w", GemmSpec::plain(Some(mg), kc, kb, kc, true))?;
@@ -597,7 +606,7 @@ impl ConvKernels {
                     };
                     (Some(bw), bwt)
                 };
-                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt, wino, wino_bwd)
+                Plan::Blocked(fwd, bd, bw, bwt, dfwd, dbwd, dwgt, wino, wino_bwd, wino_w)
             }
             Mode::Naive => {
                 let (f, d, w) = naive::define_conv(&mut jit, g, conv.bias)?;
@@ -606,7 +615,8 @@ impl ConvKernels {
         };
         let fin = jit.finish()?;
         let imp = match plan {
-            Plan::Blocked(f, d, w, t, df, db, dw, wino, wino_bwd) => Impl::Blocked {
+            Plan::Blocked(f, d, w, t, df, db, dw, wino, wino_bwd, wino_w) => Impl::Blocked {
+                winograd_w: wino_w.map(|p| p.resolve(&fin)),
                 winograd: wino.map(|p| p.resolve(&fin)),
                 winograd_bwd: wino_bwd.map(|p| p.resolve(&fin)),
                 direct_w: dw.map(|p| p.resolve(&fin)),
@@ -660,8 +670,9 @@ impl ConvKernels {
     /// Number of kernels (JIT functions) compiled for this layer.
     pub fn kernel_count(&self) -> usize {
         match &self.imp {
-            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w, winograd, winograd_bwd } => {
+            Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w, winograd, winograd_bwd, winograd_w } => {
                 winograd.as_ref().map_or(0, Winograd::tile_count) + winograd_bwd.as_ref().map_or(0, Winograd::tile_count) +
+                winograd_w.as_ref().map_or(0, WinoWgrad::tile_count) +
                 [fwd, bwd_data, bwd_w, bwd_w_tail].iter().map(|k| k.as_ref().map_or(0, Gemm::tile_count)).sum::<usize>()
                     + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
@@ -672,13 +683,13 @@ impl ConvKernels {
     }
 
     /// The algorithm each of forward, backward-data, backward-weight runs: `"winograd"`
-    /// (forward only, [`winograd`](super::winograd)), `"direct"`
+    /// ([`winograd`](super::winograd)), `"direct"`
     /// (padded planes read in place), `"im2col"` (packed panels gathered from the input),
     /// `"1x1"` (the input itself is the GEMM operand) or `"naive"`.
     pub fn algorithms(&self) -> [&'static str; 3] {
         let packed = if self.geom.is_direct() { "1x1" } else { "im2col" };
         match &self.imp {
-            Impl::Blocked { direct_fwd, direct_bwd, direct_w, winograd, winograd_bwd, .. } => [
+            Impl::Blocked { direct_fwd, direct_bwd, direct_w, winograd, winograd_bwd, winograd_w, .. } => [
                 if winograd.is_some() {
                     "winograd"
                 } else if direct_fwd.is_some() {
@@ -693,7 +704,13 @@ impl ConvKernels {
                 } else {
                     packed
                 },
-                if direct_w.is_some() { "direct" } else { packed },
+                if winograd_w.is_some() {
+                    "winograd"
+                } else if direct_w.is_some() {
+                    "direct"
+                } else {
+                    packed
+                },
             ],
             Impl::Naive { .. } => ["naive"; 3],
         }
@@ -1000,6 +1017,15 @@ impl ConvKernels {
         let kc = g.kc();
         let hw = g.h * g.w;
         match &self.imp {
+            Impl::Blocked { winograd_w: Some(ww), .. } => {
+                let mut scratch = WinoWgradScratch::default();
+                ww.begin(&mut scratch);
+                for s in 0..n {
+                    let dos = &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p];
+                    ww.accumulate_sample(&x[s * g.in_numel()..][..g.in_numel()], dos, &mut scratch);
+                }
+                ww.finish(d_w, &scratch);
+            }
             Impl::Blocked { direct_w: Some(d), .. } => {
                 let pl = &d.planes;
                 let nt = d.taps.len();

@@ -1,11 +1,13 @@
-//! Winograd `F(2x2, 3x3)` convolution for 3x3, stride-1, undilated, ungrouped layers
-//! (Lavin & Gray 2016): 2.25x fewer multiplications than direct convolution, paid for with
-//! input/output transforms. [`ConvKernels`](super::ConvKernels) runs its forward on it and,
-//! as a convolution of the output gradient padded by `2 - pad` with the flipped, transposed
-//! weights (accumulating), its backward data; used for layers with at least
-//! [`WINOGRAD_MIN_CHANNELS`](super::conv::WINOGRAD_MIN_CHANNELS) input and output channels.
+//! Winograd convolution for 3x3, stride-1, undilated, ungrouped layers (Lavin & Gray 2016):
+//! 2.25x fewer multiplications than direct convolution, paid for with input/output transforms.
+//! [`ConvKernels`](super::ConvKernels) runs on it, for layers with at least
+//! [`WINOGRAD_MIN_CHANNELS`](super::conv::WINOGRAD_MIN_CHANNELS) input and output channels:
+//! - the forward, `F(2x2, 3x3)` ([`Winograd`]);
+//! - the backward data, as the same forward on the output gradient padded by `2 - pad` with
+//!   the flipped, transposed weights (accumulating);
+//! - the weight gradient, `F(3x3, 2x2)` ([`WinoWgrad`], below).
 //!
-//! ## Maths (per sample)
+//! ## Forward maths (per sample)
 //! Output tiles of `2 x 2` pixels, `T = TH * TW = ceil(OH/2) * ceil(OW/2)` of them; tile
 //! `(ty, tx)` reads the `4 x 4` input patch at rows `2ty - pt ..`, columns `2tx - pl ..` (zero
 //! outside).
@@ -26,8 +28,9 @@
 //!   even[tx+1], odd[tx+1]`: shifted contiguous runs, not a stride-2 gather.
 //! - input transform, per channel and tile row: `Bᵀ d` on four whole split rows, then `(·) B` as
 //!   four element-wise combinations of the shifted runs; the 16 values of the row's `TW` tiles
-//!   come out contiguous over `tx` (`t[ξ][tile]`), and runs of 8 tiles are copied into the
-//!   packed `Cin x 8` B panels the GEMM reads (`v[((ξ·NP + q)·Cin + ci)·8 + l]`, tile `8q + l`).
+//!   come out contiguous over `tx` (`t[c][ξ][tile]` for `CG` channels at a time), and runs of
+//!   8 tiles are copied into the packed `Cin x 8` B panels the GEMM reads
+//!   (`v[((ξ·NP + q)·Cin + ci)·8 + l]`, tile `8q + l`; `CG x 8` consecutive floats per copy).
 //! - the GEMM writes `M` contiguous over tiles (`m[(ξ·Cout + co)·TB + tile]`); the output
 //!   transform combines those 16 rows element-wise into the four `2 x 2` outputs per tile
 //!   (contiguous over tiles), interleaves each tile row's into two output rows and applies the
@@ -38,11 +41,30 @@
 //! transforms and the GEMMs. Scratch lives in [`WinoScratch`], reused across the samples of a
 //! call (the padded planes' zero border is written once).
 //!
+//! ## Weight gradient: `F(3x3, 2x2)`
+//! `dW[co, ci, a, b] = Σ_n Σ_{y,x} dy[co, y, x] · xpad[ci, y + a, x + b]` is, per `2 x 2` tile of
+//! `dy` (the forward's tiles), a 3x3-output correlation of the tile's `4 x 4` input patch (the
+//! forward's) with the `2 x 2` "filter" `dy`. Toom-Cook at the points `0, 1, -1, ∞` gives
+//! `Aᵀ [(G' dy G'ᵀ) ⊙ (B'ᵀ d B')] A` with `B'ᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,-1,0,1]]`,
+//! `G' = [[1,0],[½,½],[½,-½],[0,1]]`, `Aᵀ = [[1,1,1,0],[0,1,-1,0],[0,1,1,1]]`. `B'ᵀ` is the
+//! forward's `Bᵀ` with its last row negated, and `G'` is `diag(1,½,½,1) [[1,0],[1,1],[1,-1],
+//! [0,1]]`; both factors are folded into one scale `c_i c_j`, `c = [1, ½, ½, -1]`, of the sums,
+//! so the per-tile transforms are the forward's `V` and the unscaled `dY = G₀ dy G₀ᵀ`
+//! (`G₀ = [[1,0],[1,1],[1,-1],[0,1]]`: rows `r0, r0 + r1, r0 - r1, r1`, columns alike). Then
+//! - 16 GEMMs with the tiles as reduction, summed over the call's samples:
+//!   `Mᵀ_ξ[ci, co] += Σ_t V_ξ[ci, t] · dY_ξ[co, t]`, on the weight-gradient tile kernel
+//!   ([`WgradSpec`]: 4 input channels x 8 output channels, `A` = rows of `V` read in place,
+//!   contiguous over a block of tiles; `B` = `dY` of 8 output channels, transposed);
+//! - once per call, `dW[co, ci] += Aᵀ (c ⊙ M[co, ci]) A`.
+//!
+//! `dy`'s tile rows are split by parity like the input planes (a missing last row or column
+//! is zero), so `dY` too comes out contiguous over tiles. The bias gradient is the caller's.
+//!
 //! Speed is reported as *effective* GFLOP/s (direct-convolution FLOPs / time); the maths is
 //! exact in real arithmetic, its f32 rounding differs from direct convolution by ~1e-6 of the
 //! output scale.
 
-use super::gemm::{pack_a, EpiArgs, Gemm, GemmPlan, GemmSpec, NR};
+use super::gemm::{pack_a, transpose8, EpiArgs, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::jit::{Finished, Jit};
 use super::FusedAct;
 use crate::Result;
@@ -99,6 +121,21 @@ impl WinoShape {
     fn pad_rows(&self) -> usize {
         2 * self.tiles().0 + 2
     }
+
+    /// Copy sample `x` (`[Cin, H, W]`) into the split padded planes (the border stays zero).
+    fn fill_planes(&self, x: &[f32], pad: &mut [f32]) {
+        let sh = self;
+        let (ph, sw) = (sh.pad_rows(), sh.split_width());
+        // Rows and columns past the padded plane (a crop on the bottom / right) are dropped.
+        let rows = sh.h.min(ph.saturating_sub(sh.pt));
+        let len = sh.w.min(sw.saturating_sub(sh.pl));
+        for (ci, plane) in pad.chunks_exact_mut(ph * sw).enumerate() {
+            for y in 0..rows {
+                let dst = &mut plane[(y + sh.pt) * sw..][..sw];
+                split_row(dst, &x[(ci * sh.h + y) * sh.w..][..len], sh.pl, sw / 2);
+            }
+        }
+    }
 }
 
 /// The fused epilogue of one call, resolved by the caller (already checked).
@@ -124,7 +161,7 @@ pub struct WinoPlan {
     gemm: GemmPlan,
 }
 
-/// A compiled Winograd forward.
+/// A compiled Winograd `F(2x2, 3x3)` forward.
 #[derive(Debug)]
 pub struct Winograd {
     shape: WinoShape,
@@ -331,21 +368,6 @@ impl Winograd {
         s.shape = Some(*sh);
     }
 
-    /// Copy sample `x` (`[Cin, H, W]`) into the split padded planes (the border stays zero).
-    fn fill_planes(&self, x: &[f32], pad: &mut [f32]) {
-        let sh = &self.shape;
-        let (ph, sw) = (sh.pad_rows(), sh.split_width());
-        // Rows and columns past the padded plane (a crop on the bottom / right) are dropped.
-        let rows = sh.h.min(ph.saturating_sub(sh.pt));
-        let len = sh.w.min(sw.saturating_sub(sh.pl));
-        for (ci, plane) in pad.chunks_exact_mut(ph * sw).enumerate() {
-            for y in 0..rows {
-                let dst = &mut plane[(y + sh.pt) * sw..][..sw];
-                split_row(dst, &x[(ci * sh.h + y) * sh.w..][..len], sh.pl, sw / 2);
-            }
-        }
-    }
-
     /// One sample: `out` is this sample's `[Cout, OH, OW]` region of the output, starting at
     /// its first channel, with `OH*OW` elements from one channel to the next.
     pub fn forward_sample(&self, out: &mut [f32], x: &[f32], s: &mut WinoScratch, epi: &WinoEpi) {
@@ -356,7 +378,7 @@ impl Winograd {
         let (cin, cout) = (sh.cin, sh.cout);
         let sw = sh.split_width();
         let plane = sh.pad_rows() * sw;
-        self.fill_planes(x, &mut s.pad);
+        sh.fill_planes(x, &mut s.pad);
         let none = EpiArgs::default();
         for ty0 in (0..th).step_by(rows_per_block) {
             let rows = rows_per_block.min(th - ty0);
@@ -434,6 +456,225 @@ impl Winograd {
                         let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
                         finish_row(&mut out[o..o + sh.ow], &mut row[..sh.ow], res, epi.act, epi.accumulate);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Scale of `M_ξ` (`ξ = 4i + j`) in the weight gradient: `c_i c_j`, `c = [1, ½, ½, -1]` (the
+/// halves of `G'` and the sign flip between `F(3,2)`'s `Bᵀ` and the forward's, folded out of
+/// the per-tile transforms).
+const WGRAD_SCALE: [f32; 4] = [1.0, 0.5, 0.5, -1.0];
+
+/// The weight-gradient tile kernels of a Winograd layer before finalization.
+pub struct WinoWgradPlan {
+    shape: WinoShape,
+    main: WgradPlan,
+    tail: Option<WgradPlan>,
+}
+
+/// A compiled Winograd weight gradient `F(3x3, 2x2)` (see the module doc).
+#[derive(Debug)]
+pub struct WinoWgrad {
+    shape: WinoShape,
+    /// Kernels for a full block of tile rows, and for the last, shorter one.
+    main: Wgrad,
+    tail: Option<Wgrad>,
+}
+
+/// Scratch of one weight-gradient call: split padded input planes, one block's `V` and packed
+/// `dY`, the transforms' row buffers, and the `M_ξᵀ` accumulated over the call's samples.
+#[derive(Default)]
+pub struct WinoWgradScratch {
+    /// The shape the buffers were laid out for.
+    shape: Option<WinoShape>,
+    /// Split padded planes, `[Cin][2TH + 2][2TW + 2]`.
+    pad: Vec<f32>,
+    /// `Bᵀ d` of one tile row.
+    e: Vec<f32>,
+    /// The block's `V`, `[ξ][Cin][KB]` (rows contiguous over tiles, read in place).
+    v: Vec<f32>,
+    /// Eight output channels' `dY`, `[ξ][8][nt]`, before transposition.
+    dy: Vec<f32>,
+    /// The block's `dY` packed as `B` panels, `[ξ][Cout/8][nt][8]`.
+    b: Vec<f32>,
+    /// One tile row of `dy`: two rows split by parity, then two row-transform rows.
+    rows: Vec<f32>,
+    /// `M_ξᵀ`, `[ξ][Cin][Cout]`, summed over samples and tiles.
+    m: Vec<f32>,
+}
+
+impl WinoWgradPlan {
+    /// Define the tile kernels: `C[4 x 8] += V_ξ[4 input channels, tiles] · dY_ξᵀ[tiles, 8
+    /// output channels]` over a block of tile rows, plus the shorter last block.
+    pub fn define(jit: &mut Jit, shape: WinoShape) -> Result<WinoWgradPlan> {
+        let (th, tw) = shape.tiles();
+        let (rows, _) = shape.block();
+        let kb = rows * tw;
+        let spec = |nt: usize| WgradSpec { rows: 1, width: nt, pw: kb, row_off: std::array::from_fn(|r| r * kb), ldc: shape.cout };
+        let sizes = |n: usize, full: usize| {
+            let mut v = Vec::new();
+            if n >= full {
+                v.push(full);
+            }
+            if !n.is_multiple_of(full) {
+                v.push(n % full);
+            }
+            v
+        };
+        let (mrs, nrs) = (sizes(shape.cin, MR), sizes(shape.cout, NR));
+        let main = WgradPlan::define(jit, "conv_winograd_w", spec(kb), &mrs, &nrs)?;
+        let tail = if th.is_multiple_of(rows) {
+            None
+        } else {
+            Some(WgradPlan::define(jit, "conv_winograd_w_tail", spec((th % rows) * tw), &mrs, &nrs)?)
+        };
+        Ok(WinoWgradPlan { shape, main, tail })
+    }
+
+    /// Resolve against the finalized module.
+    pub fn resolve(&self, fin: &Finished) -> WinoWgrad {
+        WinoWgrad { shape: self.shape, main: self.main.resolve(fin), tail: self.tail.as_ref().map(|t| t.resolve(fin)) }
+    }
+}
+
+/// `dY = G' dy G'ᵀ` (unscaled, see [`WGRAD_SCALE`]) of one tile row of one output channel:
+/// `rows` holds the tile row's two `dy` rows split by parity (`[even | odd]`, `TW` each) and
+/// room for two more; tile `tx`'s 16 values go to `out[ξ·ld + tx]`. With `G' = [[1,0],[1,1],
+/// [1,-1],[0,1]]` on both sides: rows `r0, r0 + r1, r0 - r1, r1`, then the same on the columns.
+fn dy_row(out: &mut [f32], ld: usize, rows: &mut [f32], tw: usize) {
+    let (r01, r23) = rows[..8 * tw].split_at_mut(4 * tw);
+    let (r0, r1) = r01.split_at(2 * tw);
+    let (sum, dif) = r23.split_at_mut(2 * tw);
+    add(sum, r0, r1);
+    sub(dif, r0, r1);
+    for (i, r) in [r0, &*sum, &*dif, r1].into_iter().enumerate() {
+        let (even, odd) = r.split_at(tw);
+        let (t0, rest) = out[4 * i * ld..].split_at_mut(ld);
+        let (t1, rest) = rest.split_at_mut(ld);
+        let (t2, rest) = rest.split_at_mut(ld);
+        t0[..tw].copy_from_slice(even);
+        add(&mut t1[..tw], even, odd);
+        sub(&mut t2[..tw], even, odd);
+        rest[..tw].copy_from_slice(odd);
+    }
+}
+
+impl WinoWgrad {
+    /// Number of tile kernels compiled.
+    pub fn tile_count(&self) -> usize {
+        self.main.tile_count() + self.tail.as_ref().map_or(0, Wgrad::tile_count)
+    }
+
+    /// Size `s` for this shape and zero its sums (once per call).
+    pub fn begin(&self, s: &mut WinoWgradScratch) {
+        let sh = &self.shape;
+        let (cin, cout) = (sh.cin, sh.cout);
+        if s.shape != Some(*sh) {
+            let tw = sh.tiles().1;
+            let kb = sh.block().0 * tw;
+            s.pad.clear();
+            s.pad.resize(cin * sh.pad_rows() * sh.split_width(), 0.0);
+            s.e.resize(4 * sh.split_width(), 0.0);
+            s.v.resize(16 * cin * kb, 0.0);
+            s.dy.clear();
+            s.dy.resize(16 * NR * kb, 0.0);
+            s.b.resize(16 * cout.next_multiple_of(NR) * kb, 0.0);
+            s.rows.clear();
+            s.rows.resize(8 * tw, 0.0);
+            s.shape = Some(*sh);
+        }
+        s.m.clear();
+        s.m.resize(16 * cin * cout, 0.0);
+    }
+
+    /// Add one sample's `M_ξᵀ[ci, co] = Σ_tiles V_ξ[ci, t] · dY_ξ[co, t]` into `s` (after
+    /// [`Self::begin`]): `x` is the sample's input `[Cin, H, W]`, `dy` its output gradient
+    /// `[Cout, OH, OW]`.
+    pub fn accumulate_sample(&self, x: &[f32], dy: &[f32], s: &mut WinoWgradScratch) {
+        let sh = &self.shape;
+        let (th, tw) = sh.tiles();
+        let (cin, cout) = (sh.cin, sh.cout);
+        let rows_per_block = sh.block().0;
+        let kb = rows_per_block * tw;
+        let sw = sh.split_width();
+        let plane = sh.pad_rows() * sw;
+        let np = cout.div_ceil(NR);
+        sh.fill_planes(x, &mut s.pad);
+        for ty0 in (0..th).step_by(rows_per_block) {
+            let rows = rows_per_block.min(th - ty0);
+            let nt = rows * tw;
+            let kern = if rows == rows_per_block { &self.main } else { self.tail.as_ref().expect("tail kernels") };
+            // V_ξ[ci][tile] at v[(ξ·Cin + ci)·KB + tile]: the forward's input transform.
+            for ci in 0..cin {
+                let pl = &s.pad[ci * plane..(ci + 1) * plane];
+                for r in 0..rows {
+                    let y0 = 2 * (ty0 + r);
+                    input_row(&mut s.v[ci * kb + r * tw..], cin * kb, &pl[y0 * sw..(y0 + 4) * sw], &mut s.e, tw);
+                }
+            }
+            // dY, eight output channels at a time, transposed into B panels of `nt x 8`.
+            for jp in 0..np {
+                for c in 0..NR.min(cout - jp * NR) {
+                    let co = jp * NR + c;
+                    for r in 0..rows {
+                        let oy = 2 * (ty0 + r);
+                        let (r01, _) = s.rows.split_at_mut(4 * tw);
+                        let (r0, r1) = r01.split_at_mut(2 * tw);
+                        split_row(r0, &dy[(co * sh.oh + oy) * sh.ow..][..sh.ow], 0, tw);
+                        if oy + 1 < sh.oh {
+                            split_row(r1, &dy[(co * sh.oh + oy + 1) * sh.ow..][..sh.ow], 0, tw);
+                        } else {
+                            r1.fill(0.0);
+                        }
+                        dy_row(&mut s.dy[c * nt + r * tw..], NR * nt, &mut s.rows, tw);
+                    }
+                }
+                for xi in 0..16 {
+                    let src = &s.dy[xi * NR * nt..(xi + 1) * NR * nt];
+                    transpose8(&mut s.b[(xi * np + jp) * nt * NR..], src, nt);
+                }
+            }
+            // M_ξᵀ[ci][co] += V_ξ · dY_ξᵀ, 4 input x 8 output channels per tile.
+            for xi in 0..16 {
+                for ip in 0..cin.div_ceil(MR) {
+                    let mr = MR.min(cin - ip * MR);
+                    let a = &s.v[(xi * cin + ip * MR) * kb..];
+                    for jp in 0..np {
+                        let nr = NR.min(cout - jp * NR);
+                        let c = &mut s.m[(xi * cin + ip * MR) * cout + jp * NR..];
+                        kern.run(c, mr, nr, a, &s.b[(xi * np + jp) * nt * NR..(xi * np + jp + 1) * nt * NR]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `d_w[co, ci] += Aᵀ (c ⊙ M[co, ci]) A` for every channel pair (`[Cout, Cin, 3, 3]`), from
+    /// the sums [`Self::accumulate_sample`] left in `s`; `Aᵀ = [[1,1,1,0],[0,1,-1,0],[0,1,1,1]]`,
+    /// `c = [1, ½, ½, -1]` the folded scales (module doc).
+    pub fn finish(&self, d_w: &mut [f32], s: &WinoWgradScratch) {
+        let (cin, cout) = (self.shape.cin, self.shape.cout);
+        let mut m = [[0.0f32; 4]; 4];
+        for ci in 0..cin {
+            for co in 0..cout {
+                for (xi, v) in m.as_flattened_mut().iter_mut().enumerate() {
+                    *v = s.m[(xi * cin + ci) * cout + co] * WGRAD_SCALE[xi / 4] * WGRAD_SCALE[xi % 4];
+                }
+                // Aᵀ m: rows m0 + m1 + m2, m1 - m2, m1 + m2 + m3.
+                let r: [[f32; 4]; 3] = std::array::from_fn(|a| {
+                    std::array::from_fn(|j| match a {
+                        0 => m[0][j] + m[1][j] + m[2][j],
+                        1 => m[1][j] - m[2][j],
+                        _ => m[1][j] + m[2][j] + m[3][j],
+                    })
+                });
+                let dst = &mut d_w[(co * cin + ci) * 9..][..9];
+                for (a, ra) in r.iter().enumerate() {
+                    dst[3 * a] += ra[0] + ra[1] + ra[2];
+                    dst[3 * a + 1] += ra[1] - ra[2];
+                    dst[3 * a + 2] += ra[1] + ra[2] + ra[3];
                 }
             }
         }
