@@ -283,3 +283,93 @@ fn max_pool_fast_paths_pick_the_single_pass_winner() {
         }
     }
 }
+
+/// Batch statistics from per-plane centred sums against an f64 two-pass reference, on channels
+/// with a large offset (where `E[x²] - E[x]²` in f32 would cancel), odd plane sizes (lane
+/// remainders, several blocks) and batches 1 and 3.
+#[test]
+fn batchnorm_stats_are_accurate() {
+    let mut rng = StdRng::seed_from_u64(34);
+    for (n, c, hw) in [(1, 3, 7), (3, 5, 13), (3, 2, 300), (1, 9, 1031), (4, 3, 1)] {
+        let shape = BnShape { n, c, hw };
+        let x: Vec<f32> = (0..n * c * hw).map(|i| rng.random_range(-1.0f32..1.0) * 0.01 + [0.0, 1000.0, -3.0][(i / hw) % 3]).collect();
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..n).flat_map(|s| x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw].iter().map(|&v| v as f64)).collect();
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let ss: f64 = vals.iter().map(|v| (v - mean).powi(2)).sum();
+            let (m, s) = batchnorm_channel_stats(shape, ch, &x);
+            assert!((m - mean).abs() <= 1e-9 * (1.0 + mean.abs()), "{n}x{c}x{hw} channel {ch}: mean {m} vs {mean}");
+            assert!((s - ss).abs() <= 1e-6 * ss + 1e-12, "{n}x{c}x{hw} channel {ch}: Σ(x-mean)² {s} vs {ss}");
+        }
+    }
+}
+
+/// The fused ReLU paths equal the separate passes bit for bit: the forward's affine map with
+/// the activation (every activation; relu in the same loop), and the backward's gradient sums
+/// and input gradient with the mask `[x*a + b > 0]` against masking `d_out` by `[y > 0]` first.
+#[test]
+fn batchnorm_fused_activation_matches_separate_passes() {
+    let mut rng = StdRng::seed_from_u64(35);
+    for (n, c, hw) in [(1, 3, 7), (3, 5, 13), (3, 2, 300)] {
+        let shape = BnShape { n, c, hw };
+        let len = n * c * hw;
+        let x = rand_vec(&mut rng, len);
+        let (gamma, beta) = (rand_vec(&mut rng, c), rand_vec(&mut rng, c));
+        let mut saved = BnSaved { mean: vec![0.0; c], rstd: vec![0.0; c] };
+        let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+        let ab: Vec<(f32, f32)> = (0..c)
+            .map(|ch| batchnorm_channel_finish(ch, batchnorm_channel_stats(shape, ch, &x), n * hw, &mut saved, &mut rm, &mut rv, &gamma, &beta, 1e-5, 0.1))
+            .collect();
+        let (a, b): (Vec<f32>, Vec<f32>) = ab.iter().copied().unzip();
+        for act in [Activation::Relu, Activation::LeakyRelu { slope: 0.1 }, Activation::Elu { alpha: 1.3 }, Activation::Sigmoid, Activation::Tanh] {
+            let (mut fused, mut sep) = (vec![0.0; len], vec![0.0; len]);
+            for s in 0..n {
+                let r = s * c * hw..(s + 1) * c * hw;
+                channel_affine_act(&mut fused[r.clone()], &x[r.clone()], 0, &a, &b, hw, act);
+                let mut z = vec![0.0; c * hw];
+                channel_affine(&mut z, &x[r.clone()], 0, &a, &b, hw);
+                activation_forward("bn", act, &mut sep[r], &z).unwrap();
+            }
+            for (i, (f, s)) in fused.iter().zip(&sep).enumerate() {
+                assert!(f.to_bits() == s.to_bits() || f.is_nan() && s.is_nan(), "{}: element {i}: {f} vs {s}", act.name());
+            }
+        }
+        // Backward with the relu mask.
+        let mut y = vec![0.0; len];
+        for s in 0..n {
+            let r = s * c * hw..(s + 1) * c * hw;
+            channel_affine_act(&mut y[r.clone()], &x[r.clone()], 0, &a, &b, hw, Activation::Relu);
+        }
+        let d_out = rand_vec(&mut rng, len);
+        let masked: Vec<f32> = d_out.iter().zip(&y).map(|(&g, &v)| if v > 0.0 { g } else { 0.0 }).collect();
+        for ch in 0..c {
+            let pl = |g: &[f32]| -> Vec<(Vec<f32>, Vec<f32>)> {
+                (0..n).map(|s| (g[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw].to_vec(), x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw].to_vec())).collect()
+            };
+            let (raw, msk) = (pl(&d_out), pl(&masked));
+            let fused = batchnorm_grad_sums(raw.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], Some(ab[ch]));
+            let sep = batchnorm_grad_sums(msk.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], None);
+            assert_eq!(fused, sep, "{n}x{c}x{hw} channel {ch}: gradient sums");
+            assert_eq!(sep, batchnorm_channel_grad_sums(shape, ch, &masked, &x, saved.mean[ch], saved.rstd[ch]), "planes vs whole tensor");
+            // Against f64 sums.
+            let (mut wg, mut wgx) = (0.0f64, 0.0f64);
+            for (g, xv) in &msk {
+                for (&g, &v) in g.iter().zip(xv) {
+                    wg += g as f64;
+                    wgx += g as f64 * (v as f64 - saved.mean[ch] as f64) * saved.rstd[ch] as f64;
+                }
+            }
+            assert!((sep.0 as f64 - wg).abs() < 1e-4 * (1.0 + wg.abs()) && (sep.1 as f64 - wgx).abs() < 1e-4 * (1.0 + wgx.abs()), "channel {ch}: {sep:?} vs ({wg}, {wgx})");
+        }
+        let sums: Vec<(f32, f32)> = (0..c).map(|ch| batchnorm_channel_grad_sums(shape, ch, &masked, &x, saved.mean[ch], saved.rstd[ch])).collect();
+        let (mut d1, mut d2) = (vec![0.5; len], vec![0.5; len]);
+        for s in 0..n {
+            let r = s * c * hw..(s + 1) * c * hw;
+            batchnorm_backward_sample(&mut d1[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab));
+            batchnorm_backward_sample(&mut d2[r.clone()], &masked[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, None);
+        }
+        for (i, (p, q)) in d1.iter().zip(&d2).enumerate() {
+            assert!(p.to_bits() == q.to_bits() || p.is_nan() && q.is_nan(), "{n}x{c}x{hw}: d_x[{i}] {p} vs {q}");
+        }
+    }
+}

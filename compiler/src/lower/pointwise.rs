@@ -6,9 +6,25 @@
 //!
 //! Batch norm works on a whole batch `[n, C, H, W]` (statistics span the batch). Each pass is
 //! also given as its two phases, so a runtime can split it over threads deterministically:
-//! per-channel reductions ([`batchnorm_channel_stats`], [`batchnorm_channel_grad_sums`]: one
+//! per-channel reductions ([`batchnorm_channel_stats`], [`batchnorm_grad_sums`]: one
 //! thread per channel, fixed order inside), then per-sample elementwise work
-//! ([`channel_affine`], [`batchnorm_backward_sample`]).
+//! ([`channel_affine_act`], [`batchnorm_backward_sample`]).
+//!
+//! ## Reductions
+//! Sums run in 8 independent f32 lanes (vectorised) over blocks of [`BLOCK`] values, each
+//! block's lanes then added in f64, in a fixed order: deterministic, and a lane sums at most
+//! `BLOCK/8` values in f32. Batch statistics take two passes per channel plane `p` of `hw`
+//! values (the second one from cache): a plane centre `c_p` (its f32 mean), then
+//! `D_p = Σ (x - c_p)` and `Q_p = Σ (x - c_p)²`. Over the `M` values of the channel,
+//! `mean = Σ_p (hw*c_p + D_p) / M` and, since `x - mean = (x - c_p) + (c_p - mean)`,
+//! `Σ (x - mean)² = Σ_p [Q_p + 2 (c_p - mean) D_p + hw (c_p - mean)²]` (in f64): no
+//! cancellation between large sums, whatever the channel's mean.
+//!
+//! ## A ReLU after the normalisation
+//! `y = max(z, 0)` with `z = x*a + b` (the forward's affine map, recomputed bit for bit from
+//! the saved statistics) fuses into both passes: the forward writes `y` directly, and the
+//! backward masks `d_out` where `z <= 0` as it reads it (`d_z = [z > 0] d_out`, exactly the
+//! gradient `[y > 0] d_out` of the separate activation), saving a pass over the tensor each way.
 
 use crate::ir::Activation;
 use crate::{Error, Result};
@@ -92,6 +108,63 @@ pub fn activation_backward_from_output(layer: &str, act: Activation, d_x: &mut [
     Ok(())
 }
 
+/// Values per f32 partial sum of the vectorised reductions before it joins the f64 total (8
+/// lanes of `BLOCK/8` values each).
+pub const BLOCK: usize = 256;
+
+/// `Σ v` in f64, from 8 f32 lanes per [`BLOCK`].
+fn sum_f64(v: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for blk in v.chunks(BLOCK) {
+        let mut acc = [0.0f32; 8];
+        let mut it = blk.chunks_exact(8);
+        for c in &mut it {
+            let c: [f32; 8] = c.try_into().unwrap_or_default();
+            for j in 0..8 {
+                acc[j] += c[j];
+            }
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>() + it.remainder().iter().map(|&r| r as f64).sum::<f64>();
+    }
+    total
+}
+
+/// `(Σ (v - c), Σ (v - c)²)` in f64, from 8 f32 lanes per [`BLOCK`].
+fn centred_sums(v: &[f32], c: f32) -> (f64, f64) {
+    let (mut d, mut q) = (0.0f64, 0.0f64);
+    for blk in v.chunks(BLOCK) {
+        let (mut ad, mut aq) = ([0.0f32; 8], [0.0f32; 8]);
+        let mut it = blk.chunks_exact(8);
+        for ch in &mut it {
+            let ch: [f32; 8] = ch.try_into().unwrap_or_default();
+            for j in 0..8 {
+                let e = ch[j] - c;
+                ad[j] += e;
+                aq[j] += e * e;
+            }
+        }
+        for &r in it.remainder() {
+            let e = (r - c) as f64;
+            d += e;
+            q += e * e;
+        }
+        d += ad.iter().map(|&a| a as f64).sum::<f64>();
+        q += aq.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    (d, q)
+}
+
+/// `y = act(y)` in place (the formulas of [`activation_forward`]).
+pub fn activation_inplace(act: Activation, v: &mut [f32]) {
+    match act {
+        Activation::Relu => v.iter_mut().for_each(|y| *y = y.max(0.0)),
+        Activation::LeakyRelu { slope } => v.iter_mut().for_each(|y| *y = if *y > 0.0 { *y } else { slope * *y }),
+        Activation::Elu { alpha } => v.iter_mut().for_each(|y| *y = if *y > 0.0 { *y } else { alpha * y.exp_m1() }),
+        Activation::Sigmoid => v.iter_mut().for_each(|y| *y = sigmoid(*y)),
+        Activation::Tanh => v.iter_mut().for_each(|y| *y = y.tanh()),
+    }
+}
+
 /// Batch statistics saved by the training forward pass for the backward pass.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BnSaved {
@@ -125,16 +198,31 @@ impl BnShape {
 }
 
 /// Batch statistics of channel `ch` over every sample and pixel of `x` (`[n, c, hw]`):
-/// `(mean, Σ (x - mean)²)`, accumulated in f64 (two passes: the mean, then the squared
-/// deviations). Reads `x` only, so a runtime computes channels on several threads at once.
+/// `(mean, Σ (x - mean)²)`, from per-plane centred sums combined in f64 (see the module
+/// header). Reads `x` only, so a runtime computes channels on several threads at once.
 pub fn batchnorm_channel_stats(shape: BnShape, ch: usize, x: &[f32]) -> (f64, f64) {
     let BnShape { n, c, hw } = shape;
-    let m = (n * hw) as f64;
     let plane = |s: usize| &x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw];
-    let sum: f64 = (0..n).map(|s| plane(s).iter().map(|&v| v as f64).sum::<f64>()).sum();
-    let mean = sum / m;
-    let ss: f64 = (0..n).map(|s| plane(s).iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum();
-    (mean, ss)
+    // Per plane: centre c_p, D_p, Q_p.
+    let parts: Vec<(f32, f64, f64)> = (0..n)
+        .map(|s| {
+            let p = plane(s);
+            let centre = (sum_f64(p) / hw as f64) as f32;
+            let (d, q) = centred_sums(p, centre);
+            (centre, d, q)
+        })
+        .collect();
+    let hwf = hw as f64;
+    let m = (n * hw) as f64;
+    let mean = parts.iter().map(|&(cp, d, _)| hwf * cp as f64 + d).sum::<f64>() / m;
+    let ss = parts
+        .iter()
+        .map(|&(cp, d, q)| {
+            let e = cp as f64 - mean;
+            q + 2.0 * e * d + hwf * e * e
+        })
+        .sum::<f64>();
+    (mean, ss.max(0.0))
 }
 
 /// Finish channel `ch` of the training forward from its [`batchnorm_channel_stats`]: saves
@@ -182,6 +270,26 @@ pub fn channel_affine(out: &mut [f32], x: &[f32], first: usize, a: &[f32], b: &[
         let p = (first + i) * hw;
         for (o, &v) in out[p..p + hw].iter_mut().zip(&x[p..p + hw]) {
             *o = v * a + b;
+        }
+    }
+}
+
+/// [`channel_affine`] followed by `act` (the formulas of [`activation_forward`]), plane by
+/// plane while it is in cache; a ReLU is fused into the affine loop:
+/// `out = max(x*a + b, 0)`. Bit for bit the affine map, then the activation.
+pub fn channel_affine_act(out: &mut [f32], x: &[f32], first: usize, a: &[f32], b: &[f32], hw: usize, act: Activation) {
+    for (i, (&a, &b)) in a.iter().zip(b).enumerate() {
+        let p = (first + i) * hw;
+        let (o, x) = (&mut out[p..p + hw], &x[p..p + hw]);
+        if act == Activation::Relu {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = (v * a + b).max(0.0);
+            }
+        } else {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = v * a + b;
+            }
+            activation_inplace(act, o);
         }
     }
 }
@@ -238,35 +346,117 @@ pub fn batchnorm_check_train(layer: &str, shape: BnShape, channels: &Range<usize
 }
 
 /// Gradient sums of channel `ch` for the backward pass: `(Σ d_out, Σ d_out*xhat)` over every
-/// sample and pixel, `xhat = (x - mean) * rstd`, accumulated in f64. Reads only.
+/// sample and pixel, `xhat = (x - mean) * rstd` ([`batchnorm_grad_sums`] over the channel's
+/// planes of `[n, c, hw]` tensors, no activation). Reads only.
 pub fn batchnorm_channel_grad_sums(shape: BnShape, ch: usize, d_out: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f32, f32) {
     let BnShape { n, c, hw } = shape;
-    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-    for s in 0..n {
+    let planes = (0..n).map(|s| {
         let p = s * c * hw + ch * hw;
-        for (&g, &v) in d_out[p..p + hw].iter().zip(&x[p..p + hw]) {
-            sg += g as f64;
-            sgx += (g * (v - mean) * rstd) as f64;
+        (&d_out[p..p + hw], &x[p..p + hw])
+    });
+    batchnorm_grad_sums(planes, mean, rstd, None)
+}
+
+/// Gradient sums of one channel from its `(d_out, x)` planes (one pair per sample, any layout):
+/// `(Σ g, Σ g*xhat)` with `xhat = (x - mean) * rstd`, in one pass (8 f32 lanes per [`BLOCK`],
+/// blocks added in f64, fixed order). `g = d_out`, or with `relu = Some((a, b))` (the
+/// forward's affine map of the channel, a ReLU after it) `g = [x*a + b > 0] d_out`: the
+/// gradient of the normalised value through the ReLU.
+pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, rstd: f32, relu: Option<(f32, f32)>) -> (f32, f32) {
+    let (sg, sgx) = match relu {
+        Some((a, b)) => grad_sums::<true>(planes, mean, a, b),
+        None => grad_sums::<false>(planes, mean, 0.0, 0.0),
+    };
+    (sg as f32, (sgx * rstd as f64) as f32)
+}
+
+/// `d_out`, masked by a ReLU after the affine map `(a, b)` when `RELU`: `[x*a + b > 0] d_out`.
+/// A bit mask, not an `if`: rustc turns the `if` into branches around conditional loads.
+#[inline(always)]
+fn relu_masked<const RELU: bool>(g: f32, x: f32, a: f32, b: f32) -> f32 {
+    if RELU {
+        let keep = u32::from(x * a + b > 0.0).wrapping_neg();
+        f32::from_bits(g.to_bits() & keep)
+    } else {
+        g
+    }
+}
+
+/// `(Σ g, Σ g*(x - mean))` of [`batchnorm_grad_sums`]. With `RELU`, each block's masked
+/// gradient first goes to a buffer (a plain select-and-store loop, which vectorises; inside the
+/// lane sums rustc turns the mask into branches around loads).
+fn grad_sums<'a, const RELU: bool>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, a: f32, b: f32) -> (f64, f64) {
+    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+    let mut buf = [0.0f32; BLOCK];
+    for (g, x) in planes {
+        for (gb, xb) in g.chunks(BLOCK).zip(x.chunks(BLOCK)) {
+            let gb = if RELU {
+                let buf = &mut buf[..gb.len()];
+                for ((o, &g), &v) in buf.iter_mut().zip(gb).zip(xb) {
+                    *o = if v * a + b > 0.0 { g } else { 0.0 };
+                }
+                &*buf
+            } else {
+                gb
+            };
+            let (mut ag, mut agx) = ([0.0f32; 8], [0.0f32; 8]);
+            let (mut gi, mut xi) = (gb.chunks_exact(8), xb.chunks_exact(8));
+            for (gc, xc) in (&mut gi).zip(&mut xi) {
+                for j in 0..8 {
+                    ag[j] += gc[j];
+                    agx[j] += gc[j] * (xc[j] - mean);
+                }
+            }
+            for (&g, &v) in gi.remainder().iter().zip(xi.remainder()) {
+                sg += g as f64;
+                sgx += (g * (v - mean)) as f64;
+            }
+            sg += ag.iter().map(|&v| v as f64).sum::<f64>();
+            sgx += agx.iter().map(|&v| v as f64).sum::<f64>();
         }
     }
-    (sg as f32, sgx as f32)
+    (sg, sgx)
 }
 
 /// The input gradient of one sample (`d_x`, `d_out`, `x`: its `[c, hw]` values) for the
-/// channels `first..first + sums.len()`, from their [`batchnorm_channel_grad_sums`]:
-/// `d_x += gamma*rstd/M * (M*d_out - Σd_out - xhat*Σ(d_out*xhat))` with `M` values per channel.
+/// channels `first..first + sums.len()`, from their [`batchnorm_grad_sums`]:
+/// `d_x += gamma*rstd/M * (M*g - Σg - xhat*Σ(g*xhat))` with `M` values per channel, where
+/// `g = d_out`, or `g = [x*a + b > 0] d_out` with `relu = Some(affine)` (`affine[ch] = (a, b)`,
+/// each channel's forward map before its ReLU, indexed like `gamma`).
 #[allow(clippy::too_many_arguments)]
-pub fn batchnorm_backward_sample(d_x: &mut [f32], d_out: &[f32], x: &[f32], first: usize, sums: &[(f32, f32)], saved: &BnSaved, gamma: &[f32], values: usize, hw: usize) {
+pub fn batchnorm_backward_sample(
+    d_x: &mut [f32],
+    d_out: &[f32],
+    x: &[f32],
+    first: usize,
+    sums: &[(f32, f32)],
+    saved: &BnSaved,
+    gamma: &[f32],
+    values: usize,
+    hw: usize,
+    relu: Option<&[(f32, f32)]>,
+) {
     let m = values as f32;
     for (i, &(sg, sgx)) in sums.iter().enumerate() {
         let ch = first + i;
         let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
         let k = gamma[ch] * rstd / m;
         let p = ch * hw;
-        for ((d, &g), &v) in d_x[p..p + hw].iter_mut().zip(&d_out[p..p + hw]).zip(&x[p..p + hw]) {
-            let xhat = (v - mean) * rstd;
-            *d += k * (m * g - sg - xhat * sgx);
+        let (d_x, d_out, x) = (&mut d_x[p..p + hw], &d_out[p..p + hw], &x[p..p + hw]);
+        match relu {
+            Some(r) => backward_plane::<true>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), r[ch]),
+            None => backward_plane::<false>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), (0.0, 0.0)),
         }
+    }
+}
+
+/// One plane of [`batchnorm_backward_sample`]: `d_x += k * (m*g - sg - xhat*sgx)`.
+#[inline(always)]
+fn backward_plane<const RELU: bool>(d_x: &mut [f32], d_out: &[f32], x: &[f32], (mean, rstd, k, m, sg, sgx): (f32, f32, f32, f32, f32, f32), (a, b): (f32, f32)) {
+    for ((d, &g), &v) in d_x.iter_mut().zip(d_out).zip(x) {
+        let g = relu_masked::<RELU>(g, v, a, b);
+        let xhat = (v - mean) * rstd;
+        *d += k * (m * g - sg - xhat * sgx);
     }
 }
 
@@ -296,7 +486,7 @@ pub fn batchnorm_backward(
     }
     for s in 0..n {
         let r = s * c * hw..(s + 1) * c * hw;
-        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, hw);
+        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, hw, None);
     }
     Ok(())
 }

@@ -98,8 +98,6 @@ pub(crate) struct Step {
     pub chain: Vec<Chain>,
     /// How many leading chain ops the anchor kernel fuses (the rest run as passes).
     pub fused: usize,
-    /// Scratch space (gathering non-contiguous outputs / gradients).
-    pub scratch: Vec<f32>,
     /// Wall time of the step's last forward and backward run (set only while profiling).
     pub time: super::StepTime,
 }
@@ -333,7 +331,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 return Err(eerr(format!("layer `{name}`: operand `{}` is not a whole buffer", g.node(*o).name)));
             }
         }
-        steps.push(Step { name, out, kind, chain, fused, scratch: Vec::new(), time: Default::default() });
+        steps.push(Step { name, out, kind, chain, fused, time: Default::default() });
     }
     if !heads.iter().all(|&h| contiguous(h)) || !contiguous(input) {
         return Err(eerr("the logits and the input must be whole buffers"));

@@ -85,10 +85,11 @@ fn chunk(n: usize, threads: usize) -> usize {
     n.div_ceil(threads.max(1)).max(1)
 }
 
-/// Apply the un-fused part of a chain in place over the output region.
+/// Apply the chain from op `from` on (the part the anchor kernel did not fuse) in place over
+/// the output region.
 #[allow(clippy::too_many_arguments)]
-fn chain_forward(step: &Step, params: &ParamStore, out: &mut [f32], ol: Loc, bufs: &[Vec<f32>], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
-    for c in &step.chain[step.fused..] {
+fn chain_forward(step: &Step, from: usize, params: &ParamStore, out: &mut [f32], ol: Loc, bufs: &[Vec<f32>], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
+    for c in &step.chain[from..] {
         match c {
             Chain::Fold { layer, eps } => {
                 let (scale, shift) = fold(params, layer, *eps)?;
@@ -173,6 +174,12 @@ impl Program {
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
             let mut outbuf = std::mem::take(&mut bufs[ol.buf]);
+            // A training batch norm applies the activation right after it in its own pass.
+            let bn_act = match (&step.kind, step.chain.first()) {
+                (Kind::BnTrain { .. }, Some(Chain::Act(a))) if step.fused == 0 => Some(*a),
+                _ => None,
+            };
+            let from = step.fused + usize::from(bn_act.is_some());
             let r = (|| -> R {
                 let out = &mut outbuf[..n * stride];
                 let bufs: &[Vec<f32>] = bufs;
@@ -232,7 +239,10 @@ impl Program {
                             .enumerate()
                             .map(|(ch, st)| pointwise::batchnorm_channel_finish(ch, st, n * hw, saved, new_rm, new_rv, gamma, beta, *eps, *momentum))
                             .unzip();
-                        out.par_chunks_mut(stride).zip(xin.par_chunks(num)).for_each(|(o, xs)| pointwise::channel_affine(&mut o[off..off + num], xs, 0, &a, &b, hw));
+                        out.par_chunks_mut(stride).zip(xin.par_chunks(num)).for_each(|(o, xs)| match bn_act {
+                            Some(act) => pointwise::channel_affine_act(&mut o[off..off + num], xs, 0, &a, &b, hw, act),
+                            None => pointwise::channel_affine(&mut o[off..off + num], xs, 0, &a, &b, hw),
+                        });
                     }
                     Kind::BnInfer { x, layer, eps } => {
                         let xin = whole(bufs, locs, g, *x, n)?;
@@ -365,7 +375,7 @@ impl Program {
                     }
                     Kind::Skip => {}
                 }
-                chain_forward(step, params, out, ol, bufs, locs, g, n)
+                chain_forward(step, from, params, out, ol, bufs, locs, g, n)
             })();
             bufs[ol.buf] = outbuf;
             if let Some(t0) = t0 {
@@ -406,9 +416,13 @@ impl Program {
             let mut gbuf = std::mem::take(&mut grads[ol.grad]);
             let r = (|| -> R {
                 let gr = &mut gbuf[..n * stride];
+                // A ReLU right after a training batch norm: its gradient mask is applied inside
+                // the batch norm's backward (from the recomputed affine map), not as a pass here.
+                let bn_relu = matches!(step.kind, Kind::BnTrain { .. }) && matches!(step.chain.first(), Some(Chain::Act(Activation::Relu)));
                 // The chain, in reverse: activation from the output, residual to its operands.
-                for c in step.chain.iter().rev() {
+                for (j, c) in step.chain.iter().enumerate().rev() {
                     match c {
+                        Chain::Act(_) if j == 0 && bn_relu => {}
                         Chain::Act(a) => {
                             let (num, off) = (ol.numel(), ol.off * ol.hw);
                             gr.par_chunks_mut(stride).zip(y.par_chunks(stride)).for_each(|(d, y)| act_grad_inplace(*a, &mut d[off..off + num], &y[off..off + num]));
@@ -436,34 +450,41 @@ impl Program {
                         let xl = loc_of(locs, g, *x)?;
                         let shape = BnShape { n, c: ol.ch, hw: ol.hw };
                         let gamma = param(params, layer, "weight")?;
-                        let (c, hw, num) = (ol.ch, ol.hw, ol.numel());
-                        let mut tmp = std::mem::take(&mut step.scratch);
-                        let d_out: &[f32] = if ol.contiguous() {
-                            gr
-                        } else {
-                            gather(&mut tmp, gr, Loc { off: ol.off, ..ol }, n);
-                            &tmp
+                        let (c, hw, num, off) = (ol.ch, ol.hw, ol.numel(), ol.off * ol.hw);
+                        pointwise::batchnorm_check_backward(layer, shape, &(0..c), [xin.len(), n * xl.numel(), n * num], [gamma.len(), c, c], saved).map_err(lerr)?;
+                        // The forward's affine map per channel, for the fused ReLU's mask.
+                        let relu: Option<Vec<(f32, f32)>> = match bn_relu {
+                            true => {
+                                let beta = param(params, layer, "bias")?;
+                                if beta.len() != c {
+                                    return Err(eerr(format!("layer `{layer}`: {} biases for {c} channels", beta.len())));
+                                }
+                                Some((0..c).map(|ch| pointwise::batchnorm_affine(gamma[ch], beta[ch], saved.mean[ch], saved.rstd[ch])).collect())
+                            }
+                            false => None,
                         };
-                        let r = (|| -> R {
-                            pointwise::batchnorm_check_backward(layer, shape, &(0..c), [xin.len(), n * xl.numel(), d_out.len()], [gamma.len(), c, c], saved).map_err(lerr)?;
-                            // Per-channel sums on all threads (one channel per task, fixed order:
-                            // deterministic), then the input gradient per sample where needed.
-                            let sums: Vec<(f32, f32)> = (0..c).into_par_iter().map(|ch| pointwise::batchnorm_channel_grad_sums(shape, ch, d_out, xin, saved.mean[ch], saved.rstd[ch])).collect();
-                            if ng[x.index()] {
-                                let dx = &mut grads[xl.grad][..n * xl.numel()];
-                                dx.par_chunks_mut(num).zip(d_out.par_chunks(num).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
-                                    pointwise::batchnorm_backward_sample(d, go, xs, 0, &sums, saved, gamma, n * hw, hw)
-                                });
-                            }
-                            if trains(g, layer) {
-                                let (db, dg): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
-                                add_param(pgrads, layer, "weight", &dg)?;
-                                add_param(pgrads, layer, "bias", &db)?;
-                            }
-                            Ok(())
-                        })();
-                        step.scratch = tmp;
-                        r?;
+                        // d_out of sample s: its slice of the (possibly concatenated) gradient.
+                        let d_out = |s: usize| &gr[s * stride + off..s * stride + off + num];
+                        // Per-channel sums on all threads (one channel per task, fixed order:
+                        // deterministic), then the input gradient per sample where needed.
+                        let sums: Vec<(f32, f32)> = (0..c)
+                            .into_par_iter()
+                            .map(|ch| {
+                                let planes = (0..n).map(|s| (&d_out(s)[ch * hw..(ch + 1) * hw], &xin[s * num + ch * hw..s * num + (ch + 1) * hw]));
+                                pointwise::batchnorm_grad_sums(planes, saved.mean[ch], saved.rstd[ch], relu.as_ref().map(|r| r[ch]))
+                            })
+                            .collect();
+                        if ng[x.index()] {
+                            let dx = &mut grads[xl.grad][..n * xl.numel()];
+                            dx.par_chunks_mut(num).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
+                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref())
+                            });
+                        }
+                        if trains(g, layer) {
+                            let (db, dg): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
+                            add_param(pgrads, layer, "weight", &dg)?;
+                            add_param(pgrads, layer, "bias", &db)?;
+                        }
                     }
                     Kind::BnInfer { layer, .. } => return Err(eerr(format!("layer `{layer}`: inference batch norm in a training plan"))),
                     Kind::Pool { k, x, argmax, per_am } => {
@@ -591,22 +612,39 @@ fn recompute_bn_act(step: &Step, params: &ParamStore, bufs: &mut [Vec<f32>], loc
     };
     let ol = loc_of(locs, g, step.out)?;
     let (gamma, beta) = (param(params, layer, "weight")?, param(params, layer, "bias")?);
-    if !ol.contiguous() || saved.mean.len() != ol.ch || gamma.len() != ol.ch || beta.len() != ol.ch {
-        return Err(eerr(format!("layer `{layer}`: cannot recompute its output (slice or statistics of another shape)")));
+    if saved.mean.len() != ol.ch || gamma.len() != ol.ch || beta.len() != ol.ch {
+        return Err(eerr(format!("layer `{layer}`: cannot recompute its output (statistics of another shape)")));
     }
     let (a, b): (Vec<f32>, Vec<f32>) = (0..ol.ch).map(|c| pointwise::batchnorm_affine(gamma[c], beta[c], saved.mean[c], saved.rstd[c])).unzip();
     let mut out = std::mem::take(&mut bufs[ol.buf]);
     let r = (|| -> R {
         let xin = whole(bufs, locs, g, *x, n)?;
-        let (num, hw) = (ol.numel(), ol.hw);
-        let o = out.get_mut(..n * num).ok_or_else(|| eerr(format!("layer `{layer}`: buffer too small")))?;
-        o.par_chunks_mut(num).zip(xin.par_chunks(num)).for_each(|(o, xs)| pointwise::channel_affine(o, xs, 0, &a, &b, hw));
-        for c in &step.chain {
-            match c {
-                Chain::Act(act) => o.par_chunks_mut(num).for_each(|v| act_inplace(*act, v)),
-                _ => return Err(eerr(format!("layer `{layer}`: only activations can follow a recomputed batch norm"))),
-            }
+        // The output may be a channel slice of an in-place concatenation: `num` elements at
+        // `off` in each sample's `stride`.
+        let (num, hw, stride, off) = (ol.numel(), ol.hw, ol.stride(), ol.off * ol.hw);
+        let o = out.get_mut(..n * stride).ok_or_else(|| eerr(format!("layer `{layer}`: buffer too small")))?;
+        if xin.len() != n * num {
+            return Err(eerr(format!("layer `{layer}`: input of {} elements for {n} samples of {num}", xin.len())));
         }
+        let acts = step
+            .chain
+            .iter()
+            .map(|c| match c {
+                Chain::Act(act) => Ok(*act),
+                _ => Err(eerr(format!("layer `{layer}`: only activations can follow a recomputed batch norm"))),
+            })
+            .collect::<R<Vec<Activation>>>()?;
+        // The first activation in the affine pass, as the forward pass applied it.
+        o.par_chunks_mut(stride).zip(xin.par_chunks(num)).for_each(|(o, xs)| {
+            let o = &mut o[off..off + num];
+            match acts.first() {
+                Some(&act) => pointwise::channel_affine_act(o, xs, 0, &a, &b, hw, act),
+                None => pointwise::channel_affine(o, xs, 0, &a, &b, hw),
+            }
+            for &act in acts.iter().skip(1) {
+                act_inplace(act, o);
+            }
+        });
         Ok(())
     })();
     bufs[ol.buf] = out;
