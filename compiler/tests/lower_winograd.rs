@@ -48,8 +48,9 @@ type Case = (usize, usize, (usize, usize), [usize; 4]);
 #[test]
 fn winograd_forward_matches_reference() {
     let mut rng = StdRng::seed_from_u64(21);
-    let cases: [Case; 10] = [
+    let cases: [Case; 11] = [
         (24, 25, (7, 9), [1, 1, 1, 1]),
+        (16, 17, (9, 7), [1, 1, 1, 1]),
         (25, 24, (10, 11), [0, 0, 0, 0]),
         (24, 24, (6, 5), [2, 2, 2, 2]),
         (27, 29, (9, 8), [0, 2, 1, 0]),
@@ -195,8 +196,8 @@ fn winograd_only_where_eligible() {
     assert_eq!(k.algorithms()[0], "direct", "switched off");
     // Too few input or output channels, stride 2, dilation 2, groups: not eligible.
     for (conv, cin) in [
-        (c, 16),
-        (Conv2d::new(16, [3, 3]).pad(Padding::uniform(1)), 24),
+        (c, 15),
+        (Conv2d::new(15, [3, 3]).pad(Padding::uniform(1)), 24),
         (c.stride(2), 24),
         (Conv2d { dilation: [2, 2], ..c }, 24),
         (Conv2d { groups: 2, ..c }, 24),
@@ -215,7 +216,7 @@ fn winograd_only_where_eligible() {
 #[ignore]
 fn winograd_timing() {
     use cnnc_compiler::lower::peak::best_of;
-    let cases: [(usize, usize, usize, usize); 5] = [(32, 32, 28, 32), (32, 64, 14, 32), (64, 64, 14, 32), (64, 64, 56, 8), (24, 48, 16, 16)];
+    let cases: [(usize, usize, usize, usize); 8] = [(32, 32, 28, 32), (32, 64, 14, 32), (64, 64, 14, 32), (64, 64, 56, 8), (24, 48, 16, 16), (16, 32, 32, 16), (16, 16, 32, 16), (8, 16, 32, 16)];
     if let Ok(v) = std::env::var("WINO_PROFILE") {
         let (cin, cout, hw, n) = cases[v.parse::<usize>().unwrap()];
         let conv = Conv2d::new(cout, [3, 3]).pad(Padding::uniform(1));
@@ -259,8 +260,9 @@ fn winograd_timing() {
 #[test]
 fn winograd_weight_gradient_matches_reference() {
     let mut rng = StdRng::seed_from_u64(23);
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
         (24, 25, (7, 9), [1, 1, 1, 1]),
+        (17, 16, (9, 7), [1, 1, 1, 1]),
         (25, 24, (10, 11), [0, 0, 0, 0]),
         (24, 26, (6, 5), [2, 2, 2, 2]),
         (27, 29, (9, 8), [0, 2, 1, 0]),

@@ -23,7 +23,7 @@
 //! - backward weight: `d_W_g += d_out_g · col_gᵀ` (reduction over pixels, blocked by 256),
 //!   `d_b[co] += Σ_p d_out[co, p]`.
 //!
-//! ## 3x3 stride 1 with >= 24 channels: Winograd
+//! ## 3x3 stride 1 with >= 16 channels: Winograd
 //! Forward and backward data run on [`winograd`](super::winograd)'s `F(2x2, 3x3)`, the weight
 //! gradient on its `F(3x3, 2x2)` (see there; switch all three off with [`ConvOptions`]).
 //!
@@ -449,11 +449,13 @@ impl Default for ConvOptions {
     }
 }
 
-/// Fewest input and output channels for which Winograd is used. Measured one thread
-/// (`cargo bench --bench kernels -- --small`): 64->64 on 56x56 1.22x and 24->48 on 16x16
-/// 1.1x the direct kernel, but 16->32 on 32x32 0.85x (its GEMMs' reduction is only `Cin`
-/// long, and the transforms cost more than the multiplications they save).
-pub const WINOGRAD_MIN_CHANNELS: usize = 24;
+/// Fewest input and output channels for which Winograd is used. Measured one thread (thread
+/// CPU time, `lower_winograd`'s `winograd_timing`; Winograd / direct time for forward,
+/// backward data, weight gradient): 16->32 on 32x32 0.83 / 0.80 / 0.75, 16->16 on 32x32
+/// 0.96 / 0.94 / 0.95, 24->48 on 16x16 0.74 / 0.76 / 0.74, but 8->16 on 32x32 1.27 / 1.27 / 1.17
+/// (its GEMMs' reduction is only `Cin` long, and the transforms cost more than the
+/// multiplications they save).
+pub const WINOGRAD_MIN_CHANNELS: usize = 16;
 
 impl ConvKernels {
     /// Compile the kernels of `conv` (named `layer` in errors) on a per-sample input
