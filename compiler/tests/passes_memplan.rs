@@ -119,7 +119,13 @@ fn check_values(p: &Plan) {
     for (i, gr) in p.groups.iter().enumerate().rev() {
         let what = format!("{} backward group {i} ({})", g.name, g.node(gr.anchor()).name);
         for &r in &m.recompute_before[i] {
-            assert!(matches!(g.node(p.group_of(r).unwrap().anchor()).op, Op::BatchNorm(_)), "{what}: recomputes a batch norm output");
+            // Every group writing the buffer (its own, or each slice of a concatenation) is a
+            // batch norm, and the concatenation has no writer of another kind.
+            let writers: Vec<&Group> = p.groups.iter().filter(|w| root(&p.placement, w.output()) == Some(r) && !p.inplace_concats.contains(&w.output())).collect();
+            assert!(!writers.is_empty(), "{what}: recomputes {r}, which no group writes");
+            for w in writers {
+                assert!(matches!(g.node(w.anchor()).op, Op::BatchNorm(_)), "{what}: recomputes {r}, written by `{}`", g.node(w.anchor()).name);
+            }
             own.reclaim(slot(r), r);
         }
         for o in reads(g, gr, &p.inplace_concats).into_iter().chain([gr.output()]) {
@@ -202,6 +208,11 @@ fn chains_share_memory() {
         let share = m.value_elems() as f64 / m.unshared_elems.0 as f64;
         assert!(share < at_most, "{name}: training values {} of {} ({share:.2})", m.value_elems(), m.unshared_elems.0);
     }
+    // The inception modules' concatenations (every branch ends in conv-bn-relu) are
+    // recomputed slice by slice instead of kept.
+    let p = pipeline::plan(&model("examples/models/cifar_inception.cnn", "CifarInception", &[]), Mode::Training, Fusion::Full).unwrap();
+    let concats = p.memory.recompute_before.iter().flatten().filter(|&&r| matches!(p.graph.node(r).op, Op::Concat)).count();
+    assert_eq!(concats, 2, "CifarInception: recomputed concatenations");
     // LeNet-5 is a chain: two or three live activations at a time, not eleven.
     let lenet = model("examples/models/lenet5.cnn", "LeNet5", &[]);
     let p = pipeline::plan(&lenet, Mode::Inference, Fusion::Full).unwrap();

@@ -192,6 +192,40 @@ fn inception() -> Graph {
     g
 }
 
+/// Two inception modules whose every branch ends in conv-bn-relu (the pool branch too), the
+/// second reading the first's concatenation (its 1x1s' weight gradients and its max pool read
+/// it in backward), then wider layers: the memory plan recomputes both concatenations slice by
+/// slice, their slots holding other values in between.
+fn inception_cbr() -> Graph {
+    let mut g = Graph::new("inception_cbr");
+    let x = g.input("input", Shape::chw(3, 7, 9)).unwrap();
+    let mut y = g.add("stem", Op::Conv2d(conv(6, 3).pad(Padding::uniform(1))), &[x]).unwrap();
+    for m in ["m1", "m2"] {
+        let cbr = |g: &mut Graph, name: &str, c: usize, k: usize, x: NodeId| {
+            let pad = if k > 1 { Padding::Same } else { Padding::uniform(0) };
+            let v = g.add(&format!("{m}.{name}"), Op::Conv2d(conv(c, k).pad(pad)), &[x]).unwrap();
+            let v = g.add(&format!("{m}.{name}_bn"), bn(), &[v]).unwrap();
+            g.add(&format!("{m}.{name}_relu"), relu(), &[v]).unwrap()
+        };
+        let a = cbr(&mut g, "b1", 3, 1, y);
+        let b = cbr(&mut g, "b2a", 2, 1, y);
+        let b = cbr(&mut g, "b2b", 5, 3, b);
+        let mut mp = Pool2d::new(PoolKind::Max, 3, 1);
+        mp.padding = Padding::Same;
+        let c = g.add(&format!("{m}.pool"), Op::Pool(mp), &[y]).unwrap();
+        let c = cbr(&mut g, "b3", 2, 1, c);
+        y = g.add(&format!("{m}.cat"), Op::Concat, &[a, b, c]).unwrap();
+    }
+    // Wider values after the modules: they reuse the concatenations' slots.
+    let y = g.add("post1", Op::Conv2d(conv(12, 1)), &[y]).unwrap();
+    let y = g.add("post1_bn", bn(), &[y]).unwrap();
+    let y = g.add("post1_relu", relu(), &[y]).unwrap();
+    let y = g.add("post2", Op::Conv2d(conv(12, 3).pad(Padding::Same)), &[y]).unwrap();
+    let y = g.add("gap", Op::GlobalAvgPool, &[y]).unwrap();
+    g.add("fc", dense(4), &[y]).unwrap();
+    g
+}
+
 /// Fallback ops (LRN, squeeze-excitation with channel_mul, softmax), non-fusable activations
 /// after a convolution (tanh, sigmoid, elu), a copied concat (an operand used twice), bn after
 /// a dense layer.
@@ -241,6 +275,23 @@ fn residual_blocks_match_reference() {
 #[test]
 fn inception_matches_reference() {
     check(&inception(), Loss::SoftmaxCrossEntropy, 4, 3, 8);
+}
+
+#[test]
+fn recomputed_concatenations_match_reference() {
+    let g = inception_cbr();
+    let plan = cnnc_compiler::pipeline::plan(&g, cnnc_compiler::plan::Mode::Training, Fusion::Full).unwrap();
+    let concats = plan.memory.recompute_before.iter().flatten().filter(|&&r| matches!(g.node(r).op, Op::Concat)).count();
+    assert_eq!(concats, 2, "both concatenations are recomputed");
+    // ...and their slots hold other values in between (else recomputing changes nothing).
+    let slot = |name: &str| plan.memory.value_slot[g.nodes().find(|&i| g.node(i).name == name).unwrap().index()];
+    for cat in ["m1.cat", "m2.cat"] {
+        let shared = g.nodes().filter(|&i| g.node(i).name != cat && slot(&g.node(i).name).is_some() && slot(&g.node(i).name) == slot(cat)).count();
+        assert!(shared > 0, "{cat}: slot {:?} holds nothing else", slot(cat));
+    }
+    for (n, seed) in [(1, 11), (3, 12)] {
+        check(&g, Loss::SoftmaxCrossEntropy, 3, n, seed);
+    }
 }
 
 #[test]

@@ -16,6 +16,9 @@
 //!   in forward until its last reader, is recomputed right before the first backward step that
 //!   reads it ([`MemoryPlan::recompute_before`]) and lives until its own group's backward step;
 //!   in between its slot serves other values. (Backward group `i` runs at time `2S - 1 - i`.)
+//!   An in-place concatenation all of whose channel slices are such outputs (an inception
+//!   module's branches ending in conv-bn-relu) is recomputed the same way, slice by slice,
+//!   and lives until the backward step of the first group writing a slice.
 //! - **Training gradients.** The gradient of a buffer is written by the backward steps of its
 //!   consumers (`+=`) and read by the backward steps of its producers; it exists only where
 //!   [`Graph::needs_grad`] says backward needs it (or it seeds a head). Its live interval runs
@@ -47,7 +50,8 @@ pub struct MemoryPlan {
     /// Gradient slots to zero before the loss seeds the heads' gradients.
     pub zero_at_seed: Vec<usize>,
     /// Training: values (their buffers' root nodes) to recompute right before group `i`'s
-    /// backward step, indexed by group: batch norm + activation outputs whose slot other
+    /// backward step, indexed by group: batch norm + activation outputs, or in-place
+    /// concatenations of them (recomputed by every group writing a slice), whose slot other
     /// values used in between (see the module header).
     pub recompute_before: Vec<Vec<NodeId>>,
     /// Elements per sample if every buffer had its own slot (values, then gradients).
@@ -138,22 +142,52 @@ fn assign(intervals: &[Interval]) -> (Vec<usize>, Vec<usize>) {
     (slot_of, sizes)
 }
 
-/// Groups whose output a training backward pass can recompute instead of keeping: a batch
-/// norm followed only by activations (`y = act(a*x + b)` from the kept input `x`, the saved
-/// batch statistics and the unchanged `gamma`, `beta`: elementwise, bit-identical), writing a
-/// buffer of its own that is no model output, and whose input is not itself recomputed.
-fn recomputable(g: &Graph, groups: &[Group], placement: &[Option<Placement>], outputs: &[NodeId]) -> Vec<bool> {
+/// Buffers (root nodes) a training backward pass can recompute instead of keeping, by
+/// running again the groups that write them (`writers`, from [`writers`]). A group is
+/// recomputable when it is a batch norm followed only by activations (`y = act(a*x + b)` from
+/// the kept input `x`, the saved batch statistics and the unchanged `gamma`, `beta`:
+/// elementwise, bit-identical) whose input is not itself recomputed. A buffer is recomputable
+/// when it is no model output and every group writing it is: a buffer of its own, or an
+/// in-place concatenation whose every channel slice is such a group's output (an inception
+/// module's branches ending in conv-bn-relu).
+fn recomputable(g: &Graph, groups: &[Group], placement: &[Option<Placement>], outputs: &[NodeId], writers: &[Vec<usize>]) -> Vec<bool> {
     let mut r = vec![false; placement.len()];
-    for gr in groups {
-        let out = gr.output();
-        let ok = matches!(g.node(gr.anchor()).op, Op::BatchNorm(_))
+    let mut group_ok = vec![false; groups.len()];
+    for (i, gr) in groups.iter().enumerate() {
+        group_ok[i] = matches!(g.node(gr.anchor()).op, Op::BatchNorm(_))
             && gr.nodes[1..].iter().all(|&n| matches!(g.node(n).op, Op::Act(_)))
-            && matches!(placement.get(out.index()).copied().flatten(), Some(Placement::Own))
-            && !outputs.contains(&out)
-            && g.operands(gr.anchor()).iter().all(|o| !r[o.index()]);
-        r[out.index()] = ok;
+            && g.operands(gr.anchor()).iter().all(|o| root(placement, *o).is_none_or(|ro| !r[ro.index()]));
+        // A buffer is decided once its last writer has run (a concatenation's slices all
+        // come before the concatenation's own group, which writes nothing).
+        if let Some(ro) = root(placement, gr.output()) {
+            let ws = &writers[ro.index()];
+            if ws.last().is_some_and(|&w| w <= i) {
+                r[ro.index()] = !outputs.contains(&ro) && ws.iter().all(|&w| group_ok[w]);
+            }
+        }
     }
     r
+}
+
+/// For each buffer (indexed by its root node), the groups that write its elements in
+/// increasing order: the group whose output it is, or, for an in-place concatenation, the
+/// groups writing its channel slices (nested concatenations followed through); a
+/// concatenation's own group writes nothing.
+fn writers(groups: &[Group], placement: &[Option<Placement>]) -> Vec<Vec<usize>> {
+    let mut is_concat = vec![false; placement.len()];
+    for p in placement.iter().flatten() {
+        if let Placement::Slice { concat, .. } = p {
+            is_concat[concat.index()] = true;
+        }
+    }
+    let mut w = vec![Vec::new(); placement.len()];
+    for (i, gr) in groups.iter().enumerate() {
+        let out = gr.output();
+        if let Some(r) = root(placement, out).filter(|_| !is_concat[out.index()]) {
+            w[r.index()].push(i);
+        }
+    }
+    w
 }
 
 /// Plan the memory of a schedule.
@@ -205,7 +239,8 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     // unless its group is recomputable: then it lives in forward until its last reader, and
     // again from the first backward step of a reader (recomputed just before it) to its own
     // group's backward step.
-    let recomp = if mode == Mode::Training { recomputable(g, groups, placement, &head_roots) } else { vec![false; size] };
+    let writers = writers(groups, placement);
+    let recomp = if mode == Mode::Training { recomputable(g, groups, placement, &head_roots, &writers) } else { vec![false; size] };
     let mut readers: Vec<Vec<usize>> = vec![Vec::new(); size];
     for (i, gr) in groups.iter().enumerate() {
         for o in reads(g, gr, inplace) {
@@ -214,10 +249,12 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
             }
         }
     }
+    // The first group (in forward order) writing each recomputable buffer: the last backward
+    // step that reads it (a batch norm + activation group's backward reads its output).
     let own_group: Vec<Option<usize>> = {
         let mut v = vec![None; size];
-        for (i, gr) in groups.iter().enumerate() {
-            v[gr.output().index()] = Some(i);
+        for &r in roots.iter().filter(|r| recomp[r.index()]) {
+            v[r.index()] = writers[r.index()].first().copied();
         }
         v
     };

@@ -337,7 +337,15 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         return Err(eerr("the logits and the input must be whole buffers"));
     }
     let partials = if train { vec![vec![0.0f32; partial_len]; threads] } else { Vec::new() };
-    let step_of = |r: NodeId| steps.iter().position(|s: &Step| s.out == r).ok_or_else(|| eerr(format!("layer `{}`: recomputed value has no step", g.node(r).name)));
-    let recompute = plan.memory.recompute_before.iter().map(|rs| rs.iter().map(|&r| step_of(r)).collect::<Result<Vec<_>, _>>()).collect::<Result<Vec<_>, _>>()?;
+    // The steps that recompute a buffer: those writing it (its own, or every channel slice of
+    // an in-place concatenation; the concatenation's own step writes nothing).
+    let steps_of = |r: NodeId| -> Result<Vec<usize>, EngineError> {
+        let ws: Vec<usize> = (0..steps.len()).filter(|&i| !matches!(steps[i].kind, Kind::Skip) && root(&plan, steps[i].out).map(|(b, _)| b) == Some(r)).collect();
+        if ws.is_empty() {
+            return Err(eerr(format!("layer `{}`: recomputed value has no step", g.node(r).name)));
+        }
+        Ok(ws)
+    };
+    let recompute = plan.memory.recompute_before.iter().map(|rs| rs.iter().map(|&r| steps_of(r)).collect::<Result<Vec<_>, _>>().map(|v| v.concat())).collect::<Result<Vec<_>, _>>()?;
     Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials, recompute })
 }
