@@ -210,7 +210,7 @@ fn winograd_only_where_eligible() {
 /// Thread-CPU timings (best of 5) of the MNIST VGG's Winograd-eligible layers at half its
 /// batch of 64 (what one of two threads gets), ResNet's 3x3 64->64 and the smallest eligible
 /// inception layer, Winograd vs direct (`WINO_PROFILE=i` instead loops case `i`'s Winograd
-/// forward, for a profiler):
+/// forward, `WINO_PROFILE=i:w` its weight gradient, for a profiler):
 /// `cargo test --release -p cnnc-compiler --test lower_winograd -- --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -218,7 +218,8 @@ fn winograd_timing() {
     use cnnc_compiler::lower::peak::best_of;
     let cases: [(usize, usize, usize, usize); 8] = [(32, 32, 28, 32), (32, 64, 14, 32), (64, 64, 14, 32), (64, 64, 56, 8), (24, 48, 16, 16), (16, 32, 32, 16), (16, 16, 32, 16), (8, 16, 32, 16)];
     if let Ok(v) = std::env::var("WINO_PROFILE") {
-        let (cin, cout, hw, n) = cases[v.parse::<usize>().unwrap()];
+        let (case, op) = v.split_once(':').unwrap_or((&v, "f"));
+        let (cin, cout, hw, n) = cases[case.parse::<usize>().unwrap()];
         let conv = Conv2d::new(cout, [3, 3]).pad(Padding::uniform(1));
         let mut rng = StdRng::seed_from_u64(5);
         let x = rand_vec(&mut rng, n * cin * hw * hw);
@@ -226,8 +227,12 @@ fn winograd_timing() {
         let b = rand_vec(&mut rng, cout);
         let mut out = vec![0.0f32; n * cout * hw * hw];
         let k = ConvKernels::compile_with("t", &conv, (cin, hw, hw), Epilogue::default(), Mode::Blocked, ConvOptions { winograd: true }).unwrap();
+        let (mut dw, mut db) = (vec![0.0f32; w.len()], vec![0.0f32; cout]);
         for _ in 0..300 {
-            k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap();
+            match op {
+                "w" => k.backward_weight(&mut dw, Some(&mut db), &out, &x).unwrap(),
+                _ => k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap(),
+            }
         }
         return;
     }
