@@ -202,27 +202,39 @@ impl BnShape {
 /// header). Reads `x` only, so a runtime computes channels on several threads at once.
 pub fn batchnorm_channel_stats(shape: BnShape, ch: usize, x: &[f32]) -> (f64, f64) {
     let BnShape { n, c, hw } = shape;
-    let plane = |s: usize| &x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw];
-    // Per plane: centre c_p, D_p, Q_p.
-    let parts: Vec<(f32, f64, f64)> = (0..n)
-        .map(|s| {
-            let p = plane(s);
-            let centre = (sum_f64(p) / hw as f64) as f32;
+    batchnorm_stats((0..n).map(|s| &x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw]))
+}
+
+/// Batch statistics of one channel from its planes (one per sample, any layout, in order):
+/// `(mean, Σ (x - mean)²)` as [`batchnorm_channel_stats`].
+pub fn batchnorm_stats<'a>(planes: impl Iterator<Item = &'a [f32]>) -> (f64, f64) {
+    // Per plane: its length, centre c_p, D_p, Q_p.
+    let parts: Vec<(f64, f32, f64, f64)> = planes
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let centre = (sum_f64(p) / p.len() as f64) as f32;
             let (d, q) = centred_sums(p, centre);
-            (centre, d, q)
+            (p.len() as f64, centre, d, q)
         })
         .collect();
-    let hwf = hw as f64;
-    let m = (n * hw) as f64;
-    let mean = parts.iter().map(|&(cp, d, _)| hwf * cp as f64 + d).sum::<f64>() / m;
+    let m: f64 = parts.iter().map(|p| p.0).sum();
+    let mean = parts.iter().map(|&(len, cp, d, _)| len * cp as f64 + d).sum::<f64>() / m;
     let ss = parts
         .iter()
-        .map(|&(cp, d, q)| {
+        .map(|&(len, cp, d, q)| {
             let e = cp as f64 - mean;
-            q + 2.0 * e * d + hwf * e * e
+            q + 2.0 * e * d + len * e * e
         })
         .sum::<f64>();
     (mean, ss.max(0.0))
+}
+
+/// A channel's saved statistics from its [`batchnorm_stats`] over `values` values:
+/// `(mean, rstd = 1/sqrt(var + eps))` in f32, `var = Σ (x - mean)² / values` (what
+/// [`batchnorm_channel_finish`] saves).
+pub fn batchnorm_norm((mean, ss): (f64, f64), values: usize, eps: f32) -> (f32, f32) {
+    let var = ss / values as f64;
+    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 
 /// Finish channel `ch` of the training forward from its [`batchnorm_channel_stats`]: saves
@@ -245,8 +257,7 @@ pub fn batchnorm_channel_finish(
 ) -> (f32, f32) {
     let m = values as f64;
     let var = ss / m;
-    let rstd = 1.0 / (var + eps as f64).sqrt();
-    let (mean32, rstd32) = (mean as f32, rstd as f32);
+    let (mean32, rstd32) = batchnorm_norm((mean, ss), values, eps);
     saved.mean[ch] = mean32;
     saved.rstd[ch] = rstd32;
     let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
@@ -436,17 +447,22 @@ pub fn batchnorm_backward_sample(
     hw: usize,
     relu: Option<&[(f32, f32)]>,
 ) {
-    let m = values as f32;
     for (i, &(sg, sgx)) in sums.iter().enumerate() {
         let ch = first + i;
-        let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
-        let k = gamma[ch] * rstd / m;
         let p = ch * hw;
-        let (d_x, d_out, x) = (&mut d_x[p..p + hw], &d_out[p..p + hw], &x[p..p + hw]);
-        match relu {
-            Some(r) => backward_plane::<true>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), r[ch]),
-            None => backward_plane::<false>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), (0.0, 0.0)),
-        }
+        batchnorm_backward_plane(&mut d_x[p..p + hw], &d_out[p..p + hw], &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]));
+    }
+}
+
+/// [`batchnorm_backward_sample`] for one plane of one channel (`d_x`, `d_out`, `x`: its values in
+/// one sample), given the channel's `(mean, rstd, gamma)`, its [`batchnorm_grad_sums`] and,
+/// for a fused ReLU, its forward affine map `(a, b)`.
+pub fn batchnorm_backward_plane(d_x: &mut [f32], d_out: &[f32], x: &[f32], (mean, rstd, gamma): (f32, f32, f32), (sg, sgx): (f32, f32), values: usize, relu: Option<(f32, f32)>) {
+    let m = values as f32;
+    let k = gamma * rstd / m;
+    match relu {
+        Some(r) => backward_plane::<true>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), r),
+        None => backward_plane::<false>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), (0.0, 0.0)),
     }
 }
 

@@ -8,8 +8,10 @@
 //!
 //! Threads: convolution, dense and pooling steps split the batch into `threads` fixed chunks of
 //! `ceil(n / threads)` samples (rayon); weight gradients go to one partial buffer per chunk and
-//! are summed in chunk order, so results are deterministic for a given thread count. Batch norm,
-//! elementwise passes and the reference fallbacks run on the calling thread.
+//! are summed in chunk order, so results are deterministic for a given thread count. Training
+//! batch norm reduces one channel per task and then maps one sample per task (fixed orders, so
+//! deterministic for any thread count), with a ReLU after it fused into both passes. The
+//! reference fallbacks run on the calling thread.
 
 use super::program::{eerr, loc_of, Chain, Kind, Loc, Program, Step};
 use crate::engine::EngineError;
