@@ -376,86 +376,99 @@ impl Winograd {
         let (th, tw) = sh.tiles();
         let (rows_per_block, tb) = sh.block();
         let (cin, cout) = (sh.cin, sh.cout);
-        let sw = sh.split_width();
-        let plane = sh.pad_rows() * sw;
         sh.fill_planes(x, &mut s.pad);
-        let none = EpiArgs::default();
         for ty0 in (0..th).step_by(rows_per_block) {
             let rows = rows_per_block.min(th - ty0);
-            let nt = rows * tw;
-            let np = nt.div_ceil(NR);
-            // V, CG channels at a time: transform into t (`[c][ξ][tile]`, contiguous over
-            // tiles), then copy runs of 8 tiles into the packed panels
-            // v[((ξ·NP + q)·Cin + ci)·8 + l], whole cache lines at a time.
-            let vp = tb / NR;
-            for c0 in (0..cin).step_by(CG) {
-                let g = CG.min(cin - c0);
-                for c in 0..g {
-                    let pl = &s.pad[(c0 + c) * plane..(c0 + c + 1) * plane];
-                    let t = &mut s.t[c * 16 * tb..(c + 1) * 16 * tb];
-                    for r in 0..rows {
-                        let y0 = 2 * (ty0 + r);
-                        input_row(&mut t[r * tw..], tb, &pl[y0 * sw..(y0 + 4) * sw], &mut s.e, tw);
-                    }
-                }
-                for xi in 0..16 {
-                    for q in 0..np {
-                        let o = ((xi * vp + q) * cin + c0) * NR;
-                        for (c, dst) in s.v[o..o + g * NR].chunks_exact_mut(NR).enumerate() {
-                            dst.copy_from_slice(&s.t[(c * 16 + xi) * tb + q * NR..][..NR]);
-                        }
-                    }
-                }
-            }
+            let np = (rows * tw).div_ceil(NR);
+            self.input_block(s, ty0, rows);
             // M_ξ[co][tile] = U_ξ · V_ξ.
+            let vp = tb / NR;
             for xi in 0..16 {
                 let m = &mut s.m[xi * cout * tb..(xi + 1) * cout * tb];
                 for q in 0..np {
                     let b = &s.v[(xi * vp + q) * cin * NR..(xi * vp + q + 1) * cin * NR];
-                    self.gemm.run_panel(m, q * NR, cout, q * NR, &s.up[xi], b, &none);
+                    self.gemm.run_panel(m, q * NR, cout, q * NR, &s.up[xi], b, &EpiArgs::default());
                 }
             }
-            // Y = Aᵀ M A for every tile of the block, channel by channel, then the epilogue
-            // along each output row.
-            let n = np * NR;
-            let ys = tb + 4;
-            for co in 0..cout {
-                let mrow = |xi: usize| &s.m[(xi * cout + co) * tb..][..n];
-                let (am, rest) = s.y.split_at_mut(8 * tb);
-                let (yv, rowbuf) = rest.split_at_mut(4 * ys);
-                // Aᵀ M: am[c] = M[0][c] + M[1][c] + M[2][c], am[4 + c] = M[1][c] - M[2][c] - M[3][c].
-                for c in 0..4 {
-                    sum3(&mut am[c * tb..][..n], mrow(c), mrow(4 + c), mrow(8 + c));
-                    dif3(&mut am[(4 + c) * tb..][..n], mrow(4 + c), mrow(8 + c), mrow(12 + c));
-                }
-                // (·) A: y[2i] = am[i][0] + am[i][1] + am[i][2], y[2i + 1] = am[i][1] - am[i][2] - am[i][3].
-                for i in 0..2 {
-                    let a = |c: usize| &am[(4 * i + c) * tb..][..n];
-                    sum3(&mut yv[2 * i * ys..][..n], a(0), a(1), a(2));
-                    dif3(&mut yv[(2 * i + 1) * ys..][..n], a(1), a(2), a(3));
-                }
-                // Bias and scale / shift, per channel: on the tiles, before interleaving.
-                let b = epi.bias.get(co).copied().unwrap_or(0.0);
-                if !epi.scale.is_empty() {
-                    let (sc, add) = (epi.scale[co], b * epi.scale[co] + epi.shift[co]);
-                    yv.chunks_exact_mut(ys).for_each(|y| y[..n].iter_mut().for_each(|v| *v = *v * sc + add));
-                } else if !epi.bias.is_empty() {
-                    yv.chunks_exact_mut(ys).for_each(|y| y[..n].iter_mut().for_each(|v| *v += b));
-                }
-                let p = sh.oh * sh.ow;
-                let row = &mut rowbuf[..(2 * tw).next_multiple_of(8)];
+            self.output_block(out, s, epi, ty0, rows);
+        }
+    }
+
+    /// `V` of the block of `rows` tile rows from `ty0`, `CG` channels at a time: transformed
+    /// into `s.t` (`[c][ξ][tile]`, contiguous over tiles), then copied in runs of 8 tiles into
+    /// the packed panels `v[((ξ·NP + q)·Cin + ci)·8 + l]`, whole cache lines at a time.
+    fn input_block(&self, s: &mut WinoScratch, ty0: usize, rows: usize) {
+        let sh = &self.shape;
+        let tw = sh.tiles().1;
+        let (tb, cin) = (sh.block().1, sh.cin);
+        let sw = sh.split_width();
+        let plane = sh.pad_rows() * sw;
+        let (np, vp) = ((rows * tw).div_ceil(NR), tb / NR);
+        for c0 in (0..cin).step_by(CG) {
+            let g = CG.min(cin - c0);
+            for c in 0..g {
+                let pl = &s.pad[(c0 + c) * plane..(c0 + c + 1) * plane];
+                let t = &mut s.t[c * 16 * tb..(c + 1) * 16 * tb];
                 for r in 0..rows {
-                    for i in 0..2 {
-                        let oy = 2 * (ty0 + r) + i;
-                        if oy >= sh.oh {
-                            break;
-                        }
-                        // The tiles' left and right outputs, interleaved into the output row.
-                        interleave(row, &yv[2 * i * ys + r * tw..], &yv[(2 * i + 1) * ys + r * tw..]);
-                        let o = co * p + oy * sh.ow;
-                        let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
-                        finish_row(&mut out[o..o + sh.ow], &mut row[..sh.ow], res, epi.act, epi.accumulate);
+                    let y0 = 2 * (ty0 + r);
+                    input_row(&mut t[r * tw..], tb, &pl[y0 * sw..(y0 + 4) * sw], &mut s.e, tw);
+                }
+            }
+            for xi in 0..16 {
+                for q in 0..np {
+                    let o = ((xi * vp + q) * cin + c0) * NR;
+                    for (c, dst) in s.v[o..o + g * NR].chunks_exact_mut(NR).enumerate() {
+                        dst.copy_from_slice(&s.t[(c * 16 + xi) * tb + q * NR..][..NR]);
                     }
+                }
+            }
+        }
+    }
+
+    /// `Y = Aᵀ M A` for every tile of the block of `rows` tile rows from `ty0`, channel by
+    /// channel and contiguous over tiles, then the epilogue along each output row.
+    fn output_block(&self, out: &mut [f32], s: &mut WinoScratch, epi: &WinoEpi, ty0: usize, rows: usize) {
+        let sh = &self.shape;
+        let tw = sh.tiles().1;
+        let (tb, cout) = (sh.block().1, sh.cout);
+        let n = (rows * tw).next_multiple_of(NR);
+        let ys = tb + 4;
+        let p = sh.oh * sh.ow;
+        for co in 0..cout {
+            let mrow = |xi: usize| &s.m[(xi * cout + co) * tb..][..n];
+            let (am, rest) = s.y.split_at_mut(8 * tb);
+            let (yv, rowbuf) = rest.split_at_mut(4 * ys);
+            // Aᵀ M: am[c] = M[0][c] + M[1][c] + M[2][c], am[4 + c] = M[1][c] - M[2][c] - M[3][c].
+            for c in 0..4 {
+                sum3(&mut am[c * tb..][..n], mrow(c), mrow(4 + c), mrow(8 + c));
+                dif3(&mut am[(4 + c) * tb..][..n], mrow(4 + c), mrow(8 + c), mrow(12 + c));
+            }
+            // (·) A: y[2i] = am[i][0] + am[i][1] + am[i][2], y[2i + 1] = am[i][1] - am[i][2] - am[i][3].
+            for i in 0..2 {
+                let a = |c: usize| &am[(4 * i + c) * tb..][..n];
+                sum3(&mut yv[2 * i * ys..][..n], a(0), a(1), a(2));
+                dif3(&mut yv[(2 * i + 1) * ys..][..n], a(1), a(2), a(3));
+            }
+            // Bias and scale / shift, per channel: on the tiles, before interleaving.
+            let b = epi.bias.get(co).copied().unwrap_or(0.0);
+            if !epi.scale.is_empty() {
+                let (sc, add) = (epi.scale[co], b * epi.scale[co] + epi.shift[co]);
+                yv.chunks_exact_mut(ys).for_each(|y| y[..n].iter_mut().for_each(|v| *v = *v * sc + add));
+            } else if !epi.bias.is_empty() {
+                yv.chunks_exact_mut(ys).for_each(|y| y[..n].iter_mut().for_each(|v| *v += b));
+            }
+            let row = &mut rowbuf[..(2 * tw).next_multiple_of(8)];
+            for r in 0..rows {
+                for i in 0..2 {
+                    let oy = 2 * (ty0 + r) + i;
+                    if oy >= sh.oh {
+                        break;
+                    }
+                    // The tiles' left and right outputs, interleaved into the output row.
+                    interleave(row, &yv[2 * i * ys + r * tw..], &yv[(2 * i + 1) * ys + r * tw..]);
+                    let o = co * p + oy * sh.ow;
+                    let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
+                    finish_row(&mut out[o..o + sh.ow], &mut row[..sh.ow], res, epi.act, epi.accumulate);
                 }
             }
         }
