@@ -1,8 +1,8 @@
 //! Throughput report of the JIT kernels: this machine's 128-bit FMA peak, the bare GEMM
 //! micro-kernel (packed operands, no packing cost), and convolution forward / backward-data /
-//! backward-weight, blocked vs naive (plus the opt-in Winograd forward where a layer is
-//! eligible, in effective GFLOP/s), as GFLOP/s and fractions of that peak, single-threaded,
-//! timed by thread CPU time ([`best_of`]). Used by `benches/kernels.rs`.
+//! backward-weight, blocked vs naive (plus Winograd forward, backward-data and backward-weight
+//! where a layer is eligible, in effective GFLOP/s), as GFLOP/s and fractions of that peak,
+//! single-threaded, timed by thread CPU time ([`best_of`]). Used by `benches/kernels.rs`.
 
 use super::gemm::{pack_a, EpiArgs, GemmPlan, GemmSpec, NR};
 use super::jit::Jit;
@@ -135,19 +135,19 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                 );
             }
             if mode == Mode::Blocked {
-                // Winograd forward where the layer is eligible: effective GFLOP/s (direct FLOPs).
+                // Winograd where the layer is eligible: effective GFLOP/s (direct FLOPs).
                 let opts = super::ConvOptions { winograd: true };
                 let kw = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
-                for (i, op) in ["forward", "backward-data"].into_iter().enumerate() {
+                for (i, op) in ["forward", "backward-data", "backward-weight"].into_iter().enumerate() {
                     if kw.algorithms()[i] != "winograd" {
                         continue;
                     }
                     let mut res = Ok(());
                     let secs = best_of(reps, || {
-                        res = if i == 0 {
-                            kw.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default())
-                        } else {
-                            kw.backward_data(&mut dx, &out, &w)
+                        res = match i {
+                            0 => kw.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()),
+                            1 => kw.backward_data(&mut dx, &out, &w),
+                            _ => kw.backward_weight(&mut dw, Some(&mut db), &out, &x),
                         }
                     });
                     res?;
