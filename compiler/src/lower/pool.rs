@@ -20,7 +20,8 @@
 //! pooling is separable under that rule: the first maximum of each input row over each window's
 //! columns, then the first of those over the window's rows. Whole (unclipped) windows run as
 //! `k` passes of branch-free compare-and-select over contiguous slices (`x[t*s + k]` for every
-//! slot `t`; a strided row is first split into its `s` phases), which rustc vectorises; only
+//! slot `t`; a strided row is first split into its `s` phases), which rustc vectorises (for
+//! windows of 2 or 3 cells along an axis, one pass comparing the candidates in registers); only
 //! windows clipped by the padding take scalar loops. 2x2 stride-2 pooling without padding has
 //! its own unrolled loop.
 
@@ -72,6 +73,44 @@ type Axis = (usize, Vec<(usize, usize)>, Vec<usize>);
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v <= best)` is meant: true for a NaN `v`
 fn wins(v: f32, best: f32) -> bool {
     !(v <= best) & !best.is_nan()
+}
+
+/// `hv[j], hi[j]` = the first maximum of `cells[0][j], .., cells[K-1][j]` and its plane index
+/// `first + j*step + k`, in one pass (the `K` candidates compared in registers).
+#[inline(always)]
+fn hmax_k<const K: usize>(cells: [&[f32]; K], hv: &mut [f32], hi: &mut [u32], first: u32, step: u32) {
+    let m = hv.len();
+    let cells = cells.map(|c| &c[..m]);
+    let mut idx = first;
+    for (j, (b, bi)) in hv.iter_mut().zip(hi.iter_mut()).enumerate() {
+        let (mut best, mut bidx) = (cells[0][j], idx);
+        for (k, c) in cells.iter().enumerate().skip(1) {
+            let t = wins(c[j], best);
+            best = pick(t, c[j], best);
+            bidx = pick_u32(t, idx + k as u32, bidx);
+        }
+        *b = best;
+        *bi = bidx;
+        idx += step;
+    }
+}
+
+/// `o[j], a[j]` = the first maximum over `rows[0].0[j], .., rows[K-1].0[j]` and its index
+/// from `rows[k].1[j]`, in one pass.
+#[inline(always)]
+fn vmax_k<const K: usize>(rows: [(&[f32], &[u32]); K], o: &mut [f32], a: &mut [u32]) {
+    let m = o.len();
+    let rows = rows.map(|(v, i)| (&v[..m], &i[..m]));
+    for (j, (o, a)) in o.iter_mut().zip(a.iter_mut()).enumerate() {
+        let (mut best, mut bidx) = (rows[0].0[j], rows[0].1[j]);
+        for (v, i) in rows.iter().skip(1) {
+            let t = wins(v[j], best);
+            best = pick(t, v[j], best);
+            bidx = pick_u32(t, i[j], bidx);
+        }
+        *o = best;
+        *a = bidx;
+    }
 }
 
 /// `if t { a } else { b }` as a bit mask: rustc turns the plain `if` over a slice element into a
@@ -291,20 +330,27 @@ impl PoolKernels {
                 }
             };
             let (hvm, him) = (&mut hv[lo..lo + m], &mut hi[lo..lo + m]);
-            let step = s as u32;
-            hvm.copy_from_slice(cells(0));
-            let mut idx = base + (lo * s - self.left) as u32;
-            for i in him.iter_mut() {
-                *i = idx;
-                idx += step;
-            }
-            for k in 1..self.kw {
-                let mut idx = base + (lo * s + k - self.left) as u32;
-                for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
-                    let t = wins(v, *b);
-                    *b = pick(t, v, *b);
-                    *bi = pick_u32(t, idx, *bi);
-                    idx += step;
+            let (step, first) = (s as u32, base + (lo * s - self.left) as u32);
+            match self.kw {
+                // Windows of 2 or 3 columns: one pass, the candidates compared in registers.
+                2 => hmax_k([cells(0), cells(1)], hvm, him, first, step),
+                3 => hmax_k([cells(0), cells(1), cells(2)], hvm, him, first, step),
+                _ => {
+                    hvm.copy_from_slice(cells(0));
+                    let mut idx = first;
+                    for i in him.iter_mut() {
+                        *i = idx;
+                        idx += step;
+                    }
+                    for k in 1..self.kw {
+                        let mut idx = first + k as u32;
+                        for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
+                            let t = wins(v, *b);
+                            *b = pick(t, v, *b);
+                            *bi = pick_u32(t, idx, *bi);
+                            idx += step;
+                        }
+                    }
                 }
             }
         }
@@ -346,6 +392,16 @@ impl PoolKernels {
             }
         };
         if !block.is_empty() {
+            let (y0, len) = (self.rows[block.start].0, block.len() * ow);
+            let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
+            let rows = |k: usize| (&hv[(y0 + k) * hs..(y0 + k) * hs + len], &hi[(y0 + k) * hs..(y0 + k) * hs + len]);
+            match kh {
+                2 => vmax_k([rows(0), rows(1)], o, a),
+                3 => vmax_k([rows(0), rows(1), rows(2)], o, a),
+                _ => {}
+            }
+        }
+        if !block.is_empty() && !(2..=3).contains(&kh) {
             let (y0, len) = (self.rows[block.start].0, block.len() * ow);
             let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
             o.copy_from_slice(&hv[y0 * hs..y0 * hs + len]);
