@@ -398,17 +398,14 @@ impl PoolKernels {
             match kh {
                 2 => vmax_k([rows(0), rows(1)], o, a),
                 3 => vmax_k([rows(0), rows(1), rows(2)], o, a),
-                _ => {}
-            }
-        }
-        if !block.is_empty() && !(2..=3).contains(&kh) {
-            let (y0, len) = (self.rows[block.start].0, block.len() * ow);
-            let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
-            o.copy_from_slice(&hv[y0 * hs..y0 * hs + len]);
-            a.copy_from_slice(&hi[y0 * hs..y0 * hs + len]);
-            for k in 1..kh {
-                let r = (y0 + k) * hs;
-                merge(o, a, &hv[r..r + len], &hi[r..r + len]);
+                _ => {
+                    o.copy_from_slice(rows(0).0);
+                    a.copy_from_slice(rows(0).1);
+                    for k in 1..kh {
+                        let (v, i) = rows(k);
+                        merge(o, a, v, i);
+                    }
+                }
             }
         }
         for (oy, (orow, arow)) in op.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow)).enumerate() {
