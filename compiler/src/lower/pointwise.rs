@@ -112,8 +112,9 @@ pub fn activation_backward_from_output(layer: &str, act: Activation, d_x: &mut [
 /// lanes of `BLOCK/8` values each).
 pub const BLOCK: usize = 256;
 
-/// `Σ v` in f64, from 8 f32 lanes per [`BLOCK`].
-fn sum_f64(v: &[f32]) -> f64 {
+/// `Σ v` in f64, from 8 f32 lanes per [`BLOCK`] (vectorised, and as accurate as a serial f32
+/// sum or better).
+pub fn sum_f64(v: &[f32]) -> f64 {
     let mut total = 0.0f64;
     for blk in v.chunks(BLOCK) {
         let mut acc = [0.0f32; 8];

@@ -292,12 +292,13 @@ impl Program {
                     Kind::Gap { x } => {
                         let xin = whole(bufs, locs, g, *x, n)?;
                         let xl = loc_of(locs, g, *x)?;
-                        for s in 0..n {
-                            let xs = &xin[s * xl.numel()..(s + 1) * xl.numel()];
-                            for (o, p) in out[ol.sample(s)].iter_mut().zip(xs.chunks_exact(xl.hw)) {
-                                *o = p.iter().sum::<f32>() / xl.hw as f32;
+                        let (num, hw, off) = (xl.numel(), xl.hw, ol.off * ol.hw);
+                        // Each plane's mean from a lane-parallel sum; samples on all threads.
+                        out[..n * stride].par_chunks_mut(stride).zip(xin.par_chunks(num)).for_each(|(o, xs)| {
+                            for (o, p) in o[off..off + ol.numel()].iter_mut().zip(xs.chunks_exact(hw)) {
+                                *o = (pointwise::sum_f64(p) / hw as f64) as f32;
                             }
-                        }
+                        });
                     }
                     Kind::Act { x, act } => {
                         let xin = whole(bufs, locs, g, *x, n)?;
