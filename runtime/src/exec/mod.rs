@@ -76,10 +76,17 @@ pub struct JitEngine {
 impl JitEngine {
     /// Compile `graph` for training with `loss` and inference on batches of up to `batch`
     /// samples, with `fusion` (`Full`: fused blocked kernels; `None`: naive kernels, no fusion).
+    ///
+    /// Sets flush-to-zero / denormals-are-zero on the rayon pool's threads and the calling
+    /// thread ([`entry::flush_denormals`](cnnc_compiler::lower::entry::flush_denormals)): late in
+    /// training, gradients and optimiser state reach denormal magnitudes, which the CPU
+    /// otherwise handles tens of times slower.
     pub fn new(graph: &Graph, loss: Loss, batch: usize, fusion: Fusion) -> Result<JitEngine, EngineError> {
         if batch == 0 {
             return Err(eerr("batch size must be >= 1"));
         }
+        rayon::broadcast(|_| cnnc_compiler::lower::entry::flush_denormals());
+        cnnc_compiler::lower::entry::flush_denormals();
         let threads = rayon::current_num_threads().max(1);
         let train = compile(graph, loss, PlanMode::Training, fusion, batch, threads)?;
         let mut infer = compile(graph, loss, PlanMode::Inference, fusion, batch, threads)?;
