@@ -222,68 +222,6 @@ fn batchnorm_train_and_inference() {
     assert!(batchnorm_forward_infer("bn", shape, &mut short, &x, &gamma, &beta, &rm, &rv, eps).is_err());
 }
 
-/// The max-pool winner rule, one pass over each (clipped) window in row-major order: `>` keeps
-/// the first maximum, a NaN wins over a number. Returns `(value, index in the plane)`.
-fn single_pass_max(xp: &[f32], w: usize, rows: (usize, usize), cols: (usize, usize)) -> (f32, u32) {
-    let (mut best, mut bi) = (f32::NEG_INFINITY, rows.0 * w + cols.0);
-    for iy in rows.0..rows.1 {
-        for ix in cols.0..cols.1 {
-            let v = xp[iy * w + ix];
-            if v > best || v.is_nan() && !best.is_nan() {
-                (best, bi) = (v, iy * w + ix);
-            }
-        }
-    }
-    (best, bi as u32)
-}
-
-/// Clipped input range of output `o` on an axis of `n` cells.
-fn window(o: usize, k: usize, s: usize, pad: usize, n: usize) -> (usize, usize) {
-    let start = (o * s) as isize - pad as isize;
-    (start.max(0) as usize, ((start + k as isize) as usize).min(n))
-}
-
-/// Max pooling runs an unrolled 2x2 stride-2 path or a separable two-pass path (rows, then
-/// columns); both must pick the single-pass winner of every window, with many ties, NaNs and
-/// all--inf windows, including windows clipped by padding and `ceil`.
-#[test]
-fn max_pool_fast_paths_pick_the_single_pass_winner() {
-    let mut rng = StdRng::seed_from_u64(41);
-    let (n, c, h, w) = (2, 3, 5, 7);
-    // Few distinct values: many ties.
-    let vals = [1.5f32, -0.5, 1.5, f32::NEG_INFINITY, 0.25];
-    let mut x: Vec<f32> = (0..n * c * h * w).map(|_| vals[rng.random_range(0..vals.len())]).collect();
-    for i in [3, 17, 40, 41, 88] {
-        x[i] = f32::NAN;
-    }
-    x[w * 2..w * 2 + 2].fill(f32::NEG_INFINITY);
-    x[w * 3..w * 3 + 2].fill(f32::NEG_INFINITY);
-    for (k, s, pad, ceil) in [(2, 2, 0, false), (2, 2, 0, true), (3, 1, 1, false), (3, 2, 1, true), (2, 1, 0, false)] {
-        let mut p = Pool2d::new(PoolKind::Max, k, s);
-        p.padding = Padding::uniform(pad);
-        p.ceil_mode = ceil;
-        let pk = PoolKernels::new("pool", &p, (c, h, w)).unwrap();
-        let (_, oh, ow) = pk.out_shape();
-        let (mut out, mut am) = (vec![0.0; n * c * oh * ow], vec![0u32; n * c * oh * ow]);
-        pk.forward(&mut out, Some(&mut am), &x).unwrap();
-        for pl in 0..n * c {
-            let xp = &x[pl * h * w..(pl + 1) * h * w];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let (v, i) = single_pass_max(xp, w, window(oy, k, s, pad, h), window(ox, k, s, pad, w));
-                    let q = pl * oh * ow + oy * ow + ox;
-                    let what = format!("{k}x{k}/{s} pad {pad} ceil {ceil}: plane {pl} window ({oy}, {ox})");
-                    assert_eq!(am[q], i, "{what}: winner");
-                    assert!(out[q] == v || out[q].is_nan() && v.is_nan(), "{what}: {} vs {v}", out[q]);
-                }
-            }
-        }
-        if (k, s) == (2, 2) {
-            assert!(out.iter().any(|v| v.is_nan()) && out.contains(&f32::NEG_INFINITY), "the input exercises NaN and -inf windows");
-        }
-    }
-}
-
 /// Batch statistics from per-plane centred sums against an f64 two-pass reference, on channels
 /// with a large offset (where `E[x²] - E[x]²` in f32 would cancel), odd plane sizes (lane
 /// remainders, several blocks) and batches 1 and 3.
