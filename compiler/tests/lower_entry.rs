@@ -1,5 +1,6 @@
 //! `entry::flush_denormals`: denormal results become zero on the calling thread, normal ones
 //! are untouched, and other threads keep their own setting.
+#![cfg(feature = "jit")]
 
 use cnnc_compiler::lower::entry::flush_denormals;
 use std::hint::black_box;
