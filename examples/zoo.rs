@@ -48,7 +48,7 @@ fn main() -> ExitCode {
                         "{:<24} {:<26} {:>14} {:>11.2}M {:>11.2}MiB {:>12.2}MiB",
                         name,
                         file,
-                        group(r.totals.params),
+                        cost::thousands(r.totals.params),
                         r.totals.macs as f64 / 1e6,
                         r.memory.inference_peak_bytes as f64 / (1 << 20) as f64,
                         r.memory.training_saved_bytes as f64 / (1 << 20) as f64,
@@ -66,17 +66,4 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// `25557032` -> `25,557,032`.
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }

@@ -199,9 +199,9 @@ fn batchnorm_train_and_inference() {
         b[i] -= h;
         ((f(&a) - f(&b)) / (2.0 * h as f64)) as f32
     };
-    for i in 0..len {
+    for (i, &d) in dx.iter().enumerate() {
         let want = fd(&x, i, &|x| loss(x, &gamma, &beta));
-        assert!((dx[i] - want).abs() < 2e-2 * (1.0 + want.abs()), "bn d_x[{i}] {} vs {want}", dx[i]);
+        assert!((d - want).abs() < 2e-2 * (1.0 + want.abs()), "bn d_x[{i}] {d} vs {want}");
     }
     for ch in 0..5 {
         let wg = fd(&gamma, ch, &|g| loss(&x, g, &beta));

@@ -73,7 +73,7 @@ pub trait Engine {
 /// A label outside the classes is an error, never an out-of-bounds index.
 pub fn score(logits: &[f32], labels: &[usize], loss: Loss) -> Result<BatchStats, EngineError> {
     let n = labels.len();
-    let k = if n == 0 { 0 } else { logits.len() / n };
+    let k = logits.len().checked_div(n).unwrap_or(0);
     let logits = ndarray::ArrayView2::from_shape((n, k), logits)
         .map_err(|e| EngineError(format!("{} logits for {n} labels: {e}", logits.len())))?
         .mapv(f64::from);

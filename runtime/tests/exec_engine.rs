@@ -203,18 +203,18 @@ fn inception_cbr() -> Graph {
     for m in ["m1", "m2"] {
         let cbr = |g: &mut Graph, name: &str, c: usize, k: usize, x: NodeId| {
             let pad = if k > 1 { Padding::Same } else { Padding::uniform(0) };
-            let v = g.add(&format!("{m}.{name}"), Op::Conv2d(conv(c, k).pad(pad)), &[x]).unwrap();
-            let v = g.add(&format!("{m}.{name}_bn"), bn(), &[v]).unwrap();
-            g.add(&format!("{m}.{name}_relu"), relu(), &[v]).unwrap()
+            let v = g.add(format!("{m}.{name}"), Op::Conv2d(conv(c, k).pad(pad)), &[x]).unwrap();
+            let v = g.add(format!("{m}.{name}_bn"), bn(), &[v]).unwrap();
+            g.add(format!("{m}.{name}_relu"), relu(), &[v]).unwrap()
         };
         let a = cbr(&mut g, "b1", 3, 1, y);
         let b = cbr(&mut g, "b2a", 2, 1, y);
         let b = cbr(&mut g, "b2b", 5, 3, b);
         let mut mp = Pool2d::new(PoolKind::Max, 3, 1);
         mp.padding = Padding::Same;
-        let c = g.add(&format!("{m}.pool"), Op::Pool(mp), &[y]).unwrap();
+        let c = g.add(format!("{m}.pool"), Op::Pool(mp), &[y]).unwrap();
         let c = cbr(&mut g, "b3", 2, 1, c);
-        y = g.add(&format!("{m}.cat"), Op::Concat, &[a, b, c]).unwrap();
+        y = g.add(format!("{m}.cat"), Op::Concat, &[a, b, c]).unwrap();
     }
     // Wider values after the modules: they reuse the concatenations' slots.
     let y = g.add("post1", Op::Conv2d(conv(12, 1)), &[y]).unwrap();

@@ -304,7 +304,7 @@ fn errors_name_the_layer() {
         s.add("relu", Op::Act(Activation::Relu), &[i]).unwrap();
         s
     };
-    let e = backward(&small, &p, &st, &[x.clone()]).unwrap_err().to_string();
+    let e = backward(&small, &p, &st, std::slice::from_ref(&x)).unwrap_err().to_string();
     assert!(e.contains("another graph"), "{e}");
     // Batch norm in training mode with a single value per channel.
     let one = ArrayD::<f64>::zeros(IxDyn(&[1, 3, 7, 5]));

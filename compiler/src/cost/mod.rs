@@ -52,7 +52,7 @@
 
 mod report;
 
-pub use report::{render, render_compare, to_json as report_json, Format};
+pub use report::{render, render_compare, thousands, to_json as report_json, Format};
 
 use crate::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
 use serde::Serialize;

@@ -154,7 +154,7 @@ fn window_fits(what: &str, input: Hw, pads: [usize; 4], k: Hw) -> Result<(), Str
 /// Output extent of a window op along one axis (the window is known to fit).
 fn window_out(axis: &str, n: usize, pads: (usize, usize), k: usize, s: usize, ceil: bool, exact: bool) -> Result<usize, String> {
     let span = n + pads.0 + pads.1 - k;
-    if exact && span % s != 0 {
+    if exact && !span.is_multiple_of(s) {
         return Err(format!(
             "stride {s} does not fit exactly along {axis}: (N + 2P - F) = ({n} + {} - {k}) = {span} is not divisible by {s}",
             pads.0 + pads.1
@@ -178,7 +178,7 @@ fn conv2d(mut c: Conv2d, x: Shape) -> Result<(Op, Shape), ShapeError> {
     if c.out_channels == 0 || c.kernel.contains(&0) || c.stride.contains(&0) || c.dilation.contains(&0) || c.groups == 0 {
         return err("conv2d with a zero channel count, kernel, stride, dilation or group count", None);
     }
-    if cin % c.groups != 0 || c.out_channels % c.groups != 0 {
+    if !cin.is_multiple_of(c.groups) || !c.out_channels.is_multiple_of(c.groups) {
         return err(
             format!(
                 "groups = {} must divide both input channels ({cin}) and output channels ({})",
@@ -191,8 +191,8 @@ fn conv2d(mut c: Conv2d, x: Shape) -> Result<(Op, Shape), ShapeError> {
     let [t, b, l, r] = c.padding.resolve([h, w], k, c.stride);
     let desc = describe_window("conv", c.kernel, c.padding);
     if let Err(m) = window_fits(&desc, [h, w], [t, b, l, r], k) {
-        let need = (k[0].saturating_sub(h) + 1) / 2;
-        let need = need.max((k[1].saturating_sub(w) + 1) / 2);
+        let need = k[0].saturating_sub(h).div_ceil(2);
+        let need = need.max(k[1].saturating_sub(w).div_ceil(2));
         return err(m, Some(format!("use a kernel of at most {}x{}, or pad={need}", h + t + b, w + l + r)));
     }
     let oh = window_out("height", h, (t, b), k[0], c.stride[0], false, c.exact);
