@@ -11,7 +11,9 @@
 //!   start) to its last reader (model outputs: to the end). Buffers whose intervals are
 //!   disjoint share a slot, so a chain of layers needs about two activations, not all of them.
 //! - **Training values** are kept for backward (weight gradients read layer inputs,
-//!   activation derivatives read outputs), except batch norm + activation outputs, which are
+//!   activation derivatives read outputs: [`backward_reads`], [`backward_reads_output`]; a
+//!   value no backward step reads, such as a max pool's input, lives in forward only),
+//!   except batch norm + activation outputs, which are
 //!   cheap to recompute from the kept batch-norm input and saved statistics: such a value lives
 //!   in forward until its last reader, is recomputed right before the first backward step that
 //!   reads it ([`MemoryPlan::recompute_before`]) and lives until its own group's backward step;
@@ -86,6 +88,32 @@ fn reads(g: &Graph, gr: &Group, inplace: &[NodeId]) -> Vec<NodeId> {
         r.extend(g.operands(w[1]).into_iter().filter(|&o| o != w[0]));
     }
     r
+}
+
+/// Operands whose values a group's backward step reads (the engine's backward, `exec/run.rs`):
+/// a convolution's or dense layer's input (weight gradient), a batch norm's input, an
+/// activation's or fallback op's operands. Pooling (max: the recorded winners; average: the
+/// window sizes), global pooling, additions, concatenations, flatten and dropout (its mask)
+/// read no values; neither does a fused residual addition.
+pub fn backward_reads(g: &Graph, gr: &Group, inplace: &[NodeId]) -> Vec<NodeId> {
+    let anchor = gr.anchor();
+    let reads_none = matches!(g.node(anchor).op, Op::Pool(_) | Op::GlobalAvgPool | Op::Add | Op::Concat | Op::Flatten | Op::Dropout { .. } | Op::Loss(_));
+    if reads_none || inplace.contains(&anchor) {
+        Vec::new()
+    } else {
+        g.operands(anchor)
+    }
+}
+
+/// Whether a group's backward step reads its own output: an activation's derivative taken
+/// from the output (a fused or standalone activation, a fallback op), except a ReLU right
+/// after a batch norm, whose mask the batch norm's backward takes from its input.
+pub fn backward_reads_output(g: &Graph, gr: &Group) -> bool {
+    let op = |n: NodeId| g.node(n).op;
+    let chain_acts = gr.nodes[1..].iter().any(|&n| matches!(op(n), Op::Act(_)));
+    let bn_relu = matches!(op(gr.anchor()), Op::BatchNorm(_)) && gr.nodes.len() == 2 && matches!(op(gr.nodes[1]), Op::Act(crate::ir::Activation::Relu));
+    let anchor_reads = matches!(op(gr.anchor()), Op::Act(_) | Op::Lrn(_) | Op::ChannelMul | Op::Softmax);
+    anchor_reads || (chain_acts && !bn_relu)
 }
 
 /// The logits of every model output, main output first (a loss node's operand where an
@@ -235,22 +263,24 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     for &r in &head_roots {
         touch(Some(r), steps);
     }
-    // Training: backward of group `i` runs at time `2S - 1 - i`. A value is kept to the end
-    // unless its group is recomputable: then it lives in forward until its last reader, and
-    // again from the first backward step of a reader (recomputed just before it) to its own
-    // group's backward step.
+    // Training: backward of group `i` runs at time `2S - 1 - i`. A value some backward step
+    // reads ([`backward_reads`], [`backward_reads_output`]) is kept to the end unless its group
+    // is recomputable: then it lives in forward until its last reader, and again from the
+    // first backward step that reads it (recomputed just before it) to its own group's
+    // backward step. A value no backward step reads lives in forward only.
     let writers = writers(groups, placement);
     let recomp = if mode == Mode::Training { recomputable(g, groups, placement, &head_roots, &writers) } else { vec![false; size] };
-    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); size];
+    let mut back_readers: Vec<Vec<usize>> = vec![Vec::new(); size];
     for (i, gr) in groups.iter().enumerate() {
-        for o in reads(g, gr, inplace) {
+        let own = backward_reads_output(g, gr).then(|| gr.output());
+        for o in backward_reads(g, gr, inplace).into_iter().chain(own) {
             if let Some(r) = root_of(o) {
-                readers[r.index()].push(i);
+                back_readers[r.index()].push(i);
             }
         }
     }
     // The first group (in forward order) writing each recomputable buffer: the last backward
-    // step that reads it (a batch norm + activation group's backward reads its output).
+    // step that reads it (a batch norm + activation group's backward may read its output).
     let own_group: Vec<Option<usize>> = {
         let mut v = vec![None; size];
         for &r in roots.iter().filter(|r| recomp[r.index()]) {
@@ -263,11 +293,13 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
         .iter()
         .map(|&r| {
             let (start, end) = span[r.index()].unwrap_or((-1, steps));
+            let backward = &back_readers[r.index()];
             match mode {
                 Mode::Inference => Interval::one(r, start, end, elems(r)),
-                Mode::Training => match own_group[r.index()].filter(|_| recomp[r.index()] && !readers[r.index()].is_empty()) {
+                Mode::Training if backward.is_empty() && !head_roots.contains(&r) => Interval::one(r, start, end, elems(r)),
+                Mode::Training => match own_group[r.index()].filter(|_| recomp[r.index()]) {
                     Some(own) => {
-                        let first = *readers[r.index()].iter().max().expect("readers");
+                        let first = *backward.iter().max().expect("backward readers");
                         plan.recompute_before[first].push(r);
                         let back = |i: usize| 2 * steps - 1 - i as i64;
                         Interval { root: r, pieces: vec![(start, end), (back(first), back(own))], elems: elems(r) }
