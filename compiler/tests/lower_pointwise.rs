@@ -303,11 +303,19 @@ fn batchnorm_fused_activation_matches_separate_passes() {
         let (mut d1, mut d2) = (vec![0.5; len], vec![0.5; len]);
         for s in 0..n {
             let r = s * c * hw..(s + 1) * c * hw;
-            batchnorm_backward_sample(&mut d1[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab));
-            batchnorm_backward_sample(&mut d2[r.clone()], &masked[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, None);
+            batchnorm_backward_sample(&mut d1[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Accumulate);
+            batchnorm_backward_sample(&mut d2[r.clone()], &masked[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, None, GradWrite::Accumulate);
         }
         for (i, (p, q)) in d1.iter().zip(&d2).enumerate() {
             assert!(p.to_bits() == q.to_bits() || p.is_nan() && q.is_nan(), "{n}x{c}x{hw}: d_x[{i}] {p} vs {q}");
         }
+        // Overwriting a buffer holding stale values equals accumulating into zeros.
+        let (mut d3, mut d4) = (vec![7.25; len], vec![0.0; len]);
+        for s in 0..n {
+            let r = s * c * hw..(s + 1) * c * hw;
+            batchnorm_backward_sample(&mut d3[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Overwrite);
+            batchnorm_backward_sample(&mut d4[r.clone()], &d_out[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Accumulate);
+        }
+        assert_eq!(d3, d4, "{n}x{c}x{hw}: overwrite vs accumulate into zeros");
     }
 }

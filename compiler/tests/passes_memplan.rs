@@ -180,9 +180,13 @@ fn check_grads(p: &Plan) {
         let touched = reads(g, gr, &p.inplace_concats).into_iter().filter(|o| ng[o.index()]).chain([gr.output()]);
         distinct(touched.map(|o| (gslot(o).unwrap(), root(&p.placement, o).unwrap())), &what);
         own.access(s, root(&p.placement, gr.output()).unwrap(), fresh.contains(&s), &what);
+        // A batch norm the plan lets overwrite its input gradient claims that slot unzeroed.
+        let overwrites = m.overwrite_grad[i];
+        assert!(!overwrites || matches!(g.node(gr.anchor()).op, Op::BatchNorm(_)), "{what}: only batch norms overwrite");
         for o in reads(g, gr, &p.inplace_concats).into_iter().filter(|o| ng[o.index()]) {
             let s = gslot(o).expect("an operand needing a gradient has a slot");
-            own.access(s, root(&p.placement, o).unwrap(), fresh.contains(&s), &what);
+            let claims = fresh.contains(&s) || overwrites && o == g.operands(gr.anchor())[0];
+            own.access(s, root(&p.placement, o).unwrap(), claims, &what);
         }
     }
 }

@@ -434,7 +434,9 @@ fn grad_sums<'a, const RELU: bool>(planes: impl Iterator<Item = (&'a [f32], &'a 
 /// channels `first..first + sums.len()`, from their [`batchnorm_grad_sums`]:
 /// `d_x += gamma*rstd/M * (M*g - Σg - xhat*Σ(g*xhat))` with `M` values per channel, where
 /// `g = d_out`, or `g = [x*a + b > 0] d_out` with `relu = Some(affine)` (`affine[ch] = (a, b)`,
-/// each channel's forward map before its ReLU, indexed like `gamma`).
+/// each channel's forward map before its ReLU, indexed like `gamma`). `write` says whether the
+/// result is added to `d_x` (`+=`) or replaces it (`=`, for a gradient nothing else has written
+/// yet: its buffer need not be zeroed first).
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward_sample(
     d_x: &mut [f32],
@@ -447,33 +449,49 @@ pub fn batchnorm_backward_sample(
     values: usize,
     hw: usize,
     relu: Option<&[(f32, f32)]>,
+    write: GradWrite,
 ) {
     for (i, &(sg, sgx)) in sums.iter().enumerate() {
         let ch = first + i;
         let p = ch * hw;
-        batchnorm_backward_plane(&mut d_x[p..p + hw], &d_out[p..p + hw], &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]));
+        batchnorm_backward_plane(&mut d_x[p..p + hw], &d_out[p..p + hw], &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]), write);
     }
+}
+
+/// How a backward kernel stores an input gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    /// `d_x += result` (other consumers' contributions are summed in the same buffer).
+    Accumulate,
+    /// `d_x = result` (the first and only write of this gradient in its buffer's life).
+    Overwrite,
 }
 
 /// [`batchnorm_backward_sample`] for one plane of one channel (`d_x`, `d_out`, `x`: its values in
 /// one sample), given the channel's `(mean, rstd, gamma)`, its [`batchnorm_grad_sums`] and,
 /// for a fused ReLU, its forward affine map `(a, b)`.
-pub fn batchnorm_backward_plane(d_x: &mut [f32], d_out: &[f32], x: &[f32], (mean, rstd, gamma): (f32, f32, f32), (sg, sgx): (f32, f32), values: usize, relu: Option<(f32, f32)>) {
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_backward_plane(d_x: &mut [f32], d_out: &[f32], x: &[f32], (mean, rstd, gamma): (f32, f32, f32), (sg, sgx): (f32, f32), values: usize, relu: Option<(f32, f32)>, write: GradWrite) {
     let m = values as f32;
     let k = gamma * rstd / m;
-    match relu {
-        Some(r) => backward_plane::<true>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), r),
-        None => backward_plane::<false>(d_x, d_out, x, (mean, rstd, k, m, sg, sgx), (0.0, 0.0)),
+    let c = (mean, rstd, k, m, sg, sgx);
+    match (relu, write) {
+        (Some(r), GradWrite::Accumulate) => backward_plane::<true, true>(d_x, d_out, x, c, r),
+        (Some(r), GradWrite::Overwrite) => backward_plane::<true, false>(d_x, d_out, x, c, r),
+        (None, GradWrite::Accumulate) => backward_plane::<false, true>(d_x, d_out, x, c, (0.0, 0.0)),
+        (None, GradWrite::Overwrite) => backward_plane::<false, false>(d_x, d_out, x, c, (0.0, 0.0)),
     }
 }
 
-/// One plane of [`batchnorm_backward_sample`]: `d_x += k * (m*g - sg - xhat*sgx)`.
+/// One plane of [`batchnorm_backward_sample`]: `d_x += k * (m*g - sg - xhat*sgx)` (`ACC`),
+/// else `d_x = ...`.
 #[inline(always)]
-fn backward_plane<const RELU: bool>(d_x: &mut [f32], d_out: &[f32], x: &[f32], (mean, rstd, k, m, sg, sgx): (f32, f32, f32, f32, f32, f32), (a, b): (f32, f32)) {
+fn backward_plane<const RELU: bool, const ACC: bool>(d_x: &mut [f32], d_out: &[f32], x: &[f32], (mean, rstd, k, m, sg, sgx): (f32, f32, f32, f32, f32, f32), (a, b): (f32, f32)) {
     for ((d, &g), &v) in d_x.iter_mut().zip(d_out).zip(x) {
         let g = relu_masked::<RELU>(g, v, a, b);
         let xhat = (v - mean) * rstd;
-        *d += k * (m * g - sg - xhat * sgx);
+        let r = k * (m * g - sg - xhat * sgx);
+        *d = if ACC { *d + r } else { r };
     }
 }
 
@@ -503,7 +521,7 @@ pub fn batchnorm_backward(
     }
     for s in 0..n {
         let r = s * c * hw..(s + 1) * c * hw;
-        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, hw, None);
+        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, hw, None, GradWrite::Accumulate);
     }
     Ok(())
 }

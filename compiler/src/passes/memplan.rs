@@ -26,7 +26,8 @@
 //!   [`Graph::needs_grad`] says backward needs it (or it seeds a head). Its live interval runs
 //!   from the first of those events to the last; disjoint intervals share a slot, and a slot is
 //!   zeroed right before the step that starts an interval in it ([`MemoryPlan::zero_before`],
-//!   [`MemoryPlan::zero_at_seed`]), not all at once.
+//!   [`MemoryPlan::zero_at_seed`]), not all at once, except where a batch norm's backward
+//!   starts its input's gradient: it writes it whole with `=` ([`MemoryPlan::overwrite_grad`]).
 //!
 //! Slots are assigned greedily in interval-start order, reusing the free slot that fits best
 //! (the smallest at least as large, else the largest, which grows). Intervals are inclusive, so
@@ -51,6 +52,10 @@ pub struct MemoryPlan {
     pub zero_before: Vec<Vec<usize>>,
     /// Gradient slots to zero before the loss seeds the heads' gradients.
     pub zero_at_seed: Vec<usize>,
+    /// Training, indexed by group: the group is a batch norm whose backward step starts its
+    /// input's gradient (nothing wrote it before in its slot's current life), so it writes
+    /// that gradient whole with `=` and the slot is not zeroed for it.
+    pub overwrite_grad: Vec<bool>,
     /// Training: values (their buffers' root nodes) to recompute right before group `i`'s
     /// backward step, indexed by group: batch norm + activation outputs, or in-place
     /// concatenations of them (recomputed by every group writing a slice), whose slot other
@@ -359,6 +364,7 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
         .collect();
     plan.unshared_elems.1 = gintervals.iter().map(|iv| iv.elems).sum();
     let (gslots, gsizes) = assign(&gintervals);
+    plan.overwrite_grad = vec![false; groups.len()];
     for (iv, s) in gintervals.iter().zip(gslots) {
         plan.grad_slot[iv.root.index()] = Some(s);
         if iv.start() < 0 {
@@ -367,7 +373,13 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
             }
         } else {
             let i = (steps - 1 - iv.start()) as usize;
-            if !plan.zero_before[i].contains(&s) {
+            // A batch norm's backward writes its whole input gradient: where that starts the
+            // gradient's life, it overwrites instead of the slot being zeroed first.
+            let gr = &groups[i];
+            let bn_input = matches!(g.node(gr.anchor()).op, Op::BatchNorm(_)) && g.operands(gr.anchor()).first().and_then(|&x| root_of(x)) == Some(iv.root);
+            if bn_input {
+                plan.overwrite_grad[i] = true;
+            } else if !plan.zero_before[i].contains(&s) {
                 plan.zero_before[i].push(s);
             }
         }

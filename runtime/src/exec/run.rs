@@ -19,7 +19,7 @@ use crate::init::tensor_rng;
 use crate::params::ParamStore;
 use crate::reference;
 use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
-use cnnc_compiler::lower::pointwise::{self, BnShape};
+use cnnc_compiler::lower::pointwise::{self, BnShape, GradWrite};
 use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs};
 use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
 use rayon::prelude::*;
@@ -404,6 +404,7 @@ impl Program {
                 recompute_bn_act(&steps[r], params, bufs, locs, g, n)?;
             }
             let step = &mut steps[i];
+            let overwrite = plan.memory.overwrite_grad.get(i).copied().unwrap_or(false);
             // Gradient slots whose next gradient starts to live here (shared slots).
             for &s in &plan.memory.zero_before[i] {
                 let len = grads[s].len() / *batch * n;
@@ -478,9 +479,12 @@ impl Program {
                             })
                             .collect();
                         if ng[x.index()] {
+                            // `=` where this step starts the input gradient's life (the memory
+                            // plan then did not zero its slot), else `+=`.
+                            let write = if overwrite { GradWrite::Overwrite } else { GradWrite::Accumulate };
                             let dx = &mut grads[xl.grad][..n * xl.numel()];
                             dx.par_chunks_mut(num).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
-                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref())
+                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref(), write)
                             });
                         }
                         if trains(g, layer) {
