@@ -45,6 +45,30 @@ fn reference(x: &[f32], w: &[f32], b: &[f32], n: usize, cin: usize, cout: usize,
 /// `(cin, cout, (h, w), pads)`.
 type Case = (usize, usize, (usize, usize), [usize; 4]);
 
+/// The backward passes' cases: odd sizes, paddings 0-2 and asymmetric, 16-29 channels, several
+/// blocks of tile rows (the last one shorter) and one tile row per block.
+const BACKWARD_CASES: [Case; 9] = [
+    (24, 25, (7, 9), [1, 1, 1, 1]),
+    (17, 16, (9, 7), [1, 1, 1, 1]),
+    (25, 24, (10, 11), [0, 0, 0, 0]),
+    (24, 26, (6, 5), [2, 2, 2, 2]),
+    (27, 29, (9, 8), [0, 2, 1, 0]),
+    (29, 25, (13, 5), [1, 1, 1, 1]),
+    (24, 27, (13, 5), [0, 0, 0, 0]),
+    (24, 24, (30, 29), [1, 1, 1, 1]),
+    (24, 24, (5, 350), [1, 0, 1, 0]),
+];
+
+/// A 3x3 convolution to `cout` channels with paddings `[top, bottom, left, right]`.
+fn conv3x3(cout: usize, p: [usize; 4]) -> Conv2d {
+    Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] })
+}
+
+/// Batch 1 on a plain output gradient, batch 3 reading a concat slice of it.
+fn batches(cout: usize) -> [(usize, Option<ChannelSlice>); 2] {
+    [(1, None), (3, Some(ChannelSlice { total: cout + 4, offset: 3 }))]
+}
+
 #[test]
 fn winograd_forward_matches_reference() {
     let mut rng = StdRng::seed_from_u64(21);
@@ -64,7 +88,7 @@ fn winograd_forward_matches_reference() {
     ];
     let opts = ConvOptions { winograd: true };
     for (cin, cout, hw, p) in cases {
-        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] });
+        let conv = conv3x3(cout, p);
         let w = rand_vec(&mut rng, cout * cin * 9);
         let b = rand_vec(&mut rng, cout);
         let scale = rand_vec(&mut rng, cout);
@@ -132,20 +156,11 @@ fn winograd_forward_matches_reference() {
 #[test]
 fn winograd_backward_data_matches_reference() {
     let mut rng = StdRng::seed_from_u64(22);
-    let cases: [Case; 7] = [
-        (24, 25, (7, 9), [1, 1, 1, 1]),
-        (25, 24, (10, 11), [0, 0, 0, 0]),
-        (24, 26, (6, 5), [2, 2, 2, 2]),
-        (27, 24, (9, 8), [0, 2, 1, 0]),
-        (29, 25, (13, 5), [1, 1, 1, 1]),
-        (24, 27, (13, 5), [0, 0, 0, 0]),
-        (24, 24, (30, 29), [1, 1, 1, 1]),
-    ];
-    for (cin, cout, (h, wd), p) in cases {
-        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] });
+    for (cin, cout, (h, wd), p) in BACKWARD_CASES {
+        let conv = conv3x3(cout, p);
         let w = rand_vec(&mut rng, cout * cin * 9);
         let (oh, ow) = (h + p[0] + p[1] - 2, wd + p[2] + p[3] - 2);
-        for (n, slice) in [(1, None), (3, Some(ChannelSlice { total: cout + 4, offset: 3 }))] {
+        for (n, slice) in batches(cout) {
             let what = format!("cin {cin} cout {cout} {h}x{wd} pads {p:?} batch {n} {slice:?}");
             let epi = Epilogue { concat: slice, ..Default::default() };
             let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true }).unwrap();
@@ -265,22 +280,10 @@ fn winograd_timing() {
 #[test]
 fn winograd_weight_gradient_matches_reference() {
     let mut rng = StdRng::seed_from_u64(23);
-    let cases: [Case; 9] = [
-        (24, 25, (7, 9), [1, 1, 1, 1]),
-        (17, 16, (9, 7), [1, 1, 1, 1]),
-        (25, 24, (10, 11), [0, 0, 0, 0]),
-        (24, 26, (6, 5), [2, 2, 2, 2]),
-        (27, 29, (9, 8), [0, 2, 1, 0]),
-        (29, 25, (13, 5), [1, 1, 1, 1]),
-        (24, 27, (13, 5), [0, 0, 0, 0]),
-        // Several blocks of tile rows (the last one shorter), and one tile row per block.
-        (24, 24, (30, 29), [1, 1, 1, 1]),
-        (24, 24, (5, 350), [1, 0, 1, 0]),
-    ];
-    for (cin, cout, (h, wd), p) in cases {
-        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] });
+    for (cin, cout, (h, wd), p) in BACKWARD_CASES {
+        let conv = conv3x3(cout, p);
         let (oh, ow) = (h + p[0] + p[1] - 2, wd + p[2] + p[3] - 2);
-        for (n, slice) in [(1, None), (3, Some(ChannelSlice { total: cout + 4, offset: 3 }))] {
+        for (n, slice) in batches(cout) {
             let what = format!("cin {cin} cout {cout} {h}x{wd} pads {p:?} batch {n} {slice:?}");
             let epi = Epilogue { concat: slice, ..Default::default() };
             let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true }).unwrap();
