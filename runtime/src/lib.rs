@@ -7,7 +7,7 @@
 //! - [`data`]: IDX and image-folder loaders, normalisation, batching, augmentation.
 //! - [`checkpoint`]: atomic safetensors checkpoints with architecture/fingerprint checks.
 //! - [`curves`]: training-curve CSV logs and PNG plots.
-//! - [`bench`]: per-model and per-layer benchmarks (fused JIT vs naive JIT vs interpreter).
+//! - [`bench`](mod@bench): per-model and per-layer benchmarks (fused JIT vs naive JIT vs interpreter).
 #![deny(missing_docs)]
 
 pub mod bench;

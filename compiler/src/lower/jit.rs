@@ -1,7 +1,7 @@
 //! A small wrapper around `cranelift_jit::JITModule`: one [`Jit`] collects the kernels of one
 //! layer (or one benchmark), each defined by a closure that emits its body with a
 //! `FunctionBuilder`, then [`Jit::finish`] finalizes them into a [`Finished`] set whose code is
-//! owned by an `Arc`'d [`CodeOwner`](super::entry::CodeOwner) shared by every kernel handle.
+//! owned by an `Arc`'d [`CodeOwner`] shared by every kernel handle.
 //!
 //! Every kernel has the same native signature, seven pointer arguments and no result
 //! ([`KERNEL_ARGS`]): argument 0 is the one the kernel writes, arguments 1..7 are read-only.

@@ -2,7 +2,9 @@
 //! written so rustc auto-vectorises them; these ops are memory-bound).
 //!
 //! All functions follow the `X_forward`/`X_backward` convention: outputs first, gradients
-//! accumulated with `+=`, lengths checked (an error names `layer`).
+//! accumulated with `+=`, lengths checked (an error names `layer`); the per-sample batch-norm
+//! backward can instead overwrite a gradient nothing else has written yet ([`GradWrite`]), so
+//! the runtime need not zero its buffer first.
 //!
 //! Batch norm works on a whole batch `[n, C, H, W]` (statistics span the batch). Each pass is
 //! also given as its two phases, so a runtime can split it over threads deterministically:

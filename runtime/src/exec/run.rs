@@ -10,8 +10,13 @@
 //! `ceil(n / threads)` samples (rayon); weight gradients go to one partial buffer per chunk and
 //! are summed in chunk order, so results are deterministic for a given thread count. Training
 //! batch norm reduces one channel per task and then maps one sample per task (fixed orders, so
-//! deterministic for any thread count), with a ReLU after it fused into both passes. The
-//! reference fallbacks run on the calling thread.
+//! deterministic for any thread count), with a ReLU after it fused into both passes; global
+//! average pooling maps one sample per task. The reference fallbacks run on the calling thread.
+//!
+//! Memory: slots follow the plan's [`MemoryPlan`](cnnc_compiler::passes::memplan::MemoryPlan):
+//! gradient slots are zeroed where a gradient starts to live, except where a batch norm's
+//! backward starts its input's gradient and overwrites it whole (`overwrite_grad`); values the
+//! plan recomputes are rewritten right before the backward step that first reads them.
 
 use super::program::{eerr, loc_of, Chain, Kind, Loc, Program, Step};
 use crate::engine::EngineError;
