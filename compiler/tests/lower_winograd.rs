@@ -222,59 +222,6 @@ fn winograd_only_where_eligible() {
     }
 }
 
-/// Thread-CPU timings (best of 5) of the MNIST VGG's Winograd-eligible layers at half its
-/// batch of 64 (what one of two threads gets), ResNet's 3x3 64->64 and the smallest eligible
-/// inception layer, Winograd vs direct (`WINO_PROFILE=i` instead loops case `i`'s Winograd
-/// forward, `WINO_PROFILE=i:w` its weight gradient, for a profiler):
-/// `cargo test --release -p cnnc-compiler --test lower_winograd -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn winograd_timing() {
-    use cnnc_compiler::lower::peak::best_of;
-    let cases: [(usize, usize, usize, usize); 8] = [(32, 32, 28, 32), (32, 64, 14, 32), (64, 64, 14, 32), (64, 64, 56, 8), (24, 48, 16, 16), (16, 32, 32, 16), (16, 16, 32, 16), (8, 16, 32, 16)];
-    if let Ok(v) = std::env::var("WINO_PROFILE") {
-        let (case, op) = v.split_once(':').unwrap_or((&v, "f"));
-        let (cin, cout, hw, n) = cases[case.parse::<usize>().unwrap()];
-        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::uniform(1));
-        let mut rng = StdRng::seed_from_u64(5);
-        let x = rand_vec(&mut rng, n * cin * hw * hw);
-        let w = rand_vec(&mut rng, cout * cin * 9);
-        let b = rand_vec(&mut rng, cout);
-        let mut out = vec![0.0f32; n * cout * hw * hw];
-        let k = ConvKernels::compile_with("t", &conv, (cin, hw, hw), Epilogue::default(), Mode::Blocked, ConvOptions { winograd: true }).unwrap();
-        let (mut dw, mut db) = (vec![0.0f32; w.len()], vec![0.0f32; cout]);
-        for _ in 0..300 {
-            match op {
-                "w" => k.backward_weight(&mut dw, Some(&mut db), &out, &x).unwrap(),
-                _ => k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap(),
-            }
-        }
-        return;
-    }
-    for (cin, cout, hw, n) in cases {
-        let conv = Conv2d::new(cout, [3, 3]).pad(Padding::uniform(1));
-        let mut rng = StdRng::seed_from_u64(5);
-        let x = rand_vec(&mut rng, n * cin * hw * hw);
-        let w = rand_vec(&mut rng, cout * cin * 9);
-        let b = rand_vec(&mut rng, cout);
-        let dout = rand_vec(&mut rng, n * cout * hw * hw);
-        let mut out = vec![0.0f32; n * cout * hw * hw];
-        let mut dx = vec![0.0f32; x.len()];
-        let mut dw = vec![0.0f32; w.len()];
-        let mut db = vec![0.0f32; cout];
-        let mut row = format!("{cin:>3}->{cout:<3} {hw:>2}x{hw:<2} b{n:<3}");
-        for wino in [false, true] {
-            let k = ConvKernels::compile_with("t", &conv, (cin, hw, hw), Epilogue::default(), Mode::Blocked, ConvOptions { winograd: wino }).unwrap();
-            let f = best_of(5, || k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap());
-            let d = best_of(5, || k.backward_data(&mut dx, &dout, &w).unwrap());
-            let g = best_of(5, || k.backward_weight(&mut dw, Some(&mut db), &dout, &x).unwrap());
-            let a = k.algorithms();
-            row += &format!(" | {}/{}/{} fwd {:6.2} bwd-data {:6.2} bwd-w {:6.2} ms", a[0], a[1], a[2], f * 1e3, d * 1e3, g * 1e3);
-        }
-        println!("{row}");
-    }
-}
-
 /// Weight gradient (`F(3x3, 2x2)` over every 2x2 tile of the output gradient) against nested
 /// loops: accumulating into non-zero `d_w` / `d_b`, plain and reading a concat slice of `d_out`.
 #[test]

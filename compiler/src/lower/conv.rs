@@ -463,7 +463,8 @@ impl Default for ConvOptions {
 }
 
 /// Fewest input and output channels for which Winograd is used. Measured one thread (thread
-/// CPU time, `lower_winograd`'s `winograd_timing`; Winograd / direct time for forward,
+/// CPU time, `cargo bench --bench kernels -- --report-only --small` shows the eligible ones
+/// beside their direct kernels; Winograd / direct time for forward,
 /// backward data, weight gradient): 16->32 on 32x32 0.83 / 0.80 / 0.75, 16->16 on 32x32
 /// 0.96 / 0.94 / 0.95, 24->48 on 16x16 0.74 / 0.76 / 0.74, but 8->16 on 32x32 1.27 / 1.27 / 1.17
 /// (its GEMMs' reduction is only `Cin` long, and the transforms cost more than the

@@ -39,13 +39,18 @@ pub fn standard_cases() -> Vec<ConvCase> {
 }
 
 /// The layers of the training-step benchmarks, at half their batch (what one of two threads
-/// gets): LeNet-5's two convolutions (batch 32) and the mini inception net's 3x3 convolutions
-/// and a 1x1 (batch 16).
+/// gets): LeNet-5's two convolutions and the MNIST VGG's Winograd layers (batch 32), the mini
+/// inception net's 3x3 convolutions and a 1x1, and the narrowest Winograd layer, 16->16
+/// (batch 16).
 pub fn small_cases() -> Vec<ConvCase> {
     let c = |out, k: usize, pad| Conv2d::new(out, [k, k]).pad(Padding::uniform(pad));
     vec![
         ConvCase { name: "lenet c1 1->6 5x5 b32", conv: c(6, 5, 2), input: (1, 28, 28), batch: 32 },
         ConvCase { name: "lenet c2 6->16 5x5 b32", conv: c(16, 5, 0), input: (6, 14, 14), batch: 32 },
+        ConvCase { name: "vgg 32->32 28x28 b32", conv: c(32, 3, 1), input: (32, 28, 28), batch: 32 },
+        ConvCase { name: "vgg 32->64 14x14 b32", conv: c(64, 3, 1), input: (32, 14, 14), batch: 32 },
+        ConvCase { name: "vgg 64->64 14x14 b32", conv: c(64, 3, 1), input: (64, 14, 14), batch: 32 },
+        ConvCase { name: "16->16 3x3 32x32 b16", conv: c(16, 3, 1), input: (16, 32, 32), batch: 16 },
         ConvCase { name: "stem 3->32 3x3 b16", conv: c(32, 3, 1), input: (3, 32, 32), batch: 16 },
         ConvCase { name: "inc 16->32 3x3 b16", conv: c(32, 3, 1), input: (16, 32, 32), batch: 16 },
         ConvCase { name: "inc 24->48 3x3 b16", conv: c(48, 3, 1), input: (24, 16, 16), batch: 16 },
