@@ -12,6 +12,15 @@ fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+/// Index in an `[n, cin, h, w]` tensor of the input under padded position `(py, px)` (output
+/// pixel plus kernel tap) of sample `s`, channel `ci`, with paddings `[top, bottom, left,
+/// right]`; `None` in the padding.
+#[allow(clippy::too_many_arguments)]
+fn tap(s: usize, ci: usize, cin: usize, (h, wd): (usize, usize), p: [usize; 4], py: usize, px: usize) -> Option<usize> {
+    let (iy, ix) = (py.checked_sub(p[0])?, px.checked_sub(p[2])?);
+    (iy < h && ix < wd).then(|| ((s * cin + ci) * h + iy) * wd + ix)
+}
+
 /// `[n, cout, oh, ow]` of a 3x3 stride-1 convolution with bias.
 #[allow(clippy::too_many_arguments)]
 fn reference(x: &[f32], w: &[f32], b: &[f32], n: usize, cin: usize, cout: usize, (h, wd): (usize, usize), p: [usize; 4]) -> (Vec<f32>, usize, usize) {
@@ -25,11 +34,8 @@ fn reference(x: &[f32], w: &[f32], b: &[f32], n: usize, cin: usize, cout: usize,
                     for ci in 0..cin {
                         for ky in 0..3 {
                             for kx in 0..3 {
-                                let (iy, ix) = ((oy + ky) as isize - p[0] as isize, (ox + kx) as isize - p[2] as isize);
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                    continue;
-                                }
-                                let xv = x[((s * cin + ci) * h + iy as usize) * wd + ix as usize];
+                                let Some(i) = tap(s, ci, cin, (h, wd), p, oy + ky, ox + kx) else { continue };
+                                let xv = x[i];
                                 acc += (xv * w[((co * cin + ci) * 3 + ky) * 3 + kx]) as f64;
                             }
                         }
@@ -177,12 +183,9 @@ fn winograd_backward_data_matches_reference() {
                                 let wv = w[((co * cin + ci) * 3 + ky) * 3 + kx] as f64;
                                 for oy in 0..oh {
                                     for ox in 0..ow {
-                                        let (iy, ix) = ((oy + ky) as isize - p[0] as isize, (ox + kx) as isize - p[2] as isize);
-                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                            continue;
-                                        }
+                                        let Some(i) = tap(s, ci, cin, (h, wd), p, oy + ky, ox + kx) else { continue };
                                         let d = dout[((s * cs.total + cs.offset + co) * oh + oy) * ow + ox] as f64;
-                                        want[((s * cin + ci) * h + iy as usize) * wd + ix as usize] += wv * d;
+                                        want[i] += wv * d;
                                     }
                                 }
                             }
@@ -250,11 +253,8 @@ fn winograd_weight_gradient_matches_reference() {
                             for ci in 0..cin {
                                 for ky in 0..3 {
                                     for kx in 0..3 {
-                                        let (iy, ix) = ((oy + ky) as isize - p[0] as isize, (ox + kx) as isize - p[2] as isize);
-                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                            continue;
-                                        }
-                                        let xv = x[((s * cin + ci) * h + iy as usize) * wd + ix as usize] as f64;
+                                        let Some(i) = tap(s, ci, cin, (h, wd), p, oy + ky, ox + kx) else { continue };
+                                        let xv = x[i] as f64;
                                         want[((co * cin + ci) * 3 + ky) * 3 + kx] += d * xv;
                                     }
                                 }
