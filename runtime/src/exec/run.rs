@@ -24,7 +24,7 @@ use crate::init::tensor_rng;
 use crate::params::ParamStore;
 use crate::reference;
 use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
-use cnnc_compiler::lower::pointwise::{self, BnShape, GradWrite};
+use cnnc_compiler::lower::pointwise::{self, BnSaved, BnShape, GradWrite};
 use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs};
 use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
 use rayon::prelude::*;
@@ -462,16 +462,7 @@ impl Program {
                         let (c, hw, num, off) = (ol.ch, ol.hw, ol.numel(), ol.off * ol.hw);
                         pointwise::batchnorm_check_backward(layer, shape, &(0..c), [xin.len(), n * xl.numel(), n * num], [gamma.len(), c, c], saved).map_err(lerr)?;
                         // The forward's affine map per channel, for the fused ReLU's mask.
-                        let relu: Option<Vec<(f32, f32)>> = match bn_relu {
-                            true => {
-                                let beta = param(params, layer, "bias")?;
-                                if beta.len() != c {
-                                    return Err(eerr(format!("layer `{layer}`: {} biases for {c} channels", beta.len())));
-                                }
-                                Some((0..c).map(|ch| pointwise::batchnorm_affine(gamma[ch], beta[ch], saved.mean[ch], saved.rstd[ch])).collect())
-                            }
-                            false => None,
-                        };
+                        let relu = if bn_relu { Some(saved_affine(params, layer, saved, c)?) } else { None };
                         // d_out of sample s: its slice of the (possibly concatenated) gradient.
                         let d_out = |s: usize| &gr[s * stride + off..s * stride + off + num];
                         // Per-channel sums on all threads (one channel per task, fixed order:
@@ -623,11 +614,7 @@ fn recompute_bn_act(step: &Step, params: &ParamStore, bufs: &mut [Vec<f32>], loc
         return Err(eerr(format!("layer `{}`: only a batch norm's output can be recomputed", step.name)));
     };
     let ol = loc_of(locs, g, step.out)?;
-    let (gamma, beta) = (param(params, layer, "weight")?, param(params, layer, "bias")?);
-    if saved.mean.len() != ol.ch || gamma.len() != ol.ch || beta.len() != ol.ch {
-        return Err(eerr(format!("layer `{layer}`: cannot recompute its output (statistics of another shape)")));
-    }
-    let (a, b): (Vec<f32>, Vec<f32>) = (0..ol.ch).map(|c| pointwise::batchnorm_affine(gamma[c], beta[c], saved.mean[c], saved.rstd[c])).unzip();
+    let (a, b): (Vec<f32>, Vec<f32>) = saved_affine(params, layer, saved, ol.ch)?.into_iter().unzip();
     let mut out = std::mem::take(&mut bufs[ol.buf]);
     let r = (|| -> R {
         let xin = whole(bufs, locs, g, *x, n)?;
@@ -661,6 +648,17 @@ fn recompute_bn_act(step: &Step, params: &ParamStore, bufs: &mut [Vec<f32>], loc
     })();
     bufs[ol.buf] = out;
     r
+}
+
+/// A training batch norm's per-channel forward map `(a, b)` (`y = a*x + b`) from `gamma`,
+/// `beta` and the batch statistics its forward saved: bit-identical to the forward's, for
+/// recomputing its output and for the mask of a ReLU fused into its backward.
+fn saved_affine(params: &ParamStore, layer: &str, saved: &BnSaved, c: usize) -> R<Vec<(f32, f32)>> {
+    let (gamma, beta) = (param(params, layer, "weight")?, param(params, layer, "bias")?);
+    if saved.mean.len() != c || saved.rstd.len() != c || gamma.len() != c || beta.len() != c {
+        return Err(eerr(format!("layer `{layer}`: statistics or parameters of another shape than its {c} channels")));
+    }
+    Ok((0..c).map(|ch| pointwise::batchnorm_affine(gamma[ch], beta[ch], saved.mean[ch], saved.rstd[ch])).collect())
 }
 
 /// `grad(o) += src` where `src` is laid out as `sl` (per-sample ranges of `src`); nothing when
