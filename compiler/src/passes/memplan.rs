@@ -78,9 +78,15 @@ impl MemoryPlan {
 
 /// The buffer (root node) holding `id`'s value: follows concat slices outwards.
 pub fn root(placement: &[Option<Placement>], id: NodeId) -> Option<NodeId> {
+    root_offset(placement, id).map(|(r, _)| r)
+}
+
+/// [`root`], with the channel offset of `id`'s value in that buffer (offsets of nested
+/// concatenations composed).
+pub fn root_offset(placement: &[Option<Placement>], id: NodeId) -> Option<(NodeId, usize)> {
     match placement.get(id.index()).copied().flatten()? {
-        Placement::Own => Some(id),
-        Placement::Slice { concat, .. } => root(placement, concat),
+        Placement::Own => Some((id, 0)),
+        Placement::Slice { concat, offset } => root_offset(placement, concat).map(|(r, o)| (r, o + offset)),
     }
 }
 

@@ -16,7 +16,7 @@ use cnnc_compiler::lower::pool::PoolKernels;
 use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, DenseKernels, Epilogue, FusedAct};
 use cnnc_compiler::passes::memplan;
 use cnnc_compiler::pipeline;
-use cnnc_compiler::plan::{Fusion, Mode as PlanMode, Placement, Plan};
+use cnnc_compiler::plan::{Fusion, Mode as PlanMode, Plan};
 use std::time::{Duration, Instant};
 
 pub(crate) fn eerr(m: impl Into<String>) -> EngineError {
@@ -187,14 +187,8 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     let mem = &plan.memory;
     let bufs: Vec<Vec<f32>> = mem.value_slot_elems.iter().map(|&e| vec![0.0; batch * e]).collect();
     let no_grad = mem.grad_slot_elems.len();
-    fn root(plan: &Plan, id: NodeId) -> Option<(NodeId, usize)> {
-        match plan.placement.get(id.index()).copied().flatten()? {
-            Placement::Own => Some((id, 0)),
-            Placement::Slice { concat, offset } => root(plan, concat).map(|(r, o)| (r, o + offset)),
-        }
-    }
     for id in g.nodes() {
-        let Some((r, off)) = root(&plan, id) else { continue };
+        let Some((r, off)) = memplan::root_offset(&plan.placement, id) else { continue };
         let rb = mem.value_slot[r.index()].ok_or_else(|| eerr(format!("layer `{}`: no memory slot planned", g.node(r).name)))?;
         let grad = mem.grad_slot[r.index()].unwrap_or(no_grad);
         let (ch, hw) = chw(g.node(id).shape);
@@ -340,7 +334,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     // The steps that recompute a buffer: those writing it (its own, or every channel slice of
     // an in-place concatenation; the concatenation's own step writes nothing).
     let steps_of = |r: NodeId| -> Result<Vec<usize>, EngineError> {
-        let ws: Vec<usize> = (0..steps.len()).filter(|&i| !matches!(steps[i].kind, Kind::Skip) && root(&plan, steps[i].out).map(|(b, _)| b) == Some(r)).collect();
+        let ws: Vec<usize> = (0..steps.len()).filter(|&i| !matches!(steps[i].kind, Kind::Skip) && memplan::root(&plan.placement, steps[i].out) == Some(r)).collect();
         if ws.is_empty() {
             return Err(eerr(format!("layer `{}`: recomputed value has no step", g.node(r).name)));
         }
