@@ -26,6 +26,8 @@
 //! ## 3x3 stride 1 with >= 16 channels: Winograd
 //! Forward and backward data run on [`winograd`](super::winograd)'s `F(2x2, 3x3)`, the weight
 //! gradient on its `F(3x3, 2x2)` (see there; switch all three off with [`ConvOptions`]).
+//! 1x3 and 3x1 stride-1 layers (no padding across the filtered axis) with enough channels run
+//! on [`winograd1d`](super::winograd1d)'s `F(m, 3)` / `F(3, m)` likewise.
 //!
 //! ## Stride 1: direct kernels, no im2col ([`ConvKernels::algorithms`] says `"direct"`)
 //! Each sample's group input is copied once into zero-padded planes (`PW` = the output row
@@ -52,6 +54,7 @@
 use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::jit::{Jit, KernelId};
 use super::winograd::{WinoEpi, WinoPlan, WinoScratch, WinoShape, WinoWgrad, WinoWgradPlan, WinoWgradScratch, Winograd};
+use super::winograd1d::{Axis, Wino1dPlan, Wino1dScratch, Wino1dShape, Wino1dWgradPlan, Wino1dWgradScratch, Winograd1d, Winograd1dWgrad};
 use super::naive;
 use super::Mode;
 use crate::ir::Conv2d;
@@ -388,6 +391,113 @@ impl DirectWPlan {
     }
 }
 
+/// A Winograd forward (also run as backward data): 2-D `F(2x2, 3x3)` or 1-D `F(m, 3)`.
+#[derive(Debug)]
+enum WinoFwd {
+    D2(Winograd),
+    D1(Winograd1d),
+}
+
+/// Its definition before finalization.
+enum WinoFwdPlan {
+    D2(WinoPlan),
+    D1(Wino1dPlan),
+}
+
+/// A Winograd weight gradient: 2-D `F(3x3, 2x2)` or 1-D `F(3, m)`.
+#[derive(Debug)]
+enum WinoW {
+    D2(WinoWgrad),
+    D1(Winograd1dWgrad),
+}
+
+/// Its definition before finalization.
+enum WinoWPlan {
+    D2(WinoWgradPlan),
+    D1(Wino1dWgradPlan),
+}
+
+impl WinoFwdPlan {
+    fn resolve(&self, fin: &super::jit::Finished) -> WinoFwd {
+        match self {
+            WinoFwdPlan::D2(p) => WinoFwd::D2(p.resolve(fin)),
+            WinoFwdPlan::D1(p) => WinoFwd::D1(p.resolve(fin)),
+        }
+    }
+}
+
+impl WinoWPlan {
+    fn resolve(&self, fin: &super::jit::Finished) -> WinoW {
+        match self {
+            WinoWPlan::D2(p) => WinoW::D2(p.resolve(fin)),
+            WinoWPlan::D1(p) => WinoW::D1(p.resolve(fin)),
+        }
+    }
+}
+
+impl WinoFwd {
+    fn tile_count(&self) -> usize {
+        match self {
+            WinoFwd::D2(k) => k.tile_count(),
+            WinoFwd::D1(k) => k.tile_count(),
+        }
+    }
+
+    /// Run on every sample: `io(s)` gives sample `s`'s output region (see
+    /// [`Winograd::forward_sample`]), its input and its epilogue.
+    fn run(&self, w: &[f32], n: usize, mut io: impl FnMut(usize, &mut dyn FnMut(&mut [f32], &[f32], &WinoEpi))) {
+        match self {
+            WinoFwd::D2(k) => {
+                let mut s = WinoScratch::default();
+                k.prepare(w, &mut s);
+                for i in 0..n {
+                    io(i, &mut |o, x, e| k.forward_sample(o, x, &mut s, e));
+                }
+            }
+            WinoFwd::D1(k) => {
+                let mut s = Wino1dScratch::default();
+                k.prepare(w, &mut s);
+                for i in 0..n {
+                    io(i, &mut |o, x, e| k.forward_sample(o, x, &mut s, e));
+                }
+            }
+        }
+    }
+}
+
+impl WinoW {
+    fn tile_count(&self) -> usize {
+        match self {
+            WinoW::D2(k) => k.tile_count(),
+            WinoW::D1(k) => k.tile_count(),
+        }
+    }
+
+    /// `d_w += Σ_s` the weight gradient of sample `s`'s `(x, d_out)` from `sample(s)`.
+    fn run<'a>(&self, d_w: &mut [f32], n: usize, sample: impl Fn(usize) -> (&'a [f32], &'a [f32])) {
+        match self {
+            WinoW::D2(k) => {
+                let mut s = WinoWgradScratch::default();
+                k.begin(&mut s);
+                for i in 0..n {
+                    let (x, dy) = sample(i);
+                    k.accumulate_sample(x, dy, &mut s);
+                }
+                k.finish(d_w, &s);
+            }
+            WinoW::D1(k) => {
+                let mut s = Wino1dWgradScratch::default();
+                k.begin(&mut s);
+                for i in 0..n {
+                    let (x, dy) = sample(i);
+                    k.accumulate_sample(x, dy, &mut s);
+                }
+                k.finish(d_w, &s);
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per layer; the blocked variant is the common one
 enum Impl {
@@ -404,13 +514,13 @@ enum Impl {
         direct_bwd: Option<Direct>,
         /// Stride-1 weight gradient reading the padded input in place (replaces `bwd_w`).
         direct_w: Option<DirectW>,
-        /// Winograd F(2x2,3x3) forward (replaces the other forwards where present).
-        winograd: Option<Winograd>,
+        /// Winograd F(2x2,3x3) or F(m,3) forward (replaces the other forwards where present).
+        winograd: Option<WinoFwd>,
         /// Winograd backward data: the forward machinery on the padded `d_out` with the
         /// flipped, transposed weights (replaces the other backward-data kernels).
-        winograd_bwd: Option<Winograd>,
-        /// Winograd F(3x3,2x2) weight gradient (replaces the other weight gradients).
-        winograd_w: Option<WinoWgrad>,
+        winograd_bwd: Option<WinoFwd>,
+        /// Winograd F(3x3,2x2) or F(3,m) weight gradient (replaces the other weight gradients).
+        winograd_w: Option<WinoW>,
     },
     Naive { fwd: super::entry::Kernel, bwd_data: super::entry::Kernel, bwd_w: super::entry::Kernel },
 }
@@ -471,6 +581,13 @@ impl Default for ConvOptions {
 /// multiplications they save).
 pub const WINOGRAD_MIN_CHANNELS: usize = 16;
 
+/// Fewest input and output channels for which the 1-D Winograd (1x3, 3x1) is used. Measured
+/// like [`WINOGRAD_MIN_CHANNELS`]: TODO.
+pub const WINOGRAD_1D_MIN_CHANNELS: usize = 16;
+
+/// Outputs per tile of the 1-D Winograd, `F(4, 3)` or `F(2, 3)`: TODO.
+pub const WINOGRAD_1D_TILE: usize = 4;
+
 impl ConvKernels {
     /// Compile the kernels of `conv` (named `layer` in errors) on a per-sample input
     /// `(Cin, H, W)`, with the forward epilogue `epi`, blocked or naive, with the default
@@ -514,9 +631,9 @@ impl ConvKernels {
                 Option<(GemmPlan, Planes)>,
                 Option<(GemmPlan, Planes)>,
                 Option<DirectWPlan>,
-                Option<WinoPlan>,
-                Option<WinoPlan>,
-                Option<WinoWgradPlan>,
+                Option<WinoFwdPlan>,
+                Option<WinoFwdPlan>,
+                Option<WinoWPlan>,
             ),
             Naive(KernelId, KernelId, KernelId),
         }
@@ -571,32 +688,37 @@ impl ConvKernels {
                 } else {
                     (None, None, None)
                 };
-                let wino = if opts.winograd
-                    && g.kernel == [3, 3]
-                    && g.stride == [1, 1]
-                    && g.dilation == [1, 1]
-                    && g.groups == 1
-                    && g.cin >= WINOGRAD_MIN_CHANNELS
-                    && g.cout >= WINOGRAD_MIN_CHANNELS
-                {
+                let plain = opts.winograd && g.stride == [1, 1] && g.dilation == [1, 1] && g.groups == 1;
+                // The 1-D Winograd's axis: 3x1 or 1x3 without padding across it.
+                let axis1d = match (g.kernel, g.pads) {
+                    ([3, 1], [_, _, 0, 0]) => Some(Axis::Rows),
+                    ([1, 3], [0, 0, _, _]) => Some(Axis::Cols),
+                    _ => None,
+                };
+                let wide = |min: usize| g.cin >= min && g.cout >= min;
+                let (mut wino, mut wino_bwd, mut wino_w) = (None, None, None);
+                if plain && g.kernel == [3, 3] && wide(WINOGRAD_MIN_CHANNELS) {
                     let shape = WinoShape { cin: g.cin, cout: g.cout, h: g.h, w: g.w, pt: g.pads[0], pl: g.pads[2], oh: g.oh, ow: g.ow };
-                    Some(WinoPlan::define(&mut jit, shape)?)
-                } else {
-                    None
-                };
-                // Backward data as a Winograd convolution of d_out padded by 2 - pad (so only
-                // for pads <= 2 on the top and left; larger bottom/right pads crop).
-                let wino_bwd = if wino.is_some() && g.pads[0] <= 2 && g.pads[2] <= 2 {
-                    let shape =
-                        WinoShape { cin: g.cout, cout: g.cin, h: g.oh, w: g.ow, pt: 2 - g.pads[0], pl: 2 - g.pads[2], oh: g.h, ow: g.w };
-                    Some(WinoPlan::define(&mut jit, shape)?)
-                } else {
-                    None
-                };
-                let wino_w = match &wino {
-                    Some(_) => Some(WinoWgradPlan::define(&mut jit, WinoShape { cin: g.cin, cout: g.cout, h: g.h, w: g.w, pt: g.pads[0], pl: g.pads[2], oh: g.oh, ow: g.ow })?),
-                    None => None,
-                };
+                    wino = Some(WinoFwdPlan::D2(WinoPlan::define(&mut jit, shape)?));
+                    // Backward data as a Winograd convolution of d_out padded by 2 - pad (so
+                    // only for pads <= 2 on the top and left; larger bottom/right pads crop).
+                    if g.pads[0] <= 2 && g.pads[2] <= 2 {
+                        let shape =
+                            WinoShape { cin: g.cout, cout: g.cin, h: g.oh, w: g.ow, pt: 2 - g.pads[0], pl: 2 - g.pads[2], oh: g.h, ow: g.w };
+                        wino_bwd = Some(WinoFwdPlan::D2(WinoPlan::define(&mut jit, shape)?));
+                    }
+                    wino_w = Some(WinoWPlan::D2(WinoWgradPlan::define(&mut jit, shape)?));
+                } else if let Some(axis) = axis1d.filter(|_| plain && wide(WINOGRAD_1D_MIN_CHANNELS)) {
+                    let pad = g.pads[if axis == Axis::Rows { 0 } else { 2 }];
+                    let m = WINOGRAD_1D_TILE;
+                    let shape = Wino1dShape { axis, m, cin: g.cin, cout: g.cout, h: g.h, w: g.w, pad, oh: g.oh, ow: g.ow };
+                    wino = Some(WinoFwdPlan::D1(Wino1dPlan::define(&mut jit, shape)?));
+                    if pad <= 2 {
+                        let shape = Wino1dShape { cin: g.cout, cout: g.cin, h: g.oh, w: g.ow, pad: 2 - pad, oh: g.h, ow: g.w, ..shape };
+                        wino_bwd = Some(WinoFwdPlan::D1(Wino1dPlan::define(&mut jit, shape)?));
+                    }
+                    wino_w = Some(WinoWPlan::D1(Wino1dWgradPlan::define(&mut jit, shape)?));
+                }
                 let dwgt = if wino_w.is_some() { None } else { dwgt };
                 let dbwd = if wino_bwd.is_some() { None } else { dbwd };
                 let dfwd = if wino.is_some() { None } else { dfwd };
@@ -687,8 +809,8 @@ impl ConvKernels {
     pub fn kernel_count(&self) -> usize {
         match &self.imp {
             Impl::Blocked { fwd, bwd_data, bwd_w, bwd_w_tail, direct_fwd, direct_bwd, direct_w, winograd, winograd_bwd, winograd_w } => {
-                winograd.as_ref().map_or(0, Winograd::tile_count) + winograd_bwd.as_ref().map_or(0, Winograd::tile_count) +
-                winograd_w.as_ref().map_or(0, WinoWgrad::tile_count) +
+                winograd.as_ref().map_or(0, WinoFwd::tile_count) + winograd_bwd.as_ref().map_or(0, WinoFwd::tile_count) +
+                winograd_w.as_ref().map_or(0, WinoW::tile_count) +
                 [fwd, bwd_data, bwd_w, bwd_w_tail].iter().map(|k| k.as_ref().map_or(0, Gemm::tile_count)).sum::<usize>()
                     + direct_fwd.as_ref().map_or(0, |d| d.gemm.tile_count())
                     + direct_bwd.as_ref().map_or(0, |d| d.gemm.tile_count())
@@ -792,9 +914,7 @@ impl ConvKernels {
         let hw = g.h * g.w;
         match &self.imp {
             Impl::Blocked { winograd: Some(wg), .. } => {
-                let mut scratch = WinoScratch::default();
-                wg.prepare(w, &mut scratch);
-                for s in 0..n {
+                wg.run(w, n, |s, f| {
                     let we = WinoEpi {
                         bias,
                         scale,
@@ -803,9 +923,8 @@ impl ConvKernels {
                         act: self.epi.act,
                         accumulate: self.epi.accumulate,
                     };
-                    let o = &mut out[(s * cs.total + cs.offset) * p..][..g.cout * p];
-                    wg.forward_sample(o, &x[s * g.in_numel()..][..g.in_numel()], &mut scratch, &we);
-                }
+                    f(&mut out[(s * cs.total + cs.offset) * p..][..g.cout * p], &x[s * g.in_numel()..][..g.in_numel()], &we);
+                });
             }
             Impl::Blocked { fwd, direct_fwd, .. } => {
                 let mut apack = Vec::new();
@@ -903,24 +1022,23 @@ impl ConvKernels {
         let hw = g.h * g.w;
         match &self.imp {
             Impl::Blocked { winograd_bwd: Some(wg), .. } => {
-                // w'[ci, co, t] = w[co, ci, 8 - t] (one group).
-                let mut wt = vec![0.0f32; g.cin * g.cout * 9];
+                // w'[ci, co, t] = w[co, ci, taps - 1 - t] (one group).
+                let taps = g.kernel[0] * g.kernel[1];
+                let mut wt = vec![0.0f32; g.cin * g.cout * taps];
                 for co in 0..g.cout {
                     for ci in 0..g.cin {
-                        let src = &w[(co * g.cin + ci) * 9..][..9];
-                        let dst = &mut wt[(ci * g.cout + co) * 9..][..9];
+                        let src = &w[(co * g.cin + ci) * taps..][..taps];
+                        let dst = &mut wt[(ci * g.cout + co) * taps..][..taps];
                         for (t, v) in dst.iter_mut().enumerate() {
-                            *v = src[8 - t];
+                            *v = src[taps - 1 - t];
                         }
                     }
                 }
-                let mut scratch = WinoScratch::default();
-                wg.prepare(&wt, &mut scratch);
                 let we = WinoEpi { bias: &[], scale: &[], shift: &[], residual: &[], act: FusedAct::None, accumulate: true };
-                for s in 0..n {
+                wg.run(&wt, n, |s, f| {
                     let dos = &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p];
-                    wg.forward_sample(&mut d_x[s * g.in_numel()..][..g.in_numel()], dos, &mut scratch, &we);
-                }
+                    f(&mut d_x[s * g.in_numel()..][..g.in_numel()], dos, &we);
+                });
             }
             Impl::Blocked { direct_bwd: Some(d), .. } => {
                 // A = the flipped, transposed weights: element (ci, (co, t)) is
@@ -1034,13 +1152,7 @@ impl ConvKernels {
         let hw = g.h * g.w;
         match &self.imp {
             Impl::Blocked { winograd_w: Some(ww), .. } => {
-                let mut scratch = WinoWgradScratch::default();
-                ww.begin(&mut scratch);
-                for s in 0..n {
-                    let dos = &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p];
-                    ww.accumulate_sample(&x[s * g.in_numel()..][..g.in_numel()], dos, &mut scratch);
-                }
-                ww.finish(d_w, &scratch);
+                ww.run(d_w, n, |s| (&x[s * g.in_numel()..][..g.in_numel()], &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p]));
             }
             Impl::Blocked { direct_w: Some(d), .. } => {
                 let pl = &d.planes;

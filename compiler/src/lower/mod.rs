@@ -44,6 +44,7 @@ pub mod pointwise;
 pub mod pool;
 pub mod report;
 pub mod winograd;
+pub mod winograd1d;
 
 pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, ConvOptions, Epilogue, EpilogueArgs};
 pub use dense::DenseKernels;

@@ -71,11 +71,11 @@ use crate::Result;
 
 /// Bytes of one block's transformed input and GEMM results together: whole tile rows up to
 /// this many stay in L2 (at least one tile row per block).
-const BLOCK_BYTES: usize = 1 << 19;
+pub(super) const BLOCK_BYTES: usize = 1 << 19;
 
 /// Input channels transformed together: each copy into the packed panels then writes
 /// `CG x 8` consecutive floats (whole cache lines).
-const CG: usize = 4;
+pub(super) const CG: usize = 4;
 
 /// The geometry a Winograd layer is specialised to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,7 +296,7 @@ fn input_row(t: &mut [f32], ld: usize, rows: &[f32], e: &mut [f32], tw: usize) {
 /// The rest of the epilogue along one output row: `row` holds the convolution with bias and
 /// scale / shift applied; `dst` and `res` (empty: no residual) are the matching output and
 /// residual row.
-fn finish_row(dst: &mut [f32], row: &mut [f32], res: &[f32], act: FusedAct, accumulate: bool) {
+pub(super) fn finish_row(dst: &mut [f32], row: &mut [f32], res: &[f32], act: FusedAct, accumulate: bool) {
     if !res.is_empty() {
         row.iter_mut().zip(res).for_each(|(v, &r)| *v += r);
     }
@@ -309,6 +309,90 @@ fn finish_row(dst: &mut [f32], row: &mut [f32], res: &[f32], act: FusedAct, accu
         dst.iter_mut().zip(&*row).for_each(|(d, &v)| *d += v);
     } else {
         dst.copy_from_slice(row);
+    }
+}
+
+/// Pack the `n` transformed filter matrices `U_ξ` (`u[(ξ·Cout + co)·Cin + ci]`) as the GEMMs'
+/// `A` operands, one per transform position.
+pub(super) fn pack_filters(up: &mut Vec<Vec<f32>>, u: &[f32], n: usize, cout: usize, cin: usize) {
+    up.resize_with(n, Vec::new);
+    for (xi, up) in up.iter_mut().enumerate() {
+        pack_a(up, &u[xi * cout * cin..], cout, cin, cin, 1);
+    }
+}
+
+/// Copy the transformed block of input channels `chans` (`t[(c·n + ξ)·TB + tile]`, `c`
+/// counted from `chans.start`, `n` transform positions) into the packed `Cin x 8` B panels
+/// `v[((ξ·TB/8 + q)·Cin + ci)·8 + l]` (tile `8q + l`) of the first `np` panels: `chans.len() x 8`
+/// consecutive floats per copy.
+pub(super) fn pack_panels(v: &mut [f32], t: &[f32], n: usize, (tb, np): (usize, usize), cin: usize, chans: std::ops::Range<usize>) {
+    let vp = tb / NR;
+    for xi in 0..n {
+        for q in 0..np {
+            let o = ((xi * vp + q) * cin + chans.start) * NR;
+            for (c, dst) in v[o..o + chans.len() * NR].chunks_exact_mut(NR).enumerate() {
+                dst.copy_from_slice(&t[(c * n + xi) * tb + q * NR..][..NR]);
+            }
+        }
+    }
+}
+
+/// The block's GEMMs, one per transform position (`up.len()` of them): `M_ξ[co][tile] = U_ξ ·
+/// V_ξ` into `m[(ξ·Cout + co)·TB + tile]`, over the first `np` panels of 8 tiles.
+pub(super) fn block_gemms(gemm: &Gemm, m: &mut [f32], v: &[f32], up: &[Vec<f32>], (cin, cout): (usize, usize), tb: usize, np: usize) {
+    let vp = tb / NR;
+    for (xi, a) in up.iter().enumerate() {
+        let m = &mut m[xi * cout * tb..(xi + 1) * cout * tb];
+        for q in 0..np {
+            let b = &v[(xi * vp + q) * cin * NR..(xi * vp + q + 1) * cin * NR];
+            gemm.run_panel(m, q * NR, cout, q * NR, a, b, &EpiArgs::default());
+        }
+    }
+}
+
+/// Define a Winograd weight gradient's tile kernels: `C[4 x 8] += V_ξ[4 input channels, tiles]
+/// · dY_ξᵀ[tiles, 8 output channels]` with `A` rows `kb` apart, over blocks of `kb` tiles and
+/// (when `tail > 0`) the last block's `tail` tiles.
+pub(super) fn define_wgrad(jit: &mut Jit, name: &str, (cin, cout): (usize, usize), kb: usize, tail: usize) -> Result<(WgradPlan, Option<WgradPlan>)> {
+    let spec = |nt: usize| WgradSpec { rows: 1, width: nt, pw: kb, row_off: std::array::from_fn(|r| r * kb), ldc: cout };
+    let sizes = |n: usize, full: usize| {
+        let mut v = Vec::new();
+        if n >= full {
+            v.push(full);
+        }
+        if !n.is_multiple_of(full) {
+            v.push(n % full);
+        }
+        v
+    };
+    let (mrs, nrs) = (sizes(cin, MR), sizes(cout, NR));
+    let main = WgradPlan::define(jit, name, spec(kb), &mrs, &nrs)?;
+    let tail = if tail == 0 { None } else { Some(WgradPlan::define(jit, &format!("{name}_tail"), spec(tail), &mrs, &nrs)?) };
+    Ok((main, tail))
+}
+
+/// Transpose output channels `8jp..8jp + 8`'s `dY` (`dy[(ξ·8 + c)·nt + tile]`, `n` transform
+/// positions) into the B panels `b[((ξ·np + jp)·nt + tile)·8 + c]`.
+pub(super) fn pack_dy(b: &mut [f32], dy: &[f32], n: usize, (np, jp): (usize, usize), nt: usize) {
+    for xi in 0..n {
+        transpose8(&mut b[(xi * np + jp) * nt * NR..], &dy[xi * NR * nt..(xi + 1) * NR * nt], nt);
+    }
+}
+
+/// `M_ξᵀ[ci][co] += V_ξ · dY_ξᵀ` for the `n` transform positions, 4 input x 8 output channels
+/// per tile kernel: `v[(ξ·Cin + ci)·kb + tile]`, `b` from [`pack_dy`], `m[(ξ·Cin + ci)·Cout + co]`.
+pub(super) fn wgrad_gemms(kern: &Wgrad, m: &mut [f32], v: &[f32], b: &[f32], n: usize, (cin, cout): (usize, usize), (kb, nt): (usize, usize)) {
+    let np = cout.div_ceil(NR);
+    for xi in 0..n {
+        for ip in 0..cin.div_ceil(MR) {
+            let mr = MR.min(cin - ip * MR);
+            let a = &v[(xi * cin + ip * MR) * kb..];
+            for jp in 0..np {
+                let nr = NR.min(cout - jp * NR);
+                let c = &mut m[(xi * cin + ip * MR) * cout + jp * NR..];
+                kern.run(c, mr, nr, a, &b[(xi * np + jp) * nt * NR..(xi * np + jp + 1) * nt * NR]);
+            }
+        }
     }
 }
 
@@ -343,10 +427,7 @@ impl Winograd {
                 }
             }
         }
-        s.up.resize_with(16, Vec::new);
-        for (xi, up) in s.up.iter_mut().enumerate() {
-            pack_a(up, &s.u[xi * cout * cin..], cout, cin, cin, 1);
-        }
+        pack_filters(&mut s.up, &s.u, 16, cout, cin);
     }
 
     /// Size `s` for this shape; the padded planes are zeroed only when the shape changes.
@@ -381,15 +462,7 @@ impl Winograd {
             let rows = rows_per_block.min(th - ty0);
             let np = (rows * tw).div_ceil(NR);
             self.input_block(s, ty0, rows);
-            // M_ξ[co][tile] = U_ξ · V_ξ.
-            let vp = tb / NR;
-            for xi in 0..16 {
-                let m = &mut s.m[xi * cout * tb..(xi + 1) * cout * tb];
-                for q in 0..np {
-                    let b = &s.v[(xi * vp + q) * cin * NR..(xi * vp + q + 1) * cin * NR];
-                    self.gemm.run_panel(m, q * NR, cout, q * NR, &s.up[xi], b, &EpiArgs::default());
-                }
-            }
+            block_gemms(&self.gemm, &mut s.m, &s.v, &s.up, (cin, cout), tb, np);
             self.output_block(out, s, epi, ty0, rows);
         }
     }
@@ -403,7 +476,7 @@ impl Winograd {
         let (tb, cin) = (sh.block().1, sh.cin);
         let sw = sh.split_width();
         let plane = sh.pad_rows() * sw;
-        let (np, vp) = ((rows * tw).div_ceil(NR), tb / NR);
+        let np = (rows * tw).div_ceil(NR);
         for c0 in (0..cin).step_by(CG) {
             let g = CG.min(cin - c0);
             for c in 0..g {
@@ -414,14 +487,7 @@ impl Winograd {
                     input_row(&mut t[r * tw..], tb, &pl[y0 * sw..(y0 + 4) * sw], &mut s.e, tw);
                 }
             }
-            for xi in 0..16 {
-                for q in 0..np {
-                    let o = ((xi * vp + q) * cin + c0) * NR;
-                    for (c, dst) in s.v[o..o + g * NR].chunks_exact_mut(NR).enumerate() {
-                        dst.copy_from_slice(&s.t[(c * 16 + xi) * tb + q * NR..][..NR]);
-                    }
-                }
-            }
+            pack_panels(&mut s.v, &s.t, 16, (tb, np), cin, c0..c0 + g);
         }
     }
 
@@ -524,25 +590,7 @@ impl WinoWgradPlan {
     pub fn define(jit: &mut Jit, shape: WinoShape) -> Result<WinoWgradPlan> {
         let (th, tw) = shape.tiles();
         let (rows, _) = shape.block();
-        let kb = rows * tw;
-        let spec = |nt: usize| WgradSpec { rows: 1, width: nt, pw: kb, row_off: std::array::from_fn(|r| r * kb), ldc: shape.cout };
-        let sizes = |n: usize, full: usize| {
-            let mut v = Vec::new();
-            if n >= full {
-                v.push(full);
-            }
-            if !n.is_multiple_of(full) {
-                v.push(n % full);
-            }
-            v
-        };
-        let (mrs, nrs) = (sizes(shape.cin, MR), sizes(shape.cout, NR));
-        let main = WgradPlan::define(jit, "conv_winograd_w", spec(kb), &mrs, &nrs)?;
-        let tail = if th.is_multiple_of(rows) {
-            None
-        } else {
-            Some(WgradPlan::define(jit, "conv_winograd_w_tail", spec((th % rows) * tw), &mrs, &nrs)?)
-        };
+        let (main, tail) = define_wgrad(jit, "conv_winograd_w", (shape.cin, shape.cout), rows * tw, (th % rows) * tw)?;
         Ok(WinoWgradPlan { shape, main, tail })
     }
 
@@ -644,23 +692,9 @@ impl WinoWgrad {
                         dy_row(&mut s.dy[c * nt + r * tw..], NR * nt, &mut s.rows, tw);
                     }
                 }
-                for xi in 0..16 {
-                    let src = &s.dy[xi * NR * nt..(xi + 1) * NR * nt];
-                    transpose8(&mut s.b[(xi * np + jp) * nt * NR..], src, nt);
-                }
+                pack_dy(&mut s.b, &s.dy, 16, (np, jp), nt);
             }
-            // M_ξᵀ[ci][co] += V_ξ · dY_ξᵀ, 4 input x 8 output channels per tile.
-            for xi in 0..16 {
-                for ip in 0..cin.div_ceil(MR) {
-                    let mr = MR.min(cin - ip * MR);
-                    let a = &s.v[(xi * cin + ip * MR) * kb..];
-                    for jp in 0..np {
-                        let nr = NR.min(cout - jp * NR);
-                        let c = &mut s.m[(xi * cin + ip * MR) * cout + jp * NR..];
-                        kern.run(c, mr, nr, a, &s.b[(xi * np + jp) * nt * NR..(xi * np + jp + 1) * nt * NR]);
-                    }
-                }
-            }
+            wgrad_gemms(kern, &mut s.m, &s.v, &s.b, 16, (cin, cout), (kb, nt));
         }
     }
 

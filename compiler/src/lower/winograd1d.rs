@@ -1,0 +1,624 @@
+//! One-dimensional Winograd convolution for 1x3 and 3x1, stride-1, undilated, ungrouped layers
+//! (the factored convolutions of Inception-v3-style modules): `F(m, 3)` along the filtered
+//! axis, `m = 4` (6 multiplications per 4 outputs instead of 12) or `m = 2` (4 per 2 instead
+//! of 6). [`ConvKernels`](super::ConvKernels) runs on it, for layers with at least
+//! [`WINOGRAD_1D_MIN_CHANNELS`](super::conv::WINOGRAD_1D_MIN_CHANNELS) input and output
+//! channels, with the tile size [`WINOGRAD_1D_TILE`](super::conv::WINOGRAD_1D_TILE):
+//! - the forward, `F(m, 3)` ([`Winograd1d`]);
+//! - the backward data, as the same forward on the output gradient padded by `2 - pad` along
+//!   the filtered axis with the flipped, transposed weights (accumulating);
+//! - the weight gradient, `F(3, m)` ([`Winograd1dWgrad`], below).
+//!
+//! It shares the GEMM plumbing of the 2-D [`winograd`](super::winograd) (packed B panels, the
+//! JIT micro-kernel, blocks of tiles sized for L2, the weight-gradient tile kernels).
+//!
+//! ## Maths (per sample, along the filtered axis)
+//! Output tiles of `m` pixels, `T = ceil(L/m)` per line (`L` the output length along the
+//! axis); tile `t` reads the `α = m + 2` padded inputs `d_j = xpad[m t + j]` (input position
+//! `m t + j - pad`, zero outside). With a filter `g` (3 taps) and the Toom-Cook matrices
+//! `Bᵀ` (`α x α`), `G` (`α x 3`), `Aᵀ` (`m x α`), `y = Aᵀ [(G g) ⊙ (Bᵀ d)]`:
+//! - `F(2, 3)`, points `0, 1, -1, ∞`: `Bᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`,
+//!   `G = [[1,0,0],[½,½,½],[½,-½,½],[0,0,1]]`, `Aᵀ = [[1,1,1,0],[0,1,-1,-1]]`;
+//! - `F(4, 3)`, points `0, 1, -1, 2, -2, ∞` (Lavin & Gray 2016):
+//!   `Bᵀ = [[4,0,-5,0,1,0],[0,-4,-4,1,1,0],[0,4,-4,-1,1,0],[0,-2,-1,2,1,0],[0,2,-1,-2,1,0],
+//!   [0,4,0,-5,0,1]]`, `G = [[¼,0,0],[-⅙,-⅙,-⅙],[-⅙,⅙,-⅙],[1/24,1/12,⅙],[1/24,-1/12,⅙],
+//!   [0,0,1]]`, `Aᵀ = [[1,1,1,1,1,0],[0,1,-1,2,-2,0],[0,1,1,4,4,0],[0,1,-1,8,-8,1]]`.
+//!
+//! Per layer: `U_ξ[co, ci] = (G g[co, ci])_ξ` once per call ([`Winograd1d::prepare`]); per
+//! tile `V_ξ[ci, t] = (Bᵀ d[ci, t])_ξ`; `α` GEMMs `M_ξ = U_ξ · V_ξ` (`K = Cin`, on the JIT
+//! micro-kernel); `y[co, t] = Aᵀ M[co, t]`, then the fused epilogue (bias, folded batch-norm
+//! scale/shift, residual, activation, accumulate, concat slice).
+//!
+//! ## Layout
+//! Tiles are numbered so that every transform is an element-wise combination of contiguous
+//! runs (vectorised by the compiler): a *unit* is a run of tiles that are contiguous in
+//! memory, `tile = unit · TPU + k`:
+//! - 3x1 ([`Axis::Rows`], the filter runs down the columns): unit = tile row `ty` (`T` of
+//!   them), `k` = the column (`TPU = W`); `d_j` of unit `ty` is the whole padded input row
+//!   `m ty + j`, and output `i` of the unit is the whole output row `m ty + i`.
+//! - 1x3 ([`Axis::Cols`]): unit = the row `y` (`H` of them), `k` = the tile column `tx`
+//!   (`TPU = T`); `d_j[tx] = xpad[y, m tx + j]`, gathered by phase (a stride-`m` read), and
+//!   output `i` of the unit's tiles interleaves into the output row (`out[y, m tx + i]`).
+//!
+//! Blocks of whole units (`TB` tiles, a multiple of 8, `α (Cin + Cout)` floats per tile within
+//! L2) are gathered channel by channel into `α` runs `d_j[unit, k]`, transformed into
+//! `V_ξ` (contiguous over the block's tiles), copied into packed panels, multiplied, and
+//! `Aᵀ M` runs over the whole block before the epilogue scatters it into output rows.
+//!
+//! ## Weight gradient: `F(3, m)`
+//! `dW[co, ci, k] = Σ_n Σ_t Σ_{i<m} dy[co, m t + i] · xpad[ci, m t + i + k]` is, per tile, a
+//! 3-output correlation of the tile's `α` inputs with the `m`-long "filter" `dy`. The
+//! forward's identity `Σ_i a_i Σ_k g_k d_{i+k} = Σ_ξ (A a)_ξ (G g)_ξ (Bᵀ d)_ξ` (trilinear in
+//! `a`, `g`, `d`) read as a function of `g` gives `dW_k = Σ_ξ G_ξk (A dy)_ξ (Bᵀ d)_ξ`: the
+//! forward's `V = Bᵀ d`, `dY = A dy` (`A = (Aᵀ)ᵀ`, `α x m`), then
+//! - `α` GEMMs with the tiles as reduction, summed over the call's samples:
+//!   `Mᵀ_ξ[ci, co] += Σ_t V_ξ[ci, t] · dY_ξ[co, t]` on the weight-gradient tile kernel
+//!   ([`WgradSpec`](super::gemm::WgradSpec), as the 2-D weight gradient);
+//! - once per call, `dW[co, ci, k] += Σ_ξ G_ξk M_ξ[co, ci]`.
+//!
+//! `dy` is gathered into units exactly like the input (`m` runs, no padding, zero past its
+//! end). The bias gradient is the caller's.
+//!
+//! The maths is exact in real arithmetic; in f32 `F(4, 3)`'s larger coefficients give errors
+//! of a few 1e-6 of the output scale (`F(2, 3)`: ~1e-7), the weight gradient a few times that.
+
+use super::gemm::{Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, NR};
+use super::jit::{Finished, Jit};
+use super::winograd::{
+    block_gemms, define_wgrad, finish_row, pack_dy, pack_filters, pack_panels, wgrad_gemms, WinoEpi, BLOCK_BYTES, CG,
+};
+use crate::{Error, Result};
+
+/// Which axis the 3-tap filter runs along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// A 3x1 kernel: along the rows' index (`y`), combining whole rows.
+    Rows,
+    /// A 1x3 kernel: along each row (`x`).
+    Cols,
+}
+
+/// The geometry a one-dimensional Winograd layer is specialised to. Across the filtered
+/// axis there is no padding (the output is as long as the input there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wino1dShape {
+    /// The filtered axis.
+    pub axis: Axis,
+    /// Outputs per tile, 2 or 4 (`F(2, 3)` or `F(4, 3)`).
+    pub m: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Padding before the input along the filtered axis (after it: whatever the output length
+    /// implies; input past the last tile's patch is dropped).
+    pub pad: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+/// The Toom-Cook matrices of `F(m, 3)` (the first `α = m + 2` rows / columns used).
+struct Toom {
+    bt: [[f32; 6]; 6],
+    g: [[f32; 3]; 6],
+    at: [[f32; 6]; 4],
+}
+
+/// `F(2, 3)`, points `0, 1, -1, ∞`.
+const F2: Toom = Toom {
+    bt: [
+        [1.0, 0.0, -1.0, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+        [0.0, -1.0, 1.0, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, -1.0, 0.0, 0.0],
+        [0.0; 6],
+        [0.0; 6],
+    ],
+    g: [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0], [0.0; 3], [0.0; 3]],
+    at: [[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 1.0, -1.0, -1.0, 0.0, 0.0], [0.0; 6], [0.0; 6]],
+};
+
+/// `F(4, 3)`, points `0, 1, -1, 2, -2, ∞`.
+const F4: Toom = Toom {
+    bt: [
+        [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+        [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+        [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+        [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+        [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+    ],
+    g: [
+        [0.25, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ],
+    at: [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+        [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+        [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+    ],
+};
+
+/// `dst = Σ c · src` over the terms with non-zero `c` (`coef[j]` for `src(j)`, `j < n`), eight
+/// lanes at a time (one pass over `dst`; every `src` at least as long as `dst`).
+fn lincomb<'a>(dst: &mut [f32], coef: impl Iterator<Item = f32>, src: impl Fn(usize) -> &'a [f32]) {
+    let mut terms: [(f32, &[f32]); 6] = [(0.0, &[]); 6];
+    let mut nt = 0;
+    for (j, c) in coef.enumerate() {
+        if c != 0.0 {
+            terms[nt] = (c, src(j));
+            nt += 1;
+        }
+    }
+    let terms = &terms[..nt];
+    let full = dst.len() / 8 * 8;
+    for (q, d) in dst[..full].chunks_exact_mut(8).enumerate() {
+        let mut acc = [0.0f32; 8];
+        for &(c, s) in terms {
+            let s: &[f32; 8] = s[q * 8..q * 8 + 8].try_into().expect("8 lanes");
+            for l in 0..8 {
+                acc[l] += c * s[l];
+            }
+        }
+        d.copy_from_slice(&acc);
+    }
+    for (i, d) in dst.iter_mut().enumerate().skip(full) {
+        *d = terms.iter().map(|&(c, s)| c * s[i]).sum();
+    }
+}
+
+/// How one channel's plane (`src_h x src_w`) maps onto units of tiles: [`Self::gather`].
+#[derive(Clone, Copy, Debug)]
+struct Lay {
+    axis: Axis,
+    m: usize,
+    src_h: usize,
+    src_w: usize,
+    pad: usize,
+    /// Tiles per unit.
+    tpu: usize,
+}
+
+impl Lay {
+    /// `dst[j·ld + r·TPU + k] = src` at position `m t + j - pad` along the axis, for `j <
+    /// runs`, the units `u0 .. u0 + rows` (`r` counted from `u0`) and their tiles `k` (zero
+    /// outside the plane).
+    fn gather(&self, dst: &mut [f32], ld: usize, runs: usize, src: &[f32], u0: usize, rows: usize) {
+        let (m, tpu, w) = (self.m, self.tpu, self.src_w);
+        for j in 0..runs {
+            for r in 0..rows {
+                let d = &mut dst[j * ld + r * tpu..][..tpu];
+                match self.axis {
+                    Axis::Rows => {
+                        // Unit u0 + r is tile row ty; run j is the whole padded row m ty + j.
+                        match ((u0 + r) * m + j).checked_sub(self.pad).filter(|&y| y < self.src_h) {
+                            Some(y) => d.copy_from_slice(&src[y * w..][..w]),
+                            None => d.fill(0.0),
+                        }
+                    }
+                    Axis::Cols => {
+                        let row = &src[(u0 + r) * w..][..w];
+                        for (tx, v) in d.iter_mut().enumerate() {
+                            *v = match (m * tx + j).checked_sub(self.pad) {
+                                Some(x) if x < w => row[x],
+                                _ => 0.0,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Wino1dShape {
+    fn toom(&self) -> &'static Toom {
+        if self.m == 4 {
+            &F4
+        } else {
+            &F2
+        }
+    }
+
+    /// Transform positions `α = m + 2`.
+    fn alpha(&self) -> usize {
+        self.m + 2
+    }
+
+    /// Tiles along the filtered axis, `T`.
+    fn tiles(&self) -> usize {
+        match self.axis {
+            Axis::Rows => self.oh,
+            Axis::Cols => self.ow,
+        }
+        .div_ceil(self.m)
+    }
+
+    /// Units and tiles per unit `(U, TPU)` (module doc).
+    fn units(&self) -> (usize, usize) {
+        match self.axis {
+            Axis::Rows => (self.tiles(), self.ow),
+            Axis::Cols => (self.oh, self.tiles()),
+        }
+    }
+
+    /// Units per block and the block's tile capacity `TB` (a multiple of 8).
+    fn block(&self) -> (usize, usize) {
+        let (u, tpu) = self.units();
+        let per_tile = self.alpha() * (self.cin + self.cout) * std::mem::size_of::<f32>();
+        let rows = (BLOCK_BYTES / per_tile / tpu).clamp(1, u);
+        (rows, (rows * tpu).next_multiple_of(NR))
+    }
+
+    /// The input's layout.
+    fn input_lay(&self) -> Lay {
+        Lay { axis: self.axis, m: self.m, src_h: self.h, src_w: self.w, pad: self.pad, tpu: self.units().1 }
+    }
+
+    /// The output gradient's layout (weight gradient).
+    fn grad_lay(&self) -> Lay {
+        Lay { src_h: self.oh, src_w: self.ow, pad: 0, ..self.input_lay() }
+    }
+
+    /// Check the shape is one this module handles.
+    fn check(&self) -> Result<()> {
+        let ok = matches!(self.m, 2 | 4)
+            && self.cin > 0
+            && self.cout > 0
+            && self.oh > 0
+            && self.ow > 0
+            && match self.axis {
+                Axis::Rows => self.ow == self.w,
+                Axis::Cols => self.oh == self.h,
+            };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Codegen { layer: "winograd1d".into(), message: format!("unsupported shape {self:?}") })
+        }
+    }
+
+    /// `V_ξ` of channel plane `src` for the block's units `u0 .. u0 + rows`: the `α` runs
+    /// gathered into `g` (`[α][TB]`), transformed into `t[ξ·ld + tile]` over `n` tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn input_transform(&self, t: &mut [f32], ld: usize, g: &mut [f32], src: &[f32], u0: usize, rows: usize, n: usize) {
+        let (a, tb, bt) = (self.alpha(), self.block().1, &self.toom().bt);
+        self.input_lay().gather(g, tb, a, src, u0, rows);
+        for (xi, row) in bt.iter().enumerate().take(a) {
+            lincomb(&mut t[xi * ld..][..n], row[..a].iter().copied(), |j| &g[j * tb..][..n]);
+        }
+    }
+}
+
+/// The GEMM of a one-dimensional Winograd layer before finalization.
+pub struct Wino1dPlan {
+    shape: Wino1dShape,
+    gemm: GemmPlan,
+}
+
+/// A compiled one-dimensional Winograd `F(m, 3)` forward (see the module doc).
+#[derive(Debug)]
+pub struct Winograd1d {
+    shape: Wino1dShape,
+    gemm: Gemm,
+}
+
+impl Wino1dPlan {
+    /// Define the `α` GEMMs' tile kernels (one plain `Cout x TB x Cin` GEMM shape).
+    pub fn define(jit: &mut Jit, shape: Wino1dShape) -> Result<Wino1dPlan> {
+        shape.check()?;
+        let tb = shape.block().1;
+        let gemm = GemmPlan::define(jit, "conv_winograd1d", GemmSpec::plain(Some(shape.cout), tb, shape.cin, tb, false))?;
+        Ok(Wino1dPlan { shape, gemm })
+    }
+
+    /// Resolve against the finalized module.
+    pub fn resolve(&self, fin: &Finished) -> Winograd1d {
+        Winograd1d { shape: self.shape, gemm: self.gemm.resolve(fin) }
+    }
+}
+
+/// Scratch of one forward call, reused across its samples: transformed filters, one block's
+/// gathered runs, transformed input, packed panels and GEMM results, and the output rows.
+#[derive(Default)]
+pub struct Wino1dScratch {
+    /// The shape the buffers were sized for.
+    shape: Option<Wino1dShape>,
+    /// `U` unpacked, `[ξ][Cout][Cin]`.
+    u: Vec<f32>,
+    /// `U_ξ` packed as the GEMM's `A`.
+    up: Vec<Vec<f32>>,
+    /// One channel's gathered runs, `[α][TB]`.
+    g: Vec<f32>,
+    /// `CG` channels' transformed block, `[CG][α][TB]`.
+    t: Vec<f32>,
+    /// The block's `V`, packed B panels.
+    v: Vec<f32>,
+    /// The block's `M`, `[α][Cout][TB]`.
+    m: Vec<f32>,
+    /// One channel's `Aᵀ M`, `[m][TB]`, then one output row.
+    y: Vec<f32>,
+}
+
+impl Winograd1d {
+    /// Number of GEMM tile kernels compiled.
+    pub fn tile_count(&self) -> usize {
+        self.gemm.tile_count()
+    }
+
+    /// Transform and pack the filters `w` (`[Cout, Cin, 3, 1]` or `[Cout, Cin, 1, 3]`: three
+    /// taps per channel pair) into `s`.
+    pub fn prepare(&self, w: &[f32], s: &mut Wino1dScratch) {
+        let sh = &self.shape;
+        let (cin, cout, a) = (sh.cin, sh.cout, sh.alpha());
+        let gm = &sh.toom().g;
+        s.u.resize(a * cout * cin, 0.0);
+        for co in 0..cout {
+            for ci in 0..cin {
+                let g = &w[(co * cin + ci) * 3..][..3];
+                for (xi, row) in gm.iter().enumerate().take(a) {
+                    s.u[(xi * cout + co) * cin + ci] = row[0] * g[0] + row[1] * g[1] + row[2] * g[2];
+                }
+            }
+        }
+        pack_filters(&mut s.up, &s.u, a, cout, cin);
+    }
+
+    /// Size `s` for this shape.
+    fn size_scratch(&self, s: &mut Wino1dScratch) {
+        let sh = &self.shape;
+        if s.shape == Some(*sh) {
+            return;
+        }
+        let (a, tb) = (sh.alpha(), sh.block().1);
+        s.g.clear();
+        s.g.resize(a * tb, 0.0);
+        s.t.clear();
+        s.t.resize(CG * a * tb, 0.0);
+        s.v.resize(a * sh.cin * tb, 0.0);
+        s.m.resize(a * sh.cout * tb, 0.0);
+        s.y.resize(sh.m * tb + (sh.m * sh.tiles()).max(sh.ow), 0.0);
+        s.shape = Some(*sh);
+    }
+
+    /// One sample: `out` is this sample's `[Cout, OH, OW]` region of the output, starting at
+    /// its first channel, with `OH*OW` elements from one channel to the next; `x` its input
+    /// `[Cin, H, W]`.
+    pub fn forward_sample(&self, out: &mut [f32], x: &[f32], s: &mut Wino1dScratch, epi: &WinoEpi) {
+        self.size_scratch(s);
+        let sh = &self.shape;
+        let (units, tpu) = sh.units();
+        let (rows_per_block, tb) = sh.block();
+        let (cin, cout, a) = (sh.cin, sh.cout, sh.alpha());
+        let plane = sh.h * sh.w;
+        for u0 in (0..units).step_by(rows_per_block) {
+            let rows = rows_per_block.min(units - u0);
+            let n = (rows * tpu).next_multiple_of(NR);
+            let np = n / NR;
+            for c0 in (0..cin).step_by(CG) {
+                let g = CG.min(cin - c0);
+                for c in 0..g {
+                    let src = &x[(c0 + c) * plane..][..plane];
+                    sh.input_transform(&mut s.t[c * a * tb..], tb, &mut s.g, src, u0, rows, n);
+                }
+                pack_panels(&mut s.v, &s.t, a, (tb, np), cin, c0..c0 + g);
+            }
+            block_gemms(&self.gemm, &mut s.m, &s.v, &s.up, (cin, cout), tb, np);
+            self.output_block(out, s, epi, u0, rows);
+        }
+    }
+
+    /// `Y = Aᵀ M` for every tile of the block of units `u0 .. u0 + rows`, channel by channel
+    /// over the whole block, then the epilogue along each output row.
+    fn output_block(&self, out: &mut [f32], s: &mut Wino1dScratch, epi: &WinoEpi, u0: usize, rows: usize) {
+        let sh = &self.shape;
+        let (tpu, tb, m, a) = (sh.units().1, sh.block().1, sh.m, sh.alpha());
+        let n = (rows * tpu).next_multiple_of(NR);
+        let (at, p, cout) = (&sh.toom().at, sh.oh * sh.ow, sh.cout);
+        for co in 0..cout {
+            let (yv, rowbuf) = s.y.split_at_mut(m * tb);
+            for (i, row) in at.iter().enumerate().take(m) {
+                lincomb(&mut yv[i * tb..][..n], row[..a].iter().copied(), |xi| &s.m[(xi * cout + co) * tb..][..n]);
+            }
+            // Bias and scale / shift, per channel, on the tiles.
+            let b = epi.bias.get(co).copied().unwrap_or(0.0);
+            if !epi.scale.is_empty() {
+                let (sc, add) = (epi.scale[co], b * epi.scale[co] + epi.shift[co]);
+                yv.chunks_exact_mut(tb).for_each(|y| y[..n].iter_mut().for_each(|v| *v = *v * sc + add));
+            } else if !epi.bias.is_empty() {
+                yv.chunks_exact_mut(tb).for_each(|y| y[..n].iter_mut().for_each(|v| *v += b));
+            }
+            for r in 0..rows {
+                let mut emit = |oy: usize, row: &mut [f32]| {
+                    let o = co * p + oy * sh.ow;
+                    let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
+                    finish_row(&mut out[o..o + sh.ow], row, res, epi.act, epi.accumulate);
+                };
+                match sh.axis {
+                    // Output i of tile row ty is the whole output row m ty + i.
+                    Axis::Rows => {
+                        for i in 0..m {
+                            let oy = m * (u0 + r) + i;
+                            if oy < sh.oh {
+                                emit(oy, &mut yv[i * tb + r * tpu..][..tpu]);
+                            }
+                        }
+                    }
+                    // Output i of tile tx is column m tx + i of row u0 + r.
+                    Axis::Cols => {
+                        for i in 0..m {
+                            let src = &yv[i * tb + r * tpu..][..tpu];
+                            for (tx, &v) in src.iter().enumerate() {
+                                rowbuf[m * tx + i] = v;
+                            }
+                        }
+                        emit(u0 + r, &mut rowbuf[..sh.ow]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The weight-gradient tile kernels of a one-dimensional Winograd layer before finalization.
+pub struct Wino1dWgradPlan {
+    shape: Wino1dShape,
+    main: WgradPlan,
+    tail: Option<WgradPlan>,
+}
+
+/// A compiled one-dimensional Winograd weight gradient `F(3, m)` (see the module doc).
+#[derive(Debug)]
+pub struct Winograd1dWgrad {
+    shape: Wino1dShape,
+    /// Kernels for a full block of units, and for the last, shorter one.
+    main: Wgrad,
+    tail: Option<Wgrad>,
+}
+
+/// Scratch of one weight-gradient call: gathered runs, one block's `V` and packed `dY`, and
+/// the `M_ξᵀ` accumulated over the call's samples.
+#[derive(Default)]
+pub struct Wino1dWgradScratch {
+    /// The shape the buffers were laid out for.
+    shape: Option<Wino1dShape>,
+    /// One channel's gathered runs, `[α][TB]`.
+    g: Vec<f32>,
+    /// The block's `V`, `[ξ][Cin][KB]` (rows contiguous over tiles, read in place).
+    v: Vec<f32>,
+    /// Eight output channels' `dY`, `[ξ][8][nt]`, before transposition.
+    dy: Vec<f32>,
+    /// The block's `dY` packed as `B` panels, `[ξ][Cout/8][nt][8]`.
+    b: Vec<f32>,
+    /// `M_ξᵀ`, `[ξ][Cin][Cout]`, summed over samples and tiles.
+    m: Vec<f32>,
+}
+
+impl Wino1dWgradPlan {
+    /// Define the tile kernels: `C[4 x 8] += V_ξ[4 input channels, tiles] · dY_ξᵀ[tiles, 8
+    /// output channels]` over a block of units, plus the shorter last block.
+    pub fn define(jit: &mut Jit, shape: Wino1dShape) -> Result<Wino1dWgradPlan> {
+        shape.check()?;
+        let ((units, tpu), rows) = (shape.units(), shape.block().0);
+        let (main, tail) = define_wgrad(jit, "conv_winograd1d_w", (shape.cin, shape.cout), rows * tpu, (units % rows) * tpu)?;
+        Ok(Wino1dWgradPlan { shape, main, tail })
+    }
+
+    /// Resolve against the finalized module.
+    pub fn resolve(&self, fin: &Finished) -> Winograd1dWgrad {
+        Winograd1dWgrad { shape: self.shape, main: self.main.resolve(fin), tail: self.tail.as_ref().map(|t| t.resolve(fin)) }
+    }
+}
+
+impl Winograd1dWgrad {
+    /// Number of tile kernels compiled.
+    pub fn tile_count(&self) -> usize {
+        self.main.tile_count() + self.tail.as_ref().map_or(0, Wgrad::tile_count)
+    }
+
+    /// Size `s` for this shape and zero its sums (once per call).
+    pub fn begin(&self, s: &mut Wino1dWgradScratch) {
+        let sh = &self.shape;
+        let (cin, cout, a) = (sh.cin, sh.cout, sh.alpha());
+        if s.shape != Some(*sh) {
+            let kb = sh.block().0 * sh.units().1;
+            s.g.clear();
+            // Gathered like the forward's: runs `TB` apart.
+            s.g.resize(a * sh.block().1, 0.0);
+            s.v.resize(a * cin * kb, 0.0);
+            s.dy.clear();
+            s.dy.resize(a * NR * kb, 0.0);
+            s.b.resize(a * cout.next_multiple_of(NR) * kb, 0.0);
+            s.shape = Some(*sh);
+        }
+        s.m.clear();
+        s.m.resize(a * cin * cout, 0.0);
+    }
+
+    /// Add one sample's `M_ξᵀ[ci, co] = Σ_tiles V_ξ[ci, t] · dY_ξ[co, t]` into `s` (after
+    /// [`Self::begin`]): `x` is the sample's input `[Cin, H, W]`, `dy` its output gradient
+    /// `[Cout, OH, OW]`.
+    pub fn accumulate_sample(&self, x: &[f32], dy: &[f32], s: &mut Wino1dWgradScratch) {
+        let sh = &self.shape;
+        let (units, tpu) = sh.units();
+        let (cin, cout, a, m) = (sh.cin, sh.cout, sh.alpha(), sh.m);
+        let rows_per_block = sh.block().0;
+        let kb = rows_per_block * tpu;
+        let (plane, oplane) = (sh.h * sh.w, sh.oh * sh.ow);
+        let np = cout.div_ceil(NR);
+        let (glay, at) = (sh.grad_lay(), &sh.toom().at);
+        for u0 in (0..units).step_by(rows_per_block) {
+            let rows = rows_per_block.min(units - u0);
+            let nt = rows * tpu;
+            let kern = if rows == rows_per_block { &self.main } else { self.tail.as_ref().expect("tail kernels") };
+            // V_ξ[ci][tile] at v[(ξ·Cin + ci)·KB + tile]: the forward's input transform.
+            for ci in 0..cin {
+                sh.input_transform(&mut s.v[ci * kb..], cin * kb, &mut s.g, &x[ci * plane..][..plane], u0, rows, nt);
+            }
+            // dY_ξ = Σ_i Aᵀ[i][ξ] dy_i, eight output channels at a time, transposed into B panels.
+            for jp in 0..np {
+                for c in 0..NR.min(cout - jp * NR) {
+                    let co = jp * NR + c;
+                    glay.gather(&mut s.g, kb, m, &dy[co * oplane..][..oplane], u0, rows);
+                    for xi in 0..a {
+                        let g = &s.g;
+                        lincomb(&mut s.dy[(xi * NR + c) * nt..][..nt], at[..m].iter().map(|r| r[xi]), |i| &g[i * kb..][..nt]);
+                    }
+                }
+                pack_dy(&mut s.b, &s.dy, a, (np, jp), nt);
+            }
+            wgrad_gemms(kern, &mut s.m, &s.v, &s.b, a, (cin, cout), (kb, nt));
+        }
+    }
+
+    /// `d_w[co, ci, k] += Σ_ξ G[ξ][k] M_ξ[co, ci]` for every channel pair (`[Cout, Cin, 3]`
+    /// taps), from the sums [`Self::accumulate_sample`] left in `s`.
+    pub fn finish(&self, d_w: &mut [f32], s: &Wino1dWgradScratch) {
+        let sh = &self.shape;
+        let (cin, cout, a, g) = (sh.cin, sh.cout, sh.alpha(), &sh.toom().g);
+        for ci in 0..cin {
+            for co in 0..cout {
+                let dst = &mut d_w[(co * cin + ci) * 3..][..3];
+                for (xi, row) in g.iter().enumerate().take(a) {
+                    let mv = s.m[(xi * cin + ci) * cout + co];
+                    for k in 0..3 {
+                        dst[k] += row[k] * mv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Aᵀ[(G g) ⊙ (Bᵀ d)]` equals the direct 3-tap correlation, for both tile sizes.
+    #[test]
+    fn toom_cook_matrices_are_exact() {
+        for (t, m) in [(&F2, 2), (&F4, 4)] {
+            let a = m + 2;
+            let g = [0.3f64, -1.1, 0.7];
+            let d: Vec<f64> = (0..a).map(|j| (j as f64 * 0.37 - 0.5).sin()).collect();
+            let gg: Vec<f64> = (0..a).map(|x| (0..3).map(|k| t.g[x][k] as f64 * g[k]).sum()).collect();
+            let bd: Vec<f64> = (0..a).map(|x| (0..a).map(|j| t.bt[x][j] as f64 * d[j]).sum()).collect();
+            for i in 0..m {
+                let y: f64 = (0..a).map(|x| t.at[i][x] as f64 * gg[x] * bd[x]).sum();
+                let want: f64 = (0..3).map(|k| g[k] * d[i + k]).sum();
+                assert!((y - want).abs() < 1e-6, "F({m},3) output {i}: {y} vs {want}");
+            }
+        }
+    }
+}
