@@ -272,11 +272,13 @@ impl Engine for JitEngine {
         if p.profiling {
             p.steps.iter_mut().for_each(|s| s.time = StepTime::default());
         }
+        p.settle();
         let n = load_input(p, x, labels.len())?;
         p.forward(params, n, true, seed)?;
         // Gradient slots live from the loss seeds on (the heads') start at zero; backward zeroes
         // the others when their gradients start to live (the memory plan shares slots).
         for &s in &p.plan.memory.zero_at_seed {
+            program::claim_grad(&mut p.bufs, &mut p.grads, s);
             let gb = &mut p.grads[s];
             let len = gb.len() / p.batch * n;
             run::zero(&mut gb[..len]);

@@ -108,8 +108,11 @@ pub(crate) struct Program {
     pub plan: Plan,
     pub steps: Vec<Step>,
     pub locs: Vec<Option<Loc>>,
+    /// The memory plan's slots, as value buffers: a slot's memory is here unless a gradient
+    /// lives in the slot (then it is in `grads`, same index, and this is empty).
     pub bufs: Vec<Vec<f32>>,
-    /// Gradient buffers, same sizes as `bufs` (empty for inference programs).
+    /// The same slots as gradient buffers (empty unless a gradient lives there), then an
+    /// empty sentinel for values that need no gradient.
     pub grads: Vec<Vec<f32>>,
     pub input: NodeId,
     pub logits: NodeId,
@@ -133,6 +136,30 @@ impl Program {
     /// The location of a materialised value.
     pub fn loc(&self, id: NodeId) -> Result<Loc, EngineError> {
         loc_of(&self.locs, &self.graph, id)
+    }
+
+    /// Hand every slot's memory back to the value buffers (after backward; a training step
+    /// and inference start from there).
+    pub fn settle(&mut self) {
+        for s in 0..self.bufs.len() {
+            claim_value(&mut self.bufs, &mut self.grads, s);
+        }
+    }
+}
+
+/// Slot `s`'s memory as a gradient buffer: a gradient's life starts in the slot (the memory
+/// plan zeroes or overwrites it there), and whatever value it held is dead.
+pub(crate) fn claim_grad(bufs: &mut [Vec<f32>], grads: &mut [Vec<f32>], s: usize) {
+    if s < bufs.len() && grads[s].is_empty() {
+        grads[s] = std::mem::take(&mut bufs[s]);
+    }
+}
+
+/// Slot `s`'s memory as a value buffer: a value's life starts in the slot (forward, or a
+/// recomputation in backward), and whatever gradient it held is dead.
+pub(crate) fn claim_value(bufs: &mut [Vec<f32>], grads: &mut [Vec<f32>], s: usize) {
+    if s < bufs.len() && bufs[s].is_empty() {
+        bufs[s] = std::mem::take(&mut grads[s]);
     }
 }
 
@@ -181,12 +208,13 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     // Locations: follow slices to their root buffer, composing offsets.
     let size = plan.placement.len();
     let mut locs: Vec<Option<Loc>> = vec![None; size];
-    // Value and gradient slots from the memory plan (`passes::memplan`): buffers whose lives
-    // do not overlap share one. The last gradient slot is an empty sentinel for buffers that
-    // need no gradient.
+    // Slots from the memory plan (`passes::memplan`): values and gradients whose lives do not
+    // overlap share one. A slot's memory starts in `bufs` (values) and moves to `grads` (same
+    // index) while a gradient lives there (`Program::claim_grad`, `Program::claim_value`).
+    // The last gradient entry is an empty sentinel for buffers that need no gradient.
     let mem = &plan.memory;
-    let bufs: Vec<Vec<f32>> = mem.value_slot_elems.iter().map(|&e| vec![0.0; batch * e]).collect();
-    let no_grad = mem.grad_slot_elems.len();
+    let bufs: Vec<Vec<f32>> = mem.slot_elems.iter().map(|&e| vec![0.0; batch * e]).collect();
+    let no_grad = mem.slot_elems.len();
     for id in g.nodes() {
         let Some((r, off)) = memplan::root_offset(&plan.placement, id) else { continue };
         let rb = mem.value_slot[r.index()].ok_or_else(|| eerr(format!("layer `{}`: no memory slot planned", g.node(r).name)))?;
@@ -199,10 +227,9 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         locs[id.index()] = Some(Loc { buf: rb, grad, off, ch, total, hw });
     }
     // Gradient slots only where backward writes or reads one ([`Graph::needs_grad`], the cost
-    // model's rule, and the heads' logits, which the loss seeds), shared by buffers whose
-    // gradients live at different times; then the empty sentinel.
-    let grad_elems: &[usize] = if train { &mem.grad_slot_elems } else { &[] };
-    let grads: Vec<Vec<f32>> = grad_elems.iter().map(|&e| vec![0.0; batch * e]).chain([Vec::new()]).collect();
+    // model's rule, and the heads' logits, which the loss seeds); they hold no memory until a
+    // gradient's life starts in them.
+    let grads: Vec<Vec<f32>> = vec![Vec::new(); no_grad + 1];
     let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
 
     let mut steps = Vec::with_capacity(plan.groups.len());

@@ -18,7 +18,7 @@
 //! backward starts its input's gradient and overwrites it whole (`overwrite_grad`); values the
 //! plan recomputes are rewritten right before the backward step that first reads them.
 
-use super::program::{eerr, loc_of, Chain, Kind, Loc, Program, Step};
+use super::program::{claim_grad, claim_value, eerr, loc_of, Chain, Kind, Loc, Program, Step};
 use crate::engine::EngineError;
 use crate::init::tensor_rng;
 use crate::params::ParamStore;
@@ -398,6 +398,14 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
+        let r = self.backward_steps(params, pgrads, n);
+        self.settle();
+        r
+    }
+
+    /// [`Program::backward`]'s steps, leaving slots' memory wherever the last gradients and
+    /// values lived.
+    fn backward_steps(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
         let Program { graph: g, plan, steps, locs, bufs, grads, threads, profiling, batch, partials, recompute, .. } = self;
         let threads = *threads;
         let ng = g.needs_grad();
@@ -406,14 +414,20 @@ impl Program {
             // Values whose slot served others since forward: recompute them now (the memory
             // plan's batch norm + activation outputs).
             for &r in &recompute[i] {
+                claim_value(bufs, grads, loc_of(locs, g, steps[r].out)?.buf);
                 recompute_bn_act(&steps[r], params, bufs, locs, g, n)?;
             }
             let step = &mut steps[i];
             let overwrite = plan.memory.overwrite_grad.get(i).copied().unwrap_or(false);
-            // Gradient slots whose next gradient starts to live here (shared slots).
+            // Slots where a gradient starts to live here: zeroed, or overwritten whole by a
+            // batch norm's backward.
             for &s in &plan.memory.zero_before[i] {
+                claim_grad(bufs, grads, s);
                 let len = grads[s].len() / *batch * n;
                 zero(&mut grads[s][..len]);
+            }
+            if let (true, Kind::BnTrain { x, .. }) = (overwrite, &step.kind) {
+                claim_grad(bufs, grads, loc_of(locs, g, *x)?.grad);
             }
             if !ng[step.out.index()] {
                 continue; // at or below the lowest trainable layer: no backward at all
@@ -421,7 +435,11 @@ impl Program {
             let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
-            let y = &bufs[ol.buf][..n * stride];
+            // The output's value, where backward reads it (its memory may serve a gradient
+            // otherwise: then this is empty).
+            let y: &[f32] = bufs[ol.buf].get(..n * stride).unwrap_or_default();
+            let step_name = step.name.clone();
+            let kept_y = || if y.is_empty() { Err(eerr(format!("layer `{step_name}`: output not kept for its backward"))) } else { Ok(y) };
             let mut gbuf = std::mem::take(&mut grads[ol.grad]);
             let r = (|| -> R {
                 let gr = &mut gbuf[..n * stride];
@@ -433,6 +451,7 @@ impl Program {
                     match c {
                         Chain::Act(_) if j == 0 && bn_relu => {}
                         Chain::Act(a) => {
+                            let y = kept_y()?;
                             let (num, off) = (ol.numel(), ol.off * ol.hw);
                             gr.par_chunks_mut(stride).zip(y.par_chunks(stride)).for_each(|(d, y)| act_grad_inplace(*a, &mut d[off..off + num], &y[off..off + num]));
                         }
@@ -575,7 +594,7 @@ impl Program {
                             }
                             Op::Softmax => {
                                 let mut yv = Vec::new();
-                                gather(&mut yv, y, ol, n);
+                                gather(&mut yv, kept_y()?, ol, n);
                                 let yv = view_of(g, *node, &yv, n)?;
                                 reference::softmax_backward(as2m(dx0.view_mut())?, as2(dyv)?, as2(yv)?)
                             }
