@@ -40,10 +40,15 @@ pub fn standard_cases() -> Vec<ConvCase> {
 
 /// The layers of the training-step benchmarks, at half their batch (what one of two threads
 /// gets): LeNet-5's two convolutions and the MNIST VGG's Winograd layers (batch 32), the mini
-/// inception net's 3x3 convolutions and a 1x1, and the narrowest Winograd layer, 16->16
-/// (batch 16).
+/// inception net's 3x3 convolutions and a 1x1, the narrowest Winograd layer, 16->16, and
+/// the CIFAR inception net's factored 1x3 / 3x1 convolutions (1-D Winograd; batch 16).
 pub fn small_cases() -> Vec<ConvCase> {
     let c = |out, k: usize, pad| Conv2d::new(out, [k, k]).pad(Padding::uniform(pad));
+    // A factored 1x3 / 3x1 with "same" padding along its filtered axis.
+    let f = |out, k: [usize; 2]| {
+        let (v, h) = (k[0] / 2, k[1] / 2);
+        Conv2d::new(out, k).pad(Padding::Explicit { top: v, bottom: v, left: h, right: h })
+    };
     vec![
         ConvCase { name: "lenet c1 1->6 5x5 b32", conv: c(6, 5, 2), input: (1, 28, 28), batch: 32 },
         ConvCase { name: "lenet c2 6->16 5x5 b32", conv: c(16, 5, 0), input: (6, 14, 14), batch: 32 },
@@ -55,6 +60,14 @@ pub fn small_cases() -> Vec<ConvCase> {
         ConvCase { name: "inc 16->32 3x3 b16", conv: c(32, 3, 1), input: (16, 32, 32), batch: 16 },
         ConvCase { name: "inc 24->48 3x3 b16", conv: c(48, 3, 1), input: (24, 16, 16), batch: 16 },
         ConvCase { name: "inc 80->48 1x1 b16", conv: c(48, 1, 0), input: (80, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 48->64 1x3 b16", conv: f(64, [1, 3]), input: (48, 32, 32), batch: 16 },
+        ConvCase { name: "cifar 64->64 3x1 b16", conv: f(64, [3, 1]), input: (64, 32, 32), batch: 16 },
+        ConvCase { name: "cifar 96->128 1x3 b16", conv: f(128, [1, 3]), input: (96, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 128->128 3x1 b16", conv: f(128, [3, 1]), input: (128, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 16->16 1x3 b16", conv: f(16, [1, 3]), input: (16, 32, 32), batch: 16 },
+        ConvCase { name: "cifar 16->16 3x1 b16", conv: f(16, [3, 1]), input: (16, 32, 32), batch: 16 },
+        ConvCase { name: "cifar 32->48 1x3 b16", conv: f(48, [1, 3]), input: (32, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 48->48 3x1 b16", conv: f(48, [3, 1]), input: (48, 16, 16), batch: 16 },
     ]
 }
 

@@ -75,7 +75,7 @@ pub(super) const BLOCK_BYTES: usize = 1 << 19;
 
 /// Input channels transformed together: each copy into the packed panels then writes
 /// `CG x 8` consecutive floats (whole cache lines).
-pub(super) const CG: usize = 4;
+const CG: usize = 4;
 
 /// The geometry a Winograd layer is specialised to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,13 +325,15 @@ pub(super) fn pack_filters(up: &mut Vec<Vec<f32>>, u: &[f32], n: usize, cout: us
 /// counted from `chans.start`, `n` transform positions) into the packed `Cin x 8` B panels
 /// `v[((ξ·TB/8 + q)·Cin + ci)·8 + l]` (tile `8q + l`) of the first `np` panels: `chans.len() x 8`
 /// consecutive floats per copy.
-pub(super) fn pack_panels(v: &mut [f32], t: &[f32], n: usize, (tb, np): (usize, usize), cin: usize, chans: std::ops::Range<usize>) {
+fn pack_panels(v: &mut [f32], t: &[f32], n: usize, (tb, np): (usize, usize), cin: usize, chans: std::ops::Range<usize>) {
     let vp = tb / NR;
     for xi in 0..n {
         for q in 0..np {
             let o = ((xi * vp + q) * cin + chans.start) * NR;
             for (c, dst) in v[o..o + chans.len() * NR].chunks_exact_mut(NR).enumerate() {
-                dst.copy_from_slice(&t[(c * n + xi) * tb + q * NR..][..NR]);
+                // Fixed-size copies (a slice copy is a memcpy call).
+                let dst: &mut [f32; NR] = dst.try_into().expect("8 floats");
+                *dst = t[(c * n + xi) * tb + q * NR..][..NR].try_into().expect("8 floats");
             }
         }
     }

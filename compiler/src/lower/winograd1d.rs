@@ -65,7 +65,7 @@
 use super::gemm::{Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, NR};
 use super::jit::{Finished, Jit};
 use super::winograd::{
-    block_gemms, define_wgrad, finish_row, pack_dy, pack_filters, pack_panels, wgrad_gemms, WinoEpi, BLOCK_BYTES, CG,
+    block_gemms, define_wgrad, finish_row, pack_dy, pack_filters, wgrad_gemms, WinoEpi, BLOCK_BYTES,
 };
 use crate::{Error, Result};
 
@@ -103,78 +103,150 @@ pub struct Wino1dShape {
     pub ow: usize,
 }
 
-/// The Toom-Cook matrices of `F(m, 3)` (the first `α = m + 2` rows / columns used).
-struct Toom {
-    bt: [[f32; 6]; 6],
-    g: [[f32; 3]; 6],
-    at: [[f32; 6]; 4],
+/// `F(2, 3)`'s `Bᵀ` (points `0, 1, -1, ∞`).
+const BT2: [[f32; 4]; 4] = [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]];
+/// `F(2, 3)`'s `G`.
+const G2: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+/// `F(2, 3)`'s `Aᵀ`.
+const AT2: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+
+/// `F(4, 3)`'s `Bᵀ` (points `0, 1, -1, 2, -2, ∞`).
+const BT4: [[f32; 6]; 6] = [
+    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+];
+/// `F(4, 3)`'s `G`.
+const G4: [[f32; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+/// `F(4, 3)`'s `Aᵀ`.
+const AT4: [[f32; 6]; 4] =
+    [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 0.0], [0.0, 1.0, 1.0, 4.0, 4.0, 0.0], [0.0, 1.0, -1.0, 8.0, -8.0, 1.0]];
+
+/// `aᵀ`.
+const fn transpose<const R: usize, const C: usize>(a: [[f32; C]; R]) -> [[f32; R]; C] {
+    let mut t = [[0.0; R]; C];
+    let mut i = 0;
+    while i < R {
+        let mut j = 0;
+        while j < C {
+            t[j][i] = a[i][j];
+            j += 1;
+        }
+        i += 1;
+    }
+    t
 }
 
-/// `F(2, 3)`, points `0, 1, -1, ∞`.
-const F2: Toom = Toom {
-    bt: [
-        [1.0, 0.0, -1.0, 0.0, 0.0, 0.0],
-        [0.0, 1.0, 1.0, 0.0, 0.0, 0.0],
-        [0.0, -1.0, 1.0, 0.0, 0.0, 0.0],
-        [0.0, 1.0, 0.0, -1.0, 0.0, 0.0],
-        [0.0; 6],
-        [0.0; 6],
-    ],
-    g: [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0], [0.0; 3], [0.0; 3]],
-    at: [[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 1.0, -1.0, -1.0, 0.0, 0.0], [0.0; 6], [0.0; 6]],
-};
+/// `A = (Aᵀ)ᵀ` of `F(2, 3)`: the weight gradient's transform of `dy`.
+const A2: [[f32; 2]; 4] = transpose(AT2);
+/// `A` of `F(4, 3)`.
+const A4: [[f32; 4]; 6] = transpose(AT4);
 
-/// `F(4, 3)`, points `0, 1, -1, 2, -2, ∞`.
-const F4: Toom = Toom {
-    bt: [
-        [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
-        [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
-        [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
-        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
-        [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
-        [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
-    ],
-    g: [
-        [0.25, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ],
-    at: [
-        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
-        [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
-        [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
-        [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
-    ],
-};
+/// Eight lanes.
+type L = [f32; 8];
 
-/// `dst = Σ c · src` over the terms with non-zero `c` (`coef[j]` for `src(j)`, `j < n`), eight
-/// lanes at a time (one pass over `dst`; every `src` at least as long as `dst`).
-fn lincomb<'a>(dst: &mut [f32], coef: impl Iterator<Item = f32>, src: impl Fn(usize) -> &'a [f32]) {
-    let mut terms: [(f32, &[f32]); 6] = [(0.0, &[]); 6];
-    let mut nt = 0;
-    for (j, c) in coef.enumerate() {
-        if c != 0.0 {
-            terms[nt] = (c, src(j));
-            nt += 1;
-        }
-    }
-    let terms = &terms[..nt];
-    let full = dst.len() / 8 * 8;
-    for (q, d) in dst[..full].chunks_exact_mut(8).enumerate() {
-        let mut acc = [0.0f32; 8];
-        for &(c, s) in terms {
-            let s: &[f32; 8] = s[q * 8..q * 8 + 8].try_into().expect("8 lanes");
-            for l in 0..8 {
-                acc[l] += c * s[l];
+/// `a + b` lane-wise.
+#[inline(always)]
+fn ad(a: L, b: L) -> L {
+    std::array::from_fn(|l| a[l] + b[l])
+}
+
+/// `a - b` lane-wise.
+#[inline(always)]
+fn sb(a: L, b: L) -> L {
+    std::array::from_fn(|l| a[l] - b[l])
+}
+
+/// `k a` lane-wise.
+#[inline(always)]
+fn sc(k: f32, a: L) -> L {
+    a.map(|v| k * v)
+}
+
+/// `Bᵀ d` of `F(2, 3)` ([`BT2`]).
+#[inline(always)]
+fn bt2(d: &[L; 4]) -> [L; 4] {
+    [sb(d[0], d[2]), ad(d[1], d[2]), sb(d[2], d[1]), sb(d[1], d[3])]
+}
+
+/// `Aᵀ M` of `F(2, 3)` ([`AT2`]).
+#[inline(always)]
+fn at2(m: &[L; 4]) -> [L; 2] {
+    [ad(ad(m[0], m[1]), m[2]), sb(sb(m[1], m[2]), m[3])]
+}
+
+/// `A dy` of `F(2, 3)` ([`A2`]).
+#[inline(always)]
+fn a2(y: &[L; 2]) -> [L; 4] {
+    [y[0], ad(y[0], y[1]), sb(y[0], y[1]), sc(-1.0, y[1])]
+}
+
+/// `Bᵀ d` of `F(4, 3)` ([`BT4`]).
+#[inline(always)]
+fn bt4(d: &[L; 6]) -> [L; 6] {
+    let (s12, d12) = (ad(d[1], d[2]), sb(d[1], d[2]));
+    let (s34, d43, d42, d31) = (ad(d[3], d[4]), sb(d[4], d[3]), sb(d[4], d[2]), sb(d[3], d[1]));
+    [
+        ad(sb(sc(4.0, d[0]), sc(5.0, d[2])), d[4]),
+        sb(s34, sc(4.0, s12)),
+        ad(d43, sc(4.0, d12)),
+        ad(d42, sc(2.0, d31)),
+        sb(d42, sc(2.0, d31)),
+        ad(sb(sc(4.0, d[1]), sc(5.0, d[3])), d[5]),
+    ]
+}
+
+/// `Aᵀ M` of `F(4, 3)` ([`AT4`]).
+#[inline(always)]
+fn at4(m: &[L; 6]) -> [L; 4] {
+    let (s12, d12, s34, d34) = (ad(m[1], m[2]), sb(m[1], m[2]), ad(m[3], m[4]), sb(m[3], m[4]));
+    [ad(ad(m[0], s12), s34), ad(d12, sc(2.0, d34)), ad(s12, sc(4.0, s34)), ad(ad(d12, sc(8.0, d34)), m[5])]
+}
+
+/// `A dy` of `F(4, 3)` ([`A4`]).
+#[inline(always)]
+fn a4(y: &[L; 4]) -> [L; 6] {
+    let (s02, s13) = (ad(y[0], y[2]), ad(y[1], y[3]));
+    let (t02, t13) = (ad(y[0], sc(4.0, y[2])), ad(sc(2.0, y[1]), sc(8.0, y[3])));
+    [y[0], ad(s02, s13), sb(s02, s13), ad(t02, t13), sb(t02, t13), y[3]]
+}
+
+/// `dst[o·dld + (i / 8)·dq + i % 8] = f(src[· sld + i])[o]` for `i < n`: one pass, eight lanes
+/// at a time, every output of a lane group from the same loaded inputs. `dq = 8` writes
+/// contiguous rows; a larger `dq` writes packed GEMM panels (`dq = Cin·8`) directly.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn apply<const I: usize, const O: usize>(f: impl Fn(&[L; I]) -> [L; O], src: &[f32], sld: usize, dst: &mut [f32], (dld, dq): (usize, usize), n: usize) {
+    for q in 0..n.div_ceil(8) {
+        let len = 8.min(n - 8 * q);
+        let x: [L; I] = std::array::from_fn(|j| {
+            let s = &src[j * sld + 8 * q..][..len];
+            match <&L>::try_from(s) {
+                Ok(a) => *a,
+                Err(_) => {
+                    let mut a = [0.0; 8];
+                    a[..len].copy_from_slice(s);
+                    a
+                }
+            }
+        });
+        for (o, y) in f(&x).iter().enumerate() {
+            let d = &mut dst[o * dld + dq * q..][..len];
+            match <&mut L>::try_from(&mut *d) {
+                Ok(d) => *d = *y,
+                Err(_) => d.copy_from_slice(&y[..len]),
             }
         }
-        d.copy_from_slice(&acc);
-    }
-    for (i, d) in dst.iter_mut().enumerate().skip(full) {
-        *d = terms.iter().map(|&(c, s)| c * s[i]).sum();
     }
 }
 
@@ -190,30 +262,54 @@ struct Lay {
     tpu: usize,
 }
 
+/// `d[tx] = rp[j + M tx]`: one phase of a padded row.
+fn phase<const M: usize>(d: &mut [f32], rp: &[f32], j: usize) {
+    for (v, c) in d.iter_mut().zip(rp[j..].chunks_exact(M)) {
+        *v = c[0];
+    }
+}
+
 impl Lay {
+    /// Length of the padded row buffer [`Self::gather`] needs (1x3): every patch, `M (TPU +
+    /// 1)`, and one more `M` so each phase's last chunk is whole.
+    fn row_len(&self) -> usize {
+        self.m * (self.tpu + 2)
+    }
+
     /// `dst[j·ld + r·TPU + k] = src` at position `m t + j - pad` along the axis, for `j <
     /// runs`, the units `u0 .. u0 + rows` (`r` counted from `u0`) and their tiles `k` (zero
-    /// outside the plane).
-    fn gather(&self, dst: &mut [f32], ld: usize, runs: usize, src: &[f32], u0: usize, rows: usize) {
+    /// outside the plane). `rp` ([`Self::row_len`] long, zero but for what this writes) holds
+    /// a padded row (1x3).
+    #[allow(clippy::too_many_arguments)]
+    fn gather(&self, dst: &mut [f32], ld: usize, runs: usize, src: &[f32], u0: usize, rows: usize, rp: &mut [f32]) {
         let (m, tpu, w) = (self.m, self.tpu, self.src_w);
-        for j in 0..runs {
-            for r in 0..rows {
-                let d = &mut dst[j * ld + r * tpu..][..tpu];
-                match self.axis {
-                    Axis::Rows => {
+        match self.axis {
+            Axis::Rows => {
+                for j in 0..runs {
+                    for r in 0..rows {
                         // Unit u0 + r is tile row ty; run j is the whole padded row m ty + j.
+                        let d = &mut dst[j * ld + r * tpu..][..tpu];
                         match ((u0 + r) * m + j).checked_sub(self.pad).filter(|&y| y < self.src_h) {
                             Some(y) => d.copy_from_slice(&src[y * w..][..w]),
                             None => d.fill(0.0),
                         }
                     }
-                    Axis::Cols => {
-                        let row = &src[(u0 + r) * w..][..w];
-                        for (tx, v) in d.iter_mut().enumerate() {
-                            *v = match (m * tx + j).checked_sub(self.pad) {
-                                Some(x) if x < w => row[x],
-                                _ => 0.0,
-                            };
+                }
+            }
+            Axis::Cols => {
+                // The row at `pad` in the zero row buffer (cropped past the last patch), then
+                // its phases.
+                let rp = &mut rp[..self.row_len()];
+                rp.fill(0.0);
+                let len = w.min((m * (tpu + 1)).saturating_sub(self.pad));
+                for r in 0..rows {
+                    rp[self.pad..self.pad + len].copy_from_slice(&src[(u0 + r) * w..][..len]);
+                    for j in 0..runs {
+                        let d = &mut dst[j * ld + r * tpu..][..tpu];
+                        if m == 4 {
+                            phase::<4>(d, rp, j);
+                        } else {
+                            phase::<2>(d, rp, j);
                         }
                     }
                 }
@@ -223,14 +319,6 @@ impl Lay {
 }
 
 impl Wino1dShape {
-    fn toom(&self) -> &'static Toom {
-        if self.m == 4 {
-            &F4
-        } else {
-            &F2
-        }
-    }
-
     /// Transform positions `α = m + 2`.
     fn alpha(&self) -> usize {
         self.m + 2
@@ -259,6 +347,11 @@ impl Wino1dShape {
         let per_tile = self.alpha() * (self.cin + self.cout) * std::mem::size_of::<f32>();
         let rows = (BLOCK_BYTES / per_tile / tpu).clamp(1, u);
         (rows, (rows * tpu).next_multiple_of(NR))
+    }
+
+    /// Scratch for [`Self::input_transform`]'s gathered runs and row buffer.
+    fn gather_len(&self) -> usize {
+        self.alpha() * self.block().1 + self.input_lay().row_len().max(self.grad_lay().row_len())
     }
 
     /// The input's layout.
@@ -290,13 +383,27 @@ impl Wino1dShape {
     }
 
     /// `V_ξ` of channel plane `src` for the block's units `u0 .. u0 + rows`: the `α` runs
-    /// gathered into `g` (`[α][TB]`), transformed into `t[ξ·ld + tile]` over `n` tiles.
+    /// gathered into `g` (`[α][TB]`, then the padded row buffer), transformed into
+    /// `t[ξ·ld + (tile / 8)·dq + tile % 8]` over `n` tiles ([`apply`]).
     #[allow(clippy::too_many_arguments)]
-    fn input_transform(&self, t: &mut [f32], ld: usize, g: &mut [f32], src: &[f32], u0: usize, rows: usize, n: usize) {
-        let (a, tb, bt) = (self.alpha(), self.block().1, &self.toom().bt);
-        self.input_lay().gather(g, tb, a, src, u0, rows);
-        for (xi, row) in bt.iter().enumerate().take(a) {
-            lincomb(&mut t[xi * ld..][..n], row[..a].iter().copied(), |j| &g[j * tb..][..n]);
+    fn input_transform(&self, t: &mut [f32], ld: (usize, usize), g: &mut [f32], src: &[f32], u0: usize, rows: usize, n: usize) {
+        let (a, tb) = (self.alpha(), self.block().1);
+        let (g, rp) = g.split_at_mut(a * tb);
+        self.input_lay().gather(g, tb, a, src, u0, rows, rp);
+        if self.m == 4 {
+            apply(bt4, g, tb, t, ld, n);
+        } else {
+            apply(bt2, g, tb, t, ld, n);
+        }
+    }
+}
+
+/// `row[M tx + i] = ys[i·ld + tx]` for `tx < row.len() / M`: a 1x3 unit's outputs, in
+/// order along the output row.
+fn interleave<const M: usize>(row: &mut [f32], ys: &[f32], ld: usize) {
+    for (tx, c) in row.chunks_exact_mut(M).enumerate() {
+        for (i, v) in c.iter_mut().enumerate() {
+            *v = ys[i * ld + tx];
         }
     }
 }
@@ -341,8 +448,6 @@ pub struct Wino1dScratch {
     up: Vec<Vec<f32>>,
     /// One channel's gathered runs, `[α][TB]`.
     g: Vec<f32>,
-    /// `CG` channels' transformed block, `[CG][α][TB]`.
-    t: Vec<f32>,
     /// The block's `V`, packed B panels.
     v: Vec<f32>,
     /// The block's `M`, `[α][Cout][TB]`.
@@ -362,7 +467,7 @@ impl Winograd1d {
     pub fn prepare(&self, w: &[f32], s: &mut Wino1dScratch) {
         let sh = &self.shape;
         let (cin, cout, a) = (sh.cin, sh.cout, sh.alpha());
-        let gm = &sh.toom().g;
+        let gm: &[[f32; 3]] = if sh.m == 4 { &G4 } else { &G2 };
         s.u.resize(a * cout * cin, 0.0);
         for co in 0..cout {
             for ci in 0..cin {
@@ -383,9 +488,7 @@ impl Winograd1d {
         }
         let (a, tb) = (sh.alpha(), sh.block().1);
         s.g.clear();
-        s.g.resize(a * tb, 0.0);
-        s.t.clear();
-        s.t.resize(CG * a * tb, 0.0);
+        s.g.resize(sh.gather_len(), 0.0);
         s.v.resize(a * sh.cin * tb, 0.0);
         s.m.resize(a * sh.cout * tb, 0.0);
         s.y.resize(sh.m * tb + (sh.m * sh.tiles()).max(sh.ow), 0.0);
@@ -400,19 +503,16 @@ impl Winograd1d {
         let sh = &self.shape;
         let (units, tpu) = sh.units();
         let (rows_per_block, tb) = sh.block();
-        let (cin, cout, a) = (sh.cin, sh.cout, sh.alpha());
+        let (cin, cout) = (sh.cin, sh.cout);
         let plane = sh.h * sh.w;
         for u0 in (0..units).step_by(rows_per_block) {
             let rows = rows_per_block.min(units - u0);
             let n = (rows * tpu).next_multiple_of(NR);
             let np = n / NR;
-            for c0 in (0..cin).step_by(CG) {
-                let g = CG.min(cin - c0);
-                for c in 0..g {
-                    let src = &x[(c0 + c) * plane..][..plane];
-                    sh.input_transform(&mut s.t[c * a * tb..], tb, &mut s.g, src, u0, rows, n);
-                }
-                pack_panels(&mut s.v, &s.t, a, (tb, np), cin, c0..c0 + g);
+            // Straight into the packed panels v[((ξ·TB/8 + q)·Cin + ci)·8 + l], tile 8q + l.
+            for ci in 0..cin {
+                let src = &x[ci * plane..][..plane];
+                sh.input_transform(&mut s.v[ci * NR..], (tb * cin, cin * NR), &mut s.g, src, u0, rows, n);
             }
             block_gemms(&self.gemm, &mut s.m, &s.v, &s.up, (cin, cout), tb, np);
             self.output_block(out, s, epi, u0, rows);
@@ -423,13 +523,16 @@ impl Winograd1d {
     /// over the whole block, then the epilogue along each output row.
     fn output_block(&self, out: &mut [f32], s: &mut Wino1dScratch, epi: &WinoEpi, u0: usize, rows: usize) {
         let sh = &self.shape;
-        let (tpu, tb, m, a) = (sh.units().1, sh.block().1, sh.m, sh.alpha());
+        let (tpu, tb, m) = (sh.units().1, sh.block().1, sh.m);
         let n = (rows * tpu).next_multiple_of(NR);
-        let (at, p, cout) = (&sh.toom().at, sh.oh * sh.ow, sh.cout);
+        let (p, cout) = (sh.oh * sh.ow, sh.cout);
         for co in 0..cout {
             let (yv, rowbuf) = s.y.split_at_mut(m * tb);
-            for (i, row) in at.iter().enumerate().take(m) {
-                lincomb(&mut yv[i * tb..][..n], row[..a].iter().copied(), |xi| &s.m[(xi * cout + co) * tb..][..n]);
+            let mc = &s.m[co * tb..];
+            if m == 4 {
+                apply(at4, mc, cout * tb, yv, (tb, NR), n);
+            } else {
+                apply(at2, mc, cout * tb, yv, (tb, NR), n);
             }
             // Bias and scale / shift, per channel, on the tiles.
             let b = epi.bias.get(co).copied().unwrap_or(0.0);
@@ -457,13 +560,14 @@ impl Winograd1d {
                     }
                     // Output i of tile tx is column m tx + i of row u0 + r.
                     Axis::Cols => {
-                        for i in 0..m {
-                            let src = &yv[i * tb + r * tpu..][..tpu];
-                            for (tx, &v) in src.iter().enumerate() {
-                                rowbuf[m * tx + i] = v;
-                            }
+                        let row = &mut rowbuf[..m * tpu];
+                        let ys = &yv[r * tpu..];
+                        if m == 4 {
+                            interleave::<4>(row, ys, tb);
+                        } else {
+                            interleave::<2>(row, ys, tb);
                         }
-                        emit(u0 + r, &mut rowbuf[..sh.ow]);
+                        emit(u0 + r, &mut row[..sh.ow]);
                     }
                 }
             }
@@ -535,7 +639,7 @@ impl Winograd1dWgrad {
             let kb = sh.block().0 * sh.units().1;
             s.g.clear();
             // Gathered like the forward's: runs `TB` apart.
-            s.g.resize(a * sh.block().1, 0.0);
+            s.g.resize(sh.gather_len(), 0.0);
             s.v.resize(a * cin * kb, 0.0);
             s.dy.clear();
             s.dy.resize(a * NR * kb, 0.0);
@@ -557,23 +661,26 @@ impl Winograd1dWgrad {
         let kb = rows_per_block * tpu;
         let (plane, oplane) = (sh.h * sh.w, sh.oh * sh.ow);
         let np = cout.div_ceil(NR);
-        let (glay, at) = (sh.grad_lay(), &sh.toom().at);
+        let (glay, tb) = (sh.grad_lay(), sh.block().1);
         for u0 in (0..units).step_by(rows_per_block) {
             let rows = rows_per_block.min(units - u0);
             let nt = rows * tpu;
             let kern = if rows == rows_per_block { &self.main } else { self.tail.as_ref().expect("tail kernels") };
             // V_ξ[ci][tile] at v[(ξ·Cin + ci)·KB + tile]: the forward's input transform.
             for ci in 0..cin {
-                sh.input_transform(&mut s.v[ci * kb..], cin * kb, &mut s.g, &x[ci * plane..][..plane], u0, rows, nt);
+                sh.input_transform(&mut s.v[ci * kb..], (cin * kb, NR), &mut s.g, &x[ci * plane..][..plane], u0, rows, nt);
             }
             // dY_ξ = Σ_i Aᵀ[i][ξ] dy_i, eight output channels at a time, transposed into B panels.
             for jp in 0..np {
                 for c in 0..NR.min(cout - jp * NR) {
                     let co = jp * NR + c;
-                    glay.gather(&mut s.g, kb, m, &dy[co * oplane..][..oplane], u0, rows);
-                    for xi in 0..a {
-                        let g = &s.g;
-                        lincomb(&mut s.dy[(xi * NR + c) * nt..][..nt], at[..m].iter().map(|r| r[xi]), |i| &g[i * kb..][..nt]);
+                    let (g, rp) = s.g.split_at_mut(a * tb);
+                    glay.gather(g, kb, m, &dy[co * oplane..][..oplane], u0, rows, rp);
+                    let d = &mut s.dy[c * nt..];
+                    if m == 4 {
+                        apply(a4, g, kb, d, (NR * nt, NR), nt);
+                    } else {
+                        apply(a2, g, kb, d, (NR * nt, NR), nt);
                     }
                 }
                 pack_dy(&mut s.b, &s.dy, a, (np, jp), nt);
@@ -586,7 +693,8 @@ impl Winograd1dWgrad {
     /// taps), from the sums [`Self::accumulate_sample`] left in `s`.
     pub fn finish(&self, d_w: &mut [f32], s: &Wino1dWgradScratch) {
         let sh = &self.shape;
-        let (cin, cout, a, g) = (sh.cin, sh.cout, sh.alpha(), &sh.toom().g);
+        let (cin, cout, a) = (sh.cin, sh.cout, sh.alpha());
+        let g: &[[f32; 3]] = if sh.m == 4 { &G4 } else { &G2 };
         for ci in 0..cin {
             for co in 0..cout {
                 let dst = &mut d_w[(co * cin + ci) * 3..][..3];
@@ -605,20 +713,45 @@ impl Winograd1dWgrad {
 mod tests {
     use super::*;
 
-    /// `Aᵀ[(G g) ⊙ (Bᵀ d)]` equals the direct 3-tap correlation, for both tile sizes.
-    #[test]
-    fn toom_cook_matrices_are_exact() {
-        for (t, m) in [(&F2, 2), (&F4, 4)] {
-            let a = m + 2;
-            let g = [0.3f64, -1.1, 0.7];
-            let d: Vec<f64> = (0..a).map(|j| (j as f64 * 0.37 - 0.5).sin()).collect();
-            let gg: Vec<f64> = (0..a).map(|x| (0..3).map(|k| t.g[x][k] as f64 * g[k]).sum()).collect();
-            let bd: Vec<f64> = (0..a).map(|x| (0..a).map(|j| t.bt[x][j] as f64 * d[j]).sum()).collect();
-            for i in 0..m {
-                let y: f64 = (0..a).map(|x| t.at[i][x] as f64 * gg[x] * bd[x]).sum();
-                let want: f64 = (0..3).map(|k| g[k] * d[i + k]).sum();
-                assert!((y - want).abs() < 1e-6, "F({m},3) output {i}: {y} vs {want}");
+    /// `Aᵀ[(G g) ⊙ (Bᵀ d)]` equals the direct 3-tap correlation.
+    fn check<const A: usize, const M: usize>(bt: &[[f32; A]; A], g: &[[f32; 3]; A], at: &[[f32; A]; M]) {
+        let w = [0.3f64, -1.1, 0.7];
+        let d: Vec<f64> = (0..A).map(|j| (j as f64 * 0.37 - 0.5).sin()).collect();
+        let gg: Vec<f64> = (0..A).map(|x| (0..3).map(|k| g[x][k] as f64 * w[k]).sum()).collect();
+        let bd: Vec<f64> = (0..A).map(|x| (0..A).map(|j| bt[x][j] as f64 * d[j]).sum()).collect();
+        for i in 0..M {
+            let y: f64 = (0..A).map(|x| at[i][x] as f64 * gg[x] * bd[x]).sum();
+            let want: f64 = (0..3).map(|k| w[k] * d[i + k]).sum();
+            assert!((y - want).abs() < 1e-6, "F({M},3) output {i}: {y} vs {want}");
+        }
+    }
+
+    /// `f(x)` equals `c x` on random lanes.
+    fn check_fn<const I: usize, const O: usize>(f: impl Fn(&[L; I]) -> [L; O], c: &[[f32; I]; O]) {
+        let x: [L; I] = std::array::from_fn(|j| std::array::from_fn(|l| ((j * 8 + l) as f32 * 0.731).sin()));
+        let y = f(&x);
+        for o in 0..O {
+            for l in 0..8 {
+                let want: f32 = (0..I).map(|j| c[o][j] * x[j][l]).sum();
+                assert!((y[o][l] - want).abs() < 1e-5, "row {o} lane {l}: {} vs {want}", y[o][l]);
             }
         }
+    }
+
+    #[test]
+    fn transforms_match_matrices() {
+        check_fn(bt2, &BT2);
+        check_fn(at2, &AT2);
+        check_fn(a2, &A2);
+        check_fn(bt4, &BT4);
+        check_fn(at4, &AT4);
+        check_fn(a4, &A4);
+    }
+
+    #[test]
+    fn toom_cook_matrices_are_exact() {
+        check(&BT2, &G2, &AT2);
+        check(&BT4, &G4, &AT4);
+        assert_eq!(A4[3], [1.0, 2.0, 4.0, 8.0]);
     }
 }
