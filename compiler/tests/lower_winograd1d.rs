@@ -313,3 +313,4 @@ fn winograd1d_only_where_eligible() {
     assert_eq!(k.algorithms()[0], "winograd");
     assert_ne!(k.algorithms()[1], "winograd");
 }
+

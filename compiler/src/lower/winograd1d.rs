@@ -104,13 +104,16 @@ pub struct Wino1dShape {
 }
 
 /// `F(2, 3)`'s `Bᵀ` (points `0, 1, -1, ∞`).
+#[cfg_attr(not(test), allow(dead_code))] // the specification of the lane-wise transforms, checked in the tests
 const BT2: [[f32; 4]; 4] = [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]];
 /// `F(2, 3)`'s `G`.
 const G2: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 /// `F(2, 3)`'s `Aᵀ`.
+#[cfg_attr(not(test), allow(dead_code))] // the specification of the lane-wise transforms, checked in the tests
 const AT2: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
 
 /// `F(4, 3)`'s `Bᵀ` (points `0, 1, -1, 2, -2, ∞`).
+#[cfg_attr(not(test), allow(dead_code))] // the specification of the lane-wise transforms, checked in the tests
 const BT4: [[f32; 6]; 6] = [
     [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
     [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
@@ -129,10 +132,12 @@ const G4: [[f32; 3]; 6] = [
     [0.0, 0.0, 1.0],
 ];
 /// `F(4, 3)`'s `Aᵀ`.
+#[cfg_attr(not(test), allow(dead_code))] // the specification of the lane-wise transforms, checked in the tests
 const AT4: [[f32; 6]; 4] =
     [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 0.0], [0.0, 1.0, 1.0, 4.0, 4.0, 0.0], [0.0, 1.0, -1.0, 8.0, -8.0, 1.0]];
 
 /// `aᵀ`.
+#[cfg_attr(not(test), allow(dead_code))] // the specification of the lane-wise transforms, checked in the tests
 const fn transpose<const R: usize, const C: usize>(a: [[f32; C]; R]) -> [[f32; R]; C] {
     let mut t = [[0.0; R]; C];
     let mut i = 0;
@@ -148,8 +153,10 @@ const fn transpose<const R: usize, const C: usize>(a: [[f32; C]; R]) -> [[f32; R
 }
 
 /// `A = (Aᵀ)ᵀ` of `F(2, 3)`: the weight gradient's transform of `dy`.
+#[cfg_attr(not(test), allow(dead_code))] // the specification of the lane-wise transforms, checked in the tests
 const A2: [[f32; 2]; 4] = transpose(AT2);
 /// `A` of `F(4, 3)`.
+#[cfg_attr(not(test), allow(dead_code))] // the specification of the lane-wise transforms, checked in the tests
 const A4: [[f32; 4]; 6] = transpose(AT4);
 
 /// Eight lanes.
