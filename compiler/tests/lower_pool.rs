@@ -1,6 +1,8 @@
 //! Max pooling's vectorised paths (whole-plane and row-by-row horizontal passes, strided
 //! phases, the 2x2 stride-2 path) against a single pass over each window in row-major order,
-//! over many geometries: winners (ties, NaNs, -inf), values and the backward scatter.
+//! over many geometries: winners (ties, NaNs, -inf) as `u8` window offsets `ky*kw + kx` from the
+//! unclipped window corner, values, the forward without argmax (inference) and the backward
+//! scatter that decodes the offsets.
 #![cfg(feature = "jit")]
 
 use cnnc_compiler::ir::{Padding, Pool2d, PoolKind};
@@ -47,8 +49,19 @@ fn input(rng: &mut StdRng, kind: u32, len: usize) -> Vec<f32> {
     }
 }
 
+/// The window offset `ky*kw + kx` of plane cell `i` in the window of output `(oy, ox)`, counted
+/// from the window's unclipped top-left corner `(oy*sh - top, ox*sw - left)`.
+fn offset(p: &Pool2d, w: usize, (oy, ox): (usize, usize), i: u32) -> u8 {
+    let [t, _, l, _] = p.pads();
+    let (iy, ix) = (i as usize / w, i as usize % w);
+    let (ky, kx) = (iy + t - oy * p.stride[0], ix + l - ox * p.stride[1]);
+    assert!(ky < p.kernel[0] && kx < p.kernel[1]);
+    (ky * p.kernel[1] + kx) as u8
+}
+
 /// Forward (values and winners) and backward of `p` on `n` samples of `(c, h, w)` against the
-/// single-pass rule; returns the number of outputs checked.
+/// single-pass rule, and the forward without argmax against the same values; returns the
+/// number of outputs checked.
 fn check(p: &Pool2d, n: usize, (c, h, w): (usize, usize, usize), x: &[f32], what: &str) -> usize {
     let pk = match PoolKernels::new("pool", p, (c, h, w)) {
         Ok(k) => k,
@@ -56,8 +69,12 @@ fn check(p: &Pool2d, n: usize, (c, h, w): (usize, usize, usize), x: &[f32], what
     };
     let [t, _, l, _] = p.pads();
     let (_, oh, ow) = pk.out_shape();
-    let (mut out, mut am) = (vec![0.0; n * c * oh * ow], vec![0u32; n * c * oh * ow]);
+    let (mut out, mut am) = (vec![0.0; n * c * oh * ow], vec![0u8; n * c * oh * ow]);
     pk.forward(&mut out, Some(&mut am), x).unwrap();
+    let mut plain = vec![1.0; out.len()];
+    pk.forward(&mut plain, None, x).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&plain), bits(&out), "{what}: forward without argmax");
     let mut want_dx = vec![0.0f32; x.len()];
     let d_out: Vec<f32> = (0..out.len()).map(|i| (i % 7) as f32 * 0.5 - 1.0).collect();
     for pl in 0..n * c {
@@ -66,7 +83,7 @@ fn check(p: &Pool2d, n: usize, (c, h, w): (usize, usize, usize), x: &[f32], what
             for ox in 0..ow {
                 let (v, i) = single_pass_max(xp, w, window(oy, p.kernel[0], p.stride[0], t, h), window(ox, p.kernel[1], p.stride[1], l, w));
                 let q = pl * oh * ow + oy * ow + ox;
-                assert_eq!(am[q], i, "{what}: plane {pl} window ({oy}, {ox}): winner");
+                assert_eq!(am[q], offset(p, w, (oy, ox), i), "{what}: plane {pl} window ({oy}, {ox}): winner {i}");
                 assert!(out[q] == v || out[q].is_nan() && v.is_nan(), "{what}: plane {pl} window ({oy}, {ox}): {} vs {v}", out[q]);
                 want_dx[pl * h * w + i as usize] += d_out[q];
             }
@@ -180,7 +197,7 @@ fn max_pool_fast_paths_pick_the_single_pass_winner() {
         p.ceil_mode = ceil;
         let pk = PoolKernels::new("pool", &p, (c, h, w)).unwrap();
         let (_, oh, ow) = pk.out_shape();
-        let (mut out, mut am) = (vec![0.0; n * c * oh * ow], vec![0u32; n * c * oh * ow]);
+        let (mut out, mut am) = (vec![0.0; n * c * oh * ow], vec![0u8; n * c * oh * ow]);
         pk.forward(&mut out, Some(&mut am), &x).unwrap();
         for pl in 0..n * c {
             let xp = &x[pl * h * w..(pl + 1) * h * w];
@@ -189,7 +206,7 @@ fn max_pool_fast_paths_pick_the_single_pass_winner() {
                     let (v, i) = single_pass_max(xp, w, window(oy, k, s, pad, h), window(ox, k, s, pad, w));
                     let q = pl * oh * ow + oy * ow + ox;
                     let what = format!("{k}x{k}/{s} pad {pad} ceil {ceil}: plane {pl} window ({oy}, {ox})");
-                    assert_eq!(am[q], i, "{what}: winner");
+                    assert_eq!(am[q], offset(&p, w, (oy, ox), i), "{what}: winner");
                     assert!(out[q] == v || out[q].is_nan() && v.is_nan(), "{what}: {} vs {v}", out[q]);
                 }
             }
@@ -198,4 +215,82 @@ fn max_pool_fast_paths_pick_the_single_pass_winner() {
             assert!(out.iter().any(|v| v.is_nan()) && out.contains(&f32::NEG_INFINITY), "the input exercises NaN and -inf windows");
         }
     }
+}
+
+/// Random inputs without zeros or ties (magnitudes in `[0.1, 3)`, random signs), on the
+/// geometries whose offsets are easiest to decode wrongly: overlapping windows (stride below
+/// the kernel), padding, `ceil` with clipped last windows, non-square windows and planes, the
+/// largest window a `u8` offset allows (15x17 = 255 cells), batches 1 and 3.
+#[test]
+fn max_pool_offsets_overlapping_padded_ceil_non_square() {
+    let mut rng = StdRng::seed_from_u64(74);
+    type Case = ([usize; 2], [usize; 2], [usize; 4], bool);
+    let cases: [Case; 10] = [
+        ([3, 3], [1, 1], [1, 1, 1, 1], false),
+        ([4, 4], [2, 2], [1, 2, 2, 1], true),
+        ([5, 3], [2, 1], [2, 0, 0, 1], true),
+        ([2, 5], [1, 3], [0, 1, 2, 2], true),
+        ([5, 2], [3, 1], [2, 2, 1, 0], false),
+        ([1, 4], [1, 2], [0, 0, 1, 2], true),
+        ([3, 3], [2, 2], [0, 0, 0, 0], true),
+        ([3, 2], [2, 2], [1, 0, 0, 0], true),
+        ([15, 17], [1, 2], [7, 3, 8, 2], true),
+        ([15, 17], [4, 5], [0, 0, 0, 0], true),
+    ];
+    let mut clipped_ceil = 0;
+    for (n, c, h, w) in [(1, 3, 8, 11), (3, 2, 9, 10), (1, 1, 17, 21), (3, 4, 16, 23)] {
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|_| rng.random_range(0.1f32..3.0) * if rng.random_range(0..2) == 0 { -1.0 } else { 1.0 })
+            .collect();
+        for (k, s, pads, ceil) in cases {
+            if k[0] > h + pads[0] + pads[1] || k[1] > w + pads[2] + pads[3] {
+                continue;
+            }
+            let p = pool(k, s, pads, ceil);
+            if ceil {
+                let pk = PoolKernels::new("pool", &p, (c, h, w)).unwrap();
+                let (_, oh, ow) = pk.out_shape();
+                // The last window reaches past the padded input: clipped by ceil mode.
+                if (oh - 1) * s[0] + k[0] > h + pads[0] + pads[1] || (ow - 1) * s[1] + k[1] > w + pads[2] + pads[3] {
+                    clipped_ceil += 1;
+                }
+            }
+            let what = format!("{k:?}/{s:?} pads {pads:?} ceil {ceil} on {n}x{c}x{h}x{w}, random");
+            assert!(check(&p, n, (c, h, w), &x, &what) > 0, "{what}: checked nothing");
+        }
+    }
+    assert!(clipped_ceil >= 8, "{clipped_ceil} ceil cases with a clipped last window");
+}
+
+/// A max-pooling window of more than 255 cells has no `u8` offset: construction fails, naming
+/// the layer; 255 cells are fine, and average pooling (no argmax) has no limit.
+#[test]
+fn max_pool_window_limit() {
+    let big = pool([16, 16], [1, 1], [0; 4], false);
+    let e = PoolKernels::new("stem.bigpool", &big, (2, 20, 20)).unwrap_err().to_string();
+    assert!(e.contains("stem.bigpool") && e.contains("16x16") && e.contains("255"), "{e}");
+    assert!(PoolKernels::new("p", &pool([15, 17], [1, 1], [0; 4], false), (2, 20, 20)).is_ok());
+    let mut avg = big;
+    avg.kind = PoolKind::Avg;
+    assert!(PoolKernels::new("p", &avg, (2, 20, 20)).is_ok());
+}
+
+/// Backward rejects a window offset past the window or whose cell falls outside the plane (a
+/// padding corner), and a missing argmax.
+#[test]
+fn max_pool_backward_rejects_bad_offsets() {
+    let p = pool([3, 3], [1, 1], [1, 1, 1, 1], false);
+    let pk = PoolKernels::new("pool", &p, (1, 4, 4)).unwrap();
+    let (mut dx, g) = (vec![0.0f32; 16], vec![1.0f32; 16]);
+    let mut am = vec![4u8; 16]; // the centre cell: always real
+    pk.backward(&mut dx, &g, Some(&am)).unwrap();
+    assert_eq!(dx, vec![1.0; 16]);
+    am[0] = 0; // output (0, 0): tap (0, 0) is the padding corner
+    assert!(pk.backward(&mut dx, &g, Some(&am)).is_err());
+    am[0] = 9; // past the 3x3 window
+    assert!(pk.backward(&mut dx, &g, Some(&am)).is_err());
+    am[0] = 4;
+    am[5] = 9; // output (1, 1), a whole window: past it
+    assert!(pk.backward(&mut dx, &g, Some(&am)).is_err());
+    assert!(pk.backward(&mut dx, &g, None).is_err());
 }

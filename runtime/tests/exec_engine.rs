@@ -66,8 +66,9 @@ fn check(g: &Graph, loss: Loss, compiled: usize, n: usize, seed: u64) {
             assert!(nonzero > 0, "{what}: all gradients zero");
             // Same parameters for the next step (running stats agree to ~1e-6 already).
             pj = pr.clone();
-            // Inference between training steps: it borrows the training program's value and
-            // argmax buffers, which the next step must get back intact.
+            // Inference between training steps: it borrows the training program's value
+            // buffers, which the next step must get back intact (max pooling's argmax buffers
+            // are the training program's own: inference records no winners).
             if step == 0 {
                 let e = rel(&jit.infer(&pj, &x, n).unwrap(), &reference.infer(&pr, &x, n).unwrap());
                 assert!(e < 1e-4, "{what}: inference between training steps off by {e:.2e}");

@@ -2,8 +2,11 @@
 //! pooling is memory-bound, so a JIT buys little here).
 //!
 //! ## Layouts
-//! `x`, `d_x`: `[n, C, H, W]`; `out`, `d_out`: `[n, C, OH, OW]`; `argmax` (max pooling): one
-//! `u32` per output element, the winning input's index `iy*W + ix` within its channel plane.
+//! `x`, `d_x`: `[n, C, H, W]`; `out`, `d_out`: `[n, C, OH, OW]`; `argmax` (max pooling, training
+//! only): one `u8` per output element, the winner's offset `ky*kw + kx` inside its `kh x kw`
+//! window, counted from the window's unclipped top-left corner `(oy*sh - top, ox*sw - left)`
+//! (so the winner is input cell `(oy*sh - top + ky, ox*sw - left + kx)`). Windows of more than
+//! 255 cells are rejected for max pooling. A forward without `argmax` records no winners.
 //!
 //! ## Semantics (PyTorch's)
 //! Windows are clipped to the input: padded cells never win a max. Average pooling divides by
@@ -12,7 +15,8 @@
 //! ceil with the last window starting inside the input or its leading padding).
 //!
 //! ## Maths
-//! - max: `out = x[argmax]`; backward `d_x[argmax] += d_out` (gradient switches to the winner);
+//! - max: `out = x[winner]`; backward `d_x[winner] += d_out` (gradient switches to the winner,
+//!   decoded from the output pixel and its window offset);
 //! - avg: `out = Σ_window x / count`; backward `d_x[cell] += d_out / count` for every cell.
 //!
 //! ## Max pooling passes
@@ -23,7 +27,9 @@
 //! slot `t`; a strided row is first split into its `s` phases), which rustc vectorises (for
 //! windows of 2 or 3 cells along an axis, one pass comparing the candidates in registers); only
 //! windows clipped by the padding take scalar loops. 2x2 stride-2 pooling without padding has
-//! its own unrolled loop.
+//! its own unrolled loop. The row pass records each row winner's column offset `kx` and the
+//! column pass adds `ky*kw`, so the offsets come out of the same selects as the values; without
+//! an argmax buffer the index selects are compiled out (`IDX = false`).
 
 use crate::ir::{Pool2d, PoolKind};
 use crate::{Error, Result};
@@ -47,11 +53,12 @@ pub struct PoolKernels {
     /// Every window is the full `2x2` block at `(2*oy, 2*ox)` (2x2 stride-2 pooling without
     /// padding, floor or exact): max pooling takes the unrolled fast path.
     tiled2: bool,
-    /// Kernel height and width, row and column stride, left padding.
+    /// Kernel height and width, row and column stride, top and left padding.
     kh: usize,
     kw: usize,
     sh: usize,
     sw: usize,
+    top: usize,
     left: usize,
     /// Output columns `lo..up` whose window lies whole inside the input (the vectorised part of
     /// the horizontal max pass); `lo == up` when there is none.
@@ -61,6 +68,9 @@ pub struct PoolKernels {
     flat: bool,
     /// Row stride of the horizontal pass's results: `W/s` when `flat`, else `OW`.
     hs: usize,
+    /// Plane distance `ky*W + kx` of each `u8` window offset `ky*kw + kx` from the window's
+    /// corner (max pooling's backward; offsets from `kh*kw` on are rejected before use).
+    delta: Box<[usize; 256]>,
 }
 
 /// Output size, clipped input range per output, and padded-window length per output.
@@ -75,41 +85,45 @@ fn wins(v: f32, best: f32) -> bool {
     !(v <= best) & !best.is_nan()
 }
 
-/// `hv[j], hi[j]` = the first maximum of `cells[0][j], .., cells[K-1][j]` and its plane index
-/// `first + j*step + k`, in one pass (the `K` candidates compared in registers).
+/// `hv[j], hi[j]` = the first maximum of `cells[0][j], .., cells[K-1][j]` and its window column
+/// `k`, in one pass (the `K` candidates compared in registers; `hi` untouched unless `IDX`).
 #[inline(always)]
-fn hmax_k<const K: usize>(cells: [&[f32]; K], hv: &mut [f32], hi: &mut [u32], first: u32, step: u32) {
+fn hmax_k<const K: usize, const IDX: bool>(cells: [&[f32]; K], hv: &mut [f32], hi: &mut [u8]) {
     let m = hv.len();
     let cells = cells.map(|c| &c[..m]);
-    let mut idx = first;
-    for (j, (b, bi)) in hv.iter_mut().zip(hi.iter_mut()).enumerate() {
-        let (mut best, mut bidx) = (cells[0][j], idx);
+    for (j, (b, bi)) in hv.iter_mut().zip(hi[..m].iter_mut()).enumerate() {
+        let (mut best, mut bk) = (cells[0][j], 0u8);
         for (k, c) in cells.iter().enumerate().skip(1) {
             let t = wins(c[j], best);
             best = pick(t, c[j], best);
-            bidx = pick_u32(t, idx + k as u32, bidx);
+            bk = pick_u8(t, k as u8, bk);
         }
         *b = best;
-        *bi = bidx;
-        idx += step;
+        if IDX {
+            *bi = bk;
+        }
     }
 }
 
-/// `o[j], a[j]` = the first maximum over `rows[0].0[j], .., rows[K-1].0[j]` and its index
-/// from `rows[k].1[j]`, in one pass.
+/// `o[j], a[j]` = the first maximum over `rows[0].0[j], .., rows[K-1].0[j]` and its window
+/// offset `k*kw + rows[k].1[j]`, in one pass (`a` untouched unless `IDX`).
 #[inline(always)]
-fn vmax_k<const K: usize>(rows: [(&[f32], &[u32]); K], o: &mut [f32], a: &mut [u32]) {
+fn vmax_k<const K: usize, const IDX: bool>(rows: [(&[f32], &[u8]); K], kw: u8, o: &mut [f32], a: &mut [u8]) {
     let m = o.len();
     let rows = rows.map(|(v, i)| (&v[..m], &i[..m]));
-    for (j, (o, a)) in o.iter_mut().zip(a.iter_mut()).enumerate() {
+    for (j, (o, a)) in o.iter_mut().zip(a[..m].iter_mut()).enumerate() {
         let (mut best, mut bidx) = (rows[0].0[j], rows[0].1[j]);
+        let mut add = 0u8;
         for (v, i) in rows.iter().skip(1) {
+            add = add.wrapping_add(kw);
             let t = wins(v[j], best);
             best = pick(t, v[j], best);
-            bidx = pick_u32(t, i[j], bidx);
+            bidx = pick_u8(t, add.wrapping_add(i[j]), bidx);
         }
         *o = best;
-        *a = bidx;
+        if IDX {
+            *a = bidx;
+        }
     }
 }
 
@@ -117,13 +131,14 @@ fn vmax_k<const K: usize>(rows: [(&[f32], &[u32]); K], o: &mut [f32], a: &mut [u
 /// conditional store, which blocks vectorisation; the masked form stores unconditionally.
 #[inline(always)]
 fn pick(t: bool, a: f32, b: f32) -> f32 {
-    f32::from_bits(pick_u32(t, a.to_bits(), b.to_bits()))
+    let m = (t as u32).wrapping_neg();
+    f32::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
 }
 
-/// [`pick`] for indices.
+/// [`pick`] for window offsets.
 #[inline(always)]
-fn pick_u32(t: bool, a: u32, b: u32) -> u32 {
-    let m = (t as u32).wrapping_neg();
+fn pick_u8(t: bool, a: u8, b: u8) -> u8 {
+    let m = (t as u8).wrapping_neg();
     (a & m) | (b & !m)
 }
 
@@ -161,6 +176,17 @@ impl PoolKernels {
                 pool.kernel[0], pool.kernel[1], pool.stride[0], pool.stride[1]
             ),
         };
+        if pool.kind == PoolKind::Max && pool.kernel[0] * pool.kernel[1] > 255 {
+            return Err(Error::Codegen {
+                layer: layer.to_string(),
+                message: format!(
+                    "max pooling window {}x{} has {} cells: the argmax records the winner's offset in its window as a u8, so at most 255",
+                    pool.kernel[0],
+                    pool.kernel[1],
+                    pool.kernel[0] * pool.kernel[1]
+                ),
+            });
+        }
         let (oh, rows, ph) = axis(h, pool.kernel[0], pool.stride[0], (pads[0], pads[1]), pool.ceil_mode).ok_or_else(err)?;
         let (ow, cols, pw) = axis(w, pool.kernel[1], pool.stride[1], (pads[2], pads[3]), pool.ceil_mode).ok_or_else(err)?;
         if rows.iter().chain(&cols).any(|&(a, b)| a == b) {
@@ -196,7 +222,8 @@ impl PoolKernels {
         #[rustfmt::skip]
         let k = PoolKernels {
             layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div, tiled2,
-            kh: pool.kernel[0], kw, sh, sw, left: pads[2], inner, flat, hs,
+            kh: pool.kernel[0], kw, sh, sw, top: pads[0], left: pads[2], inner, flat, hs,
+            delta: Box::new(std::array::from_fn(|a| (a / kw) * w + a % kw)),
         };
         Ok(k)
     }
@@ -222,9 +249,9 @@ impl PoolKernels {
         Ok(planes)
     }
 
-    /// Forward. Max pooling records winners in `argmax` (required for it, same length as
-    /// `out`); average pooling takes `None`.
-    pub fn forward(&self, out: &mut [f32], argmax: Option<&mut [u32]>, x: &[f32]) -> Result<()> {
+    /// Forward. Max pooling records each winner's window offset in `argmax` when given (same
+    /// length as `out`; training) and none with `None` (inference); average pooling takes `None`.
+    pub fn forward(&self, out: &mut [f32], argmax: Option<&mut [u8]>, x: &[f32]) -> Result<()> {
         let planes = self.planes(x.len(), out.len())?;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
         match (self.kind, argmax) {
@@ -232,12 +259,10 @@ impl PoolKernels {
                 if am.len() != out.len() {
                     return Err(self.err(format!("argmax has {} elements, expected {}", am.len(), out.len())));
                 }
-                if self.tiled2 {
-                    self.max2x2(out, am, x, planes);
-                } else {
-                    self.max_separable(out, am, x, planes);
-                }
+                self.max::<true>(out, am, x, planes);
             }
+            // No winners kept: one plane of scratch that the index selects (compiled out) never store to.
+            (PoolKind::Max, None) => self.max::<false>(out, &mut vec![0; ohw], x, planes),
             (PoolKind::Avg, None) => {
                 for pl in 0..planes {
                     let xp = &x[pl * hw..(pl + 1) * hw];
@@ -253,10 +278,19 @@ impl PoolKernels {
                     }
                 }
             }
-            (PoolKind::Max, None) => return Err(self.err("max pooling needs an argmax buffer".into())),
             (PoolKind::Avg, Some(_)) => return Err(self.err("average pooling takes no argmax buffer".into())),
         }
         Ok(())
+    }
+
+    /// Max pooling over `planes` planes; with `IDX`, `am` gets every output's window offset
+    /// (`am.len() == out.len()`), else `am` is one plane of scratch that is never written.
+    fn max<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
+        if self.tiled2 {
+            self.max2x2::<IDX>(out, am, x, planes);
+        } else {
+            self.max_separable::<IDX>(out, am, x, planes);
+        }
     }
 
     /// Max pooling in two passes per plane (lengths checked by `forward`): the winner of each
@@ -266,40 +300,41 @@ impl PoolKernels {
     /// as a single pass over the window would: `kh + kw` comparisons per output instead of
     /// `kh * kw`.
     ///
-    /// The row maxima `hv`, `hi` have a row stride `hs`. When the column stride divides the
-    /// width and `ow <= W/s` (`flat`), `hs = W/s`: then the window of row `iy`, column `ox`
-    /// starts at plane cell `(iy*hs + ox)*s - left`, linear in the flat slot `t = iy*hs + ox`,
-    /// and one pass over the whole plane serves every row (long vector loops even for narrow
-    /// planes); the slots of clipped windows are redone afterwards. Otherwise `hs = OW` and the
-    /// pass runs row by row.
-    fn max_separable(&self, out: &mut [f32], am: &mut [u32], x: &[f32], planes: usize) {
+    /// The row maxima `hv` and their window columns `hi` have a row stride `hs`. When the column
+    /// stride divides the width and `ow <= W/s` (`flat`), `hs = W/s`: then the window of row
+    /// `iy`, column `ox` starts at plane cell `(iy*hs + ox)*s - left`, linear in the flat slot
+    /// `t = iy*hs + ox`, and one pass over the whole plane serves every row (long vector loops
+    /// even for narrow planes); the slots of clipped windows are redone afterwards. Otherwise
+    /// `hs = OW` and the pass runs row by row.
+    fn max_separable<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
         let (w, hw, ohw, hs) = (self.w, self.h * self.w, self.oh * self.ow, self.hs);
-        let (mut hv, mut hi) = (vec![0.0f32; self.h * hs], vec![0u32; self.h * hs]);
+        let (mut hv, mut hi) = (vec![0.0f32; self.h * hs], vec![0u8; self.h * hs]);
         let mut phases = vec![0.0f32; if self.sw == 1 { 0 } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw }];
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
             if self.flat {
-                self.row_max(xp, 0, &mut hv, &mut hi, &mut phases);
+                self.row_max::<IDX>(xp, &mut hv, &mut hi, &mut phases);
             } else {
-                for (iy, (row, (hvr, hir))) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))).enumerate() {
-                    self.row_max(row, (iy * w) as u32, hvr, hir, &mut phases);
+                for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
+                    self.row_max::<IDX>(row, hvr, hir, &mut phases);
                 }
             }
-            self.column_max(&mut out[pl * ohw..(pl + 1) * ohw], &mut am[pl * ohw..(pl + 1) * ohw], &hv, &hi);
+            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut am[..ohw] };
+            self.column_max::<IDX>(&mut out[pl * ohw..(pl + 1) * ohw], ap, &hv, &hi);
         }
     }
 
     /// The horizontal pass of [`Self::max_separable`] over `src`: one input row, or a whole
-    /// plane when `flat` (its first cell has plane index `base`). For every output column `ox`
-    /// of every row `r`, `hv[r*hs + ox]`, `hi[r*hs + ox]` = the first maximum of the row over
-    /// the column's window and its plane index.
+    /// plane when `flat`. For every output column `ox` of every row `r`, `hv[r*hs + ox]` = the
+    /// first maximum of the row over the column's window and (with `IDX`) `hi[r*hs + ox]` its
+    /// column `kx` in the unclipped window (cell `ox*sw - left + kx`).
     ///
     /// Whole windows (columns `lo..up`) run as `kw` passes of vectorisable selects over
     /// contiguous slices, over the slots `t = lo..(rows-1)*hs + up`: pass `k` offers slot `t`
     /// the cell `t*s - left + k`, so each window still sees its cells left to right. With stride
     /// `s > 1`, `src` is first split into its `s` phases (`phases[p*len + j] = src[j*s + p]`),
     /// where those cells are contiguous. Clipped border windows then take a scalar loop.
-    fn row_max(&self, src: &[f32], base: u32, hv: &mut [f32], hi: &mut [u32], phases: &mut [f32]) {
+    fn row_max<const IDX: bool>(&self, src: &[f32], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
         let (w, s, hs, (lo, up)) = (self.w, self.sw, self.hs, self.inner);
         let rows = src.len() / w;
         if lo < up {
@@ -330,25 +365,22 @@ impl PoolKernels {
                 }
             };
             let (hvm, him) = (&mut hv[lo..lo + m], &mut hi[lo..lo + m]);
-            let (step, first) = (s as u32, base + (lo * s - self.left) as u32);
             match self.kw {
                 // Windows of 2 or 3 columns: one pass, the candidates compared in registers.
-                2 => hmax_k([cells(0), cells(1)], hvm, him, first, step),
-                3 => hmax_k([cells(0), cells(1), cells(2)], hvm, him, first, step),
+                2 => hmax_k::<2, IDX>([cells(0), cells(1)], hvm, him),
+                3 => hmax_k::<3, IDX>([cells(0), cells(1), cells(2)], hvm, him),
                 _ => {
                     hvm.copy_from_slice(cells(0));
-                    let mut idx = first;
-                    for i in him.iter_mut() {
-                        *i = idx;
-                        idx += step;
+                    if IDX {
+                        him.fill(0);
                     }
                     for k in 1..self.kw {
-                        let mut idx = first + k as u32;
                         for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
                             let t = wins(v, *b);
                             *b = pick(t, v, *b);
-                            *bi = pick_u32(t, idx, *bi);
-                            idx += step;
+                            if IDX {
+                                *bi = pick_u8(t, k as u8, *bi);
+                            }
                         }
                     }
                 }
@@ -357,25 +389,30 @@ impl PoolKernels {
         for (r, row) in src.chunks_exact(w).enumerate() {
             for ox in (0..lo).chain(up..self.ow) {
                 let (x0, x1) = self.cols[ox];
-                let (mut best, mut bi) = (row[x0], x0);
-                for (ix, &v) in row[x0 + 1..x1].iter().enumerate() {
+                // Column of the window's first real cell, counted from its unclipped start.
+                let k0 = (x0 + self.left - ox * s) as u8;
+                let (mut best, mut bk) = (row[x0], k0);
+                for (k, &v) in (k0 + 1..).zip(&row[x0 + 1..x1]) {
                     let t = wins(v, best);
                     best = pick(t, v, best);
-                    bi = if t { x0 + 1 + ix } else { bi };
+                    bk = if t { k } else { bk };
                 }
                 hv[r * hs + ox] = best;
-                hi[r * hs + ox] = base + (r * w + bi) as u32;
+                if IDX {
+                    hi[r * hs + ox] = bk;
+                }
             }
         }
     }
 
     /// The vertical pass of [`Self::max_separable`] over one plane's row maxima: output row `oy`
-    /// takes the first maximum over its window's rows of `hv`, top to bottom. With row stride 1
-    /// and `hs == OW`, the rows whose window is whole form one contiguous block of the output
-    /// that `kh` long passes fill; the others (and every row otherwise) go one by one.
-    fn column_max(&self, op: &mut [f32], ap: &mut [u32], hv: &[f32], hi: &[u32]) {
+    /// takes the first maximum over its window's rows of `hv`, top to bottom, and (with `IDX`)
+    /// its window offset `ky*kw + hi` (row `ky` of the unclipped window). With row stride 1 and
+    /// `hs == OW`, the rows whose window is whole form one contiguous block of the output that
+    /// `kh` long passes fill; the others (and every row otherwise) go one by one.
+    fn column_max<const IDX: bool>(&self, op: &mut [f32], ap: &mut [u8], hv: &[f32], hi: &[u8]) {
         let (ow, hs) = (self.ow, self.hs);
-        let kh = self.kh;
+        let (kh, kw) = (self.kh, self.kw as u8);
         let whole = |oy: usize| self.rows[oy].1 - self.rows[oy].0 == kh;
         let block = if self.sh == 1 && hs == ow {
             let lo = (0..self.oh).find(|&oy| whole(oy)).unwrap_or(0);
@@ -384,10 +421,14 @@ impl PoolKernels {
         } else {
             0..0
         };
-        let merge = |o: &mut [f32], a: &mut [u32], vr: &[f32], ir: &[u32]| {
+        // Offer row `ky` of the window (`vr`, columns `ir`) to the outputs so far.
+        let merge = |o: &mut [f32], a: &mut [u8], vr: &[f32], ir: &[u8], ky: u8| {
+            let add = ky.wrapping_mul(kw);
             for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
                 let t = wins(v, *o);
-                *a = pick_u32(t, i, *a);
+                if IDX {
+                    *a = pick_u8(t, add.wrapping_add(i), *a);
+                }
                 *o = pick(t, v, *o);
             }
         };
@@ -396,14 +437,16 @@ impl PoolKernels {
             let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
             let rows = |k: usize| (&hv[(y0 + k) * hs..(y0 + k) * hs + len], &hi[(y0 + k) * hs..(y0 + k) * hs + len]);
             match kh {
-                2 => vmax_k([rows(0), rows(1)], o, a),
-                3 => vmax_k([rows(0), rows(1), rows(2)], o, a),
+                2 => vmax_k::<2, IDX>([rows(0), rows(1)], kw, o, a),
+                3 => vmax_k::<3, IDX>([rows(0), rows(1), rows(2)], kw, o, a),
                 _ => {
                     o.copy_from_slice(rows(0).0);
-                    a.copy_from_slice(rows(0).1);
+                    if IDX {
+                        a.copy_from_slice(rows(0).1);
+                    }
                     for k in 1..kh {
                         let (v, i) = rows(k);
-                        merge(o, a, v, i);
+                        merge(o, a, v, i, k as u8);
                     }
                 }
             }
@@ -413,10 +456,15 @@ impl PoolKernels {
                 continue;
             }
             let (y0, y1) = self.rows[oy];
+            // Row of the window's first real cell, counted from its unclipped start.
+            let k0 = y0 + self.top - oy * self.sh;
             orow.copy_from_slice(&hv[y0 * hs..y0 * hs + ow]);
-            arow.copy_from_slice(&hi[y0 * hs..y0 * hs + ow]);
+            if IDX {
+                let add = k0 as u8 * kw;
+                arow.iter_mut().zip(&hi[y0 * hs..y0 * hs + ow]).for_each(|(a, &i)| *a = add + i);
+            }
             for iy in y0 + 1..y1 {
-                merge(orow, arow, &hv[iy * hs..iy * hs + ow], &hi[iy * hs..iy * hs + ow]);
+                merge(orow, arow, &hv[iy * hs..iy * hs + ow], &hi[iy * hs..iy * hs + ow], (k0 + iy - y0) as u8);
             }
         }
     }
@@ -424,31 +472,33 @@ impl PoolKernels {
     /// 2x2 stride-2 max pooling over whole blocks (`tiled2`), lengths checked by `forward`:
     /// the same winner as the general loop (cells in row-major order, `>` keeps the first
     /// maximum, a NaN wins over a number), without its window tables and bounds checks.
-    fn max2x2(&self, out: &mut [f32], am: &mut [u32], x: &[f32], planes: usize) {
+    fn max2x2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
         let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
-            let (op, ap) = (&mut out[pl * ohw..(pl + 1) * ohw], &mut am[pl * ohw..(pl + 1) * ohw]);
+            let op = &mut out[pl * ohw..(pl + 1) * ohw];
+            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut am[..ohw] };
             for oy in 0..self.oh {
                 let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
                 let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
-                for (ox, ((o, a), (p0, p1))) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))).enumerate() {
-                    let base = 2 * oy * w + 2 * ox;
-                    let (mut best, mut bi) = (p0[0], base);
-                    for (v, i) in [(p0[1], base + 1), (p1[0], base + w), (p1[1], base + w + 1)] {
+                for ((o, a), (p0, p1)) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))) {
+                    let (mut best, mut bi) = (p0[0], 0u8);
+                    for (v, i) in [(p0[1], 1u8), (p1[0], 2), (p1[1], 3)] {
                         let t = wins(v, best);
                         best = if t { v } else { best };
                         bi = if t { i } else { bi };
                     }
                     *o = best;
-                    *a = bi as u32;
+                    if IDX {
+                        *a = bi;
+                    }
                 }
             }
         }
     }
 
     /// Backward: `d_x += ∂L/∂x` (max: to the recorded winners; avg: spread over the window).
-    pub fn backward(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u32]>) -> Result<()> {
+    pub fn backward(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
         let planes = self.planes(d_x.len(), d_out.len())?;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
         match (self.kind, argmax) {
@@ -456,14 +506,27 @@ impl PoolKernels {
                 if am.len() != d_out.len() {
                     return Err(self.err(format!("argmax has {} elements, expected {}", am.len(), d_out.len())));
                 }
+                // Window offset `a = ky*kw + kx` of output `(oy, ox)` -> input cell
+                // `(oy*sh - top + ky, ox*sw - left + kx)`: the window's corner plus `delta[a]`
+                // (wrapping: a clipped window's corner lies in the padding). Offsets are checked
+                // to be in the window (`a < kh*kw`, one pass per plane) and their cells in the
+                // plane; a forward's offsets always name a real cell of the clipped window.
+                let (w, sw, cells) = (self.w, self.sw, self.kh * self.kw);
                 for pl in 0..planes {
                     let dxp = &mut d_x[pl * hw..(pl + 1) * hw];
-                    for q in 0..ohw {
-                        let i = am[pl * ohw + q] as usize;
-                        if i >= hw {
-                            return Err(self.err(format!("argmax index {i} outside the {hw}-pixel plane")));
+                    let (ap, gp) = (&am[pl * ohw..(pl + 1) * ohw], &d_out[pl * ohw..(pl + 1) * ohw]);
+                    if ap.iter().fold(0, |m, &a| m.max(a)) as usize >= cells {
+                        let q = ap.iter().position(|&a| a as usize >= cells).unwrap_or(0);
+                        return Err(self.err(format!("argmax offset {} of output {q} is outside its {cells}-cell window", ap[q])));
+                    }
+                    for (oy, (arow, grow)) in ap.chunks_exact(self.ow).zip(gp.chunks_exact(self.ow)).enumerate() {
+                        let corner = (oy * self.sh).wrapping_sub(self.top).wrapping_mul(w).wrapping_sub(self.left);
+                        for (ox, (&a, &g)) in arow.iter().zip(grow).enumerate() {
+                            match dxp.get_mut(corner.wrapping_add(ox * sw).wrapping_add(self.delta[a as usize])) {
+                                Some(v) => *v += g,
+                                None => return Err(self.err(format!("argmax offset {a} of output ({oy}, {ox}) names no input cell"))),
+                            }
                         }
-                        dxp[i] += d_out[pl * ohw + q];
                     }
                 }
             }
@@ -483,7 +546,7 @@ impl PoolKernels {
                     }
                 }
             }
-            (PoolKind::Max, None) => return Err(self.err("max pooling backward needs the argmax".into())),
+            (PoolKind::Max, None) => return Err(self.err("max pooling backward needs the argmax of a forward that recorded it".into())),
             (PoolKind::Avg, Some(_)) => return Err(self.err("average pooling takes no argmax".into())),
         }
         Ok(())

@@ -68,9 +68,6 @@ pub struct JitEngine {
     /// training program while it runs (the two never run at once, and a training step writes
     /// every value before reading it), so evaluation costs no activation memory of its own.
     lent: Vec<(usize, usize)>,
-    /// `(inference step, training step)`: max-pooling layers whose argmax buffer the inference
-    /// program borrows from the same layer's training step, for the same reason.
-    lent_argmax: Vec<(usize, usize)>,
 }
 
 impl JitEngine {
@@ -96,13 +93,7 @@ impl JitEngine {
         for &(i, _) in &lent {
             infer.bufs[i] = Vec::new();
         }
-        let lent_argmax = lend_argmax(&train, &infer);
-        for &(i, _) in &lent_argmax {
-            if let Kind::Pool { argmax, .. } = &mut infer.steps[i].kind {
-                *argmax = Vec::new();
-            }
-        }
-        Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights, lent, lent_argmax })
+        Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights, lent })
     }
 
     /// Time spent compiling (planning and Cranelift), training and inference plans together.
@@ -148,9 +139,9 @@ impl JitEngine {
         p.steps.iter().map(|s| s.time).collect()
     }
 
-    /// Bytes of the value, gradient and weight-gradient scratch buffers and the max-pooling
-    /// argmax buffers of the training and inference programs (the memory plan's slots;
-    /// parameters not included).
+    /// Bytes of the value, gradient and weight-gradient scratch buffers of the training and
+    /// inference programs (the memory plan's slots; parameters not included) and the training
+    /// program's max-pooling argmax buffers (one byte per output; inference records none).
     pub fn buffer_bytes(&self) -> usize {
         let argmax = |p: &Program| {
             p.steps
@@ -194,26 +185,6 @@ fn lend(train: &[Vec<f32>], infer: &[Vec<f32>]) -> Vec<(usize, usize)> {
         }
     }
     lent
-}
-
-/// Max-pooling steps of the inference program whose argmax buffer can be the training
-/// program's step of the same layer (same length): `(inference step, training step)`.
-fn lend_argmax(train: &Program, infer: &Program) -> Vec<(usize, usize)> {
-    let pools = |p: &Program| -> Vec<(usize, String, usize)> {
-        p.steps
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match &s.kind {
-                Kind::Pool { argmax, .. } if !argmax.is_empty() => Some((i, s.name.clone(), argmax.len())),
-                _ => None,
-            })
-            .collect()
-    };
-    let train = pools(train);
-    pools(infer)
-        .into_iter()
-        .filter_map(|(i, name, len)| train.iter().find(|(_, n, l)| *n == name && *l == len).map(|&(t, ..)| (i, t)))
-        .collect()
 }
 
 /// Check the batch and copy it into the program's input buffer; returns `n`.
@@ -331,11 +302,6 @@ impl Engine for JitEngine {
         let swap = |e: &mut JitEngine| {
             for &(i, t) in &e.lent {
                 std::mem::swap(&mut e.infer.bufs[i], &mut e.train.bufs[t]);
-            }
-            for &(i, t) in &e.lent_argmax {
-                if let (Kind::Pool { argmax: a, .. }, Kind::Pool { argmax: b, .. }) = (&mut e.infer.steps[i].kind, &mut e.train.steps[t].kind) {
-                    std::mem::swap(a, b);
-                }
             }
         };
         swap(self);

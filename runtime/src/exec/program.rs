@@ -74,7 +74,9 @@ pub(crate) enum Kind {
     Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool },
     BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32> },
     BnInfer { x: NodeId, layer: String, eps: f32 },
-    Pool { k: PoolKernels, x: NodeId, argmax: Vec<u32>, per_am: usize },
+    /// `argmax`: each sample's `per_am` max-pooling window offsets (training programs; empty
+    /// with `per_am == 0` for average pooling and inference, whose forward records none).
+    Pool { k: PoolKernels, x: NodeId, argmax: Vec<u8>, per_am: usize },
     Gap { x: NodeId },
     Act { x: NodeId, act: Activation },
     Add { xs: Vec<NodeId> },
@@ -328,7 +330,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
             Op::Pool(p) => {
                 let k = PoolKernels::new(&name, &p, in_chw(0)?).map_err(|e| eerr(e.to_string()))?;
                 let (c, oh, ow) = k.out_shape();
-                let per_am = if p.kind == PoolKind::Max { c * oh * ow } else { 0 };
+                let per_am = if p.kind == PoolKind::Max && train { c * oh * ow } else { 0 };
                 Kind::Pool { k, x: ops[0], argmax: vec![0; batch * per_am], per_am }
             }
             Op::GlobalAvgPool => Kind::Gap { x: ops[0] },

@@ -268,7 +268,7 @@ impl Program {
                         let per_am = *per_am;
                         let num = ol.numel();
                         let off = ol.off * ol.hw;
-                        let one = |oc: &mut [f32], am: Option<&mut [u32]>, s0: usize| -> cnnc_compiler::Result<()> {
+                        let one = |oc: &mut [f32], am: Option<&mut [u8]>, s0: usize| -> cnnc_compiler::Result<()> {
                             let cnt = oc.len() / stride;
                             match am {
                                 Some(am) => {
@@ -518,7 +518,7 @@ impl Program {
                         let per_am = *per_am;
                         let (num, off) = (ol.numel(), ol.off * ol.hw);
                         let dx = &mut grads[xl.grad][..n * inp];
-                        let am: &[u32] = argmax;
+                        let am: &[u8] = argmax;
                         dx.par_chunks_mut(ch * inp).enumerate().try_for_each(|(i, dxc)| -> cnnc_compiler::Result<()> {
                             for (j, d) in dxc.chunks_exact_mut(inp).enumerate() {
                                 let s = i * ch + j;
