@@ -3,8 +3,8 @@
 //! 1. `ir::verify` — the graph's invariants (debug builds, and always on entry).
 //! 2. [`passes::fuse::fuse`] — cut the graph into fused groups by the fusion table.
 //! 3. [`passes::concat_inplace::concat_inplace`] — place concatenation operands in slices.
-//! 4. [`passes::memplan::memplan`] — buffer liveness; slots shared by buffers (inference
-//!    values, training gradients) whose lifetimes do not overlap.
+//! 4. [`passes::memplan::memplan`] — buffer liveness; one arena in which values and
+//!    gradients whose lifetimes do not overlap share memory.
 //!
 //! Batch-norm folding happens on parameters, not on the graph: a `Gemm -> BatchNorm` group in
 //! inference mode tells the runtime to fold the running statistics into the weights.

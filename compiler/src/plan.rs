@@ -4,7 +4,7 @@
 //! (a convolution with its bias, folded batch-norm, residual add and activation, say) — in an
 //! order where every group's operands are ready, plus where each group writes its result
 //! ([`Placement`]: its own buffer, or a channel slice of a concatenation's buffer), and which
-//! memory slot every buffer and gradient uses ([`MemoryPlan`]).
+//! arena offset every buffer and gradient uses ([`MemoryPlan`]).
 
 use crate::ir::{Graph, NodeId};
 pub use crate::passes::memplan::MemoryPlan;
@@ -79,8 +79,8 @@ pub struct Plan {
     pub placement: Vec<Option<Placement>>,
     /// Concatenations computed in place (no kernel runs for them).
     pub inplace_concats: Vec<NodeId>,
-    /// Buffer slots shared by values (inference) and gradients (training) that are never live
-    /// at the same time (`passes::memplan`).
+    /// Where values and (training) gradients live: offsets in one arena, shared by those never
+    /// live at the same time (`passes::memplan`).
     pub memory: MemoryPlan,
 }
 

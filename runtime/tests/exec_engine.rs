@@ -196,7 +196,7 @@ fn inception() -> Graph {
 /// Two inception modules whose every branch ends in conv-bn-relu (the pool branch too), the
 /// second reading the first's concatenation (its 1x1s' weight gradients and its max pool read
 /// it in backward), then wider layers: the memory plan recomputes both concatenations slice by
-/// slice, their slots holding other values in between.
+/// slice, their memory holding other values in between.
 fn inception_cbr() -> Graph {
     let mut g = Graph::new("inception_cbr");
     let x = g.input("input", Shape::chw(3, 7, 9)).unwrap();
@@ -217,7 +217,7 @@ fn inception_cbr() -> Graph {
         let c = cbr(&mut g, "b3", 2, 1, c);
         y = g.add(format!("{m}.cat"), Op::Concat, &[a, b, c]).unwrap();
     }
-    // Wider values after the modules: they reuse the concatenations' slots.
+    // Wider values after the modules: they reuse the concatenations' memory.
     let y = g.add("post1", Op::Conv2d(conv(12, 1)), &[y]).unwrap();
     let y = g.add("post1_bn", bn(), &[y]).unwrap();
     let y = g.add("post1_relu", relu(), &[y]).unwrap();
@@ -284,11 +284,16 @@ fn recomputed_concatenations_match_reference() {
     let plan = cnnc_compiler::pipeline::plan(&g, cnnc_compiler::plan::Mode::Training, Fusion::Full).unwrap();
     let concats = plan.memory.recompute_before.iter().flatten().filter(|&&r| matches!(g.node(r).op, Op::Concat)).count();
     assert_eq!(concats, 2, "both concatenations are recomputed");
-    // ...and their slots hold other values in between (else recomputing changes nothing).
-    let slot = |name: &str| plan.memory.value_slot[g.nodes().find(|&i| g.node(i).name == name).unwrap().index()];
+    // ...and their memory holds other values or gradients in between (else recomputing
+    // changes nothing).
+    let m = &plan.memory;
+    let range = |at: &[Option<usize>], i: cnnc_compiler::ir::NodeId| at[i.index()].map(|o| o..o + g.node(i).shape.numel());
     for cat in ["m1.cat", "m2.cat"] {
-        let shared = g.nodes().filter(|&i| g.node(i).name != cat && slot(&g.node(i).name).is_some() && slot(&g.node(i).name) == slot(cat)).count();
-        assert!(shared > 0, "{cat}: slot {:?} holds nothing else", slot(cat));
+        let c = g.nodes().find(|&i| g.node(i).name == cat).unwrap();
+        let r = range(&m.value_at, c).unwrap();
+        let overlaps = |q: Option<std::ops::Range<usize>>| q.is_some_and(|q| q.start < r.end && r.start < q.end);
+        let shared = g.nodes().filter(|&i| (i != c && overlaps(range(&m.value_at, i))) || overlaps(range(&m.grad_at, i))).count();
+        assert!(shared > 0, "{cat}: its memory {r:?} holds nothing else");
     }
     for (n, seed) in [(1, 11), (3, 12)] {
         check(&g, Loss::SoftmaxCrossEntropy, 3, n, seed);

@@ -39,12 +39,17 @@
 //! froze is an error, not silently-zero gradients.
 //!
 //! ## Memory
-//! Only group outputs exist in memory (values inside a fused group never do); each has one
-//! value buffer and, in the training program, one gradient buffer, reused every step. Backward
-//! reads activations' derivatives from the group output, so no pre-activation is kept.
+//! Only group outputs exist in memory (values inside a fused group never do); each has a value
+//! buffer and, in the training program, a gradient buffer, at the memory plan's offsets in one
+//! arena allocated once (`passes::memplan`: buffers never live at once share memory). Each
+//! step sees the arena through an `arena::Mem`, which splits off the buffers the step writes
+//! (safe code; an overlap the plan let through is an error, not aliasing). Backward reads
+//! activations' derivatives from the group output, so no pre-activation is kept. The
+//! inference program borrows the training program's arena.
 //! Dropout masks are drawn exactly as the reference interpreter draws them
 //! (`reference::dropout_mask` with `init::tensor_rng(seed, layer)`), so engines agree per seed.
 
+mod arena;
 mod program;
 mod run;
 
@@ -64,10 +69,10 @@ pub struct JitEngine {
     logits_buf: Vec<f32>,
     /// Loss weight of each head of the training program (main output first).
     loss_weights: Vec<f32>,
-    /// `(inference slot, training slot)`: value slots the inference program borrows from the
-    /// training program while it runs (the two never run at once, and a training step writes
-    /// every value before reading it), so evaluation costs no activation memory of its own.
-    lent: Vec<(usize, usize)>,
+    /// Whether the inference program borrows the training program's arena while it runs
+    /// (the two never run at once, and a training step writes every value before reading
+    /// it), so evaluation costs no activation memory of its own: when it is large enough.
+    lent: bool,
 }
 
 impl JitEngine {
@@ -89,9 +94,9 @@ impl JitEngine {
         let mut infer = compile(graph, loss, PlanMode::Inference, fusion, batch, threads)?;
         let name = if fusion == Fusion::Full { "jit" } else { "jit-naive" };
         let loss_weights = crate::reference::default_loss_weights(graph);
-        let lent = lend(&train.bufs, &infer.bufs);
-        for &(i, _) in &lent {
-            infer.bufs[i] = Vec::new();
+        let lent = train.arena.len() >= infer.arena.len();
+        if lent {
+            infer.arena = Vec::new();
         }
         Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights, lent })
     }
@@ -140,7 +145,7 @@ impl JitEngine {
     }
 
     /// Bytes of the value, gradient and weight-gradient scratch buffers of the training and
-    /// inference programs (the memory plan's slots; parameters not included) and the training
+    /// inference programs (the memory plan's arenas; parameters not included) and the training
     /// program's max-pooling argmax buffers (one byte per output; inference records none).
     pub fn buffer_bytes(&self) -> usize {
         let argmax = |p: &Program| {
@@ -152,7 +157,7 @@ impl JitEngine {
                 })
                 .sum::<usize>()
         };
-        let f = |p: &Program| p.bufs.iter().chain(&p.grads).chain(&p.partials).map(Vec::len).sum::<usize>() * 4 + argmax(p);
+        let f = |p: &Program| (p.arena.len() + p.partials.iter().map(Vec::len).sum::<usize>()) * 4 + argmax(p);
         f(&self.train) + f(&self.infer)
     }
 }
@@ -166,27 +171,6 @@ pub struct StepTime {
     pub backward: Duration,
 }
 
-/// Which inference value slots can borrow a training value slot: the largest inference slots
-/// get the largest training slots, each at most once, where it is large enough.
-fn lend(train: &[Vec<f32>], infer: &[Vec<f32>]) -> Vec<(usize, usize)> {
-    let by_size = |b: &[Vec<f32>]| {
-        let mut v: Vec<usize> = (0..b.len()).collect();
-        v.sort_by_key(|&i| (std::cmp::Reverse(b[i].len()), i));
-        v
-    };
-    let mut free = by_size(train).into_iter().peekable();
-    let mut lent = Vec::new();
-    for i in by_size(infer) {
-        if let Some(&t) = free.peek() {
-            if train[t].len() >= infer[i].len() {
-                lent.push((i, t));
-                free.next();
-            }
-        }
-    }
-    lent
-}
-
 /// Check the batch and copy it into the program's input buffer; returns `n`.
 fn load_input(p: &mut Program, x: &[f32], n: usize) -> Result<usize, EngineError> {
     if n == 0 || n > p.batch {
@@ -197,7 +181,7 @@ fn load_input(p: &mut Program, x: &[f32], n: usize) -> Result<usize, EngineError
         return Err(eerr(format!("input has {} values, expected {n} samples x {per}", x.len())));
     }
     let l = p.loc(p.input)?;
-    p.bufs[l.buf][..n * per].copy_from_slice(x);
+    p.arena[l.buf..l.buf + n * per].copy_from_slice(x);
     Ok(n)
 }
 
@@ -243,16 +227,12 @@ impl Engine for JitEngine {
         if p.profiling {
             p.steps.iter_mut().for_each(|s| s.time = StepTime::default());
         }
-        p.settle();
         let n = load_input(p, x, labels.len())?;
         p.forward(params, n, true, seed)?;
-        // Gradient slots live from the loss seeds on (the heads') start at zero; backward zeroes
-        // the others when their gradients start to live (the memory plan shares slots).
-        for &s in &p.plan.memory.zero_at_seed {
-            program::claim_grad(&mut p.bufs, &mut p.grads, s);
-            let gb = &mut p.grads[s];
-            let len = gb.len() / p.batch * n;
-            run::zero(&mut gb[..len]);
+        // Gradients living from the loss seeds on (the heads') start at zero; backward zeroes
+        // the others when their lives start (the memory plan shares their memory).
+        for &r in &p.plan.memory.zero_at_seed {
+            run::zero_grad(&mut p.arena, &p.locs, &p.graph, r, n)?;
         }
         // The loss of every head (main output first), weighted, and its gradient (of the
         // weighted mean loss) into the head's gradient.
@@ -264,12 +244,17 @@ impl Engine for JitEngine {
                 return Err(eerr(format!("label {y} of sample {i} is out of range for the {k} classes of `{}`", p.graph.node(head).name)));
             }
             if w != 0.0 {
-                let (logits, d) = (&p.bufs[hl.buf][..n * k], &mut p.grads[hl.grad][..n * k]);
+                if hl.grad == program::NO_GRAD || !hl.contiguous() {
+                    return Err(eerr(format!("`{}`: the loss needs a whole buffer with a gradient", p.graph.node(head).name)));
+                }
+                let mut mem = arena::Mem::new(&mut p.arena);
+                let d = mem.take(hl.grad, n * k).ok_or_else(|| eerr(format!("`{}`: logits and their gradient overlap in the memory plan", p.graph.node(head).name)))?;
+                let logits = mem.get(hl.buf, n * k).ok_or_else(|| eerr(format!("`{}`: logits and their gradient overlap in the memory plan", p.graph.node(head).name)))?;
                 loss_sum += w as f64 * seed_loss(self.loss, logits, d, labels, w / n as f32);
             }
         }
         let ll = p.loc(p.logits)?;
-        let logits = &p.bufs[ll.buf][..n * ll.numel()];
+        let logits = &p.arena[ll.buf..ll.buf + n * ll.numel()];
         let mut stats = score(logits, labels, self.loss)?;
         stats.loss_sum = loss_sum;
         grads.flat_mut().fill(0.0);
@@ -300,8 +285,8 @@ impl Engine for JitEngine {
 
     fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
         let swap = |e: &mut JitEngine| {
-            for &(i, t) in &e.lent {
-                std::mem::swap(&mut e.infer.bufs[i], &mut e.train.bufs[t]);
+            if e.lent {
+                std::mem::swap(&mut e.infer.arena, &mut e.train.arena);
             }
         };
         swap(self);
@@ -312,7 +297,7 @@ impl Engine for JitEngine {
             p.forward(params, n, false, 0)?;
             let ll = p.loc(p.logits)?;
             self.logits_buf.clear();
-            self.logits_buf.extend_from_slice(&p.bufs[ll.buf][..n * ll.numel()]);
+            self.logits_buf.extend_from_slice(&p.arena[ll.buf..ll.buf + n * ll.numel()]);
             Ok(self.logits_buf.clone())
         })();
         swap(self);

@@ -23,18 +23,25 @@ pub(crate) fn eerr(m: impl Into<String>) -> EngineError {
     EngineError(m.into())
 }
 
-/// Where a value lives: channels `off..off + ch` of buffer `buf`, whose samples have `total`
-/// channels of `hw` pixels (`off = 0`, `ch = total` unless the value is a concat slice).
+/// Where a value lives: channels `off..off + ch` of the buffer at arena offset `buf`, whose
+/// samples have `total` channels of `hw` pixels (`off = 0`, `ch = total` unless the value is a
+/// concat slice); the buffer's gradient is at arena offset `grad`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Loc {
+    /// Arena offset of the buffer's values.
     pub buf: usize,
-    /// Gradient slot (training programs; the empty sentinel slot where none is needed).
+    /// Arena offset of the buffer's gradient ([`NO_GRAD`] where backward needs none).
     pub grad: usize,
     pub off: usize,
     pub ch: usize,
     pub total: usize,
     pub hw: usize,
+    /// Elements of the whole buffer (compiled batch x `total * hw`).
+    pub cap: usize,
 }
+
+/// [`Loc::grad`] of a buffer without a gradient.
+pub(crate) const NO_GRAD: usize = usize::MAX;
 
 impl Loc {
     /// Elements per sample in the buffer.
@@ -110,12 +117,9 @@ pub(crate) struct Program {
     pub plan: Plan,
     pub steps: Vec<Step>,
     pub locs: Vec<Option<Loc>>,
-    /// The memory plan's slots, as value buffers: a slot's memory is here unless a gradient
-    /// lives in the slot (then it is in `grads`, same index, and this is empty).
-    pub bufs: Vec<Vec<f32>>,
-    /// The same slots as gradient buffers (empty unless a gradient lives there), then an
-    /// empty sentinel for values that need no gradient.
-    pub grads: Vec<Vec<f32>>,
+    /// Values and gradients, placed by the memory plan (`passes::memplan`): one allocation
+    /// of `batch x arena_elems`; each step sees it through an [`arena::Mem`](super::arena::Mem).
+    pub arena: Vec<f32>,
     pub input: NodeId,
     pub logits: NodeId,
     /// The logits of every graph output, main (`logits`) first: each gets the loss.
@@ -140,29 +144,6 @@ impl Program {
         loc_of(&self.locs, &self.graph, id)
     }
 
-    /// Hand every slot's memory back to the value buffers (after backward; a training step
-    /// and inference start from there).
-    pub fn settle(&mut self) {
-        for s in 0..self.bufs.len() {
-            claim_value(&mut self.bufs, &mut self.grads, s);
-        }
-    }
-}
-
-/// Slot `s`'s memory as a gradient buffer: a gradient's life starts in the slot (the memory
-/// plan zeroes or overwrites it there), and whatever value it held is dead.
-pub(crate) fn claim_grad(bufs: &mut [Vec<f32>], grads: &mut [Vec<f32>], s: usize) {
-    if s < bufs.len() && grads[s].is_empty() {
-        grads[s] = std::mem::take(&mut bufs[s]);
-    }
-}
-
-/// Slot `s`'s memory as a value buffer: a value's life starts in the slot (forward, or a
-/// recomputation in backward), and whatever gradient it held is dead.
-pub(crate) fn claim_value(bufs: &mut [Vec<f32>], grads: &mut [Vec<f32>], s: usize) {
-    if s < bufs.len() && bufs[s].is_empty() {
-        bufs[s] = std::mem::take(&mut grads[s]);
-    }
 }
 
 pub(crate) fn loc_of(locs: &[Option<Loc>], g: &Graph, id: NodeId) -> Result<Loc, EngineError> {
@@ -210,28 +191,23 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     // Locations: follow slices to their root buffer, composing offsets.
     let size = plan.placement.len();
     let mut locs: Vec<Option<Loc>> = vec![None; size];
-    // Slots from the memory plan (`passes::memplan`): values and gradients whose lives do not
-    // overlap share one. A slot's memory starts in `bufs` (values) and moves to `grads` (same
-    // index) while a gradient lives there (`Program::claim_grad`, `Program::claim_value`).
-    // The last gradient entry is an empty sentinel for buffers that need no gradient.
+    // The arena from the memory plan (`passes::memplan`): values and gradients whose lives do
+    // not overlap share memory; offsets per sample scale by the compiled batch. Gradients
+    // exist only where backward writes or reads one ([`Graph::needs_grad`], the cost model's
+    // rule, and the heads' logits, which the loss seeds).
     let mem = &plan.memory;
-    let bufs: Vec<Vec<f32>> = mem.slot_elems.iter().map(|&e| vec![0.0; batch * e]).collect();
-    let no_grad = mem.slot_elems.len();
+    let arena = vec![0.0; batch * mem.arena_elems];
     for id in g.nodes() {
         let Some((r, off)) = memplan::root_offset(&plan.placement, id) else { continue };
-        let rb = mem.value_slot[r.index()].ok_or_else(|| eerr(format!("layer `{}`: no memory slot planned", g.node(r).name)))?;
-        let grad = mem.grad_slot[r.index()].unwrap_or(no_grad);
+        let rb = batch * mem.value_at[r.index()].ok_or_else(|| eerr(format!("layer `{}`: no memory planned", g.node(r).name)))?;
+        let grad = mem.grad_at[r.index()].map_or(NO_GRAD, |o| batch * o);
         let (ch, hw) = chw(g.node(id).shape);
         let (total, rhw) = chw(g.node(r).shape);
         if rhw != hw {
             return Err(eerr(format!("layer `{}`: concat slice with {hw} pixels in a buffer of {rhw}", g.node(id).name)));
         }
-        locs[id.index()] = Some(Loc { buf: rb, grad, off, ch, total, hw });
+        locs[id.index()] = Some(Loc { buf: rb, grad, off, ch, total, hw, cap: batch * total * hw });
     }
-    // Gradient slots only where backward writes or reads one ([`Graph::needs_grad`], the cost
-    // model's rule, and the heads' logits, which the loss seeds); they hold no memory until a
-    // gradient's life starts in them.
-    let grads: Vec<Vec<f32>> = vec![Vec::new(); no_grad + 1];
     let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
 
     let mut steps = Vec::with_capacity(plan.groups.len());
@@ -370,5 +346,5 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         Ok(ws)
     };
     let recompute = plan.memory.recompute_before.iter().map(|rs| rs.iter().map(|&r| steps_of(r)).collect::<Result<Vec<_>, _>>().map(|v| v.concat())).collect::<Result<Vec<_>, _>>()?;
-    Ok(Program { graph: g, plan, steps, locs, bufs, grads, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials, recompute })
+    Ok(Program { graph: g, plan, steps, locs, arena, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials, recompute })
 }

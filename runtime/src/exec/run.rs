@@ -13,12 +13,15 @@
 //! deterministic for any thread count), with a ReLU after it fused into both passes; global
 //! average pooling maps one sample per task. The reference fallbacks run on the calling thread.
 //!
-//! Memory: slots follow the plan's [`MemoryPlan`](cnnc_compiler::passes::memplan::MemoryPlan):
-//! gradient slots are zeroed where a gradient starts to live, except where a batch norm's
-//! backward starts its input's gradient and overwrites it whole (`overwrite_grad`); values the
-//! plan recomputes are rewritten right before the backward step that first reads them.
+//! Memory: buffers sit at the plan's [`MemoryPlan`](cnnc_compiler::passes::memplan::MemoryPlan)
+//! offsets in the arena, which each step sees through an [`arena::Mem`](super::arena::Mem)
+//! (the buffers it writes taken out first, the rest read): a gradient is zeroed where its
+//! life starts, except where a batch norm's backward starts its input's gradient and
+//! overwrites it whole (`overwrite_grad`); values the plan recomputes are rewritten right
+//! before the backward step that first reads them.
 
-use super::program::{claim_grad, claim_value, eerr, loc_of, Chain, Kind, Loc, Program, Step};
+use super::arena::Mem;
+use super::program::{eerr, loc_of, Chain, Kind, Loc, Program, Step, NO_GRAD};
 use crate::engine::EngineError;
 use crate::init::tensor_rng;
 use crate::params::ParamStore;
@@ -26,6 +29,7 @@ use crate::reference;
 use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
 use cnnc_compiler::lower::pointwise::{self, BnSaved, BnShape, GradWrite};
 use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs};
+use cnnc_compiler::passes::memplan;
 use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -42,12 +46,29 @@ fn param<'a>(params: &'a ParamStore, layer: &str, suffix: &str) -> R<&'a [f32]> 
 }
 
 /// The first `n` samples of a whole-buffer value.
-fn whole<'a>(bufs: &'a [Vec<f32>], locs: &[Option<Loc>], g: &Graph, id: NodeId, n: usize) -> R<&'a [f32]> {
+fn whole<'a>(mem: &'a Mem<'_>, locs: &[Option<Loc>], g: &Graph, id: NodeId, n: usize) -> R<&'a [f32]> {
     let l = loc_of(locs, g, id)?;
     if !l.contiguous() {
         return Err(eerr(format!("layer `{}`: value is not a whole buffer", g.node(id).name)));
     }
-    bufs[l.buf].get(..n * l.numel()).ok_or_else(|| eerr(format!("layer `{}`: buffer too small", g.node(id).name)))
+    mem.get(l.buf, n * l.numel()).ok_or_else(|| overlap(g, id, "value"))
+}
+
+/// A buffer a step touches is not wholly inside the memory left to it: the memory plan let
+/// it overlap another buffer of the step (or it lies past the arena).
+fn overlap(g: &Graph, id: NodeId, what: &str) -> EngineError {
+    eerr(format!("layer `{}`: its {what} overlaps another buffer of the step in the memory plan", g.node(id).name))
+}
+
+/// Take buffer `id`'s values (`grad = false`) or gradient out of `mem` for writing: the whole
+/// buffer (compiled batch), in which [`Loc::sample`] indexes.
+fn take<'a>(mem: &mut Mem<'a>, locs: &[Option<Loc>], g: &Graph, id: NodeId, grad: bool) -> R<(usize, &'a mut [f32])> {
+    let l = loc_of(locs, g, id)?;
+    let at = if grad { l.grad } else { l.buf };
+    if at == NO_GRAD {
+        return Err(eerr(format!("layer `{}`: no gradient planned", g.node(id).name)));
+    }
+    mem.take(at, l.cap).map(|b| (at, b)).ok_or_else(|| overlap(g, id, if grad { "gradient" } else { "value" }))
 }
 
 /// `(scale, shift)` of an inference batch norm from its parameters.
@@ -81,7 +102,7 @@ fn act_grad_inplace(a: Activation, g: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `buf.fill(0)` on all threads (gradient slots are megabytes; one core cannot saturate the
+/// `buf.fill(0)` on all threads (gradients are megabytes; one core cannot saturate the
 /// memory bandwidth).
 pub(crate) fn zero(buf: &mut [f32]) {
     buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
@@ -95,7 +116,7 @@ fn chunk(n: usize, threads: usize) -> usize {
 /// Apply the chain from op `from` on (the part the anchor kernel did not fuse) in place over
 /// the output region.
 #[allow(clippy::too_many_arguments)]
-fn chain_forward(step: &Step, from: usize, params: &ParamStore, out: &mut [f32], ol: Loc, bufs: &[Vec<f32>], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
+fn chain_forward(step: &Step, from: usize, params: &ParamStore, out: &mut [f32], ol: Loc, vals: &Mem<'_>, locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
     for c in &step.chain[from..] {
         match c {
             Chain::Fold { layer, eps } => {
@@ -109,7 +130,7 @@ fn chain_forward(step: &Step, from: usize, params: &ParamStore, out: &mut [f32],
             }
             Chain::Add { others } => {
                 for &o in others {
-                    let x = whole(bufs, locs, g, o, n)?;
+                    let x = whole(vals, locs, g, o, n)?;
                     for s in 0..n {
                         let xs = &x[s * ol.numel()..(s + 1) * ol.numel()];
                         out[ol.sample(s)].iter_mut().zip(xs).for_each(|(v, &a)| *v += a);
@@ -173,14 +194,14 @@ impl Program {
     /// Dropout masks come from `reference::dropout_mask` with `tensor_rng(seed, layer)` over the
     /// `[n, dims..]` value, exactly as the reference interpreter draws them.
     pub fn forward(&mut self, params: &ParamStore, n: usize, train: bool, seed: u64) -> R {
-        let Program { graph: g, steps, locs, bufs, threads, profiling, .. } = self;
+        let Program { graph: g, steps, locs, arena, threads, profiling, .. } = self;
         let threads = *threads;
         let ch = chunk(n, threads);
         for step in steps.iter_mut() {
             let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
-            let mut outbuf = std::mem::take(&mut bufs[ol.buf]);
+            let mut mem = Mem::new(arena);
             // A training batch norm applies the activation right after it in its own pass.
             let bn_act = match (&step.kind, step.chain.first()) {
                 (Kind::BnTrain { .. }, Some(Chain::Act(a))) if step.fused == 0 => Some(*a),
@@ -188,8 +209,9 @@ impl Program {
             };
             let from = step.fused + usize::from(bn_act.is_some());
             let r = (|| -> R {
+                let (_, outbuf) = take(&mut mem, locs, g, step.out, false)?;
                 let out = &mut outbuf[..n * stride];
-                let bufs: &[Vec<f32>] = bufs;
+                let vals = &mem;
                 let name = step.name.clone();
                 match &mut step.kind {
                     Kind::Conv { k, x, layer, bias, residual, fold: fo, .. } => {
@@ -199,10 +221,10 @@ impl Program {
                             Some((bn, eps)) => Some(fold(params, bn, *eps)?),
                             None => None,
                         };
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         let inp = xin.len() / n;
                         let res = match residual {
-                            Some(r) => Some(whole(bufs, locs, g, *r, n)?),
+                            Some(r) => Some(whole(vals, locs, g, *r, n)?),
                             None => None,
                         };
                         let rp = ol.numel();
@@ -218,7 +240,7 @@ impl Program {
                     Kind::Dense { k, x, layer, bias, .. } => {
                         let w = param(params, layer, "weight")?;
                         let b = if *bias { Some(param(params, layer, "bias")?) } else { None };
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         let inp = xin.len() / n;
                         out.par_chunks_mut(ch * stride).enumerate().try_for_each(|(i, oc)| {
                             let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
@@ -226,7 +248,7 @@ impl Program {
                         }).map_err(lerr)?;
                     }
                     Kind::BnTrain { x, layer, eps, momentum, saved, new_rm, new_rv } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         let shape = BnShape { n, c: ol.ch, hw: ol.hw };
                         *new_rm = param(params, layer, "running_mean")?.to_vec();
                         *new_rv = param(params, layer, "running_var")?.to_vec();
@@ -252,7 +274,7 @@ impl Program {
                         });
                     }
                     Kind::BnInfer { x, layer, eps } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         let (scale, shift) = fold(params, layer, *eps)?;
                         for s in 0..n {
                             let xs = &xin[s * ol.numel()..(s + 1) * ol.numel()];
@@ -263,7 +285,7 @@ impl Program {
                         }
                     }
                     Kind::Pool { k, x, argmax, per_am } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         let inp = xin.len() / n;
                         let per_am = *per_am;
                         let num = ol.numel();
@@ -295,7 +317,7 @@ impl Program {
                         }
                     }
                     Kind::Gap { x } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         let xl = loc_of(locs, g, *x)?;
                         let (num, hw, off) = (xl.numel(), xl.hw, ol.off * ol.hw);
                         // Each plane's mean from a lane-parallel sum; samples on all threads.
@@ -306,14 +328,14 @@ impl Program {
                         });
                     }
                     Kind::Act { x, act } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         for s in 0..n {
                             pointwise::activation_forward(&name, *act, &mut out[ol.sample(s)], &xin[s * ol.numel()..(s + 1) * ol.numel()]).map_err(lerr)?;
                         }
                     }
                     Kind::Add { xs } => {
                         for (i, &o) in xs.iter().enumerate() {
-                            let xin = whole(bufs, locs, g, o, n)?;
+                            let xin = whole(vals, locs, g, o, n)?;
                             for s in 0..n {
                                 let src = &xin[s * ol.numel()..(s + 1) * ol.numel()];
                                 let d = &mut out[ol.sample(s)];
@@ -329,7 +351,7 @@ impl Program {
                         let mut off = 0;
                         for &o in xs.iter() {
                             let xl = loc_of(locs, g, o)?;
-                            let xin = whole(bufs, locs, g, o, n)?;
+                            let xin = whole(vals, locs, g, o, n)?;
                             for s in 0..n {
                                 let b = ol.sample(s).start + off * ol.hw;
                                 out[b..b + xl.numel()].copy_from_slice(&xin[s * xl.numel()..(s + 1) * xl.numel()]);
@@ -338,11 +360,11 @@ impl Program {
                         }
                     }
                     Kind::Flatten { x } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         scatter(out, ol, xin, n);
                     }
                     Kind::Dropout { x, p, mask } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let xin = whole(vals, locs, g, *x, n)?;
                         if train {
                             if !(0.0..1.0).contains(p) {
                                 return Err(eerr(format!("layer `{name}`: dropout probability {p} is outside [0, 1)")));
@@ -364,14 +386,14 @@ impl Program {
                     }
                     Kind::Fallback { node } => {
                         let ops = g.operands(*node);
-                        let x0 = view_of(g, ops[0], whole(bufs, locs, g, ops[0], n)?, n)?;
+                        let x0 = view_of(g, ops[0], whole(vals, locs, g, ops[0], n)?, n)?;
                         let mut dims = vec![n];
                         dims.extend(g.node(*node).shape.dims());
                         let mut o = ArrayD::<f32>::zeros(IxDyn(&dims));
                         match g.node(*node).op {
                             Op::Lrn(l) => reference::lrn_forward(as4m(o.view_mut())?, as4(x0)?, &l),
                             Op::ChannelMul => {
-                                let x1 = view_of(g, ops[1], whole(bufs, locs, g, ops[1], n)?, n)?;
+                                let x1 = view_of(g, ops[1], whole(vals, locs, g, ops[1], n)?, n)?;
                                 reference::channel_mul_forward(as4m(o.view_mut())?, as4(x0)?, as2(x1)?)
                             }
                             Op::Softmax => reference::softmax_forward(as2m(o.view_mut())?, as2(x0)?),
@@ -383,9 +405,8 @@ impl Program {
                     }
                     Kind::Skip => {}
                 }
-                chain_forward(step, from, params, out, ol, bufs, locs, g, n)
+                chain_forward(step, from, params, out, ol, vals, locs, g, n)
             })();
-            bufs[ol.buf] = outbuf;
             if let Some(t0) = t0 {
                 step.time.forward = t0.elapsed();
             }
@@ -398,36 +419,22 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let r = self.backward_steps(params, pgrads, n);
-        self.settle();
-        r
-    }
-
-    /// [`Program::backward`]'s steps, leaving slots' memory wherever the last gradients and
-    /// values lived.
-    fn backward_steps(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let Program { graph: g, plan, steps, locs, bufs, grads, threads, profiling, batch, partials, recompute, .. } = self;
+        let Program { graph: g, plan, steps, locs, arena, threads, profiling, partials, recompute, .. } = self;
         let threads = *threads;
         let ng = g.needs_grad();
         let ch = chunk(n, threads);
         for i in (0..steps.len()).rev() {
-            // Values whose slot served others since forward: recompute them now (the memory
+            // Values whose memory served others since forward: recompute them now (the memory
             // plan's batch norm + activation outputs).
             for &r in &recompute[i] {
-                claim_value(bufs, grads, loc_of(locs, g, steps[r].out)?.buf);
-                recompute_bn_act(&steps[r], params, bufs, locs, g, n)?;
+                recompute_bn_act(&steps[r], params, arena, locs, g, n)?;
             }
             let step = &mut steps[i];
             let overwrite = plan.memory.overwrite_grad.get(i).copied().unwrap_or(false);
-            // Slots where a gradient starts to live here: zeroed, or overwritten whole by a
-            // batch norm's backward.
-            for &s in &plan.memory.zero_before[i] {
-                claim_grad(bufs, grads, s);
-                let len = grads[s].len() / *batch * n;
-                zero(&mut grads[s][..len]);
-            }
-            if let (true, Kind::BnTrain { x, .. }) = (overwrite, &step.kind) {
-                claim_grad(bufs, grads, loc_of(locs, g, *x)?.grad);
+            // Gradients whose life starts here are zeroed (a batch norm's backward instead
+            // overwrites its input's gradient whole: `overwrite`).
+            for &r in &plan.memory.zero_before[i] {
+                zero_grad(arena, locs, g, r, n)?;
             }
             if !ng[step.out.index()] {
                 continue; // at or below the lowest trainable layer: no backward at all
@@ -435,13 +442,15 @@ impl Program {
             let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
-            // The output's value, where backward reads it (its memory may serve a gradient
-            // otherwise: then this is empty).
-            let y: &[f32] = bufs[ol.buf].get(..n * stride).unwrap_or_default();
+            let mut mem = Mem::new(arena);
+            // The output's value, where backward reads it (the memory plan keeps it then;
+            // otherwise its memory may serve others).
+            let needs_y = memplan::backward_reads_output(g, &plan.groups[i]);
             let step_name = step.name.clone();
-            let kept_y = || if y.is_empty() { Err(eerr(format!("layer `{step_name}`: output not kept for its backward"))) } else { Ok(y) };
-            let mut gbuf = std::mem::take(&mut grads[ol.grad]);
             let r = (|| -> R {
+                let (_, gbuf) = take(&mut mem, locs, g, step.out, true)?;
+                let y: Option<&[f32]> = if needs_y { Some(&take(&mut mem, locs, g, step.out, false)?.1[..n * stride]) } else { None };
+                let kept_y = || y.ok_or_else(|| eerr(format!("layer `{step_name}`: output not kept for its backward")));
                 let gr = &mut gbuf[..n * stride];
                 // A ReLU right after a training batch norm: its gradient mask is applied inside
                 // the batch norm's backward (from the recomputed affine map), not as a pass here.
@@ -457,7 +466,7 @@ impl Program {
                         }
                         Chain::Add { others } => {
                             for &o in others {
-                                add_into(grads, locs, g, o, gr, ol, n)?;
+                                add_into(&mut mem, locs, g, o, gr, ol, n)?;
                             }
                         }
                         Chain::Fold { layer, .. } => return Err(eerr(format!("layer `{layer}`: folded batch norm in a training plan"))),
@@ -468,13 +477,14 @@ impl Program {
                 match &mut step.kind {
                     Kind::Conv { k, x, layer, bias, .. } => {
                         let k: &ConvKernels = k;
-                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
                     }
                     Kind::Dense { k, x, layer, bias } => {
-                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
                     }
                     Kind::BnTrain { x, layer, saved, .. } => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let dx = if ng[x.index()] { Some(take(&mut mem, locs, g, *x, true)?.1) } else { None };
+                        let xin = whole(&mem, locs, g, *x, n)?;
                         let xl = loc_of(locs, g, *x)?;
                         let shape = BnShape { n, c: ol.ch, hw: ol.hw };
                         let gamma = param(params, layer, "weight")?;
@@ -493,11 +503,11 @@ impl Program {
                                 pointwise::batchnorm_grad_sums(planes, saved.mean[ch], saved.rstd[ch], relu.as_ref().map(|r| r[ch]))
                             })
                             .collect();
-                        if ng[x.index()] {
+                        if let Some(dx) = dx {
                             // `=` where this step starts the input gradient's life (the memory
-                            // plan then did not zero its slot), else `+=`.
+                            // plan then did not zero it), else `+=`.
                             let write = if overwrite { GradWrite::Overwrite } else { GradWrite::Accumulate };
-                            let dx = &mut grads[xl.grad][..n * xl.numel()];
+                            let dx = &mut dx[..n * xl.numel()];
                             dx.par_chunks_mut(num).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
                                 pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref(), write)
                             });
@@ -517,7 +527,7 @@ impl Program {
                         let inp = xl.numel();
                         let per_am = *per_am;
                         let (num, off) = (ol.numel(), ol.off * ol.hw);
-                        let dx = &mut grads[xl.grad][..n * inp];
+                        let dx = &mut take(&mut mem, locs, g, *x, true)?.1[..n * inp];
                         let am: &[u8] = argmax;
                         dx.par_chunks_mut(ch * inp).enumerate().try_for_each(|(i, dxc)| -> cnnc_compiler::Result<()> {
                             for (j, d) in dxc.chunks_exact_mut(inp).enumerate() {
@@ -530,7 +540,7 @@ impl Program {
                     }
                     Kind::Gap { x } if ng[x.index()] => {
                         let xl = loc_of(locs, g, *x)?;
-                        let dx = &mut grads[xl.grad];
+                        let dx = take(&mut mem, locs, g, *x, true)?.1;
                         for s in 0..n {
                             let d = &mut dx[s * xl.numel()..(s + 1) * xl.numel()];
                             for (p, &v) in d.chunks_exact_mut(xl.hw).zip(&gr[ol.sample(s)]) {
@@ -540,9 +550,9 @@ impl Program {
                         }
                     }
                     Kind::Act { x, act } if ng[x.index()] => {
-                        let xin = whole(bufs, locs, g, *x, n)?;
+                        let dx = take(&mut mem, locs, g, *x, true)?.1;
+                        let xin = whole(&mem, locs, g, *x, n)?;
                         let xl = loc_of(locs, g, *x)?;
-                        let dx = &mut grads[xl.grad];
                         for s in 0..n {
                             let r = s * xl.numel()..(s + 1) * xl.numel();
                             pointwise::activation_backward(&name, *act, &mut dx[r.clone()], &gr[ol.sample(s)], &xin[r]).map_err(lerr)?;
@@ -550,22 +560,22 @@ impl Program {
                     }
                     Kind::Add { xs } => {
                         for &o in xs.iter() {
-                            add_into(grads, locs, g, o, gr, ol, n)?;
+                            add_into(&mut mem, locs, g, o, gr, ol, n)?;
                         }
                     }
                     Kind::Concat { xs } => {
                         let mut off = 0;
                         for &o in xs.iter() {
                             let xl = loc_of(locs, g, o)?;
-                            add_into(grads, locs, g, o, gr, Loc { off: ol.off + off, ch: xl.ch, ..ol }, n)?;
+                            add_into(&mut mem, locs, g, o, gr, Loc { off: ol.off + off, ch: xl.ch, ..ol }, n)?;
                             off += xl.ch;
                         }
                     }
-                    Kind::Flatten { x } => add_into(grads, locs, g, *x, gr, ol, n)?,
+                    Kind::Flatten { x } => add_into(&mut mem, locs, g, *x, gr, ol, n)?,
                     Kind::Dropout { x, p, mask } if ng[x.index()] => {
                         let xl = loc_of(locs, g, *x)?;
                         let scale = 1.0 / (1.0 - *p);
-                        let dx = &mut grads[xl.grad];
+                        let dx = take(&mut mem, locs, g, *x, true)?.1;
                         for s in 0..n {
                             let r = s * xl.numel()..(s + 1) * xl.numel();
                             for ((d, &v), &k) in dx[r.clone()].iter_mut().zip(&gr[ol.sample(s)]).zip(&mask[r]) {
@@ -580,13 +590,13 @@ impl Program {
                         let mut dy = Vec::new();
                         gather(&mut dy, gr, ol, n);
                         let dyv = view_of(g, *node, &dy, n)?;
-                        let x0 = view_of(g, ops[0], whole(bufs, locs, g, ops[0], n)?, n)?;
+                        let x0 = view_of(g, ops[0], whole(&mem, locs, g, ops[0], n)?, n)?;
                         let mut dx0 = ArrayD::<f32>::zeros(x0.raw_dim());
                         let mut dx1 = None;
                         match g.node(*node).op {
                             Op::Lrn(l) => reference::lrn_backward(as4m(dx0.view_mut())?, as4(dyv)?, as4(x0)?, &l),
                             Op::ChannelMul => {
-                                let x1 = view_of(g, ops[1], whole(bufs, locs, g, ops[1], n)?, n)?;
+                                let x1 = view_of(g, ops[1], whole(&mem, locs, g, ops[1], n)?, n)?;
                                 let mut d1 = ArrayD::<f32>::zeros(x1.raw_dim());
                                 let r = reference::channel_mul_backward(Some(as4m(dx0.view_mut())?), Some(as2m(d1.view_mut())?), as4(dyv)?, as4(x0)?, as2(x1)?);
                                 dx1 = Some(d1);
@@ -605,7 +615,7 @@ impl Program {
                             if let Some(d) = d {
                                 let d: Vec<f32> = d.iter().copied().collect();
                                 let l = loc_of(locs, g, *o)?;
-                                add_into(grads, locs, g, *o, &d, Loc { buf: usize::MAX, off: 0, total: l.ch, ..l }, n)?;
+                                add_into(&mut mem, locs, g, *o, &d, Loc { buf: usize::MAX, off: 0, total: l.ch, ..l }, n)?;
                             }
                         }
                     }
@@ -615,7 +625,6 @@ impl Program {
                 }
                 Ok(())
             })();
-            grads[ol.grad] = gbuf;
             if let Some(t0) = t0 {
                 step.time.backward = t0.elapsed();
             }
@@ -627,16 +636,17 @@ impl Program {
 
 /// Recompute a training batch norm's output (with its activation chain) from its kept input,
 /// its saved batch statistics and `gamma`, `beta`, exactly as the forward pass computed it
-/// (same affine map, same activation code): the memory plan let other values use its slot.
-fn recompute_bn_act(step: &Step, params: &ParamStore, bufs: &mut [Vec<f32>], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
+/// (same affine map, same activation code): the memory plan let others use its memory.
+fn recompute_bn_act(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
     let Kind::BnTrain { x, layer, saved, .. } = &step.kind else {
         return Err(eerr(format!("layer `{}`: only a batch norm's output can be recomputed", step.name)));
     };
     let ol = loc_of(locs, g, step.out)?;
     let (a, b): (Vec<f32>, Vec<f32>) = saved_affine(params, layer, saved, ol.ch)?.into_iter().unzip();
-    let mut out = std::mem::take(&mut bufs[ol.buf]);
+    let mut mem = Mem::new(arena);
+    let (_, out) = take(&mut mem, locs, g, step.out, false)?;
     let r = (|| -> R {
-        let xin = whole(bufs, locs, g, *x, n)?;
+        let xin = whole(&mem, locs, g, *x, n)?;
         // The output may be a channel slice of an in-place concatenation: `num` elements at
         // `off` in each sample's `stride`.
         let (num, hw, stride, off) = (ol.numel(), ol.hw, ol.stride(), ol.off * ol.hw);
@@ -665,7 +675,6 @@ fn recompute_bn_act(step: &Step, params: &ParamStore, bufs: &mut [Vec<f32>], loc
         });
         Ok(())
     })();
-    bufs[ol.buf] = out;
     r
 }
 
@@ -681,19 +690,28 @@ fn saved_affine(params: &ParamStore, layer: &str, saved: &BnSaved, c: usize) -> 
 }
 
 /// `grad(o) += src` where `src` is laid out as `sl` (per-sample ranges of `src`); nothing when
-/// `o`'s buffer has no gradient buffer (no value in it needs a gradient).
-fn add_into(grads: &mut [Vec<f32>], locs: &[Option<Loc>], g: &Graph, o: NodeId, src: &[f32], sl: Loc, n: usize) -> R {
+/// `o`'s buffer has no gradient (no value in it needs one).
+fn add_into(mem: &mut Mem<'_>, locs: &[Option<Loc>], g: &Graph, o: NodeId, src: &[f32], sl: Loc, n: usize) -> R {
     let l = loc_of(locs, g, o)?;
     if l.numel() != sl.numel() {
         return Err(eerr(format!("layer `{}`: gradient of {} elements per sample for a value of {}", g.node(o).name, sl.numel(), l.numel())));
     }
-    let d = &mut grads[l.grad];
-    if d.is_empty() {
+    if l.grad == NO_GRAD {
         return Ok(());
     }
+    let (at, d) = take(mem, locs, g, o, true)?;
     for s in 0..n {
         d[l.sample(s)].iter_mut().zip(&src[sl.sample(s)]).for_each(|(a, &b)| *a += b);
     }
+    mem.put(at, d);
+    Ok(())
+}
+
+/// Zero the first `n` samples of buffer `r`'s gradient (its life starts).
+pub(crate) fn zero_grad(arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, r: NodeId, n: usize) -> R {
+    let l = loc_of(locs, g, r)?;
+    let d = arena.get_mut(l.grad..).and_then(|d| d.get_mut(..n * l.stride())).ok_or_else(|| overlap(g, r, "gradient"))?;
+    zero(d);
     Ok(())
 }
 
@@ -739,11 +757,10 @@ impl GemmBackward for DenseKernels {
 }
 
 /// What [`gemm_layer_backward`] reads and writes besides the layer itself.
-struct GemmCtx<'a> {
+struct GemmCtx<'a, 'm> {
     params: &'a ParamStore,
     pgrads: &'a mut ParamStore,
-    bufs: &'a [Vec<f32>],
-    grads: &'a mut [Vec<f32>],
+    mem: &'a mut Mem<'m>,
     locs: &'a [Option<Loc>],
     g: &'a Graph,
     /// Whether the operand needs its gradient (false for the image and below the lowest
@@ -763,13 +780,14 @@ struct GemmCtx<'a> {
 /// input gradient (only when the operand needs one) straight into its buffer, the weight and bias
 /// gradients into one partial buffer per chunk, then summed in chunk order into `pgrads`
 /// (deterministic for a thread count).
-fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_>) -> R {
-    let GemmCtx { params, pgrads, bufs, grads, locs, g, need_dx, trains, gr, stride, n, ch } = c;
+fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_, '_>) -> R {
+    let GemmCtx { params, pgrads, mem, locs, g, need_dx, trains, gr, stride, n, ch } = c;
     if !need_dx && !trains {
         return Ok(());
     }
     let w = param(params, layer, "weight")?;
-    let xin = whole(bufs, locs, g, x, n)?;
+    let dx = if need_dx { Some(take(mem, locs, g, x, true)?.1) } else { None };
+    let xin = whole(mem, locs, g, x, n)?;
     let inp = xin.len() / n;
     let wn = w.len();
     let bn = if bias { pgrads.slice(&format!("{layer}.bias")).map_or(0, <[f32]>::len) } else { 0 };
@@ -794,9 +812,8 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
         let (pw, pb) = part.split_at_mut(wn);
         k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
     };
-    if need_dx {
-        let xl = loc_of(locs, g, x)?;
-        let dx = &mut grads[xl.grad][..n * inp];
+    if let Some(dx) = dx {
+        let dx = &mut dx[..n * inp];
         dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
         // chunks beyond n (fewer samples than threads) hold zeros already
         let used = n.div_ceil(ch);
