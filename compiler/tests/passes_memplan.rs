@@ -160,11 +160,22 @@ fn simulate(p: &Plan) {
         let what = format!("{} backward group {i} ({})", g.name, g.node(gr.anchor()).name);
         for &r in &m.recompute_before[i] {
             // Every group writing the buffer (its own, or each slice of a concatenation) is a
-            // batch norm, and the concatenation has no writer of another kind.
+            // batch norm (+ activations) or a pooling layer alone, and the concatenation has no
+            // writer of another kind; each reads its input again, which must be there still
+            // (or recomputed before it).
             let writers: Vec<&Group> = p.groups.iter().filter(|w| root(&p.placement, w.output()) == Some(r) && !p.inplace_concats.contains(&w.output())).collect();
             assert!(!writers.is_empty(), "{what}: recomputes {r}, which no group writes");
             for w in writers {
-                assert!(matches!(g.node(w.anchor()).op, Op::BatchNorm(_)), "{what}: recomputes {r}, written by `{}`", g.node(w.anchor()).name);
+                let ok = match g.node(w.anchor()).op {
+                    Op::BatchNorm(_) => w.nodes[1..].iter().all(|&c| matches!(g.node(c).op, Op::Act(_))),
+                    Op::Pool(_) => w.nodes.len() == 1,
+                    _ => false,
+                };
+                assert!(ok, "{what}: recomputes {r}, written by `{}`", g.node(w.anchor()).name);
+                for x in g.operands(w.anchor()) {
+                    let (s, v) = val(x);
+                    own.access(s, v, false, &format!("{what}: recomputing {r}"));
+                }
             }
             own.reclaim(vrange(r), Held::Value(r));
         }

@@ -284,6 +284,10 @@ fn recomputed_concatenations_match_reference() {
     let plan = cnnc_compiler::pipeline::plan(&g, cnnc_compiler::plan::Mode::Training, Fusion::Full).unwrap();
     let concats = plan.memory.recompute_before.iter().flatten().filter(|&&r| matches!(g.node(r).op, Op::Concat)).count();
     assert_eq!(concats, 2, "both concatenations are recomputed");
+    // So are both max pools, whose inputs backward reads anyway: m1's from the kept stem, m2's
+    // from m1's concatenation, recomputed before it (a chain).
+    let pools = plan.memory.recompute_before.iter().flatten().filter(|&&r| matches!(g.node(r).op, Op::Pool(_))).count();
+    assert_eq!(pools, 2, "both max pools are recomputed");
     // ...and their memory holds other values or gradients in between (else recomputing
     // changes nothing).
     let m = &plan.memory;

@@ -196,19 +196,28 @@ fn assign(intervals: &[Interval]) -> (Vec<usize>, usize) {
 
 /// Buffers (root nodes) a training backward pass can recompute instead of keeping, by
 /// running again the groups that write them (`writers`, from [`writers`]). A group is
-/// recomputable when it is a batch norm followed only by activations (`y = act(a*x + b)` from
-/// the kept input `x`, the saved batch statistics and the unchanged `gamma`, `beta`:
-/// elementwise, bit-identical) whose input is not itself recomputed. A buffer is recomputable
-/// when it is no model output and every group writing it is: a buffer of its own, or an
-/// in-place concatenation whose every channel slice is such a group's output (an inception
-/// module's branches ending in conv-bn-relu).
-fn recomputable(g: &Graph, groups: &[Group], placement: &[Option<Placement>], outputs: &[NodeId], writers: &[Vec<usize>]) -> Vec<bool> {
+/// recomputable when it is
+/// - a batch norm followed only by activations (`y = act(a*x + b)` from the kept input `x`,
+///   the saved batch statistics and the unchanged `gamma`, `beta`: elementwise,
+///   bit-identical) whose input is not itself recomputed;
+/// - a pooling layer alone (a deterministic function of its input) whose input some backward
+///   step reads anyway (`read_in_backward`: kept or recomputed), so recomputing never makes a
+///   buffer live in backward that was not (the input is then kept, or recomputed, up to the
+///   pooling's recomputation): a pool whose input only the pool reads is not recomputed.
+///
+/// A buffer is recomputable when it is no model output and every group writing it is: a
+/// buffer of its own, or an in-place concatenation whose every channel slice is such a
+/// group's output (an inception module's branches ending in conv-bn-relu).
+fn recomputable(g: &Graph, groups: &[Group], placement: &[Option<Placement>], outputs: &[NodeId], writers: &[Vec<usize>], read_in_backward: &[bool]) -> Vec<bool> {
     let mut r = vec![false; placement.len()];
     let mut group_ok = vec![false; groups.len()];
     for (i, gr) in groups.iter().enumerate() {
-        group_ok[i] = matches!(g.node(gr.anchor()).op, Op::BatchNorm(_))
-            && gr.nodes[1..].iter().all(|&n| matches!(g.node(n).op, Op::Act(_)))
-            && g.operands(gr.anchor()).iter().all(|o| root(placement, *o).is_none_or(|ro| !r[ro.index()]));
+        let input = |pred: &dyn Fn(NodeId) -> bool| g.operands(gr.anchor()).iter().all(|o| root(placement, *o).is_some_and(pred));
+        group_ok[i] = match g.node(gr.anchor()).op {
+            Op::BatchNorm(_) => gr.nodes[1..].iter().all(|&n| matches!(g.node(n).op, Op::Act(_))) && input(&|ro| !r[ro.index()]),
+            Op::Pool(_) => gr.nodes.len() == 1 && input(&|ro| read_in_backward[ro.index()]),
+            _ => false,
+        };
         // A buffer is decided once its last writer has run (a concatenation's slices all
         // come before the concatenation's own group, which writes nothing).
         if let Some(ro) = root(placement, gr.output()) {
@@ -294,7 +303,6 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     // group's backward step. A value no backward step reads lives in forward only; the heads'
     // values live to the end.
     let writers = writers(groups, placement);
-    let recomp = if mode == Mode::Training { recomputable(g, groups, placement, &head_roots, &writers) } else { vec![false; size] };
     let mut back_readers: Vec<Vec<usize>> = vec![Vec::new(); size];
     for (i, gr) in groups.iter().enumerate() {
         let own = backward_reads_output(g, gr).then(|| gr.output());
@@ -304,8 +312,22 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
             }
         }
     }
-    // The first group (in forward order) writing each recomputable buffer: the last backward
-    // step that reads it (a batch norm + activation group's backward may read its output).
+    let read_in_backward: Vec<bool> = back_readers.iter().map(|b| !b.is_empty()).collect();
+    let recomp = if mode == Mode::Training { recomputable(g, groups, placement, &head_roots, &writers, &read_in_backward) } else { vec![false; size] };
+    // A recomputation reads its group's input right before the first backward step reading
+    // the recomputed buffer: for a pooling layer's input that is a backward read too (later
+    // pools first, so a pool of a recomputed pool's output extends that one's reads).
+    for &r in roots.iter().rev().filter(|r| recomp[r.index()]) {
+        let (Some(&first), Some(&w)) = (back_readers[r.index()].iter().max(), writers[r.index()].first()) else { continue };
+        if matches!(g.node(groups[w].anchor()).op, Op::Pool(_)) {
+            for x in g.operands(groups[w].anchor()).into_iter().filter_map(root_of) {
+                back_readers[x.index()].push(first);
+            }
+        }
+    }
+    // The first group (in forward order) writing each recomputable buffer: a batch norm +
+    // activation group's backward may read its output, so such a buffer lives until then; a
+    // recomputed pooling output until its last backward reader.
     let own_group: Vec<Option<usize>> = {
         let mut v = vec![None; size];
         for &r in roots.iter().filter(|r| recomp[r.index()]) {
@@ -329,7 +351,8 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
                     match own_group[r.index()].filter(|_| recomp[r.index()]) {
                         Some(own) => {
                             plan.recompute_before[first].push(r);
-                            Interval { root: r, pieces: vec![(start, end), (back(first), back(own))], elems: elems(r) }
+                            let until = if matches!(g.node(groups[own].anchor()).op, Op::Pool(_)) { last } else { own };
+                            Interval { root: r, pieces: vec![(start, end), (back(first), back(until))], elems: elems(r) }
                         }
                         // Kept from its writer to its last backward reader.
                         None => Interval::one(r, start, back(last), elems(r)),
@@ -338,6 +361,10 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
             }
         })
         .collect();
+    // Recompute a pooling layer's input before the pooling.
+    for rs in &mut plan.recompute_before {
+        rs.sort_by_key(|r| writers[r.index()].first().copied());
+    }
     let values = intervals.len();
     if mode == Mode::Inference {
         let (at, total) = assign(&intervals);

@@ -427,7 +427,7 @@ impl Program {
             // Values whose memory served others since forward: recompute them now (the memory
             // plan's batch norm + activation outputs).
             for &r in &recompute[i] {
-                recompute_bn_act(&steps[r], params, arena, locs, g, n)?;
+                recompute_step(&steps[r], params, arena, locs, g, n, threads)?;
             }
             let step = &mut steps[i];
             let overwrite = plan.memory.overwrite_grad.get(i).copied().unwrap_or(false);
@@ -634,12 +634,35 @@ impl Program {
     }
 }
 
+/// Recompute a step's output in backward, exactly as the forward pass computed it: the memory
+/// plan let others use its memory. A pooling layer pools its (kept or recomputed) input again
+/// without recording winners; a batch norm: [`recompute_bn_act`].
+fn recompute_step(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, n: usize, threads: usize) -> R {
+    let Kind::Pool { k, x, .. } = &step.kind else {
+        return recompute_bn_act(step, params, arena, locs, g, n);
+    };
+    if !step.chain.is_empty() {
+        return Err(eerr(format!("layer `{}`: a recomputed pooling has nothing fused after it", step.name)));
+    }
+    let ol = loc_of(locs, g, step.out)?;
+    let mut mem = Mem::new(arena);
+    let (_, out) = take(&mut mem, locs, g, step.out, false)?;
+    let xin = whole(&mem, locs, g, *x, n)?;
+    let (inp, num, stride, off) = (xin.len() / n, ol.numel(), ol.stride(), ol.off * ol.hw);
+    out[..n * stride]
+        .par_chunks_mut(stride)
+        .zip(xin.par_chunks(inp))
+        .with_min_len(n.div_ceil(threads.max(1)))
+        .try_for_each(|(o, xs)| k.forward(&mut o[off..off + num], None, xs))
+        .map_err(|e| eerr(format!("layer `{}`: {e}", step.name)))
+}
+
 /// Recompute a training batch norm's output (with its activation chain) from its kept input,
 /// its saved batch statistics and `gamma`, `beta`, exactly as the forward pass computed it
-/// (same affine map, same activation code): the memory plan let others use its memory.
+/// (same affine map, same activation code).
 fn recompute_bn_act(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
     let Kind::BnTrain { x, layer, saved, .. } = &step.kind else {
-        return Err(eerr(format!("layer `{}`: only a batch norm's output can be recomputed", step.name)));
+        return Err(eerr(format!("layer `{}`: only a batch norm's or a pooling layer's output can be recomputed", step.name)));
     };
     let ol = loc_of(locs, g, step.out)?;
     let (a, b): (Vec<f32>, Vec<f32>) = saved_affine(params, layer, saved, ol.ch)?.into_iter().unzip();
