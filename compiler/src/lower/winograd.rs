@@ -297,6 +297,16 @@ fn input_row(t: &mut [f32], ld: usize, rows: &[f32], e: &mut [f32], tw: usize) {
 /// scale / shift applied; `dst` and `res` (empty: no residual) are the matching output and
 /// residual row.
 pub(super) fn finish_row(dst: &mut [f32], row: &mut [f32], res: &[f32], act: FusedAct, accumulate: bool) {
+    residual_act(row, res, act);
+    if accumulate {
+        dst.iter_mut().zip(&*row).for_each(|(d, &v)| *d += v);
+    } else {
+        dst.copy_from_slice(row);
+    }
+}
+
+/// The residual (empty: none) and the activation, in place along one output row.
+pub(super) fn residual_act(row: &mut [f32], res: &[f32], act: FusedAct) {
     if !res.is_empty() {
         row.iter_mut().zip(res).for_each(|(v, &r)| *v += r);
     }
@@ -304,11 +314,6 @@ pub(super) fn finish_row(dst: &mut [f32], row: &mut [f32], res: &[f32], act: Fus
         FusedAct::None => {}
         FusedAct::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
         FusedAct::LeakyRelu(s) => row.iter_mut().for_each(|v| *v = v.max(0.0) + s * v.min(0.0)),
-    }
-    if accumulate {
-        dst.iter_mut().zip(&*row).for_each(|(d, &v)| *d += v);
-    } else {
-        dst.copy_from_slice(row);
     }
 }
 

@@ -65,7 +65,7 @@
 use super::gemm::{Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, NR};
 use super::jit::{Finished, Jit};
 use super::winograd::{
-    block_gemms, define_wgrad, finish_row, pack_dy, pack_filters, wgrad_gemms, WinoEpi, BLOCK_BYTES,
+    block_gemms, define_wgrad, finish_row, pack_dy, residual_act, pack_filters, wgrad_gemms, WinoEpi, BLOCK_BYTES,
 };
 use crate::{Error, Result};
 
@@ -269,10 +269,16 @@ struct Lay {
     tpu: usize,
 }
 
-/// `d[tx] = rp[j + M tx]`: one phase of a padded row.
-fn phase<const M: usize>(d: &mut [f32], rp: &[f32], j: usize) {
-    for (v, c) in d.iter_mut().zip(rp[j..].chunks_exact(M)) {
-        *v = c[0];
+/// `dst[j·ld + tx] = rp[M tx + j]` for the `R` runs `j` and `tx < tpu`, in one pass over the
+/// padded row `rp` (run `j >= M` is run `j - M` one tile on).
+fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize, rp: &[f32]) {
+    let mut rows = dst.chunks_mut(ld);
+    let mut d: [&mut [f32]; R] = std::array::from_fn(|_| &mut rows.next().expect("run")[..tpu]);
+    let (ch, _) = rp.as_chunks::<M>();
+    for (tx, w) in ch[..tpu + 1].windows(2).enumerate() {
+        for (j, d) in d.iter_mut().enumerate() {
+            d[tx] = if j < M { w[0][j] } else { w[1][j - M] };
+        }
     }
 }
 
@@ -311,13 +317,12 @@ impl Lay {
                 let len = w.min((m * (tpu + 1)).saturating_sub(self.pad));
                 for r in 0..rows {
                     rp[self.pad..self.pad + len].copy_from_slice(&src[(u0 + r) * w..][..len]);
-                    for j in 0..runs {
-                        let d = &mut dst[j * ld + r * tpu..][..tpu];
-                        if m == 4 {
-                            phase::<4>(d, rp, j);
-                        } else {
-                            phase::<2>(d, rp, j);
-                        }
+                    let d = &mut dst[r * tpu..];
+                    match (m, runs) {
+                        (4, 6) => phases::<4, 6>(d, ld, tpu, rp),
+                        (4, _) => phases::<4, 4>(d, ld, tpu, rp),
+                        (_, 4) => phases::<2, 4>(d, ld, tpu, rp),
+                        _ => phases::<2, 2>(d, ld, tpu, rp),
                     }
                 }
             }
@@ -550,31 +555,42 @@ impl Winograd1d {
                 yv.chunks_exact_mut(tb).for_each(|y| y[..n].iter_mut().for_each(|v| *v += b));
             }
             for r in 0..rows {
-                let mut emit = |oy: usize, row: &mut [f32]| {
-                    let o = co * p + oy * sh.ow;
-                    let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
-                    finish_row(&mut out[o..o + sh.ow], row, res, epi.act, epi.accumulate);
-                };
                 match sh.axis {
                     // Output i of tile row ty is the whole output row m ty + i.
                     Axis::Rows => {
                         for i in 0..m {
                             let oy = m * (u0 + r) + i;
                             if oy < sh.oh {
-                                emit(oy, &mut yv[i * tb + r * tpu..][..tpu]);
+                                let o = co * p + oy * sh.ow;
+                                let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
+                                finish_row(&mut out[o..o + sh.ow], &mut yv[i * tb + r * tpu..][..tpu], res, epi.act, epi.accumulate);
                             }
                         }
                     }
-                    // Output i of tile tx is column m tx + i of row u0 + r.
+                    // Output i of tile tx is column m tx + i of row u0 + r: interleaved
+                    // straight into the output row where it holds whole tiles and is
+                    // overwritten, else through the row buffer.
                     Axis::Cols => {
-                        let row = &mut rowbuf[..m * tpu];
+                        let o = co * p + (u0 + r) * sh.ow;
+                        let res = if epi.residual.is_empty() { &[][..] } else { &epi.residual[o..o + sh.ow] };
+                        let direct = !epi.accumulate && sh.ow == m * tpu;
                         let ys = &yv[r * tpu..];
-                        if m == 4 {
-                            interleave::<4>(row, ys, tb);
+                        let interleave = |row: &mut [f32]| {
+                            if m == 4 {
+                                interleave::<4>(row, ys, tb);
+                            } else {
+                                interleave::<2>(row, ys, tb);
+                            }
+                        };
+                        if direct {
+                            let row = &mut out[o..o + sh.ow];
+                            interleave(row);
+                            residual_act(row, res, epi.act);
                         } else {
-                            interleave::<2>(row, ys, tb);
+                            let row = &mut rowbuf[..m * tpu];
+                            interleave(row);
+                            finish_row(&mut out[o..o + sh.ow], &mut row[..sh.ow], res, epi.act, epi.accumulate);
                         }
-                        emit(u0 + r, &mut row[..sh.ow]);
                     }
                 }
             }
