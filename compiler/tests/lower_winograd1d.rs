@@ -24,8 +24,9 @@ type Case = (usize, usize, (usize, usize), [usize; 2], [usize; 4]);
 const C: usize = WINOGRAD_1D_MIN_CHANNELS;
 
 /// 3x1 and 1x3 layers: odd sizes, pads 0, 1, 2 and asymmetric, several blocks of units (the
-/// last shorter), channels at and above the threshold.
-const CASES: [Case; 12] = [
+/// last shorter), channels at and above the threshold, rows of whole lane groups (3x1) and of
+/// whole tiles (1x3) as well as partial ones.
+const CASES: [Case; 13] = [
     (C, C, (7, 9), [3, 1], [1, 1, 0, 0]),
     (C, C, (7, 9), [1, 3], [0, 0, 1, 1]),
     (C + 1, C + 9, (13, 5), [3, 1], [0, 0, 0, 0]),
@@ -36,6 +37,8 @@ const CASES: [Case; 12] = [
     (C + 11, C + 8, (7, 10), [1, 3], [0, 0, 2, 1]),
     (48, 64, (32, 32), [1, 3], [0, 0, 1, 1]),
     (64, 64, (32, 32), [3, 1], [1, 1, 0, 0]),
+    // 3x1 rows of whole lane groups: read in place, written in place, a partial last tile row.
+    (C, C + 3, (13, 16), [3, 1], [0, 2, 0, 0]),
     (C, C + 2, (6, 300), [3, 1], [1, 1, 0, 0]),
     (C + 2, C, (300, 6), [1, 3], [0, 0, 1, 0]),
 ];
