@@ -37,7 +37,7 @@ const CASES: [Case; 13] = [
     (C + 11, C + 8, (7, 10), [1, 3], [0, 0, 2, 1]),
     (48, 64, (32, 32), [1, 3], [0, 0, 1, 1]),
     (64, 64, (32, 32), [3, 1], [1, 1, 0, 0]),
-    // 3x1 rows of whole lane groups: read in place, written in place, a partial last tile row.
+    // 3x1 with rows a multiple of 8 wide and a partial last tile row.
     (C, C + 3, (13, 16), [3, 1], [0, 2, 0, 0]),
     (C, C + 2, (6, 300), [3, 1], [1, 1, 0, 0]),
     (C + 2, C, (300, 6), [1, 3], [0, 0, 1, 0]),
