@@ -112,6 +112,9 @@ pub struct ModelCost {
     pub training_saved_bytes: u64,
     /// Inference peak of live activations (`memory.inference_peak_bytes`).
     pub inference_peak_bytes: u64,
+    /// cnnc's training plan: arena and argmax (`memory.training_plan_bytes`).
+    #[serde(default)]
+    pub training_plan_bytes: Option<u64>,
 }
 
 /// One engine's model-level figures.
@@ -513,6 +516,7 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
             flops_backward: report.totals.flops.backward.total(),
             training_saved_bytes: report.memory.training_saved_bytes,
             inference_peak_bytes: report.memory.inference_peak_bytes,
+            training_plan_bytes: report.memory.training_plan_bytes,
         },
         engines,
         layers,
@@ -683,9 +687,10 @@ impl BenchReport {
             }
             let _ = writeln!(
                 o,
-                "memory: cost report keeps {} of activations for backward ({} inference peak); fused JIT buffers {}; measured peak-RSS growth (build + first training step): {}",
+                "memory: cost report keeps {} of activations for backward ({} inference peak), cnnc's training plan {}; fused JIT buffers {}; measured peak-RSS growth (build + first training step): {}",
                 mib(self.cost.training_saved_bytes),
                 mib(self.cost.inference_peak_bytes),
+                self.cost.training_plan_bytes.map_or("-".into(), mib),
                 f.buffer_bytes.map_or("-".into(), mib),
                 f.rss_growth_bytes.map_or("n/a".into(), mib)
             );

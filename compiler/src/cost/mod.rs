@@ -42,7 +42,11 @@
 //! included. **Training keeps** the values backward needs (deduplicated): a conv/dense layer's
 //! operand (when its weights train), an activation's output, a max-pool's argmax (4 bytes per
 //! output), a batch-norm's operand, dropout's mask (1 byte per element), both channel-mul
-//! operands, LRN's operand and output, and the loss's probabilities.
+//! operands, LRN's operand and output, and the loss's probabilities: what a framework that
+//! keeps every saved tensor to the end of backward holds. **cnnc's plans** are what cnnc's
+//! engine allocates for the batch: the memory plan's arena (`passes::memplan`: values and
+//! gradients sharing memory where their lives do not overlap, batch-norm and pooling outputs
+//! recomputed in backward) plus, in training, one byte per max-pool output for its winners.
 //!
 //! # Receptive field
 //!
@@ -55,6 +59,7 @@ mod report;
 pub use report::{render, render_compare, thousands, to_json as report_json, Format};
 
 use crate::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
+use crate::plan::{Fusion, Mode};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 
@@ -162,6 +167,11 @@ pub struct Memory {
     pub training_saved_bytes: u64,
     /// Sum of all layer outputs (no reuse).
     pub all_outputs_bytes: u64,
+    /// cnnc's training plan: its arena of values and gradients and max pooling's one-byte
+    /// winners (`None` where the graph cannot be planned).
+    pub training_plan_bytes: Option<u64>,
+    /// cnnc's inference plan: its arena of values.
+    pub inference_plan_bytes: Option<u64>,
 }
 
 /// The architecture cost report of a graph.
@@ -453,10 +463,20 @@ fn memory(g: &Graph, batch: usize) -> Memory {
         }
     }
     let training_saved_bytes = saved.iter().map(|&(v, _)| bytes(v)).sum::<u64>() + extra;
+    let planned = |mode: Mode| {
+        let p = crate::pipeline::plan(g, mode, Fusion::Full).ok()?;
+        let argmax: usize = match mode {
+            Mode::Training => nodes.iter().filter(|&&id| matches!(g.node(id).op, Op::Pool(p) if p.kind == PoolKind::Max)).map(|&id| g.node(id).shape.numel()).sum(),
+            Mode::Inference => 0,
+        };
+        Some((p.memory.arena_elems as u64 * 4 + argmax as u64) * batch as u64)
+    };
     Memory {
         inference_peak_bytes: peak,
         training_saved_bytes,
         all_outputs_bytes: nodes.iter().map(|&id| bytes(id)).sum(),
+        training_plan_bytes: planned(Mode::Training),
+        inference_plan_bytes: planned(Mode::Inference),
     }
 }
 

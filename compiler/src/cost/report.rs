@@ -62,6 +62,8 @@ pub fn to_json(r: &CostReport) -> serde_json::Value {
             "inference_peak": r.memory.inference_peak_bytes,
             "training_saved": r.memory.training_saved_bytes,
             "all_outputs": r.memory.all_outputs_bytes,
+            "training_plan": r.memory.training_plan_bytes,
+            "inference_plan": r.memory.inference_plan_bytes,
         },
         "backward_flops_saved": r.backward_flops_saved,
         "layers": r.layers.iter().map(|l| json!({
@@ -260,6 +262,9 @@ fn summary(r: &CostReport, markdown: bool) -> String {
     }
     line("activations, inference peak (buffer reuse)", bytes(r.memory.inference_peak_bytes));
     line("activations, kept for backward (training)", bytes(r.memory.training_saved_bytes));
+    let plan = |b: Option<u64>| b.map_or("-".to_string(), bytes);
+    line("cnnc training plan (values + gradients + argmax)", plan(r.memory.training_plan_bytes));
+    line("cnnc inference plan (values)", plan(r.memory.inference_plan_bytes));
     line("parameter memory (f32)", bytes(t.params * 4));
     s
 }
@@ -277,6 +282,7 @@ pub fn render_compare(a: &CostReport, b: &CostReport, markdown: bool) -> String 
     rows.push(rows_of("FLOPs backward", a.totals.flops.backward.total(), b.totals.flops.backward.total(), si));
     rows.push(rows_of("activations, inference peak", a.memory.inference_peak_bytes, b.memory.inference_peak_bytes, bytes));
     rows.push(rows_of("activations, kept for backward", a.memory.training_saved_bytes, b.memory.training_saved_bytes, bytes));
+    rows.push(rows_of("cnnc training plan", a.memory.training_plan_bytes.unwrap_or(0), b.memory.training_plan_bytes.unwrap_or(0), bytes));
     let grid = Grid { rows, right: vec![false, true, true, true] };
     format!("batch {}\n\n{}", a.batch, grid.render(markdown))
 }

@@ -136,3 +136,25 @@ fn inference_peak_frees_dead_values() {
     assert_eq!(r.memory.inference_peak_bytes, 2 * 100 * 4 * 2);
     assert_eq!(r.memory.all_outputs_bytes, 5 * 100 * 4 * 2);
 }
+
+#[test]
+fn planned_memory_is_the_engines_arena_and_argmax() {
+    // The reduced inception module at batch 3: the training plan's arena (values and
+    // gradients) in f32 plus one byte per max-pool output, linear in the batch; the chain
+    // of relus plans two 100-value buffers for inference.
+    let g = inception(true);
+    let (r1, r3) = (analyze(&g, 1), analyze(&g, 3));
+    let p = crate::pipeline::plan(&g, Mode::Training, Fusion::Full).unwrap();
+    let pool_out = 256 * 28 * 28;
+    assert_eq!(r3.memory.training_plan_bytes, Some(3 * (p.memory.arena_elems as u64 * 4 + pool_out)));
+    assert_eq!(r3.memory.training_plan_bytes.unwrap(), 3 * r1.memory.training_plan_bytes.unwrap());
+    // Gradients share the memory of values whose last backward reader has run: less than
+    // every value and gradient of its own.
+    assert!(p.memory.arena_elems < p.memory.unshared_elems.0 + p.memory.unshared_elems.1);
+    let mut c = Graph::new("chain");
+    let mut x = c.input("input", Shape::chw(1, 10, 10)).unwrap();
+    for i in 0..4 {
+        x = c.add(format!("r{i}"), Op::Act(Activation::Relu), &[x]).unwrap();
+    }
+    assert_eq!(analyze(&c, 2).memory.inference_plan_bytes, Some(2 * 2 * 112 * 4), "two buffers of 100 values, aligned to 16");
+}
