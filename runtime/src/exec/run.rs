@@ -733,7 +733,10 @@ fn add_into(mem: &mut Mem<'_>, locs: &[Option<Loc>], g: &Graph, o: NodeId, src: 
 /// Zero the first `n` samples of buffer `r`'s gradient (its life starts).
 pub(crate) fn zero_grad(arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, r: NodeId, n: usize) -> R {
     let l = loc_of(locs, g, r)?;
-    let d = arena.get_mut(l.grad..).and_then(|d| d.get_mut(..n * l.stride())).ok_or_else(|| overlap(g, r, "gradient"))?;
+    if l.grad == NO_GRAD {
+        return Err(eerr(format!("layer `{}`: no gradient planned", g.node(r).name)));
+    }
+    let d = arena.get_mut(l.grad..).and_then(|d| d.get_mut(..n * l.stride())).ok_or_else(|| eerr(format!("layer `{}`: gradient past the arena", g.node(r).name)))?;
     zero(d);
     Ok(())
 }
