@@ -4,22 +4,12 @@
 #![cfg(feature = "jit")]
 
 use cnnc_compiler::ir::{Conv2d, Padding};
-use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, EpilogueArgs, FusedAct, Mode};
+mod common;
+
+use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, Mode};
+use common::{batches, check_epilogues, rand_vec, tap};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-/// Index in an `[n, cin, h, w]` tensor of the input under padded position `(py, px)` (output
-/// pixel plus kernel tap) of sample `s`, channel `ci`, with paddings `[top, bottom, left,
-/// right]`; `None` in the padding.
-#[allow(clippy::too_many_arguments)]
-fn tap(s: usize, ci: usize, cin: usize, (h, wd): (usize, usize), p: [usize; 4], py: usize, px: usize) -> Option<usize> {
-    let (iy, ix) = (py.checked_sub(p[0])?, px.checked_sub(p[2])?);
-    (iy < h && ix < wd).then(|| ((s * cin + ci) * h + iy) * wd + ix)
-}
+use rand::SeedableRng;
 
 /// `[n, cout, oh, ow]` of a 3x3 stride-1 convolution with bias.
 #[allow(clippy::too_many_arguments)]
@@ -70,11 +60,6 @@ fn conv3x3(cout: usize, p: [usize; 4]) -> Conv2d {
     Conv2d::new(cout, [3, 3]).pad(Padding::Explicit { top: p[0], bottom: p[1], left: p[2], right: p[3] })
 }
 
-/// Batch 1 on a plain output gradient, batch 3 reading a concat slice of it.
-fn batches(cout: usize) -> [(usize, Option<ChannelSlice>); 2] {
-    [(1, None), (3, Some(ChannelSlice { total: cout + 4, offset: 3 }))]
-}
-
 #[test]
 fn winograd_forward_matches_reference() {
     let mut rng = StdRng::seed_from_u64(21);
@@ -97,62 +82,15 @@ fn winograd_forward_matches_reference() {
         let conv = conv3x3(cout, p);
         let w = rand_vec(&mut rng, cout * cin * 9);
         let b = rand_vec(&mut rng, cout);
-        let scale = rand_vec(&mut rng, cout);
-        let shift = rand_vec(&mut rng, cout);
         for n in [1, 3] {
             let x = rand_vec(&mut rng, n * cin * hw.0 * hw.1);
             let (base, oh, ow) = reference(&x, &w, &b, n, cin, cout, hw, p);
-            let pix = oh * ow;
-            let res = rand_vec(&mut rng, n * cout * pix);
-            let scale_of_out = base.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let epis = [
-                Epilogue::default(),
-                Epilogue { affine: true, residual: true, act: FusedAct::Relu, ..Default::default() },
-                Epilogue { act: FusedAct::LeakyRelu(0.1), accumulate: true, ..Default::default() },
-                Epilogue { concat: Some(ChannelSlice { total: cout + 5, offset: 3 }), residual: true, ..Default::default() },
-                Epilogue { affine: true, accumulate: true, concat: Some(ChannelSlice { total: cout + 2, offset: 2 }), ..Default::default() },
-                Epilogue { residual: true, act: FusedAct::LeakyRelu(0.2), ..Default::default() },
-            ];
-            for (e, epi) in epis.into_iter().enumerate() {
-                // Every other epilogue on a layer without bias.
-                let bias = e % 2 == 0;
-                let conv = Conv2d { bias, ..conv };
-                let zeros = vec![0.0f32; cout];
-                let bvec = if bias { &b } else { &zeros };
-                let what = format!("cin {cin} cout {cout} {hw:?} pads {p:?} batch {n} bias {bias} {epi:?}");
-                let k = ConvKernels::compile_with("wino", &conv, (cin, hw.0, hw.1), epi, Mode::Blocked, opts).unwrap();
+            let what = format!("cin {cin} cout {cout} {hw:?} pads {p:?} batch {n}");
+            check_epilogues(&mut rng, &base, &b, n, cout, oh * ow, &what, |epi, bias, out, extra| {
+                let k = ConvKernels::compile_with("wino", &Conv2d { bias, ..conv }, (cin, hw.0, hw.1), epi, Mode::Blocked, opts).unwrap();
                 assert_eq!(k.algorithms()[0], "winograd", "{what}");
-                let cs = epi.concat.unwrap_or(ChannelSlice { total: cout, offset: 0 });
-                let out0 = rand_vec(&mut rng, n * cs.total * pix);
-                let mut want = out0.clone();
-                for s in 0..n {
-                    for co in 0..cout {
-                        for q in 0..pix {
-                            let i = (s * cout + co) * pix + q;
-                            let mut t = base[i] - b[co] + bvec[co];
-                            if epi.affine {
-                                t = t * scale[co] + shift[co];
-                            }
-                            if epi.residual {
-                                t += res[i];
-                            }
-                            t = epi.act.apply(t);
-                            let o = &mut want[(s * cs.total + cs.offset + co) * pix + q];
-                            *o = if epi.accumulate { *o + t } else { t };
-                        }
-                    }
-                }
-                let mut out = out0.clone();
-                let extra = EpilogueArgs {
-                    affine: epi.affine.then_some((&scale[..], &shift[..])),
-                    residual: epi.residual.then_some(&res[..]),
-                };
-                k.forward(&mut out, &x, &w, bias.then_some(&b[..]), extra).unwrap();
-                let tol = 1e-5 * scale_of_out.max(1.0) * 4.0;
-                for (i, (g, w)) in out.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= tol + 1e-5 * w.abs(), "{what}: element {i}: got {g}, want {w}");
-                }
-            }
+                k.forward(out, &x, &w, bias.then_some(&b[..]), extra).unwrap();
+            });
         }
     }
 }

@@ -5,18 +5,17 @@
 //! concat slices; both tile sizes through the module's own API.
 #![cfg(feature = "jit")]
 
+mod common;
+
 use cnnc_compiler::ir::{Conv2d, Padding};
 use cnnc_compiler::lower::conv::WINOGRAD_1D_MIN_CHANNELS;
 use cnnc_compiler::lower::jit::Jit;
 use cnnc_compiler::lower::winograd::WinoEpi;
 use cnnc_compiler::lower::winograd1d::{Axis, Wino1dPlan, Wino1dScratch, Wino1dShape, Wino1dWgradPlan, Wino1dWgradScratch};
-use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, EpilogueArgs, FusedAct, Mode};
+use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, FusedAct, Mode};
+use common::{batches, check_epilogues, rand_vec, tap};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
+use rand::SeedableRng;
 
 /// A layer: `(cin, cout, (h, w), kernel [kh, kw], pads [top, bottom, left, right])`.
 type Case = (usize, usize, (usize, usize), [usize; 2], [usize; 4]);
@@ -42,14 +41,6 @@ const CASES: [Case; 13] = [
     (C, C + 2, (6, 300), [3, 1], [1, 1, 0, 0]),
     (C + 2, C, (300, 6), [1, 3], [0, 0, 1, 0]),
 ];
-
-/// Index in an `[n, cin, h, w]` tensor of the input under padded position `(py, px)` (output
-/// pixel plus kernel tap); `None` in the padding.
-#[allow(clippy::too_many_arguments)]
-fn tap(s: usize, ci: usize, cin: usize, (h, wd): (usize, usize), p: [usize; 4], py: usize, px: usize) -> Option<usize> {
-    let (iy, ix) = (py.checked_sub(p[0])?, px.checked_sub(p[2])?);
-    (iy < h && ix < wd).then(|| ((s * cin + ci) * h + iy) * wd + ix)
-}
 
 /// Output size of a layer.
 fn out_hw((_, _, (h, wd), k, p): Case) -> (usize, usize) {
@@ -106,70 +97,19 @@ fn winograd1d_forward_matches_reference() {
     for case in CASES {
         let (cin, cout, (h, wd), ..) = case;
         let (oh, ow) = out_hw(case);
-        let pix = oh * ow;
         let w = rand_vec(&mut rng, cout * cin * 3);
         let b = rand_vec(&mut rng, cout);
-        let scale = rand_vec(&mut rng, cout);
-        let shift = rand_vec(&mut rng, cout);
         for n in [1, 3] {
             let x = rand_vec(&mut rng, n * cin * h * wd);
             let base = reference(case, &x, &w, &b, n);
-            let res = rand_vec(&mut rng, n * cout * pix);
-            let scale_of_out = base.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let epis = [
-                Epilogue::default(),
-                Epilogue { affine: true, residual: true, act: FusedAct::Relu, ..Default::default() },
-                Epilogue { act: FusedAct::LeakyRelu(0.1), accumulate: true, ..Default::default() },
-                Epilogue { concat: Some(ChannelSlice { total: cout + 5, offset: 3 }), residual: true, ..Default::default() },
-                Epilogue { affine: true, accumulate: true, concat: Some(ChannelSlice { total: cout + 2, offset: 2 }), ..Default::default() },
-                Epilogue { residual: true, act: FusedAct::LeakyRelu(0.2), ..Default::default() },
-            ];
-            for (e, epi) in epis.into_iter().enumerate() {
-                // Every other epilogue on a layer without bias.
-                let bias = e % 2 == 0;
-                let zeros = vec![0.0f32; cout];
-                let bvec = if bias { &b } else { &zeros };
-                let what = format!("{case:?} batch {n} bias {bias} {epi:?}");
+            let what = format!("{case:?} batch {n}");
+            check_epilogues(&mut rng, &base, &b, n, cout, oh * ow, &what, |epi, bias, out, extra| {
                 let k = compile(case, epi, bias);
                 assert_eq!(k.algorithms(), ["winograd"; 3], "{what}");
-                let cs = epi.concat.unwrap_or(ChannelSlice { total: cout, offset: 0 });
-                let out0 = rand_vec(&mut rng, n * cs.total * pix);
-                let mut want = out0.clone();
-                for s in 0..n {
-                    for co in 0..cout {
-                        for q in 0..pix {
-                            let i = (s * cout + co) * pix + q;
-                            let mut t = base[i] - b[co] + bvec[co];
-                            if epi.affine {
-                                t = t * scale[co] + shift[co];
-                            }
-                            if epi.residual {
-                                t += res[i];
-                            }
-                            t = epi.act.apply(t);
-                            let o = &mut want[(s * cs.total + cs.offset + co) * pix + q];
-                            *o = if epi.accumulate { *o + t } else { t };
-                        }
-                    }
-                }
-                let mut out = out0.clone();
-                let extra = EpilogueArgs {
-                    affine: epi.affine.then_some((&scale[..], &shift[..])),
-                    residual: epi.residual.then_some(&res[..]),
-                };
-                k.forward(&mut out, &x, &w, bias.then_some(&b[..]), extra).unwrap();
-                let tol = 1e-5 * scale_of_out.max(1.0) * 4.0;
-                for (i, (g, w)) in out.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= tol + 1e-5 * w.abs(), "{what}: element {i}: got {g}, want {w}");
-                }
-            }
+                k.forward(out, &x, &w, bias.then_some(&b[..]), extra).unwrap();
+            });
         }
     }
-}
-
-/// Batch 1 on a plain output gradient, batch 3 reading a concat slice of it.
-fn batches(cout: usize) -> [(usize, Option<ChannelSlice>); 2] {
-    [(1, None), (3, Some(ChannelSlice { total: cout + 4, offset: 3 }))]
 }
 
 /// Backward data (the forward machinery on the output gradient padded by `2 - pad`, flipped

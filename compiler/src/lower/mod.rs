@@ -13,8 +13,9 @@
 //!   GEMMs reading zero-padded planes in place for stride 1 (backward-data as the correlation
 //!   with flipped weights, the weight gradient with the operands swapped), implicit im2col +
 //!   GEMM for the rest (any kernel, stride, asymmetric padding, dilation, groups).
-//! - [`winograd`]: Winograd F(2x2, 3x3) forward and backward-data for 3x3 stride-1 layers with
-//!   enough channels (2.25x fewer multiplies; chosen by [`ConvKernels`]).
+//! - [`winograd`]: Winograd F(2x2, 3x3) forward and backward-data and F(3x3, 2x2) weight
+//!   gradient for 3x3 stride-1 layers with enough channels (2.25x fewer multiplies; chosen by
+//!   [`ConvKernels`]); [`winograd1d`]: F(4, 3) / F(3, 4) likewise for 1x3 and 3x1 layers (2x).
 //! - [`optim`]: optimiser updates (SGD/momentum/Nesterov, RMSprop, Adam/AdamW) as one fused
 //!   `f32x4` stream kernel per rule.
 //! - [`dense`]: [`DenseKernels`] — fully connected layers as GEMMs over the batch.
