@@ -7,7 +7,7 @@ use cnnc_compiler::ir::{Conv2d, Padding};
 mod common;
 
 use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, Mode};
-use common::{batches, check_epilogues, rand_vec, tap};
+use common::{assert_close, batches, check_epilogues, rand_vec, tap};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -133,10 +133,7 @@ fn winograd_backward_data_matches_reference() {
             }
             let mut dx = dx0.clone();
             k.backward_data(&mut dx, &dout, &w).unwrap();
-            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-            for (i, (g, w)) in dx.iter().zip(&want).enumerate() {
-                assert!((*g as f64 - w).abs() <= 4e-5 * scale, "{what}: element {i}: got {g}, want {w}");
-            }
+            assert_close(&dx, &want, 4e-5, &what);
         }
     }
 }

@@ -13,7 +13,7 @@ use cnnc_compiler::lower::jit::Jit;
 use cnnc_compiler::lower::winograd::WinoEpi;
 use cnnc_compiler::lower::winograd1d::{Axis, Wino1dPlan, Wino1dScratch, Wino1dShape, Wino1dWgradPlan, Wino1dWgradScratch};
 use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, FusedAct, Mode};
-use common::{batches, check_epilogues, rand_vec, tap};
+use common::{assert_close, batches, check_epilogues, rand_vec, tap};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -134,10 +134,7 @@ fn winograd1d_backward_data_matches_reference() {
             });
             let mut dx = dx0.clone();
             k.backward_data(&mut dx, &dout, &w).unwrap();
-            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-            for (i, (g, w)) in dx.iter().zip(&want).enumerate() {
-                assert!((*g as f64 - w).abs() <= 4e-5 * scale, "{what}: element {i}: got {g}, want {w}");
-            }
+            assert_close(&dx, &want, 4e-5, &what);
         }
     }
 }

@@ -75,3 +75,12 @@ pub fn check_epilogues(rng: &mut StdRng, base: &[f32], b: &[f32], n: usize, cout
         }
     }
 }
+
+/// `got` within `rel` of `want`'s largest magnitude (at least 1), element by element.
+pub fn assert_close(got: &[f32], want: &[f64], rel: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((*g as f64 - w).abs() <= rel * scale, "{what}: element {i}: got {g}, want {w}");
+    }
+}
