@@ -22,7 +22,9 @@
 //!   gradients. (Backward group `i` runs at time `2S - 1 - i`.) An in-place concatenation all
 //!   of whose channel slices are such outputs (an inception module's branches ending in
 //!   conv-bn-relu) is recomputed the same way, slice by slice, and lives until the backward
-//!   step of the first group writing a slice.
+//!   step of the first group writing a slice. A pooling output whose input backward reads
+//!   anyway is recomputed too (pooled again, after its input's own recomputation if it has
+//!   one), and lives until its last backward reader.
 //! - **Training gradients.** The gradient of a buffer is written by the backward steps of its
 //!   consumers (`+=`) and read by the backward steps of its producers; it exists only where
 //!   [`Graph::needs_grad`] says backward needs it (or it seeds a head). Its live interval runs
@@ -255,8 +257,9 @@ fn writers(groups: &[Group], placement: &[Option<Placement>]) -> Vec<Vec<usize>>
 ///
 /// Does: computes every buffer's live interval (values; in training plans also gradients, on
 /// one timeline) and places them in one arena, disjoint intervals sharing memory, with the
-/// zeroing schedule of gradient lives and the recomputations of values. Does not: move values between
-/// buffers, or change the schedule.
+/// zeroing schedule of gradient lives and the recomputations of values (batch norm +
+/// activation and pooling outputs). Does not: move values between buffers, or change the
+/// schedule.
 /// Before: `groups` in execution order and `placement` from `passes::concat_inplace`.
 /// After: every buffer (root) has a value offset; every buffer backward reads or writes (in
 /// training) has a gradient offset; two lives (values or gradients) that overlap in time
