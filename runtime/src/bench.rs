@@ -16,8 +16,10 @@
 //! ([`PeakKernel`], one thread, scaled by the engine's thread count). Per layer there is one
 //! row per group of the **fused training plan**, naming its nodes; a row's naive and
 //! reference times are the sums of its nodes' times in those engines, so the rows of all
-//! three engines cover the same work. Time outside any group (loss, zeroing gradients, input
-//! copy) is the engine row's `other` column.
+//! three engines cover the same work. A group's backward time includes zeroing the gradients
+//! whose life starts at its step and recomputing its output where the memory plan recomputes it
+//! (`passes::memplan`); time outside any group (the loss, zeroing the heads' gradients, the
+//! input copy) is the engine row's `other` column.
 //!
 //! # Memory
 //! Beside the cost report's activation-memory figures ([`cost::Memory`]) each engine gets a
@@ -143,7 +145,8 @@ pub struct EngineRow {
 }
 
 impl EngineRow {
-    /// Training-step time not spent in any group (loss, zeroing, input copy).
+    /// Training-step time not spent in any group (loss, zeroing the heads' gradients, input
+    /// copy).
     pub fn other_ns(&self) -> u64 {
         self.train_ns.saturating_sub(self.forward_ns + self.backward_ns)
     }

@@ -138,7 +138,9 @@ impl JitEngine {
 
     /// Wall time of each group of [`JitEngine::plan`]`(training)` (same order) in the last
     /// training step (`true`: forward and backward) or inference (`false`: forward only), while
-    /// profiling is on ([`JitEngine::set_profiling`]); zeros otherwise.
+    /// profiling is on ([`JitEngine::set_profiling`]); zeros otherwise. A group's backward
+    /// includes zeroing the gradients whose life starts at its step and recomputing its output
+    /// where the memory plan recomputes it.
     pub fn profile(&self, training: bool) -> Vec<StepTime> {
         let p = if training { &self.train } else { &self.infer };
         p.steps.iter().map(|s| s.time).collect()

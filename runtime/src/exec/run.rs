@@ -426,11 +426,18 @@ impl Program {
         for i in (0..steps.len()).rev() {
             // Values whose memory served others since forward: recompute them now (the memory
             // plan's batch norm + activation outputs).
+            // (Profiling: a recomputation counts as backward time of the group whose output
+            // it recomputes, zeroing as this group's.)
             for &r in &recompute[i] {
+                let t0 = profiling.then(Instant::now);
                 recompute_step(&steps[r], params, arena, locs, g, n, threads)?;
+                if let Some(t0) = t0 {
+                    steps[r].time.backward += t0.elapsed();
+                }
             }
             let step = &mut steps[i];
             let overwrite = plan.memory.overwrite_grad.get(i).copied().unwrap_or(false);
+            let t0 = profiling.then(Instant::now);
             // Gradients whose life starts here are zeroed (a batch norm's backward instead
             // overwrites its input's gradient whole: `overwrite`).
             for &r in &plan.memory.zero_before[i] {
@@ -439,7 +446,6 @@ impl Program {
             if !ng[step.out.index()] {
                 continue; // at or below the lowest trainable layer: no backward at all
             }
-            let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
             let mut mem = Mem::new(arena);
@@ -626,7 +632,7 @@ impl Program {
                 Ok(())
             })();
             if let Some(t0) = t0 {
-                step.time.backward = t0.elapsed();
+                step.time.backward += t0.elapsed();
             }
             r?;
         }
