@@ -7,7 +7,8 @@
 //!
 //! `cargo bench --bench kernels` runs both; `cargo bench --bench kernels -- --report-only`
 //! prints only the table; `--blocked-only` leaves the (slow) naive rows out of it, `--small`
-//! adds the small layers of the training-step benchmarks (`report::small_cases`).
+//! adds the small layers of the training-step benchmarks (`report::small_cases`), `--only TEXT`
+//! keeps the table's cases whose name contains `TEXT` (e.g. `--only 1x1`).
 
 use cnnc::compiler::lower::report::{conv_report, fill, small_cases, standard_cases};
 use cnnc::compiler::lower::{ConvKernels, Epilogue, EpilogueArgs, Mode};
@@ -18,6 +19,11 @@ fn main() {
     let mut cases = standard_cases();
     if std::env::args().any(|a| a == "--small") {
         cases.extend(small_cases());
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--only") {
+        let text = args.get(i + 1).expect("--only TEXT");
+        cases.retain(|c| c.name.contains(text.as_str()));
     }
     print!("{}", conv_report(&cases, naive).expect("kernel report"));
     if std::env::args().any(|a| a == "--report-only") {

@@ -17,7 +17,12 @@
 //! - forward: `out_g[Cout/g, P] = epi(W_g[Cout/g, Kc] · col_g[Kc, P])`, where
 //!   `col[(ci,ky,kx), (oy,ox)] = x[ci, oy*sh - pt + ky*dh, ox*sw - pl + kx*dw]` (0 outside);
 //!   `col` is never materialised: each `Kc x 8` B panel is gathered straight from `x`.
-//!   A 1x1 stride-1 unpadded convolution reads `x` itself as `col`.
+//!   A 1x1 stride-1 unpadded convolution reads `x` itself as `col`: its forward packs blocks
+//!   of 32 panels (256 pixels, each input row read sequentially, each panel written
+//!   sequentially) and runs every row panel of `W` over each; an input over 1 MiB per sample
+//!   prefetches the next block's rows while one block computes. (Measured one thread on
+//!   1x1 256->64 56x56 batch 8: 0.71 of the FMA peak, against 0.60 for the direct kernel
+//!   below, whose `B` loads each touch a different page and which first copies the input.)
 //! - backward data: `d_col = W_gᵀ · d_out_g`, then `d_x += col2im(d_col)` (the adjoint of the
 //!   gather above: every `col` element's gradient is added to the `x` element it was read from).
 //! - backward weight: `d_W_g += d_out_g · col_gᵀ` (reduction over pixels, blocked by 256),
@@ -34,13 +39,14 @@
 //! rounded up to 8 plus the kernel's extent, planes an odd number of cache lines apart so a
 //! pixel of successive channels falls in different L1 sets); an unpadded 1x1 layer sees each
 //! plane as one row of `H*W` pixels.
-//! - forward (output rows >= 8 wide): a tile of 4 output channels x 8 pixels of one output row
+//! - forward (output rows >= 8 wide, except unpadded 1x1 layers, see above): a tile of 4 output channels x 8 pixels of one output row
 //!   reads its `B` in place, `x_pad[ci, oy + ky*dh, ox + kx*dw .. +8]`, at compile-time tap
 //!   offsets ([`DirectB`]); `A` is the packed weights as before. No packing of `B` at all.
 //! - backward data (input rows >= 8 wide): the same kernel as a stride-1 convolution of the
 //!   zero-padded `d_out` (placed at `dh*(kh-1) - pt`, `dw*(kw-1) - pl`, cropped where the
 //!   padding exceeds that) with the flipped, transposed weights `w'[ci, co, ky, kx] =
-//!   w[co, ci, kh-1-ky, kw-1-kx]`, accumulated into `d_x`.
+//!   w[co, ci, kh-1-ky, kw-1-kx]`, accumulated into `d_x`. When `d_x` exceeds 1 MiB per
+//!   sample, each row panel prefetches the next one's `d_x` rows.
 //! - backward weight: the operands flipped, `d_Wᵀ[(tap, ci), co] += x_tap[(tap, ci), p] ·
 //!   d_outᵀ[p, co]` ([`WgradSpec`]): `d_outᵀ` is packed once per block of ~256 pixels and
 //!   reused by every tap and channel, `x_tap` is read in place from the padded planes (4
@@ -192,6 +198,10 @@ pub struct EpilogueArgs<'a> {
     pub residual: Option<&'a [f32]>,
 }
 
+/// Bytes of a sample's 1x1 input (or backward-data output) past which its blocks are
+/// software-prefetched ([`gemm::prefetch`]) while the previous block computes.
+const PREFETCH_MIN_BYTES: usize = 1 << 20;
+
 /// Pixels per block of the weight-gradient reduction.
 const WGRAD_BLOCK: usize = 256;
 
@@ -287,10 +297,20 @@ impl Direct {
         let pl = &self.planes;
         let k = self.gemm.spec().k;
         let tb = (TILE_BLOCK_BYTES / (k * NR * 4)).clamp(1, 8);
+        let ldc = self.gemm.spec().ldc;
+        // An accumulated output too large for L2 (a 1x1 backward data's `d_x`): prefetch the
+        // next row panel's `C` while this one computes.
+        let pf = self.gemm.spec().accumulate && m * ldc * 4 > PREFETCH_MIN_BYTES;
         for oy in 0..pl.out_h {
             for xb in (0..pl.out_w).step_by(NR * tb) {
                 let xe = pl.out_w.min(xb + NR * tb);
                 for ip in 0..m.div_ceil(MR) {
+                    if pf {
+                        for r in (ip + 1) * MR..m.min((ip + 2) * MR) {
+                            let o = c_off + r * ldc + oy * pl.out_w;
+                            gemm::prefetch(&c[o + xb..o + xe]);
+                        }
+                    }
                     for ox0 in (xb..xe).step_by(NR) {
                         let nr = NR.min(pl.out_w - ox0);
                         let j0 = oy * pl.out_w + ox0;
@@ -666,7 +686,8 @@ impl ConvKernels {
                     let cg = g.cin / g.groups;
                     // An unpadded 1x1 convolution sees each plane as one row of pixels.
                     let (ihw, ohw) = if g.is_direct() { ((1, g.h * g.w), (1, p)) } else { ((g.h, g.w), (g.oh, g.ow)) };
-                    let df = if rows_fit_tiles(ohw.1) {
+                    // A 1x1 forward packs its B instead (see `ConvKernels::forward`).
+                    let df = if rows_fit_tiles(ohw.1) && !g.is_direct() {
                         let pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
                         let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))));
                         let spec = GemmSpec { n: ohw.1, ..fwd };
@@ -963,6 +984,9 @@ impl ConvKernels {
                 };
                 let bp = self.block_panels();
                 let mut panel = vec![0.0f32; bp * kc * NR];
+                // A 1x1 input too large to stay in L2 between blocks: prefetch each block's
+                // source rows while the previous block computes.
+                let big = g.is_direct() && cg * hw * 4 > PREFETCH_MIN_BYTES;
                 for s in 0..n {
                     for (gi, ap) in packs.iter().enumerate() {
                         let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
@@ -978,6 +1002,26 @@ impl ConvKernels {
                             let cols = (bp * NR).min(p - jb);
                             if g.is_direct() {
                                 gemm::pack_b_block(&mut panel, xs, kc, jb, cols, hw);
+                                // The next block's rows (this sample's or the next one's), to
+                                // prefetch a share of after each panel.
+                                let next = if jb + cols < p {
+                                    Some((xs, jb + cols))
+                                } else if s + 1 < n && big {
+                                    Some((&x[(s + 1) * g.in_numel() + gi * cg * hw..][..cg * hw], 0))
+                                } else {
+                                    None
+                                };
+                                let np = cols.div_ceil(NR);
+                                for (t, j0) in (jb..jb + cols).step_by(NR).enumerate() {
+                                    if let Some((nx, njb)) = next.filter(|_| big) {
+                                        let ncols = (bp * NR).min(p - njb);
+                                        for r in t * kc / np..(t + 1) * kc / np {
+                                            gemm::prefetch(&nx[r * hw + njb..r * hw + njb + ncols]);
+                                        }
+                                    }
+                                    fwd.run_panel(out, c_off + j0, mg, j0, ap, &panel[t * kc * NR..], &epi);
+                                }
+                                continue;
                             } else if bp > 1 {
                                 self.im2col_row_panels(&mut panel, xs, jb / g.ow, 0, bp);
                             } else {

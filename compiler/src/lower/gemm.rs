@@ -606,16 +606,35 @@ pub fn pack_b_block(dst: &mut [f32], src: &[f32], k: usize, j0: usize, cols: usi
     if full < np {
         dst[full * k * NR..np * k * NR].fill(0.0);
     }
-    for kk in 0..k {
-        let row = &src[kk * rs + j0..kk * rs + j0 + cols];
-        for t in 0..full {
-            let o = (t * k + kk) * NR;
-            let d: &mut [f32; NR] = (&mut dst[o..o + NR]).try_into().expect("8-wide row");
-            *d = row[t * NR..t * NR + NR].try_into().expect("8-wide source");
+    // Panel by panel (two at a time: one 64-byte source line per row), so that each
+    // destination panel is written sequentially: panels are `k*32` bytes apart, which for a
+    // power-of-two `k` puts every panel's row in the same L1 set.
+    let mut t = 0;
+    while t + 2 <= full {
+        let (d0, d1) = dst[t * k * NR..(t + 2) * k * NR].split_at_mut(k * NR);
+        for (kk, (a, b)) in d0.chunks_exact_mut(NR).zip(d1.chunks_exact_mut(NR)).enumerate() {
+            let s = kk * rs + j0 + t * NR;
+            let row: &[f32; 2 * NR] = src[s..s + 2 * NR].try_into().expect("16-wide source");
+            let a: &mut [f32; NR] = a.try_into().expect("8-wide row");
+            let b: &mut [f32; NR] = b.try_into().expect("8-wide row");
+            *a = row[..NR].try_into().expect("8");
+            *b = row[NR..].try_into().expect("8");
         }
-        if full < np {
+        t += 2;
+    }
+    if t < full {
+        for (kk, d) in dst[t * k * NR..(t + 1) * k * NR].chunks_exact_mut(NR).enumerate() {
+            let s = kk * rs + j0 + t * NR;
+            let d: &mut [f32; NR] = d.try_into().expect("8-wide row");
+            *d = src[s..s + NR].try_into().expect("8-wide source");
+        }
+    }
+    if full < np {
+        let w = cols - full * NR;
+        for kk in 0..k {
+            let s = kk * rs + j0 + full * NR;
             let o = (full * k + kk) * NR;
-            dst[o..o + cols - full * NR].copy_from_slice(&row[full * NR..]);
+            dst[o..o + w].copy_from_slice(&src[s..s + w]);
         }
     }
 }
@@ -842,4 +861,19 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
         }
     }
     b.ins().return_(&[]);
+}
+
+/// Software prefetch: ask for every 64-byte line of `s` to be brought into the L1 cache
+/// (`prefetcht0`, which neither faults nor waits; nothing on other targets). Used to overlap
+/// the next block's reads from L3 with the current block's arithmetic.
+pub fn prefetch(s: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for i in (0..s.len()).step_by(16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: `i < s.len()`, so the address lies inside `s`; a prefetch reads nothing
+        // architecturally and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(i).cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
 }
