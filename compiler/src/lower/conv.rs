@@ -1213,6 +1213,7 @@ impl ConvKernels {
                 let mut pad = vec![0.0f32; if g.is_direct() { 0 } else { pl.len() }];
                 let mut dwt = vec![0.0f32; nt * cg * mg];
                 let mut bpan = vec![0.0f32; mg.div_ceil(NR) * main_rows * main_w * NR];
+                let big_w = g.is_direct() && !d.tap_rows && cg * hw * 4 > PREFETCH_MIN_BYTES;
                 for gi in 0..g.groups {
                     dwt.fill(0.0);
                     for s in 0..n {
@@ -1238,6 +1239,10 @@ impl ConvKernels {
                         for (y0, x0, kerns) in blocks {
                             let p0 = y0 * pl.out_w + x0;
                             let kb = kerns[0].spec().rows * kerns[0].spec().width;
+                            // A 1x1 input over L2's share: the next block's pixels of `x` and
+                            // `d_out` are prefetched a few rows per tile while this one computes.
+                            let next = (big_w && x0 + kb < pl.out_w).then(|| (x0 + kb, main_w.min(pl.out_w - x0 - kb)));
+                            let steps = mg.div_ceil(NR) * cg.div_ceil(MR);
                             // B = d_outᵀ for this block: panel jp holds channels 8jp..8jp+8.
                             for jp in 0..mg.div_ceil(NR) {
                                 let nr = NR.min(mg - jp * NR);
@@ -1259,6 +1264,15 @@ impl ConvKernels {
                                 } else {
                                     for (t, &toff) in d.taps.iter().enumerate() {
                                         for ip in 0..cg.div_ceil(MR) {
+                                            if let Some((nx0, nw)) = next {
+                                                let i = jp * cg.div_ceil(MR) + ip;
+                                                for r in cg * i / steps..cg * (i + 1) / steps {
+                                                    gemm::prefetch(&pad[r * pl.plane + nx0..][..nw]);
+                                                }
+                                                for r in mg * i / steps..mg * (i + 1) / steps {
+                                                    gemm::prefetch(&dout[r * p + nx0..][..nw]);
+                                                }
+                                            }
                                             let mr = MR.min(cg - ip * MR);
                                             let c = &mut dwt[(t * cg + ip * MR) * mg + jp * NR..];
                                             kerns[0].run(c, mr, nr, &pad[ip * MR * pl.plane + toff + a0..], b);
