@@ -118,31 +118,56 @@ fn epilogues() {
 
 /// Direct (in-place `B`) tiles: `B[c*taps + t][j] = x[c*plane + taps[t] + j]`, over plane
 /// counts on both sides of the broadcast-folding threshold (64 planes), `K` not a multiple of
-/// the unroll, edge tiles of 1..8 columns (1..4: the right half skipped) and 1..4 rows.
+/// the unroll, edge tiles of 1..8 columns (1..4: the right half skipped) and 1..4 rows; and
+/// the row kernels (`reps` tiles per call, with a residual, a relu and accumulation: the
+/// pointers advancing per tile) beside single tiles for the rest of the row.
 #[test]
 fn direct_b_edges() {
     use cnnc_compiler::lower::gemm::DirectB;
     let mut rng = StdRng::seed_from_u64(4);
-    for &(m, n, chans, taps) in &[(5, 19, 3, &[0usize, 1, 2][..]), (1, 3, 7, &[0][..]), (7, 12, 65, &[0][..]), (9, 8, 66, &[0, 2][..]), (4, 1, 2, &[1][..])] {
+    let cases: &[(usize, usize, usize, &[usize], usize)] = &[
+        (5, 19, 3, &[0, 1, 2], 1),
+        (1, 3, 7, &[0], 1),
+        (7, 12, 65, &[0], 1),
+        (9, 8, 66, &[0, 2], 1),
+        (4, 1, 2, &[1], 1),
+        (7, 29, 3, &[0, 1], 3),
+        (4, 16, 5, &[0], 2),
+        (6, 45, 66, &[0], 4),
+    ];
+    for &(m, n, chans, taps, reps) in cases {
         let plane = n + 8 + 3;
-        let d = DirectB { chans, plane, taps: taps.to_vec() };
+        let d = DirectB { chans, plane, taps: taps.to_vec(), reps };
         let k = chans * taps.len();
         let x = rand_vec(&mut rng, chans * plane + 16);
         let a = rand_vec(&mut rng, m * k);
         let bias = rand_vec(&mut rng, m);
+        let ldr = n + 2;
+        let res = rand_vec(&mut rng, m * ldr);
+        let rich = reps > 1;
         let spec = GemmSpec { bias: BiasKind::Row, ..GemmSpec::plain(Some(m), n, k, n, false) };
+        let spec = if rich { GemmSpec { residual: true, ldr, act: FusedAct::Relu, accumulate: true, ..spec } } else { spec };
         let mut jit = Jit::new("direct_test").unwrap();
         let plan = GemmPlan::define_direct(&mut jit, "d", spec, &d).unwrap();
         let fin = jit.finish().unwrap();
         let g = plan.resolve(&fin);
+        assert_eq!(g.row_reps(), reps, "row kernels compiled");
         let mut ap = Vec::new();
         pack_a(&mut ap, &a, m, k, k, 1);
-        let mut got = vec![0.0f32; m * n];
-        let epi = EpiArgs { bias: &bias, ..EpiArgs::default() };
-        for j0 in (0..n).step_by(NR) {
-            g.run_cols(&mut got, j0, m, j0, NR.min(n - j0), &ap, &x[j0..], &epi);
+        let c0 = rand_vec(&mut rng, m * n);
+        let mut got = c0.clone();
+        let epi = EpiArgs { bias: &bias, residual: if rich { &res } else { &[] }, ..EpiArgs::default() };
+        let mut j0 = 0;
+        while j0 < n {
+            if reps > 1 && j0 + NR * reps <= n {
+                g.run_row_panels(&mut got, j0, m, 0..m.div_ceil(4), j0, &ap, &x[j0..], &epi);
+                j0 += NR * reps;
+            } else {
+                g.run_cols(&mut got, j0, m, j0, NR.min(n - j0), &ap, &x[j0..], &epi);
+                j0 += NR;
+            }
         }
-        let mut want = vec![0.0f32; m * n];
+        let mut want = c0.clone();
         for i in 0..m {
             for j in 0..n {
                 let mut t = bias[i];
@@ -151,10 +176,14 @@ fn direct_b_edges() {
                         t += a[i * k + c * taps.len() + ti] * x[c * plane + off + j];
                     }
                 }
-                want[i * n + j] = t;
+                if rich {
+                    want[i * n + j] += (t + res[i * ldr + j]).max(0.0);
+                } else {
+                    want[i * n + j] = t;
+                }
             }
         }
-        close(&got, &want, &format!("direct {m}x{n} chans {chans} taps {taps:?}"));
+        close(&got, &want, &format!("direct {m}x{n} chans {chans} taps {taps:?} reps {reps}"));
     }
 }
 

@@ -266,7 +266,11 @@ impl Planes {
 
     /// The in-place B description of this layout for kernel taps `(ky*dh, kx*dw)`.
     fn direct(&self, taps: impl Iterator<Item = (usize, usize)>) -> DirectB {
-        DirectB { chans: self.chans, plane: self.plane, taps: taps.map(|(y, x)| y * self.pw + x).collect() }
+        let taps: Vec<usize> = taps.map(|(y, x)| y * self.pw + x).collect();
+        // Tiles per call: the block `Direct::run` runs per row panel, when a row holds one.
+        let tb = tile_block(self.chans * taps.len());
+        let reps = if self.out_w >= NR * tb { tb } else { 1 };
+        DirectB { chans: self.chans, plane: self.plane, taps, reps }
     }
 }
 
@@ -277,6 +281,12 @@ fn rows_fit_tiles(w: usize) -> bool {
 
 /// Bytes of `B` a direct GEMM's block of tiles may span (see [`Direct::run`]).
 const TILE_BLOCK_BYTES: usize = 32768;
+
+/// Tiles of a direct GEMM with reduction `k` run side by side per row panel (see
+/// [`Direct::run`]).
+fn tile_block(k: usize) -> usize {
+    (TILE_BLOCK_BYTES / (k * NR * 4)).clamp(1, 8)
+}
 
 /// A direct GEMM with its plane layout.
 #[derive(Debug)]
@@ -296,7 +306,8 @@ impl Direct {
     fn run(&self, c: &mut [f32], c_off: usize, m: usize, a: &[f32], pad: &[f32], epi: &EpiArgs) {
         let pl = &self.planes;
         let k = self.gemm.spec().k;
-        let tb = (TILE_BLOCK_BYTES / (k * NR * 4)).clamp(1, 8);
+        let tb = tile_block(k);
+        let reps = self.gemm.row_reps();
         let ldc = self.gemm.spec().ldc;
         // An accumulated output too large for L2 (a 1x1 backward data's `d_x`): prefetch the
         // next row panel's `C` while this one computes.
@@ -310,6 +321,11 @@ impl Direct {
                             let o = c_off + r * ldc + oy * pl.out_w;
                             gemm::prefetch(&c[o + xb..o + xe]);
                         }
+                    }
+                    if reps > 1 && xe - xb == NR * reps {
+                        let j0 = oy * pl.out_w + xb;
+                        self.gemm.run_row_panels(c, c_off + j0, m, ip..ip + 1, j0, a, &pad[oy * pl.pw + xb..], epi);
+                        continue;
                     }
                     for ox0 in (xb..xe).step_by(NR) {
                         let nr = NR.min(pl.out_w - ox0);

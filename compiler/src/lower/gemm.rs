@@ -135,6 +135,9 @@ impl GemmSpec {
 pub struct GemmPlan {
     spec: GemmSpec,
     ids: Vec<((usize, usize), KernelId)>,
+    /// Row kernels (`DirectB::reps` tiles per call): `(mr, id)`, and `reps`.
+    rows: Vec<(usize, KernelId)>,
+    reps: usize,
 }
 
 /// How a *direct* tile reads its `B` operand in place, from zero-padded input planes, instead
@@ -152,6 +155,10 @@ pub struct DirectB {
     pub plane: usize,
     /// Element offset of every kernel tap within a plane, in reduction order.
     pub taps: Vec<usize>,
+    /// Consecutive full 8-column tiles one call of the extra "row" kernel computes (`B`, `C`
+    /// and the residual advance 8 columns per tile; bias must be per row); 1: none compiled.
+    /// Saves the per-call overhead where the reduction is short.
+    pub reps: usize,
 }
 
 impl DirectB {
@@ -167,6 +174,9 @@ pub struct Gemm {
     spec: GemmSpec,
     /// `tiles[mr - 1][nr - 1]`, present for the shapes this GEMM needs.
     tiles: Vec<Option<Kernel>>,
+    /// `rows[mr - 1]`: the `mr x (8*reps)` row kernels of a direct GEMM, if any.
+    rows: Vec<Option<Kernel>>,
+    reps: usize,
 }
 
 /// Per-row / per-column epilogue operands of one GEMM call, indexed from the GEMM's row 0 /
@@ -231,17 +241,38 @@ impl GemmPlan {
                     ext[2] = d.extent();
                 }
                 let id = jit.define(&format!("{name}_tile{mr}x{nr}_k{}", spec.k), ext, |b, args| {
-                    gen_tile(b, args, &spec, mr, nr, direct)
+                    gen_tile(b, args, &spec, mr, nr, direct, 1)
                 })?;
                 ids.push(((mr, nr), id));
             }
         }
-        Ok(GemmPlan { spec, ids })
+        let reps = direct.map_or(1, |d| d.reps);
+        let mut rows = Vec::new();
+        if let Some(d) = direct.filter(|d| d.reps > 1 && spec.bias != BiasKind::Col && spec.n >= NR * d.reps) {
+            for &mr in &mrs {
+                let mut ext = tile_extents(&spec, mr, NR);
+                let more = NR * (d.reps - 1);
+                ext[0] += more;
+                ext[2] = d.extent() + more;
+                if spec.residual {
+                    ext[6] += more;
+                }
+                let id = jit.define(&format!("{name}_row{mr}x{}_k{}", NR * d.reps, spec.k), ext, |b, args| {
+                    gen_tile(b, args, &spec, mr, NR, direct, d.reps)
+                })?;
+                rows.push((mr, id));
+            }
+        }
+        Ok(GemmPlan { spec, ids, rows, reps })
     }
 
     /// Resolve against the finalized module.
     pub fn resolve(&self, fin: &Finished) -> Gemm {
-        Gemm { spec: self.spec, tiles: resolve_tiles(&self.ids, fin) }
+        let mut rows = vec![None; MR];
+        for &(mr, id) in &self.rows {
+            rows[mr - 1] = Some(fin.kernels[id.0].clone());
+        }
+        Gemm { spec: self.spec, tiles: resolve_tiles(&self.ids, fin), rows, reps: self.reps }
     }
 }
 
@@ -272,8 +303,24 @@ fn fma_bcast(b: &mut FunctionBuilder, acc: cranelift_frontend::Variable, p: ir::
 
 /// Emit one `mr x nr` tile: `args = [c, a, b, bias, scale, shift, residual]`; `B` packed, or
 /// read in place from padded planes when `direct` is given.
-fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: usize, nr: usize, direct: Option<&DirectB>) {
+fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: usize, nr: usize, direct: Option<&DirectB>, reps: usize) {
     let [c, a, bp, bias, scale, shift, res] = *args;
+    // `reps > 1`: loop over `reps` tiles side by side, `C`, `B` and the residual advancing 8
+    // columns per tile (`A` and the per-row operands stay).
+    let ptr_ty = b.func.dfg.value_type(a);
+    let (vc, vb, vr, vn) = (b.declare_var(ptr_ty), b.declare_var(ptr_ty), b.declare_var(ptr_ty), b.declare_var(ptr_ty));
+    let outer = (reps > 1).then(|| {
+        b.def_var(vc, c);
+        b.def_var(vb, bp);
+        b.def_var(vr, res);
+        let n0 = b.ins().iconst(ptr_ty, reps as i64);
+        b.def_var(vn, n0);
+        let head = b.create_block();
+        b.ins().jump(head, &[]);
+        b.switch_to_block(head);
+        head
+    });
+    let (c, bp, res) = if outer.is_some() { (b.use_var(vc), b.use_var(vb), b.use_var(vr)) } else { (c, bp, res) };
     let zero = emit::f32x4c(b, 0.0);
     let acc: Vec<_> = (0..MR * 2)
         .map(|_| {
@@ -431,6 +478,22 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
             }
         }
     }
+    if let Some(head) = outer {
+        let n = b.use_var(vn);
+        let n1 = b.ins().iadd_imm_s(n, -1);
+        b.def_var(vn, n1);
+        let nc = emit::offset(b, c, NR as i64);
+        let nb = emit::offset(b, bp, NR as i64);
+        let nres = emit::offset(b, res, NR as i64);
+        b.def_var(vc, nc);
+        b.def_var(vb, nb);
+        b.def_var(vr, nres);
+        let done = b.create_block();
+        b.ins().brif(n1, head, &[], done, &[]);
+        b.seal_block(head);
+        b.switch_to_block(done);
+        b.seal_block(done);
+    }
     b.ins().return_(&[]);
 }
 
@@ -566,6 +629,32 @@ impl Gemm {
                 BiasKind::Row => &epi.bias[i0..],
                 BiasKind::Col => &epi.bias[j0..],
             };
+            let (sc, sh): (&[f32], &[f32]) = if s.affine { (&epi.scale[i0..], &epi.shift[i0..]) } else { (&[], &[]) };
+            let res: &[f32] = if s.residual { &epi.residual[i0 * s.ldr + j0..] } else { &[] };
+            kern.call(&mut c[c_off + i0 * s.ldc..], [&a[ip * MR * k..], b, bias, sc, sh, res]);
+        }
+    }
+
+    /// Tiles per call of this direct GEMM's row kernels (1: none).
+    pub fn row_reps(&self) -> usize {
+        if self.rows.iter().any(Option::is_some) {
+            self.reps
+        } else {
+            1
+        }
+    }
+
+    /// Like [`Self::run_panels`] for `row_reps()` full tiles side by side, columns
+    /// `j0..j0 + 8*row_reps()`, in one call per row panel (`b` at the first tile's `B`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_row_panels(&self, c: &mut [f32], c_off: usize, m: usize, panels: std::ops::Range<usize>, j0: usize, a: &[f32], b: &[f32], epi: &EpiArgs) {
+        let s = &self.spec;
+        let k = s.k;
+        for ip in panels {
+            let i0 = ip * MR;
+            let mr = MR.min(m - i0);
+            let kern = self.rows[mr - 1].as_ref().expect("GEMM row kernel compiled");
+            let bias: &[f32] = if s.bias == BiasKind::Row { &epi.bias[i0..] } else { &[] };
             let (sc, sh): (&[f32], &[f32]) = if s.affine { (&epi.scale[i0..], &epi.shift[i0..]) } else { (&[], &[]) };
             let res: &[f32] = if s.residual { &epi.residual[i0 * s.ldr + j0..] } else { &[] };
             kern.call(&mut c[c_off + i0 * s.ldc..], [&a[ip * MR * k..], b, bias, sc, sh, res]);
