@@ -768,7 +768,13 @@ impl ConvKernels {
                 let dbwd = if wino_bwd.is_some() { None } else { dbwd };
                 let dfwd = if wino.is_some() { None } else { dfwd };
                 // The packed (im2col) kernels, only where no direct one replaces them.
-                let fwd = if dfwd.is_none() && wino.is_none() { Some(GemmPlan::define(&mut jit, "conv_fwd", fwd)?) } else { None };
+                let fwd = if dfwd.is_none() && wino.is_none() {
+                    let plan = GemmPlan::define(&mut jit, "conv_fwd", fwd)?;
+                    // A 1x1 forward runs blocks of packed panels per row panel of W.
+                    Some(if g.is_direct() { plan.with_packed_rows(&mut jit, "conv_fwd", tile_block(kc))? } else { plan })
+                } else {
+                    None
+                };
                 // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
                 let bd = if dbwd.is_some() || wino_bwd.is_some() {
                     None
@@ -1027,15 +1033,31 @@ impl ConvKernels {
                                 } else {
                                     None
                                 };
+                                // Groups of `reps` panels (a row kernel's; their B stays in
+                                // L1), each run by every row panel of W in turn.
                                 let np = cols.div_ceil(NR);
-                                for (t, j0) in (jb..jb + cols).step_by(NR).enumerate() {
+                                let reps = fwd.row_reps();
+                                let (ngr, nip) = (np.div_ceil(reps), mg.div_ceil(MR));
+                                for gr in 0..ngr {
+                                    let (t0, t1) = (gr * reps, np.min(gr * reps + reps));
                                     if let Some((nx, njb)) = next.filter(|_| big) {
                                         let ncols = (bp * NR).min(p - njb);
-                                        for r in t * kc / np..(t + 1) * kc / np {
+                                        for r in gr * kc / ngr..(gr + 1) * kc / ngr {
                                             gemm::prefetch(&nx[r * hw + njb..r * hw + njb + ncols]);
                                         }
                                     }
-                                    fwd.run_panel(out, c_off + j0, mg, j0, ap, &panel[t * kc * NR..], &epi);
+                                    let j0 = jb + t0 * NR;
+                                    if reps > 1 && t1 - t0 == reps && j0 + reps * NR <= p {
+                                        fwd.run_row_panels(out, c_off + j0, mg, 0..nip, j0, ap, &panel[t0 * kc * NR..], &epi);
+                                        continue;
+                                    }
+                                    for ip in 0..nip {
+                                        for t in t0..t1 {
+                                            let j0 = jb + t * NR;
+                                            let nr = NR.min(p - j0);
+                                            fwd.run_panels(out, c_off + j0, mg, ip..ip + 1, j0, nr, ap, &panel[t * kc * NR..], &epi);
+                                        }
+                                    }
                                 }
                                 continue;
                             } else if bp > 1 {

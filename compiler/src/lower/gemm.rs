@@ -24,6 +24,9 @@
 //! - [`DirectB`]: the same tile with `B` read straight from zero-padded input planes at
 //!   compile-time tap offsets instead of from a packed panel ([`GemmPlan::define_direct`],
 //!   driven tile by tile with [`Gemm::run_panels`]).
+//! - Row kernels ([`DirectB::reps`], [`GemmPlan::with_packed_rows`]): the same tile looped
+//!   over several 8-column tiles side by side in one call (`A` and the per-row operands stay,
+//!   `B`, `C` and the residual move on), for short reductions where the call costs count.
 //! - [`WgradSpec`]: the weight-gradient tile, `C += A · B` over a block of output pixels with
 //!   `A` rows read in place from the padded planes (a nested row/pixel loop) and `B` the packed
 //!   transposed output gradient; `C` accumulates.
@@ -266,6 +269,32 @@ impl GemmPlan {
         Ok(GemmPlan { spec, ids, rows, reps })
     }
 
+    /// Add row kernels over packed `B`: `reps` consecutive full 8-column tiles per call, the
+    /// `B` panels `k*8` apart (one block packed by [`pack_b_block`]); row bias only. Run with
+    /// [`Gemm::run_row_panels`]. No-op for `reps <= 1`, a direct GEMM, or fewer columns.
+    pub fn with_packed_rows(mut self, jit: &mut Jit, name: &str, reps: usize) -> Result<GemmPlan> {
+        let spec = self.spec;
+        if reps <= 1 || !self.rows.is_empty() || spec.bias == BiasKind::Col || spec.n < NR * reps {
+            return Ok(self);
+        }
+        let mrs: Vec<usize> = self.ids.iter().filter(|((_, nr), _)| *nr == NR).map(|((mr, _), _)| *mr).collect();
+        for mr in mrs {
+            let mut ext = tile_extents(&spec, mr, NR);
+            let more = NR * (reps - 1);
+            ext[0] += more;
+            ext[2] = NR * spec.k * reps;
+            if spec.residual {
+                ext[6] += more;
+            }
+            let id = jit.define(&format!("{name}_row{mr}x{}_k{}", NR * reps, spec.k), ext, |b, args| {
+                gen_tile(b, args, &spec, mr, NR, None, reps)
+            })?;
+            self.rows.push((mr, id));
+        }
+        self.reps = reps;
+        Ok(self)
+    }
+
     /// Resolve against the finalized module.
     pub fn resolve(&self, fin: &Finished) -> Gemm {
         let mut rows = vec![None; MR];
@@ -483,7 +512,8 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
         let n1 = b.ins().iadd_imm_s(n, -1);
         b.def_var(vn, n1);
         let nc = emit::offset(b, c, NR as i64);
-        let nb = emit::offset(b, bp, NR as i64);
+        // The next tile's B: 8 columns on in the planes, or the next packed panel.
+        let nb = emit::offset(b, bp, if direct.is_some() { NR as i64 } else { (s.k * NR) as i64 });
         let nres = emit::offset(b, res, NR as i64);
         b.def_var(vc, nc);
         b.def_var(vb, nb);
@@ -645,7 +675,8 @@ impl Gemm {
     }
 
     /// Like [`Self::run_panels`] for `row_reps()` full tiles side by side, columns
-    /// `j0..j0 + 8*row_reps()`, in one call per row panel (`b` at the first tile's `B`).
+    /// `j0..j0 + 8*row_reps()`, in one call per row panel (`b` at the first tile's `B`: in the
+    /// planes of a direct GEMM, or the first of `row_reps()` consecutive packed panels).
     #[allow(clippy::too_many_arguments)]
     pub fn run_row_panels(&self, c: &mut [f32], c_off: usize, m: usize, panels: std::ops::Range<usize>, j0: usize, a: &[f32], b: &[f32], epi: &EpiArgs) {
         let s = &self.spec;
