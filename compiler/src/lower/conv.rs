@@ -267,9 +267,9 @@ impl Planes {
     /// The in-place B description of this layout for kernel taps `(ky*dh, kx*dw)`.
     fn direct(&self, taps: impl Iterator<Item = (usize, usize)>) -> DirectB {
         let taps: Vec<usize> = taps.map(|(y, x)| y * self.pw + x).collect();
-        // Tiles per call: the block `Direct::run` runs per row panel, when a row holds one.
-        let tb = tile_block(self.chans * taps.len());
-        let reps = if self.out_w >= NR * tb { tb } else { 1 };
+        // Tiles per call: the block `Direct::run` runs per row panel, or as many whole tiles
+        // as a shorter row holds.
+        let reps = tile_block(self.chans * taps.len()).min(self.out_w / NR).max(1);
         DirectB { chans: self.chans, plane: self.plane, taps, reps }
     }
 }
@@ -302,12 +302,14 @@ impl Direct {
     /// Tiles go in blocks of `tb` along a row, each row panel of `A` over the whole block
     /// (`tb` is chosen so that the block's `B` stays in L1: many tiles for a short reduction,
     /// whose cost is then the `C` traffic, one for a long one, whose `A` panel is reused less
-    /// than its `B`).
+    /// than its `B`). Where the GEMM has row kernels ([`DirectB::reps`]: as many tiles as that
+    /// block or a shorter row holds) a block of that many whole tiles is one call per row
+    /// panel.
     fn run(&self, c: &mut [f32], c_off: usize, m: usize, a: &[f32], pad: &[f32], epi: &EpiArgs) {
         let pl = &self.planes;
         let k = self.gemm.spec().k;
-        let tb = tile_block(k);
         let reps = self.gemm.row_reps();
+        let tb = if reps > 1 { reps } else { tile_block(k) };
         let ldc = self.gemm.spec().ldc;
         // An accumulated output too large for L2 (a 1x1 backward data's `d_x`): prefetch the
         // next row panel's `C` while this one computes.
