@@ -201,7 +201,9 @@ fn assign(intervals: &[Interval]) -> (Vec<usize>, usize) {
 /// recomputable when it is
 /// - a batch norm followed only by activations (`y = act(a*x + b)` from the kept input `x`,
 ///   the saved batch statistics and the unchanged `gamma`, `beta`: elementwise,
-///   bit-identical) whose input is not itself recomputed;
+///   bit-identical) whose input is not itself recomputed and is read in backward anyway (by
+///   the batch norm's own backward; where that does not run, below the lowest trainable
+///   layer, keeping `y` costs what keeping `x` would);
 /// - a pooling layer alone (a deterministic function of its input) whose input some backward
 ///   step reads anyway (`read_in_backward`: kept or recomputed), so recomputing never makes a
 ///   buffer live in backward that was not (the input is then kept, or recomputed, up to the
@@ -216,7 +218,7 @@ fn recomputable(g: &Graph, groups: &[Group], placement: &[Option<Placement>], ou
     for (i, gr) in groups.iter().enumerate() {
         let input = |pred: &dyn Fn(NodeId) -> bool| g.operands(gr.anchor()).iter().all(|o| root(placement, *o).is_some_and(pred));
         group_ok[i] = match g.node(gr.anchor()).op {
-            Op::BatchNorm(_) => gr.nodes[1..].iter().all(|&n| matches!(g.node(n).op, Op::Act(_))) && input(&|ro| !r[ro.index()]),
+            Op::BatchNorm(_) => gr.nodes[1..].iter().all(|&n| matches!(g.node(n).op, Op::Act(_))) && input(&|ro| !r[ro.index()] && read_in_backward[ro.index()]),
             Op::Pool(_) => gr.nodes.len() == 1 && input(&|ro| read_in_backward[ro.index()]),
             _ => false,
         };
@@ -300,14 +302,18 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
         touch(Some(r), steps);
     }
     // Training: backward of group `i` runs at time `2S - 1 - i`. A value some backward step
-    // reads ([`backward_reads`], [`backward_reads_output`]) is kept until the last of them
-    // unless its group is recomputable: then it lives in forward until its last reader, and
-    // again from the first backward step that reads it (recomputed just before it) to its own
-    // group's backward step. A value no backward step reads lives in forward only; the heads'
-    // values live to the end.
+    // that runs reads ([`backward_reads`], [`backward_reads_output`]) is kept until the last
+    // of them unless its group is recomputable: then it lives in forward until its last
+    // reader, and again from the first backward step that reads it (recomputed just before
+    // it) to its own group's backward step. A value no backward step reads lives in forward
+    // only; the heads' values live to the end.
     let writers = writers(groups, placement);
+    let ng = g.needs_grad();
     let mut back_readers: Vec<Vec<usize>> = vec![Vec::new(); size];
     for (i, gr) in groups.iter().enumerate() {
+        if !ng[gr.output().index()] {
+            continue; // no backward step runs for this group (at or below the lowest trainable layer)
+        }
         let own = backward_reads_output(g, gr).then(|| gr.output());
         for o in backward_reads(g, gr, inplace).into_iter().chain(own) {
             if let Some(r) = root_of(o) {
@@ -317,12 +323,12 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     }
     let read_in_backward: Vec<bool> = back_readers.iter().map(|b| !b.is_empty()).collect();
     let recomp = if mode == Mode::Training { recomputable(g, groups, placement, &head_roots, &writers, &read_in_backward) } else { vec![false; size] };
-    // A recomputation reads its group's input right before the first backward step reading
-    // the recomputed buffer: for a pooling layer's input that is a backward read too (later
-    // pools first, so a pool of a recomputed pool's output extends that one's reads).
+    // A recomputation reads its groups' inputs right before the first backward step reading
+    // the recomputed buffer: a backward read of those inputs too (later buffers first, so a
+    // pool of a recomputed buffer extends that one's reads in turn).
     for &r in roots.iter().rev().filter(|r| recomp[r.index()]) {
-        let (Some(&first), Some(&w)) = (back_readers[r.index()].iter().max(), writers[r.index()].first()) else { continue };
-        if matches!(g.node(groups[w].anchor()).op, Op::Pool(_)) {
+        let Some(&first) = back_readers[r.index()].iter().max() else { continue };
+        for &w in &writers[r.index()] {
             for x in g.operands(groups[w].anchor()).into_iter().filter_map(root_of) {
                 back_readers[x.index()].push(first);
             }
@@ -379,7 +385,6 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     }
 
     // Gradients, in backward time.
-    let ng = g.needs_grad();
     let mut needs = vec![false; size];
     for id in g.nodes().filter(|id| ng[id.index()]) {
         if let Some(r) = root_of(id) {
