@@ -17,12 +17,14 @@
 //! - forward: `out_g[Cout/g, P] = epi(W_g[Cout/g, Kc] · col_g[Kc, P])`, where
 //!   `col[(ci,ky,kx), (oy,ox)] = x[ci, oy*sh - pt + ky*dh, ox*sw - pl + kx*dw]` (0 outside);
 //!   `col` is never materialised: each `Kc x 8` B panel is gathered straight from `x`.
-//!   A 1x1 stride-1 unpadded convolution reads `x` itself as `col`: its forward packs blocks
-//!   of 32 panels (256 pixels, each input row read sequentially, each panel written
-//!   sequentially) and runs every row panel of `W` over each; an input over 1 MiB per sample
-//!   prefetches the next block's rows while one block computes. (Measured one thread on
-//!   1x1 256->64 56x56 batch 8: 0.71 of the FMA peak, against 0.60 for the direct kernel
-//!   below, whose `B` loads each touch a different page and which first copies the input.)
+//!   A 1x1 stride-1 unpadded convolution reads `x` itself as `col`. When its input exceeds
+//!   1 MiB per sample its forward packs blocks of 32 panels (256 pixels, each input row read
+//!   sequentially, each panel written sequentially), prefetches the next block's rows while
+//!   one block computes, and runs groups of panels through every row panel of `W` with row
+//!   kernels; smaller ones take the direct kernel below. (Measured one thread: 1x1 256->64
+//!   56x56 batch 8 0.68-0.71 of the FMA peak packed, 0.60-0.64 direct, whose `B` loads each
+//!   touch a different page; CIFAR's 1x1 layers, 128 KiB-256 KiB per sample, 0.76-0.83
+//!   direct against 0.72-0.81 packed, 64->16 0.67 against 0.56.)
 //! - backward data: `d_col = W_gᵀ · d_out_g`, then `d_x += col2im(d_col)` (the adjoint of the
 //!   gather above: every `col` element's gradient is added to the `x` element it was read from).
 //! - backward weight: `d_W_g += d_out_g · col_gᵀ` (reduction over pixels, blocked by 256),
@@ -39,7 +41,7 @@
 //! rounded up to 8 plus the kernel's extent, planes an odd number of cache lines apart so a
 //! pixel of successive channels falls in different L1 sets); an unpadded 1x1 layer sees each
 //! plane as one row of `H*W` pixels.
-//! - forward (output rows >= 8 wide, except unpadded 1x1 layers, see above): a tile of 4 output channels x 8 pixels of one output row
+//! - forward (output rows >= 8 wide, except large unpadded 1x1 layers, see above): a tile of 4 output channels x 8 pixels of one output row
 //!   reads its `B` in place, `x_pad[ci, oy + ky*dh, ox + kx*dw .. +8]`, at compile-time tap
 //!   offsets ([`DirectB`]); `A` is the packed weights as before. No packing of `B` at all.
 //! - backward data (input rows >= 8 wide): the same kernel as a stride-1 convolution of the
@@ -704,8 +706,9 @@ impl ConvKernels {
                     let cg = g.cin / g.groups;
                     // An unpadded 1x1 convolution sees each plane as one row of pixels.
                     let (ihw, ohw) = if g.is_direct() { ((1, g.h * g.w), (1, p)) } else { ((g.h, g.w), (g.oh, g.ow)) };
-                    // A 1x1 forward packs its B instead (see `ConvKernels::forward`).
-                    let df = if rows_fit_tiles(ohw.1) && !g.is_direct() {
+                    // A 1x1 forward whose input outgrows L2 packs its B instead (see
+                    // `ConvKernels::forward`).
+                    let df = if rows_fit_tiles(ohw.1) && !(g.is_direct() && cg * g.h * g.w * 4 > PREFETCH_MIN_BYTES) {
                         let pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
                         let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))));
                         let spec = GemmSpec { n: ohw.1, ..fwd };
