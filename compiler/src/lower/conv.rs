@@ -60,6 +60,7 @@
 //! must first take the gradient through them.
 
 use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
+use super::entry;
 use super::jit::{Jit, KernelId};
 use super::winograd::{WinoEpi, WinoPlan, WinoScratch, WinoShape, WinoWgrad, WinoWgradPlan, WinoWgradScratch, Winograd};
 use super::winograd1d::{Axis, Wino1dPlan, Wino1dScratch, Wino1dShape, Wino1dWgradPlan, Wino1dWgradScratch, Winograd1d, Winograd1dWgrad};
@@ -201,7 +202,7 @@ pub struct EpilogueArgs<'a> {
 }
 
 /// Bytes of a sample's 1x1 input (or backward-data output) past which its blocks are
-/// software-prefetched ([`gemm::prefetch`]) while the previous block computes.
+/// software-prefetched ([`entry::prefetch`](super::entry::prefetch)) while the previous block computes.
 const PREFETCH_MIN_BYTES: usize = 1 << 20;
 
 /// Pixels per block of the weight-gradient reduction.
@@ -323,7 +324,7 @@ impl Direct {
                     if pf {
                         for r in (ip + 1) * MR..m.min((ip + 2) * MR) {
                             let o = c_off + r * ldc + oy * pl.out_w;
-                            gemm::prefetch(&c[o + xb..o + xe]);
+                            entry::prefetch(&c[o + xb..o + xe]);
                         }
                     }
                     if reps > 1 && xe - xb == NR * reps {
@@ -1048,7 +1049,7 @@ impl ConvKernels {
                                     if let Some((nx, njb)) = next.filter(|_| big) {
                                         let ncols = (bp * NR).min(p - njb);
                                         for r in gr * kc / ngr..(gr + 1) * kc / ngr {
-                                            gemm::prefetch(&nx[r * hw + njb..r * hw + njb + ncols]);
+                                            entry::prefetch(&nx[r * hw + njb..r * hw + njb + ncols]);
                                         }
                                     }
                                     let j0 = jb + t0 * NR;
@@ -1310,10 +1311,10 @@ impl ConvKernels {
                                             if let Some((nx0, nw)) = next {
                                                 let i = jp * cg.div_ceil(MR) + ip;
                                                 for r in cg * i / steps..cg * (i + 1) / steps {
-                                                    gemm::prefetch(&pad[r * pl.plane + nx0..][..nw]);
+                                                    entry::prefetch(&pad[r * pl.plane + nx0..][..nw]);
                                                 }
                                                 for r in mg * i / steps..mg * (i + 1) / steps {
-                                                    gemm::prefetch(&dout[r * p + nx0..][..nw]);
+                                                    entry::prefetch(&dout[r * p + nx0..][..nw]);
                                                 }
                                             }
                                             let mr = MR.min(cg - ip * MR);

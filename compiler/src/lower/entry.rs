@@ -43,6 +43,9 @@
 //! 8. **Denormals.** [`flush_denormals`] sets the FTZ and DAZ bits (15 and 6) of this thread's
 //!    MXCSR, the SSE control register every f32 instruction of the thread (JIT code included)
 //!    obeys; it touches no memory.
+//! 9. **Prefetch.** [`prefetch`] issues `prefetcht0` for addresses inside the slice it is
+//!    given (`i < s.len()`); a prefetch is a hint that reads nothing architecturally and never
+//!    faults.
 
 use super::jit::{Extents, KERNEL_ARGS};
 use cranelift_jit::JITModule;
@@ -233,4 +236,18 @@ pub fn thread_cpu_time() -> Option<f64> {
         }
     }
     None
+}
+
+/// Software prefetch: ask for every 64-byte line of `s` to be brought into the L1 cache
+/// (`prefetcht0`, which neither faults nor waits; nothing on other targets). Used to overlap
+/// the next block's reads from L3 with the current block's arithmetic (bound 9).
+pub fn prefetch(s: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for i in (0..s.len()).step_by(16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: bound 9: `i < s.len()`, so the address lies inside `s`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(i).cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
 }

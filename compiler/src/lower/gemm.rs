@@ -982,18 +982,3 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
     }
     b.ins().return_(&[]);
 }
-
-/// Software prefetch: ask for every 64-byte line of `s` to be brought into the L1 cache
-/// (`prefetcht0`, which neither faults nor waits; nothing on other targets). Used to overlap
-/// the next block's reads from L3 with the current block's arithmetic.
-pub fn prefetch(s: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for i in (0..s.len()).step_by(16) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: `i < s.len()`, so the address lies inside `s`; a prefetch reads nothing
-        // architecturally and cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(i).cast::<i8>()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = s;
-}
