@@ -202,7 +202,8 @@ pub struct EpilogueArgs<'a> {
 }
 
 /// Bytes of a sample's 1x1 input (or backward-data output) past which its blocks are
-/// software-prefetched ([`entry::prefetch`](super::entry::prefetch)) while the previous block computes.
+/// software-prefetched ([`entry::prefetch`](super::entry::prefetch)) while the previous block
+/// computes.
 const PREFETCH_MIN_BYTES: usize = 1 << 20;
 
 /// Pixels per block of the weight-gradient reduction.
@@ -516,25 +517,19 @@ impl WinoW {
 
     /// `d_w += Σ_s` the weight gradient of sample `s`'s `(x, d_out)` from `sample(s)`.
     fn run<'a>(&self, d_w: &mut [f32], n: usize, sample: impl Fn(usize) -> (&'a [f32], &'a [f32])) {
+        /// Both kinds' protocol: `begin`, `accumulate_sample` per sample, `finish`.
+        fn sum<'a, S: Default>(n: usize, sample: impl Fn(usize) -> (&'a [f32], &'a [f32]), begin: impl FnOnce(&mut S), acc: impl Fn(&[f32], &[f32], &mut S), finish: impl FnOnce(&S)) {
+            let mut s = S::default();
+            begin(&mut s);
+            for i in 0..n {
+                let (x, dy) = sample(i);
+                acc(x, dy, &mut s);
+            }
+            finish(&s);
+        }
         match self {
-            WinoW::D2(k) => {
-                let mut s = WinoWgradScratch::default();
-                k.begin(&mut s);
-                for i in 0..n {
-                    let (x, dy) = sample(i);
-                    k.accumulate_sample(x, dy, &mut s);
-                }
-                k.finish(d_w, &s);
-            }
-            WinoW::D1(k) => {
-                let mut s = Wino1dWgradScratch::default();
-                k.begin(&mut s);
-                for i in 0..n {
-                    let (x, dy) = sample(i);
-                    k.accumulate_sample(x, dy, &mut s);
-                }
-                k.finish(d_w, &s);
-            }
+            WinoW::D2(k) => sum::<WinoWgradScratch>(n, sample, |s| k.begin(s), |x, dy, s| k.accumulate_sample(x, dy, s), |s| k.finish(d_w, s)),
+            WinoW::D1(k) => sum::<Wino1dWgradScratch>(n, sample, |s| k.begin(s), |x, dy, s| k.accumulate_sample(x, dy, s), |s| k.finish(d_w, s)),
         }
     }
 }
