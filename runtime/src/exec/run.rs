@@ -77,17 +77,6 @@ fn fold(params: &ParamStore, layer: &str, eps: f32) -> R<(Vec<f32>, Vec<f32>)> {
         .map_err(lerr)
 }
 
-/// `y = act(y)` in place (the formulas of `lower::pointwise::activation_forward`).
-fn act_inplace(a: Activation, v: &mut [f32]) {
-    match a {
-        Activation::Relu => v.iter_mut().for_each(|y| *y = y.max(0.0)),
-        Activation::LeakyRelu { slope } => v.iter_mut().for_each(|y| *y = if *y > 0.0 { *y } else { slope * *y }),
-        Activation::Elu { alpha } => v.iter_mut().for_each(|y| *y = if *y > 0.0 { *y } else { alpha * y.exp_m1() }),
-        Activation::Sigmoid => v.iter_mut().for_each(|y| *y = 1.0 / (1.0 + (-*y).exp())),
-        Activation::Tanh => v.iter_mut().for_each(|y| *y = y.tanh()),
-    }
-}
-
 /// `g *= act'(x)` in place, from the activation's output `y`:
 /// relu `[y>0]`; leaky `y>0 ? 1 : slope` (slope >= 0); elu `y>0 ? 1 : y + alpha` (alpha > 0);
 /// sigmoid `y(1-y)`; tanh `1 - y²`.
@@ -139,7 +128,7 @@ fn chain_forward(step: &Step, from: usize, params: &ParamStore, out: &mut [f32],
             }
             Chain::Act(a) => {
                 let (num, off) = (ol.numel(), ol.off * ol.hw);
-                out[..n * ol.stride()].par_chunks_mut(ol.stride()).for_each(|o| act_inplace(*a, &mut o[off..off + num]));
+                out[..n * ol.stride()].par_chunks_mut(ol.stride()).for_each(|o| pointwise::activation_inplace(*a, &mut o[off..off + num]));
             }
         }
     }
@@ -425,7 +414,7 @@ impl Program {
         let ch = chunk(n, threads);
         for i in (0..steps.len()).rev() {
             // Values whose memory served others since forward: recompute them now (the memory
-            // plan's batch norm + activation outputs).
+            // plan's batch norm + activation and pooling outputs).
             // (Profiling: a recomputation counts as backward time of the group whose output
             // it recomputes, zeroing as this group's.)
             for &r in &recompute[i] {
@@ -644,8 +633,10 @@ impl Program {
 /// plan let others use its memory. A pooling layer pools its (kept or recomputed) input again
 /// without recording winners; a batch norm: [`recompute_bn_act`].
 fn recompute_step(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, n: usize, threads: usize) -> R {
-    let Kind::Pool { k, x, .. } = &step.kind else {
-        return recompute_bn_act(step, params, arena, locs, g, n);
+    let (k, x) = match &step.kind {
+        Kind::Pool { k, x, .. } => (k, x),
+        Kind::BnTrain { .. } => return recompute_bn_act(step, params, arena, locs, g, n),
+        _ => return Err(eerr(format!("layer `{}`: only a batch norm's or a pooling layer's output can be recomputed", step.name))),
     };
     if !step.chain.is_empty() {
         return Err(eerr(format!("layer `{}`: a recomputed pooling has nothing fused after it", step.name)));
@@ -668,7 +659,7 @@ fn recompute_step(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[O
 /// (same affine map, same activation code).
 fn recompute_bn_act(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
     let Kind::BnTrain { x, layer, saved, .. } = &step.kind else {
-        return Err(eerr(format!("layer `{}`: only a batch norm's or a pooling layer's output can be recomputed", step.name)));
+        return Err(eerr(format!("layer `{}`: not a batch norm", step.name)));
     };
     let ol = loc_of(locs, g, step.out)?;
     let (a, b): (Vec<f32>, Vec<f32>) = saved_affine(params, layer, saved, ol.ch)?.into_iter().unzip();
@@ -699,7 +690,7 @@ fn recompute_bn_act(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &
                 None => pointwise::channel_affine(o, xs, 0, &a, &b, hw),
             }
             for &act in acts.iter().skip(1) {
-                act_inplace(act, o);
+                pointwise::activation_inplace(act, o);
             }
         });
         Ok(())
