@@ -66,9 +66,10 @@ pub struct MemoryPlan {
     /// gradient whole with `=` and it is not zeroed first.
     pub overwrite_grad: Vec<bool>,
     /// Training: values (their buffers' root nodes) to recompute right before group `i`'s
-    /// backward step, indexed by group: batch norm + activation outputs, or in-place
-    /// concatenations of them (recomputed by every group writing a slice), whose memory other
-    /// values or gradients used in between (see the module header).
+    /// backward step, indexed by group: batch norm + activation outputs, in-place
+    /// concatenations of them (recomputed by every group writing a slice, see [`writers`]) and
+    /// pooling outputs, whose memory other values or gradients used in between (see the module
+    /// header), each after the buffers its recomputation reads.
     pub recompute_before: Vec<Vec<NodeId>>,
     /// Elements per sample if every buffer had its own memory (values, then gradients).
     pub unshared_elems: (usize, usize),
@@ -237,8 +238,9 @@ fn recomputable(g: &Graph, groups: &[Group], placement: &[Option<Placement>], ou
 /// For each buffer (indexed by its root node), the groups that write its elements in
 /// increasing order: the group whose output it is, or, for an in-place concatenation, the
 /// groups writing its channel slices (nested concatenations followed through); a
-/// concatenation's own group writes nothing.
-fn writers(groups: &[Group], placement: &[Option<Placement>]) -> Vec<Vec<usize>> {
+/// concatenation's own group writes nothing. A recomputation of the buffer runs these groups
+/// again.
+pub fn writers(groups: &[Group], placement: &[Option<Placement>]) -> Vec<Vec<usize>> {
     let mut is_concat = vec![false; placement.len()];
     for p in placement.iter().flatten() {
         if let Placement::Slice { concat, .. } = p {
@@ -334,16 +336,6 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
             }
         }
     }
-    // The first group (in forward order) writing each recomputable buffer: a batch norm +
-    // activation group's backward may read its output, so such a buffer lives until then; a
-    // recomputed pooling output until its last backward reader.
-    let own_group: Vec<Option<usize>> = {
-        let mut v = vec![None; size];
-        for &r in roots.iter().filter(|r| recomp[r.index()]) {
-            v[r.index()] = writers[r.index()].first().copied();
-        }
-        v
-    };
     plan.recompute_before = vec![Vec::new(); groups.len()];
     let back = |i: usize| 2 * steps - 1 - i as i64;
     let mut intervals: Vec<Interval> = roots
@@ -357,7 +349,10 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
                 Mode::Training if backward.is_empty() => Interval::one(r, start, end, elems(r)),
                 Mode::Training => {
                     let (first, last) = (*backward.iter().max().expect("backward readers"), *backward.iter().min().expect("backward readers"));
-                    match own_group[r.index()].filter(|_| recomp[r.index()]) {
+                    // The first group (in forward order) writing a recomputed buffer: a batch
+                    // norm + activation group's backward may read its output, so it lives until
+                    // then; a recomputed pooling output until its last backward reader.
+                    match writers[r.index()].first().copied().filter(|_| recomp[r.index()]) {
                         Some(own) => {
                             plan.recompute_before[first].push(r);
                             let until = if matches!(g.node(groups[own].anchor()).op, Op::Pool(_)) { last } else { own };
@@ -375,59 +370,13 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
         rs.sort_by_key(|r| writers[r.index()].first().copied());
     }
     let values = intervals.len();
-    if mode == Mode::Inference {
-        let (at, total) = assign(&intervals);
-        for (iv, o) in intervals.iter().zip(at) {
-            plan.value_at[iv.root.index()] = Some(o);
-        }
-        plan.arena_elems = total;
-        return plan;
+    if mode == Mode::Training {
+        let gintervals = gradient_intervals(g, groups, inplace, &roots, &head_roots, &ng, root_of);
+        plan.unshared_elems.1 = gintervals.iter().map(|iv| iv.elems).sum();
+        intervals.extend(gintervals);
+        plan.overwrite_grad = vec![false; groups.len()];
     }
-
-    // Gradients, in backward time.
-    let mut needs = vec![false; size];
-    for id in g.nodes().filter(|id| ng[id.index()]) {
-        if let Some(r) = root_of(id) {
-            needs[r.index()] = true;
-        }
-    }
-    for &r in &head_roots {
-        needs[r.index()] = true;
-    }
-    let mut gspan: Vec<Option<(i64, i64)>> = vec![None; size];
-    let mut gtouch = |r: Option<NodeId>, t: i64| {
-        if let Some(r) = r {
-            let s = &mut gspan[r.index()];
-            *s = Some(s.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
-        }
-    };
-    for &r in &head_roots {
-        gtouch(Some(r), -1);
-    }
-    for (i, gr) in groups.iter().enumerate() {
-        if !ng[gr.output().index()] {
-            continue; // no backward step runs for this group
-        }
-        let t = steps - 1 - i as i64;
-        gtouch(root_of(gr.output()), t);
-        for o in reads(g, gr, inplace).into_iter().filter(|o| ng[o.index()]) {
-            gtouch(root_of(o), t);
-        }
-    }
-    // A gradient at backward time `t` lives at time `S + t` of the values' timeline (group
-    // `i`'s backward step: `2S - 1 - i`; the seed: `S - 1`, just after forward).
-    let gintervals: Vec<Interval> = roots
-        .iter()
-        .filter(|r| needs[r.index()])
-        .map(|&r| {
-            let (start, end) = gspan[r.index()].unwrap_or((-1, -1));
-            Interval::one(r, steps + start, steps + end, elems(r))
-        })
-        .collect();
-    plan.unshared_elems.1 = gintervals.iter().map(|iv| iv.elems).sum();
-    intervals.extend(gintervals);
     let (at, total) = assign(&intervals);
-    plan.overwrite_grad = vec![false; groups.len()];
     for (iv, &o) in intervals[..values].iter().zip(&at) {
         plan.value_at[iv.root.index()] = Some(o);
     }
@@ -453,3 +402,47 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     plan
 }
 
+/// The gradients' live intervals (training), on the values' timeline: a gradient at backward
+/// time `t` lives at time `S + t` (group `i`'s backward step: `2S - 1 - i`; the seed: `S - 1`,
+/// just after forward). A buffer's gradient exists where [`Graph::needs_grad`] says backward
+/// needs it (or it seeds a head) and lives from its first writer to its last reader.
+fn gradient_intervals(g: &Graph, groups: &[Group], inplace: &[NodeId], roots: &[NodeId], head_roots: &[NodeId], ng: &[bool], root_of: impl Fn(NodeId) -> Option<NodeId>) -> Vec<Interval> {
+    let (size, steps) = (ng.len(), groups.len() as i64);
+    let mut needs = vec![false; size];
+    for id in g.nodes().filter(|id| ng[id.index()]) {
+        if let Some(r) = root_of(id) {
+            needs[r.index()] = true;
+        }
+    }
+    for &r in head_roots {
+        needs[r.index()] = true;
+    }
+    let mut gspan: Vec<Option<(i64, i64)>> = vec![None; size];
+    let mut gtouch = |r: Option<NodeId>, t: i64| {
+        if let Some(r) = r {
+            let s = &mut gspan[r.index()];
+            *s = Some(s.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
+        }
+    };
+    for &r in head_roots {
+        gtouch(Some(r), -1);
+    }
+    for (i, gr) in groups.iter().enumerate() {
+        if !ng[gr.output().index()] {
+            continue; // no backward step runs for this group
+        }
+        let t = steps - 1 - i as i64;
+        gtouch(root_of(gr.output()), t);
+        for o in reads(g, gr, inplace).into_iter().filter(|o| ng[o.index()]) {
+            gtouch(root_of(o), t);
+        }
+    }
+    roots
+        .iter()
+        .filter(|r| needs[r.index()])
+        .map(|&r| {
+            let (start, end) = gspan[r.index()].unwrap_or((-1, -1));
+            Interval::one(r, steps + start, steps + end, g.node(r).shape.numel())
+        })
+        .collect()
+}

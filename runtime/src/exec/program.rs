@@ -143,7 +143,6 @@ impl Program {
     pub fn loc(&self, id: NodeId) -> Result<Loc, EngineError> {
         loc_of(&self.locs, &self.graph, id)
     }
-
 }
 
 pub(crate) fn loc_of(locs: &[Option<Loc>], g: &Graph, id: NodeId) -> Result<Loc, EngineError> {
@@ -336,14 +335,11 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         return Err(eerr("the logits and the input must be whole buffers"));
     }
     let partials = if train { vec![vec![0.0f32; partial_len]; threads] } else { Vec::new() };
-    // The steps that recompute a buffer: those writing it (its own, or every channel slice of
-    // an in-place concatenation; the concatenation's own step writes nothing).
-    let steps_of = |r: NodeId| -> Result<Vec<usize>, EngineError> {
-        let ws: Vec<usize> = (0..steps.len()).filter(|&i| !matches!(steps[i].kind, Kind::Skip) && memplan::root(&plan.placement, steps[i].out) == Some(r)).collect();
-        if ws.is_empty() {
-            return Err(eerr(format!("layer `{}`: recomputed value has no step", g.node(r).name)));
-        }
-        Ok(ws)
+    // The steps that recompute a buffer: the groups writing it (its own, or every channel
+    // slice of an in-place concatenation), one step per group.
+    let writers = memplan::writers(&plan.groups, &plan.placement);
+    let steps_of = |r: NodeId| -> Result<&[usize], EngineError> {
+        Some(writers[r.index()].as_slice()).filter(|ws| !ws.is_empty()).ok_or_else(|| eerr(format!("layer `{}`: recomputed value has no step", g.node(r).name)))
     };
     let recompute = plan.memory.recompute_before.iter().map(|rs| rs.iter().map(|&r| steps_of(r)).collect::<Result<Vec<_>, _>>().map(|v| v.concat())).collect::<Result<Vec<_>, _>>()?;
     Ok(Program { graph: g, plan, steps, locs, arena, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials, recompute })
