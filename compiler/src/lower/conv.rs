@@ -575,19 +575,6 @@ pub struct ConvKernels {
     compile_time: Duration,
 }
 
-/// `Σ v` in eight interleaved partial sums (vectorised; a plain `sum()` is one serial chain).
-fn lane_sum(v: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
 fn conv_err(layer: &str, m: String) -> Error {
     Error::Codegen { layer: layer.to_string(), message: m }
 }
@@ -1229,7 +1216,7 @@ impl ConvKernels {
                 for s in 0..n {
                     let base = (s * cs.total + cs.offset) * p;
                     for (co, d) in db.iter_mut().enumerate() {
-                        *d += lane_sum(&d_out[base + co * p..base + (co + 1) * p]);
+                        *d += super::pointwise::sum_f64(&d_out[base + co * p..base + (co + 1) * p]) as f32;
                     }
                 }
             }
