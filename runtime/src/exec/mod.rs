@@ -249,9 +249,10 @@ impl Engine for JitEngine {
                 if hl.grad == program::NO_GRAD || !hl.contiguous() {
                     return Err(eerr(format!("`{}`: the loss needs a whole buffer with a gradient", p.graph.node(head).name)));
                 }
+                let overlap = || eerr(format!("`{}`: logits and their gradient overlap in the memory plan", p.graph.node(head).name));
                 let mut mem = arena::Mem::new(&mut p.arena);
-                let d = mem.take(hl.grad, n * k).ok_or_else(|| eerr(format!("`{}`: logits and their gradient overlap in the memory plan", p.graph.node(head).name)))?;
-                let logits = mem.get(hl.buf, n * k).ok_or_else(|| eerr(format!("`{}`: logits and their gradient overlap in the memory plan", p.graph.node(head).name)))?;
+                let d = mem.take(hl.grad, n * k).ok_or_else(overlap)?;
+                let logits = mem.get(hl.buf, n * k).ok_or_else(overlap)?;
                 loss_sum += w as f64 * seed_loss(self.loss, logits, d, labels, w / n as f32);
             }
         }
