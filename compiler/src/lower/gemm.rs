@@ -196,6 +196,26 @@ pub struct EpiArgs<'a> {
     pub residual: &'a [f32],
 }
 
+/// Define the `mr x (8*reps)` row kernels for each of `mrs` ([`DirectB::reps`],
+/// [`GemmPlan::with_packed_rows`]): `reps` full 8-column tiles per call, `C`, `B` and the
+/// residual moving on 8 columns per tile; `B` read in place as `direct` says, else as `reps`
+/// packed panels `k*8` apart.
+fn define_rows(jit: &mut Jit, name: &str, spec: &GemmSpec, mrs: &[usize], direct: Option<&DirectB>, reps: usize) -> Result<Vec<(usize, KernelId)>> {
+    let more = NR * (reps - 1);
+    mrs.iter()
+        .map(|&mr| {
+            let mut ext = tile_extents(spec, mr, NR);
+            ext[0] += more;
+            ext[2] = direct.map_or(NR * spec.k * reps, |d| d.extent() + more);
+            if spec.residual {
+                ext[6] += more;
+            }
+            let id = jit.define(&format!("{name}_row{mr}x{}_k{}", NR * reps, spec.k), ext, |b, args| gen_tile(b, args, spec, mr, NR, direct, reps))?;
+            Ok((mr, id))
+        })
+        .collect()
+}
+
 impl GemmPlan {
     /// Define the tile kernels `spec` needs in `jit`.
     pub fn define(jit: &mut Jit, name: &str, spec: GemmSpec) -> Result<GemmPlan> {
@@ -250,22 +270,10 @@ impl GemmPlan {
             }
         }
         let reps = direct.map_or(1, |d| d.reps);
-        let mut rows = Vec::new();
-        if let Some(d) = direct.filter(|d| d.reps > 1 && spec.bias != BiasKind::Col && spec.n >= NR * d.reps) {
-            for &mr in &mrs {
-                let mut ext = tile_extents(&spec, mr, NR);
-                let more = NR * (d.reps - 1);
-                ext[0] += more;
-                ext[2] = d.extent() + more;
-                if spec.residual {
-                    ext[6] += more;
-                }
-                let id = jit.define(&format!("{name}_row{mr}x{}_k{}", NR * d.reps, spec.k), ext, |b, args| {
-                    gen_tile(b, args, &spec, mr, NR, direct, d.reps)
-                })?;
-                rows.push((mr, id));
-            }
-        }
+        let rows = match direct.filter(|d| d.reps > 1 && spec.bias != BiasKind::Col && spec.n >= NR * d.reps) {
+            Some(d) => define_rows(jit, name, &spec, &mrs, Some(d), d.reps)?,
+            None => Vec::new(),
+        };
         Ok(GemmPlan { spec, ids, rows, reps })
     }
 
@@ -278,19 +286,7 @@ impl GemmPlan {
             return Ok(self);
         }
         let mrs: Vec<usize> = self.ids.iter().filter(|((_, nr), _)| *nr == NR).map(|((mr, _), _)| *mr).collect();
-        for mr in mrs {
-            let mut ext = tile_extents(&spec, mr, NR);
-            let more = NR * (reps - 1);
-            ext[0] += more;
-            ext[2] = NR * spec.k * reps;
-            if spec.residual {
-                ext[6] += more;
-            }
-            let id = jit.define(&format!("{name}_row{mr}x{}_k{}", NR * reps, spec.k), ext, |b, args| {
-                gen_tile(b, args, &spec, mr, NR, None, reps)
-            })?;
-            self.rows.push((mr, id));
-        }
+        self.rows = define_rows(jit, name, &spec, &mrs, None, reps)?;
         self.reps = reps;
         Ok(self)
     }
