@@ -3,7 +3,9 @@
 //! 1. `ir::verify` — the graph's invariants (debug builds, and always on entry).
 //! 2. [`passes::fuse::fuse`] — cut the graph into fused groups by the fusion table.
 //! 3. [`passes::concat_inplace::concat_inplace`] — place concatenation operands in slices.
-//! 4. [`passes::memplan::memplan`] — buffer liveness; one arena in which values and
+//! 4. [`passes::bn_stats::bn_stats`] — training batch norms take their statistics from the
+//!    convolution storing their input.
+//! 5. [`passes::memplan::memplan`] — buffer liveness; one arena in which values and
 //!    gradients whose lifetimes do not overlap share memory.
 //!
 //! Batch-norm folding happens on parameters, not on the graph: a `Gemm -> BatchNorm` group in
@@ -19,8 +21,9 @@ pub fn plan(g: &Graph, mode: Mode, fusion: Fusion) -> Result<Plan> {
     verify(g)?;
     let groups = passes::fuse::fuse(g, mode, fusion);
     let (placement, inplace_concats) = passes::concat_inplace::concat_inplace(g, &groups, fusion == Fusion::Full);
+    let stats_from = passes::bn_stats::bn_stats(g, mode, fusion, &groups);
     let memory = passes::memplan::memplan(g, mode, &groups, &placement, &inplace_concats);
-    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats, memory };
+    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats, stats_from, memory };
     #[cfg(debug_assertions)]
     check(&plan);
     Ok(plan)

@@ -79,6 +79,9 @@ pub struct Plan {
     pub placement: Vec<Option<Placement>>,
     /// Concatenations computed in place (no kernel runs for them).
     pub inplace_concats: Vec<NodeId>,
+    /// Indexed by group: for a training batch norm, the earlier convolution group that
+    /// computes its batch statistics as it stores its output (`passes::bn_stats`).
+    pub stats_from: Vec<Option<usize>>,
     /// Where values and (training) gradients live: offsets in one arena, shared by those never
     /// live at the same time (`passes::memplan`).
     pub memory: MemoryPlan,
@@ -95,9 +98,12 @@ impl fmt::Display for Plan {
     /// One line per group: `group %3 [conv1 -> bn1 -> relu1] -> slice of %9 @ 64`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "plan {} ({:?}, fusion {:?}) {{", self.graph.name, self.mode, self.fusion)?;
-        for g in &self.groups {
+        for (i, g) in self.groups.iter().enumerate() {
             let names: Vec<&str> = g.nodes.iter().map(|&n| self.graph.node(n).name.as_str()).collect();
             write!(f, "  {} [{}]", g.output(), names.join(" -> "))?;
+            if let Some(j) = self.stats_from.get(i).copied().flatten() {
+                write!(f, " (statistics from {})", self.groups[j].output())?;
+            }
             match self.placement[g.output().index()] {
                 Some(Placement::Slice { concat, offset }) => writeln!(f, " -> slice of {concat} @ {offset}")?,
                 _ => writeln!(f)?,

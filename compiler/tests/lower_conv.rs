@@ -291,6 +291,7 @@ fn check_epilogues(g: G, seed: u64, algo: &str) {
             let extra = EpilogueArgs {
                 affine: epi.affine.then_some((&scale[..], &shift[..])),
                 residual: epi.residual.then_some(&res[..]),
+                stats: None,
             };
             k.forward(&mut out, &x, &w, Some(&b), extra).unwrap();
             close(&out, &want, &what);
@@ -399,7 +400,7 @@ fn bad_buffers_are_errors_not_panics() {
     assert!(k.forward(&mut out, &x, &w, None, EpilogueArgs::default()).is_err());
     assert!(k.forward(&mut out, &x, &w, Some(&b[1..]), EpilogueArgs::default()).is_err());
     let res = vec![0.0; out.len()];
-    assert!(k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs { residual: Some(&res), affine: None }).is_err());
+    assert!(k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs { residual: Some(&res), ..Default::default() }).is_err());
     let mut dx = vec![0.0; x.len()];
     assert!(k.backward_data(&mut dx, &out[2..], &w).is_err());
     let mut dw = vec![0.0; w.len()];

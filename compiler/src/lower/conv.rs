@@ -65,6 +65,7 @@ use super::jit::{Jit, KernelId};
 use super::winograd::{WinoEpi, WinoPlan, WinoScratch, WinoShape, WinoWgrad, WinoWgradPlan, WinoWgradScratch, Winograd};
 use super::winograd1d::{Axis, Wino1dPlan, Wino1dScratch, Wino1dShape, Wino1dWgradPlan, Wino1dWgradScratch, Winograd1d, Winograd1dWgrad};
 use super::naive;
+use super::pointwise::{plane_stats, PlaneStats};
 use super::Mode;
 use crate::ir::Conv2d;
 use crate::{Error, Result};
@@ -193,12 +194,18 @@ pub struct Epilogue {
 }
 
 /// Extra forward operands for a fused epilogue.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct EpilogueArgs<'a> {
     /// `(scale, shift)`, each `[Cout]`; required iff [`Epilogue::affine`].
     pub affine: Option<(&'a [f32], &'a [f32])>,
     /// `[n, Cout, OH, OW]`; required iff [`Epilogue::residual`].
     pub residual: Option<&'a [f32]>,
+    /// `[n, Cout]`: filled with each output plane's batch-statistics share
+    /// ([`pointwise::plane_stats`](super::pointwise::plane_stats)) right after the sample is
+    /// stored, while it is still in cache, for a training batch norm that reads this output
+    /// (so that batch norm need not read it for its statistics). Not with an accumulating
+    /// epilogue (the stored values would not be the output).
+    pub stats: Option<&'a mut [PlaneStats]>,
 }
 
 /// Bytes of a sample's 1x1 input (or backward-data output) past which its blocks are
@@ -947,6 +954,22 @@ impl ConvKernels {
             (false, None) => &[],
             _ => return Err(conv_err(&self.layer, "residual must be given iff the epilogue has one".into())),
         };
+        let mut stats = extra.stats;
+        if let Some(st) = &stats {
+            if self.epi.accumulate {
+                return Err(conv_err(&self.layer, "output statistics asked of an accumulating epilogue".into()));
+            }
+            self.check("output statistics", st.len(), n * g.cout)?;
+        }
+        // Sample `s`'s planes' statistics, right after it is stored.
+        let mut sample_stats = |out: &[f32], s: usize| {
+            if let Some(st) = stats.as_deref_mut() {
+                let base = (s * cs.total + cs.offset) * p;
+                for (co, ps) in st[s * g.cout..(s + 1) * g.cout].iter_mut().enumerate() {
+                    *ps = plane_stats(&out[base + co * p..base + (co + 1) * p]);
+                }
+            }
+        };
         let mg = g.cout / g.groups;
         let cg = g.cin / g.groups;
         let kc = g.kc();
@@ -963,6 +986,7 @@ impl ConvKernels {
                         accumulate: self.epi.accumulate,
                     };
                     f(&mut out[(s * cs.total + cs.offset) * p..][..g.cout * p], &x[s * g.in_numel()..][..g.in_numel()], &we);
+                    sample_stats(out, s);
                 });
             }
             Impl::Blocked { fwd, direct_fwd, .. } => {
@@ -986,6 +1010,7 @@ impl ConvKernels {
                             };
                             d.run(out, (s * cs.total + cs.offset + gi * mg) * p, mg, ap, &pad, &epi);
                         }
+                        sample_stats(out, s);
                     }
                     return Ok(());
                 }
@@ -1058,6 +1083,7 @@ impl ConvKernels {
                             }
                         }
                     }
+                    sample_stats(out, s);
                 }
             }
             Impl::Naive { fwd, .. } => {
@@ -1080,6 +1106,7 @@ impl ConvKernels {
                             *o = if self.epi.accumulate { *o + t } else { t };
                         }
                     }
+                    sample_stats(out, s);
                 }
             }
         }

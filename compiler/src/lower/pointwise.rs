@@ -208,28 +208,53 @@ pub fn batchnorm_channel_stats(shape: BnShape, ch: usize, x: &[f32]) -> (f64, f6
     batchnorm_stats((0..n).map(|s| &x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw]))
 }
 
-/// Batch statistics of one channel from its planes (one per sample, any layout, in order):
-/// `(mean, Σ (x - mean)²)` as [`batchnorm_channel_stats`].
-pub fn batchnorm_stats<'a>(planes: impl Iterator<Item = &'a [f32]>) -> (f64, f64) {
-    // Per plane: its length, centre c_p, D_p, Q_p.
-    let parts: Vec<(f64, f32, f64, f64)> = planes
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let centre = (sum_f64(p) / p.len() as f64) as f32;
-            let (d, q) = centred_sums(p, centre);
-            (p.len() as f64, centre, d, q)
-        })
-        .collect();
-    let m: f64 = parts.iter().map(|p| p.0).sum();
-    let mean = parts.iter().map(|&(len, cp, d, _)| len * cp as f64 + d).sum::<f64>() / m;
+/// One channel plane's share of the batch statistics (see the module header): its length,
+/// centre `c_p` (its f32 mean), `D_p = Σ (x - c_p)` and `Q_p = Σ (x - c_p)²`. Computed by
+/// [`plane_stats`] wherever the plane is hot in cache (a convolution's forward computes its
+/// output's right after storing each sample, see `conv::EpilogueArgs::stats`) and combined
+/// per channel by [`combine_plane_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PlaneStats {
+    /// Values in the plane.
+    pub len: f64,
+    /// The plane's f32 mean.
+    pub centre: f32,
+    /// `Σ (x - centre)`.
+    pub d: f64,
+    /// `Σ (x - centre)²`.
+    pub q: f64,
+}
+
+/// A plane's [`PlaneStats`] (two passes over `p`, the second from cache).
+pub fn plane_stats(p: &[f32]) -> PlaneStats {
+    if p.is_empty() {
+        return PlaneStats::default();
+    }
+    let centre = (sum_f64(p) / p.len() as f64) as f32;
+    let (d, q) = centred_sums(p, centre);
+    PlaneStats { len: p.len() as f64, centre, d, q }
+}
+
+/// A channel's `(mean, Σ (x - mean)²)` from its planes' [`PlaneStats`] (in order; empty
+/// planes count nothing), as [`batchnorm_stats`] computes it from the planes themselves.
+pub fn combine_plane_stats(parts: impl Iterator<Item = PlaneStats> + Clone) -> (f64, f64) {
+    let parts = parts.filter(|p| p.len > 0.0);
+    let m: f64 = parts.clone().map(|p| p.len).sum();
+    let mean = parts.clone().map(|p| p.len * p.centre as f64 + p.d).sum::<f64>() / m;
     let ss = parts
-        .iter()
-        .map(|&(len, cp, d, q)| {
-            let e = cp as f64 - mean;
-            q + 2.0 * e * d + len * e * e
+        .map(|p| {
+            let e = p.centre as f64 - mean;
+            p.q + 2.0 * e * p.d + p.len * e * e
         })
         .sum::<f64>();
     (mean, ss.max(0.0))
+}
+
+/// Batch statistics of one channel from its planes (one per sample, any layout, in order):
+/// `(mean, Σ (x - mean)²)` as [`batchnorm_channel_stats`].
+pub fn batchnorm_stats<'a>(planes: impl Iterator<Item = &'a [f32]>) -> (f64, f64) {
+    let parts: Vec<PlaneStats> = planes.map(plane_stats).collect();
+    combine_plane_stats(parts.iter().copied())
 }
 
 /// A channel's saved statistics from its [`batchnorm_stats`] over `values` values:

@@ -1,5 +1,6 @@
 //! Graph-to-plan passes, one per file. `crate::pipeline` lists them in order.
 
+pub mod bn_stats;
 pub mod concat_inplace;
 pub mod fuse;
 pub mod memplan;

@@ -1,6 +1,7 @@
 //! Helpers shared by the Winograd kernel tests (`lower_winograd.rs`, `lower_winograd1d.rs`).
 #![allow(dead_code)]
 
+use cnnc_compiler::lower::pointwise::{plane_stats, PlaneStats};
 use cnnc_compiler::lower::{ChannelSlice, Epilogue, EpilogueArgs, FusedAct};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -26,8 +27,10 @@ pub fn batches(cout: usize) -> [(usize, Option<ChannelSlice>); 2] {
 
 /// Every fused epilogue of a forward kernel against the plain convolution `base` (`[n, cout,
 /// pix]`, bias `b` included): bias on every other epilogue, folded batch norm, residual,
-/// activations, accumulation into a random output, concat slices. `run(epi, bias, out, extra)`
-/// compiles the layer for `epi` (with or without its bias `b`) and runs its forward into `out`.
+/// activations, accumulation into a random output, concat slices; every epilogue that does not
+/// accumulate also stores its planes' batch statistics ([`check_stats`]). `run(epi, bias, out,
+/// extra)` compiles the layer for `epi` (with or without its bias `b`) and runs its forward
+/// into `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn check_epilogues(rng: &mut StdRng, base: &[f32], b: &[f32], n: usize, cout: usize, pix: usize, what: &str, run: impl Fn(Epilogue, bool, &mut [f32], EpilogueArgs<'_>)) {
     let scale = rand_vec(rng, cout);
@@ -67,8 +70,16 @@ pub fn check_epilogues(rng: &mut StdRng, base: &[f32], b: &[f32], n: usize, cout
             }
         }
         let mut out = out0.clone();
-        let extra = EpilogueArgs { affine: epi.affine.then_some((&scale[..], &shift[..])), residual: epi.residual.then_some(&res[..]) };
+        let mut stats = vec![PlaneStats { len: -1.0, ..Default::default() }; n * cout];
+        let extra = EpilogueArgs {
+            affine: epi.affine.then_some((&scale[..], &shift[..])),
+            residual: epi.residual.then_some(&res[..]),
+            stats: (!epi.accumulate).then_some(&mut stats[..]),
+        };
         run(epi, bias, &mut out, extra);
+        if !epi.accumulate {
+            check_stats(&stats, &out, n, cout, pix, cs, &what);
+        }
         let tol = 1e-5 * scale_of_out.max(1.0) * 4.0;
         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
             assert!((g - w).abs() <= tol + 1e-5 * w.abs(), "{what}: element {i}: got {g}, want {w}");
@@ -82,5 +93,18 @@ pub fn assert_close(got: &[f32], want: &[f64], rel: f64, what: &str) {
     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((*g as f64 - w).abs() <= rel * scale, "{what}: element {i}: got {g}, want {w}");
+    }
+}
+
+/// `stats` (`[n, cout]`, from a forward's `EpilogueArgs::stats`) are exactly the
+/// [`plane_stats`] of the planes the forward stored in `out` (`[n, cs.total, pix]`, its
+/// channels at `cs.offset`).
+pub fn check_stats(stats: &[PlaneStats], out: &[f32], n: usize, cout: usize, pix: usize, cs: ChannelSlice, what: &str) {
+    assert_eq!(stats.len(), n * cout, "{what}: statistics length");
+    for s in 0..n {
+        for co in 0..cout {
+            let plane = &out[(s * cs.total + cs.offset + co) * pix..][..pix];
+            assert_eq!(stats[s * cout + co], plane_stats(plane), "{what}: statistics of sample {s} channel {co}");
+        }
     }
 }

@@ -11,7 +11,7 @@
 
 use crate::engine::EngineError;
 use cnnc_compiler::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
-use cnnc_compiler::lower::pointwise::BnSaved;
+use cnnc_compiler::lower::pointwise::{BnSaved, PlaneStats};
 use cnnc_compiler::lower::pool::PoolKernels;
 use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, DenseKernels, Epilogue, FusedAct};
 use cnnc_compiler::passes::memplan;
@@ -77,9 +77,13 @@ pub(crate) enum Chain {
 /// What a step's anchor computes.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Kind {
-    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)> },
+    /// `stats`: `[batch, Cout]` plane statistics the forward stores for a training batch norm
+    /// reading the output (`Plan::stats_from`; empty otherwise).
+    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, stats: Vec<PlaneStats> },
     Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool },
-    BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32> },
+    /// `stats_from`: the earlier convolution step whose forward computes this batch norm's
+    /// plane statistics (`Plan::stats_from`).
+    BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32>, stats_from: Option<usize> },
     BnInfer { x: NodeId, layer: String, eps: f32 },
     /// `argmax`: each sample's `per_am` max-pooling window offsets (training programs; empty
     /// with `per_am == 0` for average pooling and inference, whose forward records none).
@@ -211,7 +215,12 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
 
     let mut steps = Vec::with_capacity(plan.groups.len());
     let mut partial_len = 0;
-    for gr in &plan.groups {
+    // Convolutions that compute a later batch norm's statistics as they store.
+    let mut feeds_stats = vec![false; plan.groups.len()];
+    for &j in plan.stats_from.iter().flatten() {
+        feeds_stats[j] = true;
+    }
+    for (gi, gr) in plan.groups.iter().enumerate() {
         let anchor = gr.anchor();
         let node = g.node(anchor);
         let name = node.name.clone();
@@ -282,7 +291,11 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 let k = ConvKernels::compile(&name, &c, in_chw(0)?, epi, lmode).map_err(|e| eerr(e.to_string()))?;
                 let wn = k.geometry().weight_numel();
                 partial_len = partial_len.max(wn + c.out_channels);
-                Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold }
+                if feeds_stats[gi] && (!chain.is_empty() || !oloc.contiguous()) {
+                    return Err(eerr(format!("layer `{name}`: batch-norm statistics planned after a convolution whose kernel does not store the batch norm's input")));
+                }
+                let stats = if feeds_stats[gi] { vec![PlaneStats::default(); batch * c.out_channels] } else { Vec::new() };
+                Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, stats }
             }
             Op::Dense(d) => {
                 let mut act = FusedAct::None;
@@ -300,7 +313,16 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 let k = DenseKernels::compile(&name, &d, inf, act, lmode).map_err(|e| eerr(e.to_string()))?;
                 Kind::Dense { k, x: ops[0], layer: name.clone(), bias: d.bias }
             }
-            Op::BatchNorm(bn) if train => Kind::BnTrain { x: ops[0], layer: name.clone(), eps: bn.eps, momentum: bn.momentum, saved: BnSaved::default(), new_rm: Vec::new(), new_rv: Vec::new() },
+            Op::BatchNorm(bn) if train => Kind::BnTrain {
+                x: ops[0],
+                layer: name.clone(),
+                eps: bn.eps,
+                momentum: bn.momentum,
+                saved: BnSaved::default(),
+                new_rm: Vec::new(),
+                new_rv: Vec::new(),
+                stats_from: plan.stats_from.get(gi).copied().flatten(),
+            },
             Op::BatchNorm(bn) => Kind::BnInfer { x: ops[0], layer: name.clone(), eps: bn.eps },
             Op::Pool(p) => {
                 let k = PoolKernels::new(&name, &p, in_chw(0)?).map_err(|e| eerr(e.to_string()))?;

@@ -10,7 +10,10 @@
 //! `ceil(n / threads)` samples (rayon); weight gradients go to one partial buffer per chunk and
 //! are summed in chunk order, so results are deterministic for a given thread count. Training
 //! batch norm reduces one channel per task and then maps one sample per task (fixed orders, so
-//! deterministic for any thread count), with a ReLU after it fused into both passes; global
+//! deterministic for any thread count), with a ReLU after it fused into both passes; where the
+//! plan says so (`Plan::stats_from`) the convolution storing its input has already computed
+//! each plane's share of the statistics as it stored it, and the reduction only combines those
+//! shares, in the same order (the same numbers, one read of the tensor fewer); global
 //! average pooling maps one sample per task. The reference fallbacks run on the calling thread.
 //!
 //! Memory: buffers sit at the plan's [`MemoryPlan`](cnnc_compiler::passes::memplan::MemoryPlan)
@@ -186,7 +189,11 @@ impl Program {
         let Program { graph: g, steps, locs, arena, threads, profiling, .. } = self;
         let threads = *threads;
         let ch = chunk(n, threads);
-        for step in steps.iter_mut() {
+        for i in 0..steps.len() {
+            // Earlier steps stay readable: a batch norm combines the plane statistics its
+            // convolution stored (`Plan::stats_from`).
+            let (done, rest) = steps.split_at_mut(i);
+            let step = &mut rest[0];
             let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
@@ -203,7 +210,7 @@ impl Program {
                 let vals = &mem;
                 let name = step.name.clone();
                 match &mut step.kind {
-                    Kind::Conv { k, x, layer, bias, residual, fold: fo, .. } => {
+                    Kind::Conv { k, x, layer, bias, residual, fold: fo, stats, .. } => {
                         let w = param(params, layer, "weight")?;
                         let b = if *bias { Some(param(params, layer, "bias")?) } else { None };
                         let aff = match fo {
@@ -217,11 +224,18 @@ impl Program {
                             None => None,
                         };
                         let rp = ol.numel();
-                        out.par_chunks_mut(ch * stride).enumerate().try_for_each(|(i, oc)| {
+                        // Each chunk's plane statistics, when a batch norm takes them from here.
+                        let per = if stats.is_empty() { 0 } else { ol.ch };
+                        let mut st_chunks: Vec<Option<&mut [_]>> = match per {
+                            0 => (0..n.div_ceil(ch)).map(|_| None).collect(),
+                            _ => stats[..n * per].chunks_mut(ch * per).map(Some).collect(),
+                        };
+                        out.par_chunks_mut(ch * stride).zip(st_chunks.par_iter_mut()).enumerate().try_for_each(|(i, (oc, st))| {
                             let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
                             let extra = EpilogueArgs {
                                 affine: aff.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice())),
                                 residual: res.map(|r| &r[s0 * rp..s1 * rp]),
+                                stats: st.take(),
                             };
                             k.forward(oc, &xin[s0 * inp..s1 * inp], w, b, extra)
                         }).map_err(lerr)?;
@@ -236,7 +250,7 @@ impl Program {
                             k.forward(oc, &xin[s0 * inp..s1 * inp], w, b)
                         }).map_err(lerr)?;
                     }
-                    Kind::BnTrain { x, layer, eps, momentum, saved, new_rm, new_rv } => {
+                    Kind::BnTrain { x, layer, eps, momentum, saved, new_rm, new_rv, stats_from } => {
                         let xin = whole(vals, locs, g, *x, n)?;
                         let shape = BnShape { n, c: ol.ch, hw: ol.hw };
                         *new_rm = param(params, layer, "running_mean")?.to_vec();
@@ -249,7 +263,18 @@ impl Program {
                         pointwise::batchnorm_check_train(layer, shape, &(0..c), xin.len(), n * num, [gamma.len(), beta.len(), new_rm.len(), new_rv.len()]).map_err(lerr)?;
                         // Per-channel statistics on all threads (each channel on one, in a fixed
                         // order: deterministic), then the affine map per sample.
-                        let stats: Vec<(f64, f64)> = (0..c).into_par_iter().map(|ch| pointwise::batchnorm_channel_stats(shape, ch, xin)).collect();
+                        // (Or combined from the plane statistics the convolution storing the
+                        // input computed: the same numbers, without reading it again.)
+                        let stats: Vec<(f64, f64)> = match *stats_from {
+                            Some(j) => {
+                                let parts = match done.get(j).map(|s| &s.kind) {
+                                    Some(Kind::Conv { stats, .. }) if stats.len() >= n * c => &stats[..n * c],
+                                    _ => return Err(eerr(format!("layer `{layer}`: its statistics' convolution step {j} stored none"))),
+                                };
+                                (0..c).into_par_iter().map(|ch| pointwise::combine_plane_stats((0..n).map(|s| parts[s * c + ch]))).collect()
+                            }
+                            None => (0..c).into_par_iter().map(|ch| pointwise::batchnorm_channel_stats(shape, ch, xin)).collect(),
+                        };
                         saved.mean.resize(c, 0.0);
                         saved.rstd.resize(c, 0.0);
                         let (a, b): (Vec<f32>, Vec<f32>) = stats
