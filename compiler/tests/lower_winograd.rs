@@ -77,7 +77,7 @@ fn winograd_forward_matches_reference() {
         (24, 24, (30, 29), [1, 1, 1, 1]),
         (24, 24, (5, 350), [1, 0, 1, 0]),
     ];
-    let opts = ConvOptions { winograd: true };
+    let opts = ConvOptions { winograd: true, ..Default::default() };
     for (cin, cout, hw, p) in cases {
         let conv = conv3x3(cout, p);
         let w = rand_vec(&mut rng, cout * cin * 9);
@@ -107,7 +107,7 @@ fn winograd_backward_data_matches_reference() {
         for (n, slice) in batches(cout) {
             let what = format!("cin {cin} cout {cout} {h}x{wd} pads {p:?} batch {n} {slice:?}");
             let epi = Epilogue { concat: slice, ..Default::default() };
-            let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true }).unwrap();
+            let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true, ..Default::default() }).unwrap();
             assert_eq!(k.algorithms()[..2], ["winograd", "winograd"], "{what}");
             let cs = slice.unwrap_or(ChannelSlice { total: cout, offset: 0 });
             let dout = rand_vec(&mut rng, n * cs.total * oh * ow);
@@ -141,10 +141,10 @@ fn winograd_backward_data_matches_reference() {
 #[test]
 fn winograd_only_where_eligible() {
     let c = Conv2d::new(24, [3, 3]).pad(Padding::uniform(1));
-    let on = ConvOptions { winograd: true };
+    let on = ConvOptions { winograd: true, ..Default::default() };
     let k = ConvKernels::compile("c", &c, (24, 8, 8), Epilogue::default(), Mode::Blocked).unwrap();
     assert_eq!(k.algorithms()[0], "winograd", "default options");
-    let off = ConvOptions { winograd: false };
+    let off = ConvOptions { winograd: false, ..Default::default() };
     let k = ConvKernels::compile_with("c", &c, (24, 8, 8), Epilogue::default(), Mode::Blocked, off).unwrap();
     assert_eq!(k.algorithms()[0], "direct", "switched off");
     // Too few input or output channels, stride 2, dilation 2, groups: not eligible.
@@ -171,7 +171,7 @@ fn winograd_weight_gradient_matches_reference() {
         for (n, slice) in batches(cout) {
             let what = format!("cin {cin} cout {cout} {h}x{wd} pads {p:?} batch {n} {slice:?}");
             let epi = Epilogue { concat: slice, ..Default::default() };
-            let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true }).unwrap();
+            let k = ConvKernels::compile_with("wino", &conv, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true, ..Default::default() }).unwrap();
             assert_eq!(k.algorithms(), ["winograd"; 3], "{what}");
             let cs = slice.unwrap_or(ChannelSlice { total: cout, offset: 0 });
             let x = rand_vec(&mut rng, n * cin * h * wd);

@@ -88,7 +88,7 @@ fn conv(case: Case) -> Conv2d {
 fn compile(case: Case, epi: Epilogue, bias: bool) -> ConvKernels {
     let (cin, _, (h, wd), ..) = case;
     let c = Conv2d { bias, ..conv(case) };
-    ConvKernels::compile_with("wino1d", &c, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true }).unwrap()
+    ConvKernels::compile_with("wino1d", &c, (cin, h, wd), epi, Mode::Blocked, ConvOptions { winograd: true, ..Default::default() }).unwrap()
 }
 
 #[test]
@@ -228,10 +228,10 @@ fn winograd1d_only_where_eligible() {
     let c = Conv2d::new(C, [1, 3]).pad(Padding::Explicit { top: 0, bottom: 0, left: 1, right: 1 });
     let k = ConvKernels::compile("c", &c, (C, 8, 8), Epilogue::default(), Mode::Blocked).unwrap();
     assert_eq!(k.algorithms(), ["winograd"; 3], "default options");
-    let off = ConvOptions { winograd: false };
+    let off = ConvOptions { winograd: false, ..Default::default() };
     let k = ConvKernels::compile_with("c", &c, (C, 8, 8), Epilogue::default(), Mode::Blocked, off).unwrap();
     assert_eq!(k.algorithms()[0], "direct", "switched off");
-    let on = ConvOptions { winograd: true };
+    let on = ConvOptions { winograd: true, ..Default::default() };
     // Too few channels, padding across the filtered axis, stride 2, dilation 2, groups, a
     // longer kernel: not eligible.
     for (conv, cin) in [

@@ -1,7 +1,7 @@
 //! `JitEngine` (fused and naive) against `ReferenceEngine`: loss, every parameter gradient,
 //! running statistics and inference logits, on random non-zero inputs and parameters, for
 //! LeNet-5, a VGG-style conv-bn-relu-pool-dropout-dense net, residual blocks (identity,
-//! projection, bn-free fused residual), an inception module with in-place concat (conv, relu'd
+//! projection, bn-free fused residual, residuals of a conv's or batch norm's own input), an inception module with in-place concat (conv, relu'd
 //! conv and bare pool branches), fallback ops (LRN, SE channel_mul, softmax), hinge loss, odd
 //! batch sizes (1, 3) and odd image sizes, stride 2, asymmetric padding; plus error cases.
 
@@ -162,6 +162,29 @@ fn resnet() -> Graph {
     g
 }
 
+/// Residuals of a group's own input: `relu(conv(x) + x)` (a direct kernel, 11 pixels wide,
+/// whose backward data may store its input gradient, but the fused add's gradient reaches
+/// `x` first) and `relu(bn(c) + c)` (the batch norm's input is also the add's other operand).
+fn self_residuals() -> Graph {
+    let mut g = Graph::new("self_residuals");
+    let x = g.input("input", Shape::chw(3, 6, 11)).unwrap();
+    let c = |n| Op::Conv2d(conv(n, 3).pad(Padding::uniform(1)).bias(false));
+    let s = g.add("stem", c(6), &[x]).unwrap();
+    let s = g.add("bn0", bn(), &[s]).unwrap();
+    let r0 = g.add("relu0", relu(), &[s]).unwrap();
+    let a = g.add("a.conv", c(6), &[r0]).unwrap();
+    let a = g.add("a.add", Op::Add, &[a, r0]).unwrap();
+    let r1 = g.add("a.relu", relu(), &[a]).unwrap();
+    let c2 = g.add("b.conv", c(6), &[r1]).unwrap();
+    let b = g.add("b.bn", bn(), &[c2]).unwrap();
+    let b = g.add("b.add", Op::Add, &[b, c2]).unwrap();
+    let r2 = g.add("b.relu", relu(), &[b]).unwrap();
+    let gp = g.add("gap", Op::GlobalAvgPool, &[r2]).unwrap();
+    let f = g.add("flatten", Op::Flatten, &[gp]).unwrap();
+    g.add("fc", dense(5), &[f]).unwrap();
+    g
+}
+
 /// An inception module: 1x1 (bn-relu'd: training batch norm writing its channel slice),
 /// 1x1->3x3 (relu'd), pool->1x1 and a bare avg-pool branch,
 /// concatenated in place, then bn-relu on the concat, a 1x1 conv, global pooling and a head.
@@ -271,6 +294,11 @@ fn vgg_style_matches_reference_with_partial_batches() {
 fn residual_blocks_match_reference() {
     check(&resnet(), Loss::SoftmaxCrossEntropy, 3, 3, 6);
     check(&resnet(), Loss::SoftmaxCrossEntropy, 3, 1, 7);
+}
+
+#[test]
+fn residuals_of_a_groups_own_input_match_reference() {
+    check(&self_residuals(), Loss::SoftmaxCrossEntropy, 3, 3, 8);
 }
 
 #[test]

@@ -47,8 +47,10 @@
 //! - backward data (input rows >= 8 wide): the same kernel as a stride-1 convolution of the
 //!   zero-padded `d_out` (placed at `dh*(kh-1) - pt`, `dw*(kw-1) - pl`, cropped where the
 //!   padding exceeds that) with the flipped, transposed weights `w'[ci, co, ky, kx] =
-//!   w[co, ci, kh-1-ky, kw-1-kx]`, accumulated into `d_x`. When `d_x` exceeds 1 MiB per
-//!   sample, each row panel prefetches the next one's `d_x` rows.
+//!   w[co, ci, kh-1-ky, kw-1-kx]`, accumulated into `d_x`, or stored over it where the layer's
+//!   input gradient starts there ([`ConvOptions::overwrite_dx`]; Winograd's backward data
+//!   likewise). When an accumulated `d_x` exceeds 1 MiB per sample, each row panel prefetches
+//!   the next one's `d_x` rows.
 //! - backward weight: the operands flipped, `d_Wᵀ[(tap, ci), co] += x_tap[(tap, ci), p] ·
 //!   d_outᵀ[p, co]` ([`WgradSpec`]): `d_outᵀ` is packed once per block of ~256 pixels and
 //!   reused by every tap and channel, `x_tap` is read in place from the padded planes (4
@@ -579,6 +581,9 @@ pub struct ConvKernels {
     imp: Impl,
     /// `(channel offset, dy, dx)` per row of `col` within a group.
     ktab: Vec<(usize, isize, isize)>,
+    /// Backward data writes `d_x` with `=` ([`ConvOptions::overwrite_dx`] and a kernel that
+    /// computes every element once).
+    overwrites_dx: bool,
     compile_time: Duration,
 }
 
@@ -593,12 +598,19 @@ pub struct ConvOptions {
     /// stride 1, no dilation, one group, at least [`WINOGRAD_MIN_CHANNELS`] input and output
     /// channels; backward data also needs top and left padding <= 2).
     pub winograd: bool,
+    /// Compile the backward data to overwrite `d_x` (`=`) instead of accumulating into it
+    /// (`+=`), for a layer whose input gradient starts its life there (no other writer came
+    /// before, so zeroing it first would be wasted memory traffic). Only the kernels that
+    /// compute each `d_x` element once do (Winograd, and the direct GEMMs of stride-1
+    /// layers); the strided (col2im) and naive kernels still accumulate:
+    /// [`ConvKernels::backward_data_overwrites`] says which one a layer got.
+    pub overwrite_dx: bool,
 }
 
 impl Default for ConvOptions {
-    /// Winograd on (for eligible layers only).
+    /// Winograd on (for eligible layers only), backward data accumulating.
     fn default() -> ConvOptions {
-        ConvOptions { winograd: true }
+        ConvOptions { winograd: true, overwrite_dx: false }
     }
 }
 
@@ -711,7 +723,7 @@ impl ConvKernels {
                         let left = (dk[1] - 1) as isize - g.pads[2] as isize;
                         let pl = Planes::new(mg, ohw, ihw, dk, top, left);
                         let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))));
-                        let spec = GemmSpec::plain(Some(cg), ihw.1, mg * kh * kw, g.h * g.w, true);
+                        let spec = GemmSpec::plain(Some(cg), ihw.1, mg * kh * kw, g.h * g.w, !opts.overwrite_dx);
                         Some((GemmPlan::define_direct(&mut jit, "conv_bwd_data_direct", spec, &d)?, pl))
                     } else {
                         None
@@ -774,7 +786,7 @@ impl ConvKernels {
                 let bd = if dbwd.is_some() || wino_bwd.is_some() {
                     None
                 } else if g.is_direct() {
-                    Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), p, mg, p, true))?)
+                    Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), p, mg, p, !opts.overwrite_dx))?)
                 } else {
                     Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), NR, mg, NR, false))?)
                 };
@@ -798,6 +810,9 @@ impl ConvKernels {
             }
         };
         let fin = jit.finish()?;
+        // Every blocked backward-data kernel but the strided one (col2im) computes each d_x
+        // element once.
+        let overwrites_dx = opts.overwrite_dx && matches!(&plan, Plan::Blocked(_, d, ..) if d.is_none() || g.is_direct());
         let imp = match plan {
             Plan::Blocked(f, d, w, t, df, db, dw, wino, wino_bwd, wino_w) => Impl::Blocked {
                 winograd_w: wino_w.map(|p| p.resolve(&fin)),
@@ -837,8 +852,15 @@ impl ConvKernels {
             epi,
             imp,
             ktab,
+            overwrites_dx,
             compile_time: fin.compile_time,
         })
+    }
+
+    /// Whether [`Self::backward_data`] overwrites `d_x` (`=`) rather than adding to it:
+    /// compiled with [`ConvOptions::overwrite_dx`] into a kernel that can.
+    pub fn backward_data_overwrites(&self) -> bool {
+        self.overwrites_dx
     }
 
     /// The resolved geometry.
@@ -1113,7 +1135,8 @@ impl ConvKernels {
         Ok(())
     }
 
-    /// Backward data: `d_x += ∂L/∂x` from `d_out` (same layout as `out`) and the weights.
+    /// Backward data: `d_x += ∂L/∂x` from `d_out` (same layout as `out`) and the weights
+    /// (`d_x = ∂L/∂x` where [`Self::backward_data_overwrites`]).
     pub fn backward_data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> Result<()> {
         let g = &self.geom;
         let n = self.samples("input gradient", d_x.len(), g.in_numel())?;
@@ -1139,7 +1162,7 @@ impl ConvKernels {
                         }
                     }
                 }
-                let we = WinoEpi { bias: &[], scale: &[], shift: &[], residual: &[], act: FusedAct::None, accumulate: true };
+                let we = WinoEpi { bias: &[], scale: &[], shift: &[], residual: &[], act: FusedAct::None, accumulate: !self.overwrites_dx };
                 wg.run(&wt, n, |s, f| {
                     let dos = &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p];
                     f(&mut d_x[s * g.in_numel()..][..g.in_numel()], dos, &we);

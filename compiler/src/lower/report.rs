@@ -120,7 +120,7 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
     for c in cases {
         for &mode in modes {
             // The direct / im2col kernels; Winograd gets its own row below.
-            let k = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, super::ConvOptions { winograd: false })?;
+            let k = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, super::ConvOptions { winograd: false, ..Default::default() })?;
             let g = *k.geometry();
             let flops = 2.0 * (c.batch * g.macs()) as f64;
             let x = fill(c.batch * g.in_numel(), 3);
@@ -159,7 +159,7 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
             }
             if mode == Mode::Blocked {
                 // Winograd where the layer is eligible: effective GFLOP/s (direct FLOPs).
-                let opts = super::ConvOptions { winograd: true };
+                let opts = super::ConvOptions { winograd: true, ..Default::default() };
                 let kw = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
                 for (i, op) in ["forward", "backward-data", "backward-weight"].into_iter().enumerate() {
                     if kw.algorithms()[i] != "winograd" {

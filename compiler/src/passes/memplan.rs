@@ -31,8 +31,8 @@
 //!   from the first of those events to the last, at time `S + t` for backward time `t`; it is
 //!   zeroed right before the step that starts its life
 //!   ([`MemoryPlan::zero_before`], [`MemoryPlan::zero_at_seed`]), not all at once, except where
-//!   a batch norm's backward starts its input's gradient: it writes it whole with `=`
-//!   ([`MemoryPlan::overwrite_grad`]).
+//!   a batch norm's backward or a convolution's backward data starts its input's gradient: it
+//!   writes it whole with `=` ([`MemoryPlan::overwrite_grad`]).
 //! - **One arena.** Values and gradients are placed in one arena: gradients peak late in
 //!   backward, where most kept values have had their last reader, so they reuse that memory.
 //!
@@ -61,9 +61,10 @@ pub struct MemoryPlan {
     pub zero_before: Vec<Vec<NodeId>>,
     /// Buffers whose gradient is zeroed before the loss seeds the heads' gradients.
     pub zero_at_seed: Vec<NodeId>,
-    /// Training, indexed by group: the group is a batch norm whose backward step starts its
-    /// input's gradient (nothing wrote it before in its current life), so it writes that
-    /// gradient whole with `=` and it is not zeroed first.
+    /// Training, indexed by group: the group is a batch norm or a convolution whose backward
+    /// step starts its input's gradient (nothing wrote it before in its current life, and no
+    /// other op of the group writes it), so it writes that gradient whole with `=` and it is
+    /// not zeroed first.
     pub overwrite_grad: Vec<bool>,
     /// Training: values (their buffers' root nodes) to recompute right before group `i`'s
     /// backward step, indexed by group: batch norm + activation outputs, in-place
@@ -387,11 +388,10 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
             plan.zero_at_seed.push(iv.root);
         } else {
             let i = (steps - 1 - t) as usize;
-            // A batch norm's backward writes its whole input gradient: where that starts the
-            // gradient's life, it overwrites instead of it being zeroed first.
-            let gr = &groups[i];
-            let bn_input = matches!(g.node(gr.anchor()).op, Op::BatchNorm(_)) && g.operands(gr.anchor()).first().and_then(|&x| root_of(x)) == Some(iv.root);
-            if bn_input {
+            // A batch norm's backward and a convolution's backward data write their whole
+            // input gradient: where that starts the gradient's life, they overwrite instead
+            // of it being zeroed first.
+            if overwrites_input(g, &groups[i], iv.root, &root_of) {
                 plan.overwrite_grad[i] = true;
             } else {
                 plan.zero_before[i].push(iv.root);
@@ -400,6 +400,19 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
     }
     plan.arena_elems = total;
     plan
+}
+
+/// Whether group `gr`'s backward may write its anchor's input gradient (buffer `r`) whole with
+/// `=` where that gradient's life starts there: the anchor is a batch norm or a convolution
+/// (whose backward data computes every input-gradient element once; the engine zeroes first
+/// for a kernel that cannot overwrite), its input is the whole buffer `r`, and no other op of
+/// the group hands a gradient to `r` (a residual add of the same value runs its backward
+/// first, and an overwrite would erase it).
+fn overwrites_input(g: &Graph, gr: &Group, r: NodeId, root_of: &impl Fn(NodeId) -> Option<NodeId>) -> bool {
+    let a = gr.anchor();
+    let Some(&x) = g.operands(a).first() else { return false };
+    let chain_reads_x = gr.nodes.windows(2).any(|w| g.operands(w[1]).iter().any(|&o| o != w[0] && root_of(o) == Some(r)));
+    matches!(g.node(a).op, Op::BatchNorm(_) | Op::Conv2d(_)) && x == r && root_of(x) == Some(r) && !chain_reads_x
 }
 
 /// The gradients' live intervals (training), on the values' timeline: a gradient at backward

@@ -13,7 +13,7 @@ use crate::engine::EngineError;
 use cnnc_compiler::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
 use cnnc_compiler::lower::pointwise::{BnSaved, PlaneStats};
 use cnnc_compiler::lower::pool::PoolKernels;
-use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, DenseKernels, Epilogue, FusedAct};
+use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, ConvOptions, DenseKernels, Epilogue, FusedAct};
 use cnnc_compiler::passes::memplan;
 use cnnc_compiler::pipeline;
 use cnnc_compiler::plan::{Fusion, Mode as PlanMode, Plan};
@@ -288,7 +288,10 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 if !oloc.contiguous() {
                     epi.concat = Some(ChannelSlice { total: oloc.total, offset: oloc.off });
                 }
-                let k = ConvKernels::compile(&name, &c, in_chw(0)?, epi, lmode).map_err(|e| eerr(e.to_string()))?;
+                // Backward data stores its input gradient where that gradient's life starts
+                // here (the memory plan's `overwrite_grad`: nothing zeroes it first).
+                let opts = ConvOptions { overwrite_dx: plan.memory.overwrite_grad.get(gi).copied().unwrap_or(false), ..Default::default() };
+                let k = ConvKernels::compile_with(&name, &c, in_chw(0)?, epi, lmode, opts).map_err(|e| eerr(e.to_string()))?;
                 let wn = k.geometry().weight_numel();
                 partial_len = partial_len.max(wn + c.out_channels);
                 if feeds_stats[gi] && (!chain.is_empty() || !oloc.contiguous()) {
