@@ -287,9 +287,11 @@ fn rows_fit_tiles(w: usize) -> bool {
 const TILE_BLOCK_BYTES: usize = 32768;
 
 /// Most tiles a direct GEMM runs side by side per row panel (one row-kernel call). 16 rather
-/// than 8 halves the calls of a short reduction: measured one thread, CIFAR's 1x1 backward
-/// data with `K` = 32 and 40 (128->32, 128->40 at 16x16) 6-9% faster, the other 1x1 shapes
-/// unchanged within noise.
+/// than 8 halves the calls of a short reduction (`K <= 64`; longer ones stay at 8 by
+/// [`TILE_BLOCK_BYTES`]). Measured one thread, the limit switched inside one binary: CIFAR's
+/// 1x1 backward data with `K` = 32 and 40 (128->32, 128->40 at 16x16) 6-9% faster, the other
+/// 1x1 shapes unchanged; the kernel bench's old-vs-new binaries showed no difference beyond
+/// its noise (2-4% on untouched kernels too).
 const TILE_BLOCK_MAX: usize = 16;
 
 /// Tiles of a direct GEMM with reduction `k` run side by side per row panel (see
