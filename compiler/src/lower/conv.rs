@@ -295,10 +295,18 @@ fn rows_fit_tiles(w: usize) -> bool {
 /// Bytes of `B` a direct GEMM's block of tiles may span (see [`Direct::run`]).
 const TILE_BLOCK_BYTES: usize = 32768;
 
+/// Most tiles a direct GEMM runs side by side per row panel (one row-kernel call). 16 rather
+/// than 8 halves the calls of a short reduction (`K <= 64`; longer ones stay at 8 by
+/// [`TILE_BLOCK_BYTES`]). Measured one thread, the limit switched inside one binary: CIFAR's
+/// 1x1 backward data with `K` = 32 and 40 (128->32, 128->40 at 16x16) 6-9% faster, the other
+/// 1x1 shapes unchanged; the kernel bench's old-vs-new binaries showed no difference beyond
+/// its noise (2-4% on untouched kernels too).
+const TILE_BLOCK_MAX: usize = 16;
+
 /// Tiles of a direct GEMM with reduction `k` run side by side per row panel (see
 /// [`Direct::run`]).
 fn tile_block(k: usize) -> usize {
-    (TILE_BLOCK_BYTES / (k * NR * 4)).clamp(1, 8)
+    (TILE_BLOCK_BYTES / (k * NR * 4)).clamp(1, TILE_BLOCK_MAX)
 }
 
 /// A direct GEMM with its plane layout.
@@ -778,7 +786,8 @@ impl ConvKernels {
                 let fwd = if dfwd.is_none() && wino.is_none() {
                     let plan = GemmPlan::define(&mut jit, "conv_fwd", fwd)?;
                     // A 1x1 forward runs blocks of packed panels per row panel of W.
-                    Some(if g.is_direct() { plan.with_packed_rows(&mut jit, "conv_fwd", tile_block(kc))? } else { plan })
+                    // (At most 8 panels per group: the blocks are 32 panels.)
+                    Some(if g.is_direct() { plan.with_packed_rows(&mut jit, "conv_fwd", tile_block(kc).min(8))? } else { plan })
                 } else {
                     None
                 };

@@ -41,8 +41,8 @@ pub fn standard_cases() -> Vec<ConvCase> {
 /// The layers of the training-step benchmarks, at half their batch (what one of two threads
 /// gets): LeNet-5's two convolutions and the MNIST VGG's Winograd layers (batch 32), the mini
 /// inception net's 3x3 convolutions and a 1x1, the narrowest Winograd layer, 16->16, and
-/// the CIFAR inception net's factored 1x3 / 3x1 convolutions (1-D Winograd) and four of its
-/// 1x1 convolutions (batch 16).
+/// the CIFAR inception net's factored 1x3 / 3x1 convolutions (1-D Winograd) and the shapes of
+/// its ten 1x1 convolutions (nine distinct, batch 16).
 pub fn small_cases() -> Vec<ConvCase> {
     let c = |out, k: usize, pad| Conv2d::new(out, [k, k]).pad(Padding::uniform(pad));
     // A factored 1x3 / 3x1 with "same" padding along its filtered axis.
@@ -69,8 +69,13 @@ pub fn small_cases() -> Vec<ConvCase> {
         ConvCase { name: "cifar 16->16 3x1 b16", conv: f(16, [3, 1]), input: (16, 32, 32), batch: 16 },
         ConvCase { name: "cifar 32->48 1x3 b16", conv: f(48, [1, 3]), input: (32, 16, 16), batch: 16 },
         ConvCase { name: "cifar 48->48 3x1 b16", conv: f(48, [3, 1]), input: (48, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 1x1 64->32 32x32 b16", conv: c(32, 1, 0), input: (64, 32, 32), batch: 16 },
         ConvCase { name: "cifar 1x1 64->48 32x32 b16", conv: c(48, 1, 0), input: (64, 32, 32), batch: 16 },
         ConvCase { name: "cifar 1x1 64->16 32x32 b16", conv: c(16, 1, 0), input: (64, 32, 32), batch: 16 },
+        ConvCase { name: "cifar 1x1 128->40 16x16 b16", conv: c(40, 1, 0), input: (128, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 1x1 128->32 16x16 b16", conv: c(32, 1, 0), input: (128, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 1x1 128->48 16x16 b16", conv: c(48, 1, 0), input: (128, 16, 16), batch: 16 },
+        ConvCase { name: "cifar 1x1 128->64 16x16 b16", conv: c(64, 1, 0), input: (128, 16, 16), batch: 16 },
         ConvCase { name: "cifar 1x1 128->96 16x16 b16", conv: c(96, 1, 0), input: (128, 16, 16), batch: 16 },
         ConvCase { name: "cifar 1x1 40->128 16x16 b16", conv: c(128, 1, 0), input: (40, 16, 16), batch: 16 },
     ]
