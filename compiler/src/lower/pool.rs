@@ -29,7 +29,9 @@
 //! windows clipped by the padding take scalar loops. 2x2 stride-2 pooling without padding has
 //! its own unrolled loop. The row pass records each row winner's column offset `kx` and the
 //! column pass adds `ky*kw`, so the offsets come out of the same selects as the values; without
-//! an argmax buffer the index selects are compiled out (`IDX = false`).
+//! an argmax buffer the index selects are compiled out (`IDX = false`). The row maxima live in
+//! per-thread scratch kept between calls. On x86-64 CPUs with AVX2 the same loops run compiled
+//! for AVX2 (runtime dispatch; the baseline build has 4-lane SSE2 only).
 
 use crate::ir::{Pool2d, PoolKind};
 use crate::{Error, Result};
@@ -71,6 +73,28 @@ pub struct PoolKernels {
     /// Plane distance `ky*W + kx` of each `u8` window offset `ky*kw + kx` from the window's
     /// corner (max pooling's backward; offsets from `kh*kw` on are rejected before use).
     delta: Box<[usize; 256]>,
+}
+
+/// Per-thread buffers of the separable max pass, kept between calls (the engine pools one
+/// sample per call): row maxima and their columns, a strided row's phases, and the index plane
+/// the forward without winners stores to and never reads.
+#[derive(Default)]
+struct Scratch {
+    hv: Vec<f32>,
+    hi: Vec<u8>,
+    phases: Vec<f32>,
+    am: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Grow `v` to at least `n` elements (never shrinks: the contents are scratch).
+fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
 }
 
 /// Output size, clipped input range per output, and padded-window length per output.
@@ -261,8 +285,8 @@ impl PoolKernels {
                 }
                 self.max::<true>(out, am, x, planes);
             }
-            // No winners kept: one plane of scratch that the index selects (compiled out) never store to.
-            (PoolKind::Max, None) => self.max::<false>(out, &mut vec![0; ohw], x, planes),
+            // No winners kept: the index selects are compiled out.
+            (PoolKind::Max, None) => self.max::<false>(out, &mut [], x, planes),
             (PoolKind::Avg, None) => {
                 for pl in 0..planes {
                     let xp = &x[pl * hw..(pl + 1) * hw];
@@ -284,12 +308,32 @@ impl PoolKernels {
     }
 
     /// Max pooling over `planes` planes; with `IDX`, `am` gets every output's window offset
-    /// (`am.len() == out.len()`), else `am` is one plane of scratch that is never written.
+    /// (`am.len() == out.len()`), else `am` is ignored (empty). Runs the AVX2 build of the same
+    /// loops where the CPU has AVX2 (8 lanes instead of the baseline's 4).
     fn max<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
+        SCRATCH.with_borrow_mut(|sc| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, the only feature `max_avx2` is compiled for.
+                return unsafe { self.max_avx2::<IDX>(out, am, x, planes, sc) };
+            }
+            self.max_any::<IDX>(out, am, x, planes, sc);
+        });
+    }
+
+    /// [`Self::max`] compiled with AVX2 (the loops below are inlined into it).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn max_avx2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
+        self.max_any::<IDX>(out, am, x, planes, sc);
+    }
+
+    #[inline(always)]
+    fn max_any<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
         if self.tiled2 {
-            self.max2x2::<IDX>(out, am, x, planes);
+            self.max2x2::<IDX>(out, am, x, planes, sc);
         } else {
-            self.max_separable::<IDX>(out, am, x, planes);
+            self.max_separable::<IDX>(out, am, x, planes, sc);
         }
     }
 
@@ -306,21 +350,26 @@ impl PoolKernels {
     /// `t = iy*hs + ox`, and one pass over the whole plane serves every row (long vector loops
     /// even for narrow planes); the slots of clipped windows are redone afterwards. Otherwise
     /// `hs = OW` and the pass runs row by row.
-    fn max_separable<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
+    #[inline(always)]
+    fn max_separable<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
         let (w, hw, ohw, hs) = (self.w, self.h * self.w, self.oh * self.ow, self.hs);
-        let (mut hv, mut hi) = (vec![0.0f32; self.h * hs], vec![0u8; self.h * hs]);
-        let mut phases = vec![0.0f32; if self.sw == 1 { 0 } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw }];
+        let plen = if self.sw == 1 { 0 } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw };
+        grow(&mut sc.hv, self.h * hs);
+        grow(&mut sc.hi, self.h * hs);
+        grow(&mut sc.phases, plen);
+        grow(&mut sc.am, if IDX { 0 } else { ohw });
+        let (hv, hi, phases, scratch_am) = (&mut sc.hv[..self.h * hs], &mut sc.hi[..self.h * hs], &mut sc.phases[..plen], &mut sc.am[..]);
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
             if self.flat {
-                self.row_max::<IDX>(xp, &mut hv, &mut hi, &mut phases);
+                self.row_max::<IDX>(xp, hv, hi, phases);
             } else {
                 for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
-                    self.row_max::<IDX>(row, hvr, hir, &mut phases);
+                    self.row_max::<IDX>(row, hvr, hir, phases);
                 }
             }
-            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut am[..ohw] };
-            self.column_max::<IDX>(&mut out[pl * ohw..(pl + 1) * ohw], ap, &hv, &hi);
+            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut scratch_am[..ohw] };
+            self.column_max::<IDX>(&mut out[pl * ohw..(pl + 1) * ohw], ap, hv, hi);
         }
     }
 
@@ -334,6 +383,7 @@ impl PoolKernels {
     /// the cell `t*s - left + k`, so each window still sees its cells left to right. With stride
     /// `s > 1`, `src` is first split into its `s` phases (`phases[p*len + j] = src[j*s + p]`),
     /// where those cells are contiguous. Clipped border windows then take a scalar loop.
+    #[inline(always)]
     fn row_max<const IDX: bool>(&self, src: &[f32], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
         let (w, s, hs, (lo, up)) = (self.w, self.sw, self.hs, self.inner);
         let rows = src.len() / w;
@@ -410,6 +460,7 @@ impl PoolKernels {
     /// its window offset `ky*kw + hi` (row `ky` of the unclipped window). With row stride 1 and
     /// `hs == OW`, the rows whose window is whole form one contiguous block of the output that
     /// `kh` long passes fill; the others (and every row otherwise) go one by one.
+    #[inline(always)]
     fn column_max<const IDX: bool>(&self, op: &mut [f32], ap: &mut [u8], hv: &[f32], hi: &[u8]) {
         let (ow, hs) = (self.ow, self.hs);
         let (kh, kw) = (self.kh, self.kw as u8);
@@ -472,12 +523,14 @@ impl PoolKernels {
     /// 2x2 stride-2 max pooling over whole blocks (`tiled2`), lengths checked by `forward`:
     /// the same winner as the general loop (cells in row-major order, `>` keeps the first
     /// maximum, a NaN wins over a number), without its window tables and bounds checks.
-    fn max2x2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
+    #[inline(always)]
+    fn max2x2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
         let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
+        grow(&mut sc.am, if IDX { 0 } else { ohw });
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
             let op = &mut out[pl * ohw..(pl + 1) * ohw];
-            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut am[..ohw] };
+            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut sc.am[..ohw] };
             for oy in 0..self.oh {
                 let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
                 let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
