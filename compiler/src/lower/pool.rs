@@ -70,6 +70,9 @@ pub struct PoolKernels {
     flat: bool,
     /// Row stride of the horizontal pass's results: `W/s` when `flat`, else `OW`.
     hs: usize,
+    /// Row stride of the edge-padded plane of the stride-1 path ([`Self::plane_s1`]):
+    /// `max(left + W, OW - 1 + kw)`.
+    wp: usize,
     /// Plane distance `ky*W + kx` of each `u8` window offset `ky*kw + kx` from the window's
     /// corner (max pooling's backward; offsets from `kh*kw` on are rejected before use).
     delta: Box<[usize; 256]>,
@@ -102,51 +105,102 @@ type Axis = (usize, Vec<(usize, usize)>, Vec<usize>);
 
 /// Whether `v` replaces `best` as a window's maximum so far: it is greater, or a NaN over a
 /// number (`!(v <= best)` holds for both; a NaN `best` is never replaced). Branch-free, so the
-/// loops that use it vectorise into compare-and-select.
+/// loops that use it vectorise into compare-and-select. Without `NAN` the plane is known to
+/// hold no NaN (see [`has_nan`]) and the rule is the single compare `v > best`.
 #[inline(always)]
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v <= best)` is meant: true for a NaN `v`
-fn wins(v: f32, best: f32) -> bool {
-    !(v <= best) & !best.is_nan()
+fn wins<const NAN: bool>(v: f32, best: f32) -> bool {
+    if NAN {
+        !(v <= best) & !best.is_nan()
+    } else {
+        v > best
+    }
+}
+
+/// Whether `x` holds a NaN (blocks of 64 cells, vectorised; max pooling then takes the full
+/// NaN rule for the plane).
+#[inline(always)]
+fn has_nan(x: &[f32]) -> bool {
+    x.chunks(64).any(|c| c.iter().fold(false, |m, v| m | v.is_nan()))
 }
 
 /// `hv[j], hi[j]` = the first maximum of `cells[0][j], .., cells[K-1][j]` and its window column
 /// `k`, in one pass (the `K` candidates compared in registers; `hi` untouched unless `IDX`).
+/// `K` is 2 or 3; the loops are written with zipped iterators so that they carry no bounds
+/// checks and vectorise.
 #[inline(always)]
-fn hmax_k<const K: usize, const IDX: bool>(cells: [&[f32]; K], hv: &mut [f32], hi: &mut [u8]) {
+fn hmax_k<const K: usize, const IDX: bool, const NAN: bool>(cells: [&[f32]; K], hv: &mut [f32], hi: &mut [u8]) {
+    debug_assert!(K == 2 || K == 3);
     let m = hv.len();
-    let cells = cells.map(|c| &c[..m]);
-    for (j, (b, bi)) in hv.iter_mut().zip(hi[..m].iter_mut()).enumerate() {
-        let (mut best, mut bk) = (cells[0][j], 0u8);
-        for (k, c) in cells.iter().enumerate().skip(1) {
-            let t = wins(c[j], best);
-            best = pick(t, c[j], best);
-            bk = pick_u8(t, k as u8, bk);
+    let (hi, c0, c1, c2) = (&mut hi[..m], &cells[0][..m], &cells[1][..m], &cells[K - 1][..m]);
+    let step = |best: f32, bk: u8, v: f32, k: u8| {
+        let t = wins::<NAN>(v, best);
+        (pick(t, v, best), pick_u8(t, k, bk))
+    };
+    if K == 2 {
+        for ((b, bi), (&v0, &v1)) in hv.iter_mut().zip(hi.iter_mut()).zip(c0.iter().zip(c1)) {
+            let (best, bk) = step(v0, 0, v1, 1);
+            *b = best;
+            if IDX {
+                *bi = bk;
+            }
         }
-        *b = best;
-        if IDX {
-            *bi = bk;
+    } else {
+        for ((b, bi), ((&v0, &v1), &v2)) in hv.iter_mut().zip(hi.iter_mut()).zip(c0.iter().zip(c1).zip(c2)) {
+            let (best, bk) = step(v0, 0, v1, 1);
+            let (best, bk) = step(best, bk, v2, 2);
+            *b = best;
+            if IDX {
+                *bi = bk;
+            }
         }
     }
 }
 
 /// `o[j], a[j]` = the first maximum over `rows[0].0[j], .., rows[K-1].0[j]` and its window
-/// offset `k*kw + rows[k].1[j]`, in one pass (`a` untouched unless `IDX`).
+/// offset `k*kw + rows[k].1[j]`, in one pass (`a` untouched unless `IDX`; `K` is 2 or 3). The
+/// rows are short (one output row), so the loop runs over fixed blocks of 8 lanes that the
+/// compiler turns into single vector operations (a vectorised loop over the whole row would
+/// leave rows of up to 32 outputs to its scalar remainder), then a scalar tail.
 #[inline(always)]
-fn vmax_k<const K: usize, const IDX: bool>(rows: [(&[f32], &[u8]); K], kw: u8, o: &mut [f32], a: &mut [u8]) {
+fn vmax_k<const K: usize, const IDX: bool, const NAN: bool>(rows: [(&[f32], &[u8]); K], kw: u8, o: &mut [f32], a: &mut [u8]) {
+    debug_assert!(K == 2 || K == 3);
     let m = o.len();
-    let rows = rows.map(|(v, i)| (&v[..m], &i[..m]));
-    for (j, (o, a)) in o.iter_mut().zip(a[..m].iter_mut()).enumerate() {
-        let (mut best, mut bidx) = (rows[0].0[j], rows[0].1[j]);
-        let mut add = 0u8;
-        for (v, i) in rows.iter().skip(1) {
-            add = add.wrapping_add(kw);
-            let t = wins(v[j], best);
-            best = pick(t, v[j], best);
-            bidx = pick_u8(t, add.wrapping_add(i[j]), bidx);
+    let a = &mut a[..m];
+    let (v0, v1, v2) = (&rows[0].0[..m], &rows[1].0[..m], &rows[K - 1].0[..m]);
+    let (i0, i1, i2) = (&rows[0].1[..m], &rows[1].1[..m], &rows[K - 1].1[..m]);
+    let kw2 = kw.wrapping_add(kw);
+    // The winner of lane `(v0, v1, v2)` with row maxima columns `(i0, i1, i2)`.
+    let lane = |v: [f32; 3], i: [u8; 3]| {
+        let t = wins::<NAN>(v[1], v[0]);
+        let (best, bidx) = (pick(t, v[1], v[0]), pick_u8(t, kw.wrapping_add(i[1]), i[0]));
+        if K == 2 {
+            return (best, bidx);
         }
-        *o = best;
+        let t = wins::<NAN>(v[2], best);
+        (pick(t, v[2], best), pick_u8(t, kw2.wrapping_add(i[2]), bidx))
+    };
+    let mut j = 0;
+    while j + 8 <= m {
+        let o8: &mut [f32; 8] = (&mut o[j..j + 8]).try_into().unwrap();
+        let a8: &mut [u8; 8] = (&mut a[j..j + 8]).try_into().unwrap();
+        let r = |s: &[f32]| -> [f32; 8] { s[j..j + 8].try_into().unwrap() };
+        let q = |s: &[u8]| -> [u8; 8] { s[j..j + 8].try_into().unwrap() };
+        let (w0, w1, w2, c0, c1, c2) = (r(v0), r(v1), r(v2), q(i0), q(i1), q(i2));
+        for l in 0..8 {
+            let (best, bidx) = lane([w0[l], w1[l], w2[l]], [c0[l], c1[l], c2[l]]);
+            o8[l] = best;
+            if IDX {
+                a8[l] = bidx;
+            }
+        }
+        j += 8;
+    }
+    for j in j..m {
+        let (best, bidx) = lane([v0[j], v1[j], v2[j]], [i0[j], i1[j], i2[j]]);
+        o[j] = best;
         if IDX {
-            *a = bidx;
+            a[j] = bidx;
         }
     }
 }
@@ -246,7 +300,7 @@ impl PoolKernels {
         #[rustfmt::skip]
         let k = PoolKernels {
             layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div, tiled2,
-            kh: pool.kernel[0], kw, sh, sw, top: pads[0], left: pads[2], inner, flat, hs,
+            kh: pool.kernel[0], kw, sh, sw, top: pads[0], left: pads[2], inner, flat, hs, wp: (pads[2] + w).max(ow - 1 + kw),
             delta: Box::new(std::array::from_fn(|a| (a / kw) * w + a % kw)),
         };
         Ok(k)
@@ -352,8 +406,9 @@ impl PoolKernels {
     /// `hs = OW` and the pass runs row by row.
     #[inline(always)]
     fn max_separable<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
-        let (w, hw, ohw, hs) = (self.w, self.h * self.w, self.oh * self.ow, self.hs);
-        let plen = if self.sw == 1 { 0 } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw };
+        let (w, hw, ohw) = (self.w, self.h * self.w, self.oh * self.ow);
+        let hs = if self.sw == 1 { self.wp } else { self.hs };
+        let plen = if self.sw == 1 { self.h * self.wp } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw };
         grow(&mut sc.hv, self.h * hs);
         grow(&mut sc.hi, self.h * hs);
         grow(&mut sc.phases, plen);
@@ -361,15 +416,125 @@ impl PoolKernels {
         let (hv, hi, phases, scratch_am) = (&mut sc.hv[..self.h * hs], &mut sc.hi[..self.h * hs], &mut sc.phases[..plen], &mut sc.am[..]);
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
-            if self.flat {
-                self.row_max::<IDX>(xp, hv, hi, phases);
-            } else {
-                for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
-                    self.row_max::<IDX>(row, hvr, hir, phases);
+            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut scratch_am[..ohw] };
+            let op = &mut out[pl * ohw..(pl + 1) * ohw];
+            match (self.sw == 1, has_nan(xp)) {
+                (true, true) => self.plane_s1::<IDX, true>(xp, op, ap, hv, hi, phases),
+                (true, false) => self.plane_s1::<IDX, false>(xp, op, ap, hv, hi, phases),
+                (false, true) => self.plane_max::<IDX, true>(xp, op, ap, hv, hi, phases),
+                (false, false) => self.plane_max::<IDX, false>(xp, op, ap, hv, hi, phases),
+            }
+        }
+    }
+
+    /// One plane of max pooling with column stride 1, without scalar border windows: each row
+    /// is copied into `pad` (row stride `wp`) with its first cell repeated into the left padding
+    /// and its last into the right, so that every window has `kw` cells and one flat pass of
+    /// vectorised selects over the plane makes the row maxima `hv` (row stride `wp`). A repeated
+    /// last cell comes after the real one and never wins; a repeated first cell wins exactly
+    /// when the real first cell would (same value, earlier), so only its offset is moved to the
+    /// real cell (`kx = left - ox`). The column pass likewise offers each output row the rows
+    /// of its window clamped to the plane: row 0 repeated above, row `H-1` below, the offset of
+    /// a winner in a repeated top row moved down to row 0's (`ky = top - oy*sh`).
+    #[inline(always)]
+    fn plane_s1<const IDX: bool, const NAN: bool>(&self, xp: &[f32], op: &mut [f32], ap: &mut [u8], hv: &mut [f32], hi: &mut [u8], pad: &mut [f32]) {
+        let (w, h, wp, left, ow) = (self.w, self.h, self.wp, self.left, self.ow);
+        let (kh, kw) = (self.kh, self.kw);
+        for (row, prow) in xp.chunks_exact(w).zip(pad.chunks_exact_mut(wp)) {
+            prow[..left].fill(row[0]);
+            prow[left..left + w].copy_from_slice(row);
+            prow[left + w..].fill(row[w - 1]);
+        }
+        let m = (h - 1) * wp + ow;
+        let (hvm, him) = (&mut hv[..m], &mut hi[..m]);
+        let cells = |k: usize| &pad[k..k + m];
+        match kw {
+            1 => {
+                hvm.copy_from_slice(cells(0));
+                if IDX {
+                    him.fill(0);
                 }
             }
-            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut scratch_am[..ohw] };
-            self.column_max::<IDX>(&mut out[pl * ohw..(pl + 1) * ohw], ap, hv, hi);
+            2 => hmax_k::<2, IDX, NAN>([cells(0), cells(1)], hvm, him),
+            3 => hmax_k::<3, IDX, NAN>([cells(0), cells(1), cells(2)], hvm, him),
+            _ => {
+                hvm.copy_from_slice(cells(0));
+                if IDX {
+                    him.fill(0);
+                }
+                for k in 1..kw {
+                    for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
+                        let t = wins::<NAN>(v, *b);
+                        *b = pick(t, v, *b);
+                        if IDX {
+                            *bi = pick_u8(t, k as u8, *bi);
+                        }
+                    }
+                }
+            }
+        }
+        if IDX {
+            // Windows clipped on the left: a winner in the repeated cells is the real first cell.
+            for r in 0..h {
+                for ox in 0..left.min(ow) {
+                    let i = &mut hi[r * wp + ox];
+                    *i = (*i).max((left - ox) as u8);
+                }
+            }
+        }
+        let kw8 = kw as u8;
+        for (oy, (o, a)) in op.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow)).enumerate() {
+            let start = (oy * self.sh) as isize - self.top as isize;
+            let y = |k: usize| (start + k as isize).clamp(0, h as isize - 1) as usize * wp;
+            let row = |k: usize| (&hv[y(k)..y(k) + ow], &hi[y(k)..y(k) + ow]);
+            match kh {
+                1 => {
+                    o.copy_from_slice(row(0).0);
+                    if IDX {
+                        a.copy_from_slice(row(0).1);
+                    }
+                }
+                2 => vmax_k::<2, IDX, NAN>([row(0), row(1)], kw8, o, a),
+                3 => vmax_k::<3, IDX, NAN>([row(0), row(1), row(2)], kw8, o, a),
+                _ => {
+                    o.copy_from_slice(row(0).0);
+                    if IDX {
+                        a.copy_from_slice(row(0).1);
+                    }
+                    for k in 1..kh {
+                        let (vr, ir) = row(k);
+                        let add = (k as u8).wrapping_mul(kw8);
+                        for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
+                            let t = wins::<NAN>(v, *o);
+                            if IDX {
+                                *a = pick_u8(t, add.wrapping_add(i), *a);
+                            }
+                            *o = pick(t, v, *o);
+                        }
+                    }
+                }
+            }
+            if IDX && start < 0 {
+                // A winner in a repeated top row (always the first of them, `ky = 0`) is row 0's.
+                let shift = (-start) as u8 * kw8;
+                a.iter_mut().for_each(|a| *a = if *a < kw8 { *a + shift } else { *a });
+            }
+        }
+    }
+
+    /// One plane of [`Self::max_separable`].
+    #[inline(always)]
+    fn plane_max<const IDX: bool, const NAN: bool>(&self, xp: &[f32], op: &mut [f32], ap: &mut [u8], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
+        let (w, hs) = (self.w, self.hs);
+        {
+            if self.flat {
+                self.row_max::<IDX, NAN>(xp, hv, hi, phases);
+            } else {
+                for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
+                    self.row_max::<IDX, NAN>(row, hvr, hir, phases);
+                }
+            }
+            self.column_max::<IDX, NAN>(op, ap, hv, hi);
         }
     }
 
@@ -384,7 +549,7 @@ impl PoolKernels {
     /// `s > 1`, `src` is first split into its `s` phases (`phases[p*len + j] = src[j*s + p]`),
     /// where those cells are contiguous. Clipped border windows then take a scalar loop.
     #[inline(always)]
-    fn row_max<const IDX: bool>(&self, src: &[f32], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
+    fn row_max<const IDX: bool, const NAN: bool>(&self, src: &[f32], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
         let (w, s, hs, (lo, up)) = (self.w, self.sw, self.hs, self.inner);
         let rows = src.len() / w;
         if lo < up {
@@ -417,8 +582,8 @@ impl PoolKernels {
             let (hvm, him) = (&mut hv[lo..lo + m], &mut hi[lo..lo + m]);
             match self.kw {
                 // Windows of 2 or 3 columns: one pass, the candidates compared in registers.
-                2 => hmax_k::<2, IDX>([cells(0), cells(1)], hvm, him),
-                3 => hmax_k::<3, IDX>([cells(0), cells(1), cells(2)], hvm, him),
+                2 => hmax_k::<2, IDX, NAN>([cells(0), cells(1)], hvm, him),
+                3 => hmax_k::<3, IDX, NAN>([cells(0), cells(1), cells(2)], hvm, him),
                 _ => {
                     hvm.copy_from_slice(cells(0));
                     if IDX {
@@ -426,7 +591,7 @@ impl PoolKernels {
                     }
                     for k in 1..self.kw {
                         for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
-                            let t = wins(v, *b);
+                            let t = wins::<NAN>(v, *b);
                             *b = pick(t, v, *b);
                             if IDX {
                                 *bi = pick_u8(t, k as u8, *bi);
@@ -443,7 +608,7 @@ impl PoolKernels {
                 let k0 = (x0 + self.left - ox * s) as u8;
                 let (mut best, mut bk) = (row[x0], k0);
                 for (k, &v) in (k0 + 1..).zip(&row[x0 + 1..x1]) {
-                    let t = wins(v, best);
+                    let t = wins::<NAN>(v, best);
                     best = pick(t, v, best);
                     bk = if t { k } else { bk };
                 }
@@ -461,7 +626,7 @@ impl PoolKernels {
     /// `hs == OW`, the rows whose window is whole form one contiguous block of the output that
     /// `kh` long passes fill; the others (and every row otherwise) go one by one.
     #[inline(always)]
-    fn column_max<const IDX: bool>(&self, op: &mut [f32], ap: &mut [u8], hv: &[f32], hi: &[u8]) {
+    fn column_max<const IDX: bool, const NAN: bool>(&self, op: &mut [f32], ap: &mut [u8], hv: &[f32], hi: &[u8]) {
         let (ow, hs) = (self.ow, self.hs);
         let (kh, kw) = (self.kh, self.kw as u8);
         let whole = |oy: usize| self.rows[oy].1 - self.rows[oy].0 == kh;
@@ -476,7 +641,7 @@ impl PoolKernels {
         let merge = |o: &mut [f32], a: &mut [u8], vr: &[f32], ir: &[u8], ky: u8| {
             let add = ky.wrapping_mul(kw);
             for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
-                let t = wins(v, *o);
+                let t = wins::<NAN>(v, *o);
                 if IDX {
                     *a = pick_u8(t, add.wrapping_add(i), *a);
                 }
@@ -488,8 +653,8 @@ impl PoolKernels {
             let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
             let rows = |k: usize| (&hv[(y0 + k) * hs..(y0 + k) * hs + len], &hi[(y0 + k) * hs..(y0 + k) * hs + len]);
             match kh {
-                2 => vmax_k::<2, IDX>([rows(0), rows(1)], kw, o, a),
-                3 => vmax_k::<3, IDX>([rows(0), rows(1), rows(2)], kw, o, a),
+                2 => vmax_k::<2, IDX, NAN>([rows(0), rows(1)], kw, o, a),
+                3 => vmax_k::<3, IDX, NAN>([rows(0), rows(1), rows(2)], kw, o, a),
                 _ => {
                     o.copy_from_slice(rows(0).0);
                     if IDX {
@@ -525,26 +690,37 @@ impl PoolKernels {
     /// maximum, a NaN wins over a number), without its window tables and bounds checks.
     #[inline(always)]
     fn max2x2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
-        let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
+        let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
         grow(&mut sc.am, if IDX { 0 } else { ohw });
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
             let op = &mut out[pl * ohw..(pl + 1) * ohw];
             let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut sc.am[..ohw] };
-            for oy in 0..self.oh {
-                let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
-                let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
-                for ((o, a), (p0, p1)) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))) {
-                    let (mut best, mut bi) = (p0[0], 0u8);
-                    for (v, i) in [(p0[1], 1u8), (p1[0], 2), (p1[1], 3)] {
-                        let t = wins(v, best);
-                        best = if t { v } else { best };
-                        bi = if t { i } else { bi };
-                    }
-                    *o = best;
-                    if IDX {
-                        *a = bi;
-                    }
+            if has_nan(xp) {
+                self.plane2x2::<IDX, true>(op, ap, xp);
+            } else {
+                self.plane2x2::<IDX, false>(op, ap, xp);
+            }
+        }
+    }
+
+    /// One plane of [`Self::max2x2`].
+    #[inline(always)]
+    fn plane2x2<const IDX: bool, const NAN: bool>(&self, op: &mut [f32], ap: &mut [u8], xp: &[f32]) {
+        let (w, ow) = (self.w, self.ow);
+        for oy in 0..self.oh {
+            let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
+            let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
+            for ((o, a), (p0, p1)) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))) {
+                let (mut best, mut bi) = (p0[0], 0u8);
+                for (v, i) in [(p0[1], 1u8), (p1[0], 2), (p1[1], 3)] {
+                    let t = wins::<NAN>(v, best);
+                    best = if t { v } else { best };
+                    bi = if t { i } else { bi };
+                }
+                *o = best;
+                if IDX {
+                    *a = bi;
                 }
             }
         }
