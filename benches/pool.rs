@@ -3,7 +3,9 @@
 //! as the engine does; the calls sweep a batch of 32 samples (`--batch N`) so the data streams
 //! from memory rather than staying in cache. Prints the median over `--reps N` (default 21) sweeps of the
 //! time per call, in microseconds: forward with winners, forward without (inference and the
-//! training step's recomputation), backward accumulating into `d_x`.
+//! training step's recomputation), backward accumulating into `d_x`, the same after zeroing
+//! `d_x` (what a step that starts the gradient's life costs with it), and
+//! `backward_overwrite`.
 //!
 //! `cargo bench --bench pool [-- --reps N --batch N]`
 
@@ -35,7 +37,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: usize| args.iter().position(|a| a == name).map_or(default, |i| args[i + 1].parse().expect("a number"));
     let (reps, batch) = (arg("--reps", 21), arg("--batch", 32));
-    println!("{:<34} {:>10} {:>10} {:>10}", "pool (one sample, 1 thread)", "fwd+am µs", "fwd µs", "bwd µs");
+    println!("{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}", "pool (one sample, 1 thread)", "fwd+am µs", "fwd µs", "bwd µs", "0+bwd µs", "bwd= µs");
     for (name, k, s, pad, (c, h)) in [("3x3/1 pad 1 on 64x32x32", 3, 1, 1, (64, 32)), ("2x2/2 on 128x32x32", 2, 2, 0, (128, 32)), ("3x3/1 pad 1 on 128x16x16", 3, 1, 1, (128, 16))] {
         let mut p = Pool2d::new(PoolKind::Max, k, s);
         p.padding = Padding::uniform(pad);
@@ -57,6 +59,13 @@ fn main() {
             pk.forward(&mut out[s * num..(s + 1) * num], Some(&mut am[s * num..(s + 1) * num]), &x[s * inp..(s + 1) * inp]).unwrap();
         }
         let bwd = time(reps, batch, |s| pk.backward(&mut dx[s * inp..(s + 1) * inp], &d_out[s * num..(s + 1) * num], Some(&am[s * num..(s + 1) * num])).unwrap());
-        println!("{name:<34} {fwd_am:>10.1} {fwd:>10.1} {bwd:>10.1}");
+        let zero_bwd = time(reps, batch, |s| {
+            dx[s * inp..(s + 1) * inp].fill(0.0);
+            pk.backward(&mut dx[s * inp..(s + 1) * inp], &d_out[s * num..(s + 1) * num], Some(&am[s * num..(s + 1) * num])).unwrap()
+        });
+        let bwd_set = time(reps, batch, |s| {
+            pk.backward_overwrite(&mut dx[s * inp..(s + 1) * inp], &d_out[s * num..(s + 1) * num], Some(&am[s * num..(s + 1) * num])).unwrap()
+        });
+        println!("{name:<34} {fwd_am:>10.1} {fwd:>10.1} {bwd:>10.1} {zero_bwd:>10.1} {bwd_set:>10.1}");
     }
 }

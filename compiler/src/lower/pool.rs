@@ -726,10 +726,91 @@ impl PoolKernels {
         }
     }
 
+    /// 2x2 stride-2 backward of one plane (`tiled2`, offsets checked `< 4`): every input cell
+    /// lies in at most one window, so each gets its window's gradient where it is the winner
+    /// (`+=`, or `=` with `SET`), nothing (or zero) elsewhere; a dense pass instead of a
+    /// scatter. AVX2 build where the CPU has it.
+    fn back2x2<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, the only feature `back2x2_avx2` is compiled for.
+            return unsafe { self.back2x2_avx2::<SET>(dxp, ap, gp) };
+        }
+        self.back2x2_any::<SET>(dxp, ap, gp);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn back2x2_avx2<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
+        self.back2x2_any::<SET>(dxp, ap, gp);
+    }
+
+    #[inline(always)]
+    fn back2x2_any<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
+        let (w, oh, ow) = (self.w, self.oh, self.ow);
+        if SET {
+            // Cells in no window (an odd last row or column, floor mode).
+            for row in dxp.chunks_exact_mut(w).take(2 * oh) {
+                row[2 * ow..].fill(0.0);
+            }
+            dxp[2 * oh * w..].fill(0.0);
+        }
+        // Cell `d` of a window with offset `a` and gradient `g`, the cell's own offset `k`
+        // (branch-free: the mask form vectorises).
+        let cell = |d: f32, a: u8, g: f32, k: u8| {
+            let m = ((a == k) as u32).wrapping_neg();
+            if SET {
+                f32::from_bits(g.to_bits() & m)
+            } else {
+                f32::from_bits(((d + g).to_bits() & m) | (d.to_bits() & !m))
+            }
+        };
+        for (oy, (arow, grow)) in ap.chunks_exact(ow).zip(gp.chunks_exact(ow)).enumerate() {
+            let (r0, r1) = dxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+            for (dy, r) in [(0u8, r0), (2, r1)] {
+                // 8 outputs -> 16 cells of the row at a time (fixed blocks the compiler
+                // vectorises), then the tail.
+                let mut blocks = r[..2 * ow].chunks_exact_mut(16);
+                let (mut ab, mut gb) = (arow.chunks_exact(8), grow.chunks_exact(8));
+                for ((d, a), g) in (&mut blocks).zip(&mut ab).zip(&mut gb) {
+                    let d: &mut [f32; 16] = d.try_into().unwrap();
+                    let (a, g): (&[u8; 8], &[f32; 8]) = (a.try_into().unwrap(), g.try_into().unwrap());
+                    let (mut aa, mut gg) = ([0u8; 16], [0.0f32; 16]);
+                    for c in 0..16 {
+                        (aa[c], gg[c]) = (a[c / 2].wrapping_sub((c % 2) as u8), g[c / 2]);
+                    }
+                    for c in 0..16 {
+                        d[c] = cell(d[c], aa[c], gg[c], dy);
+                    }
+                }
+                for ((d, &a), &g) in blocks.into_remainder().chunks_exact_mut(2).zip(ab.remainder()).zip(gb.remainder()) {
+                    d[0] = cell(d[0], a, g, dy);
+                    d[1] = cell(d[1], a, g, dy + 1);
+                }
+            }
+        }
+    }
+
     /// Backward: `d_x += ∂L/∂x` (max: to the recorded winners; avg: spread over the window).
     pub fn backward(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
+        self.backward_into::<false>(d_x, d_out, argmax)
+    }
+
+    /// Backward that overwrites: `d_x = ∂L/∂x` (the previous contents of `d_x` are ignored),
+    /// for a step that starts the input gradient's life (no zeroing needed before it). For 2x2
+    /// stride-2 max pooling (every input cell in at most one window) each cell is written once
+    /// with its gradient or zero; other geometries zero `d_x` and accumulate. Same results as
+    /// zeroing `d_x` and calling [`Self::backward`], the same checks.
+    pub fn backward_overwrite(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
+        self.backward_into::<true>(d_x, d_out, argmax)
+    }
+
+    fn backward_into<const SET: bool>(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
         let planes = self.planes(d_x.len(), d_out.len())?;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
+        if SET && !(self.kind == PoolKind::Max && self.tiled2) {
+            d_x.fill(0.0);
+        }
         match (self.kind, argmax) {
             (PoolKind::Max, Some(am)) => {
                 if am.len() != d_out.len() {
@@ -747,6 +828,10 @@ impl PoolKernels {
                     if ap.iter().fold(0, |m, &a| m.max(a)) as usize >= cells {
                         let q = ap.iter().position(|&a| a as usize >= cells).unwrap_or(0);
                         return Err(self.err(format!("argmax offset {} of output {q} is outside its {cells}-cell window", ap[q])));
+                    }
+                    if self.tiled2 {
+                        self.back2x2::<SET>(dxp, ap, gp);
+                        continue;
                     }
                     for (oy, (arow, grow)) in ap.chunks_exact(self.ow).zip(gp.chunks_exact(self.ow)).enumerate() {
                         let corner = (oy * self.sh).wrapping_sub(self.top).wrapping_mul(w).wrapping_sub(self.left);
