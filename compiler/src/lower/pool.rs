@@ -20,18 +20,35 @@
 //! - avg: `out = Σ_window x / count`; backward `d_x[cell] += d_out / count` for every cell.
 //!
 //! ## Max pooling passes
-//! Ties go to the first maximum in row-major window order; a NaN wins over a number. Max
-//! pooling is separable under that rule: the first maximum of each input row over each window's
-//! columns, then the first of those over the window's rows. Whole (unclipped) windows run as
-//! `k` passes of branch-free compare-and-select over contiguous slices (`x[t*s + k]` for every
-//! slot `t`; a strided row is first split into its `s` phases), which rustc vectorises (for
-//! windows of 2 or 3 cells along an axis, one pass comparing the candidates in registers); only
-//! windows clipped by the padding take scalar loops. 2x2 stride-2 pooling without padding has
-//! its own unrolled loop. The row pass records each row winner's column offset `kx` and the
+//! Ties go to the first maximum in row-major window order; a NaN wins over a number. Each plane
+//! is first scanned for NaNs: a plane without any takes the single compare `v > best` (a
+//! `maxps` for the values), one with a NaN the full rule (`!(v <= best)` and `best` not NaN);
+//! both pick the same winner where there is no NaN. Max pooling is separable under that rule:
+//! the first maximum of each input row over each window's columns, then the first of those
+//! over the window's rows. The row pass records each row winner's column offset `kx` and the
 //! column pass adds `ky*kw`, so the offsets come out of the same selects as the values; without
-//! an argmax buffer the index selects are compiled out (`IDX = false`). The row maxima live in
-//! per-thread scratch kept between calls. On x86-64 CPUs with AVX2 the same loops run compiled
-//! for AVX2 (runtime dispatch; the baseline build has 4-lane SSE2 only).
+//! an argmax buffer the index selects are compiled out (`IDX = false`).
+//! - Column stride 1 (`plane_s1`): each row is copied into an edge-padded plane (first cell
+//!   repeated into the left padding, last into the right), so one flat pass of vectorised
+//!   selects over the plane makes every row maximum with no clipped windows; the column pass
+//!   offers each output row its window's rows clamped to the plane (row 0 repeated above,
+//!   `H-1` below), in fixed blocks of 8 lanes. A repeated cell never wins where the real one
+//!   would not and comes first only in the leading padding, so offsets pointing into the
+//!   leading padding are moved to the first real cell (`kx = left - ox`, `ky = top - oy*sh`).
+//! - Other column strides: whole (unclipped) windows run as `k` passes of compare-and-select
+//!   over contiguous slices (`x[t*s + k]` for every slot `t`; a strided row is first split into
+//!   its `s` phases); windows clipped by the padding take scalar loops.
+//! - 2x2 stride-2 pooling without padding has its own unrolled loop.
+//!
+//! The row maxima, phases and padded planes live in per-thread scratch kept between calls. On
+//! x86-64 CPUs with AVX2 the same loops run compiled for AVX2 (runtime dispatch; the baseline
+//! build has 4-lane SSE2 only).
+//!
+//! ## Max pooling backward
+//! `backward` adds each output's gradient to its winner (a scatter decoding the offsets, in
+//! output order); `backward_overwrite` writes `d_x` whole (zeroing it first). For 2x2 stride-2
+//! pooling, where every input cell lies in at most one window, both are one dense pass (each
+//! cell gets its window's gradient where it won, else nothing or zero).
 
 use crate::ir::{Pool2d, PoolKind};
 use crate::{Error, Result};
