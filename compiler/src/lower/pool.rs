@@ -38,7 +38,8 @@
 //! - Other column strides: whole (unclipped) windows run as `k` passes of compare-and-select
 //!   over contiguous slices (`x[t*s + k]` for every slot `t`; a strided row is first split into
 //!   its `s` phases); windows clipped by the padding take scalar loops.
-//! - 2x2 stride-2 pooling without padding has its own unrolled loop.
+//! - 2x2 stride-2 pooling without padding has its own unrolled loop, its NaN scan fused into
+//!   the single-compare pass (a plane that may hold a NaN is pooled again with the full rule).
 //!
 //! The row maxima, phases and padded planes live in per-thread scratch kept between calls. On
 //! x86-64 CPUs with AVX2 the same loops run compiled for AVX2 (runtime dispatch; the baseline
@@ -713,22 +714,28 @@ impl PoolKernels {
             let xp = &x[pl * hw..(pl + 1) * hw];
             let op = &mut out[pl * ohw..(pl + 1) * ohw];
             let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut sc.am[..ohw] };
-            if has_nan(xp) {
+            // The NaN scan rides along the single-compare pass (one pass over the plane
+            // instead of two); a plane that may hold a NaN is pooled again with the full rule.
+            if self.plane2x2::<IDX, false>(op, ap, xp) {
                 self.plane2x2::<IDX, true>(op, ap, xp);
-            } else {
-                self.plane2x2::<IDX, false>(op, ap, xp);
             }
         }
     }
 
     /// One plane of [`Self::max2x2`].
     #[inline(always)]
-    fn plane2x2<const IDX: bool, const NAN: bool>(&self, op: &mut [f32], ap: &mut [u8], xp: &[f32]) {
+    /// Without `NAN`, returns whether the plane may hold a NaN (a window whose cells sum to NaN:
+    /// a NaN, or infinities of both signs), when the result must be redone with `NAN`.
+    fn plane2x2<const IDX: bool, const NAN: bool>(&self, op: &mut [f32], ap: &mut [u8], xp: &[f32]) -> bool {
         let (w, ow) = (self.w, self.ow);
+        let mut nan = false;
         for oy in 0..self.oh {
             let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
             let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
             for ((o, a), (p0, p1)) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))) {
+                if !NAN {
+                    nan |= (p0[0] + p0[1] + p1[0] + p1[1]).is_nan();
+                }
                 let (mut best, mut bi) = (p0[0], 0u8);
                 for (v, i) in [(p0[1], 1u8), (p1[0], 2), (p1[1], 3)] {
                     let t = wins::<NAN>(v, best);
@@ -741,6 +748,7 @@ impl PoolKernels {
                 }
             }
         }
+        nan
     }
 
     /// 2x2 stride-2 backward of one plane (`tiled2`, offsets checked `< 4`): every input cell
