@@ -1,8 +1,9 @@
 //! Max pooling's vectorised paths (whole-plane and row-by-row horizontal passes, strided
 //! phases, the 2x2 stride-2 path) against a single pass over each window in row-major order,
 //! over many geometries: winners (ties, NaNs, -inf) as `u8` window offsets `ky*kw + kx` from the
-//! unclipped window corner, values, the forward without argmax (inference) and the backward
-//! scatter that decodes the offsets.
+//! unclipped window corner, values (bit for bit), the forward without argmax (inference), the
+//! backward that decodes the offsets (accumulating and overwriting), on planes with and without
+//! NaNs (the two compare rules).
 #![cfg(feature = "jit")]
 
 use cnnc_compiler::ir::{Padding, Pool2d, PoolKind};
@@ -32,9 +33,15 @@ fn window(o: usize, k: usize, s: usize, pad: usize, n: usize) -> (usize, usize) 
 }
 
 /// Inputs of one kind: `0` random distinct-ish values, `1` few distinct values (many ties) with
-/// NaNs and -inf runs, `2` all equal (the first cell of every window wins).
+/// NaNs and -inf runs, `2` all equal (the first cell of every window wins), `3` few distinct
+/// values without NaN (planes take the single-compare rule), ties between `0.0` and `-0.0`
+/// (the first one wins, bit for bit) and -inf.
 fn input(rng: &mut StdRng, kind: u32, len: usize) -> Vec<f32> {
     match kind {
+        3 => {
+            let vals = [0.0f32, -0.0, 1.5, f32::NEG_INFINITY, -0.5, 1.5];
+            (0..len).map(|_| vals[rng.random_range(0..6)]).collect()
+        }
         0 => (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect(),
         1 => {
             let vals = [1.5f32, -0.5, 1.5, f32::NEG_INFINITY, 0.25, f32::NAN];
@@ -84,7 +91,7 @@ fn check(p: &Pool2d, n: usize, (c, h, w): (usize, usize, usize), x: &[f32], what
                 let (v, i) = single_pass_max(xp, w, window(oy, p.kernel[0], p.stride[0], t, h), window(ox, p.kernel[1], p.stride[1], l, w));
                 let q = pl * oh * ow + oy * ow + ox;
                 assert_eq!(am[q], offset(p, w, (oy, ox), i), "{what}: plane {pl} window ({oy}, {ox}): winner {i}");
-                assert!(out[q] == v || out[q].is_nan() && v.is_nan(), "{what}: plane {pl} window ({oy}, {ox}): {} vs {v}", out[q]);
+                assert!(out[q].to_bits() == v.to_bits() || out[q].is_nan() && v.is_nan(), "{what}: plane {pl} window ({oy}, {ox}): {} vs {v}", out[q]);
                 want_dx[pl * h * w + i as usize] += d_out[q];
             }
         }
@@ -93,6 +100,12 @@ fn check(p: &Pool2d, n: usize, (c, h, w): (usize, usize, usize), x: &[f32], what
     pk.backward(&mut dx, &d_out, Some(&am)).unwrap();
     for (i, (&g, &want)) in dx.iter().zip(&want_dx).enumerate() {
         assert_eq!(g, want + 0.25, "{what}: d_x[{i}]");
+    }
+    // The overwriting backward ignores what `d_x` held (NaN here).
+    let mut dx = vec![f32::NAN; x.len()];
+    pk.backward_overwrite(&mut dx, &d_out, Some(&am)).unwrap();
+    for (i, (&g, &want)) in dx.iter().zip(&want_dx).enumerate() {
+        assert_eq!(g, want, "{what}: overwritten d_x[{i}]");
     }
     out.len()
 }
@@ -113,8 +126,8 @@ fn pool(k: [usize; 2], s: [usize; 2], pads: [usize; 4], ceil: bool) -> Pool2d {
 fn max_pool_matches_single_pass_over_geometries() {
     let mut rng = StdRng::seed_from_u64(71);
     let mut checked = 0;
-    for (n, c, h, w) in [(1, 3, 7, 9), (3, 5, 5, 13), (1, 2, 12, 12), (3, 3, 8, 6), (1, 9, 11, 10)] {
-        for kind in 0..3 {
+    for (n, c, h, w) in [(1, 3, 7, 9), (3, 5, 5, 13), (1, 2, 12, 12), (3, 3, 8, 6), (1, 9, 11, 10), (3, 2, 17, 19)] {
+        for kind in 0..4 {
             let x = input(&mut rng, kind, n * c * h * w);
             for k in [2, 3, 5] {
                 for s in [1, 2, 3] {
@@ -153,7 +166,7 @@ fn max_pool_rectangular_and_asymmetric() {
         ([3, 3], [2, 3], [1, 1, 0, 1], true),
     ];
     for (n, c, h, w) in [(3, 3, 7, 9), (1, 4, 10, 12), (2, 1, 6, 6)] {
-        for kind in 0..2 {
+        for kind in [0, 1, 3] {
             let x = input(&mut rng, kind, n * c * h * w);
             for (k, s, pads, ceil) in cases {
                 let what = format!("{k:?}/{s:?} pads {pads:?} ceil {ceil} on {n}x{c}x{h}x{w}, input kind {kind}");
@@ -168,8 +181,8 @@ fn max_pool_rectangular_and_asymmetric() {
 #[test]
 fn max_pool_network_shapes() {
     let mut rng = StdRng::seed_from_u64(73);
-    for (k, s, pad, (c, h)) in [(3, 1, 1, (5, 32)), (3, 2, 1, (3, 32)), (2, 2, 0, (3, 32)), (2, 2, 0, (4, 28)), (2, 2, 0, (3, 14)), (3, 2, 0, (2, 15))] {
-        for kind in 0..2 {
+    for (k, s, pad, (c, h)) in [(3, 1, 1, (5, 32)), (3, 2, 1, (3, 32)), (2, 2, 0, (3, 32)), (2, 2, 0, (4, 28)), (2, 2, 0, (3, 14)), (3, 2, 0, (2, 15)), (2, 2, 0, (3, 19))] {
+        for kind in [0, 1, 3] {
             let x = input(&mut rng, kind, 2 * c * h * h);
             check(&pool([k, k], [s, s], [pad; 4], false), 2, (c, h, h), &x, &format!("{k}x{k}/{s} pad {pad} on {c}x{h}x{h}, input kind {kind}"));
         }

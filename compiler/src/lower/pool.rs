@@ -20,16 +20,36 @@
 //! - avg: `out = Σ_window x / count`; backward `d_x[cell] += d_out / count` for every cell.
 //!
 //! ## Max pooling passes
-//! Ties go to the first maximum in row-major window order; a NaN wins over a number. Max
-//! pooling is separable under that rule: the first maximum of each input row over each window's
-//! columns, then the first of those over the window's rows. Whole (unclipped) windows run as
-//! `k` passes of branch-free compare-and-select over contiguous slices (`x[t*s + k]` for every
-//! slot `t`; a strided row is first split into its `s` phases), which rustc vectorises (for
-//! windows of 2 or 3 cells along an axis, one pass comparing the candidates in registers); only
-//! windows clipped by the padding take scalar loops. 2x2 stride-2 pooling without padding has
-//! its own unrolled loop. The row pass records each row winner's column offset `kx` and the
+//! Ties go to the first maximum in row-major window order; a NaN wins over a number. Each plane
+//! is first scanned for NaNs: a plane without any takes the single compare `v > best` (a
+//! `maxps` for the values), one with a NaN the full rule (`!(v <= best)` and `best` not NaN);
+//! both pick the same winner where there is no NaN. Max pooling is separable under that rule:
+//! the first maximum of each input row over each window's columns, then the first of those
+//! over the window's rows. The row pass records each row winner's column offset `kx` and the
 //! column pass adds `ky*kw`, so the offsets come out of the same selects as the values; without
 //! an argmax buffer the index selects are compiled out (`IDX = false`).
+//! - Column stride 1 (`plane_s1`): each row is copied into an edge-padded plane (first cell
+//!   repeated into the left padding, last into the right), so one flat pass of vectorised
+//!   selects over the plane makes every row maximum with no clipped windows; the column pass
+//!   offers each output row its window's rows clamped to the plane (row 0 repeated above,
+//!   `H-1` below), in fixed blocks of 8 lanes. A repeated cell never wins where the real one
+//!   would not and comes first only in the leading padding, so offsets pointing into the
+//!   leading padding are moved to the first real cell (`kx = left - ox`, `ky = top - oy*sh`).
+//! - Other column strides: whole (unclipped) windows run as `k` passes of compare-and-select
+//!   over contiguous slices (`x[t*s + k]` for every slot `t`; a strided row is first split into
+//!   its `s` phases); windows clipped by the padding take scalar loops.
+//! - 2x2 stride-2 pooling without padding has its own unrolled loop, its NaN scan fused into
+//!   the single-compare pass (a plane that may hold a NaN is pooled again with the full rule).
+//!
+//! The row maxima, phases and padded planes live in per-thread scratch kept between calls. On
+//! x86-64 CPUs with AVX2 the same loops run compiled for AVX2 (runtime dispatch; the baseline
+//! build has 4-lane SSE2 only).
+//!
+//! ## Max pooling backward
+//! `backward` adds each output's gradient to its winner (a scatter decoding the offsets, in
+//! output order); `backward_overwrite` writes `d_x` whole (zeroing it first). For 2x2 stride-2
+//! pooling, where every input cell lies in at most one window, both are one dense pass (each
+//! cell gets its window's gradient where it won, else nothing or zero).
 
 use crate::ir::{Pool2d, PoolKind};
 use crate::{Error, Result};
@@ -68,9 +88,34 @@ pub struct PoolKernels {
     flat: bool,
     /// Row stride of the horizontal pass's results: `W/s` when `flat`, else `OW`.
     hs: usize,
+    /// Row stride of the edge-padded plane of the stride-1 path ([`Self::plane_s1`]):
+    /// `max(left + W, OW - 1 + kw)`.
+    wp: usize,
     /// Plane distance `ky*W + kx` of each `u8` window offset `ky*kw + kx` from the window's
     /// corner (max pooling's backward; offsets from `kh*kw` on are rejected before use).
     delta: Box<[usize; 256]>,
+}
+
+/// Per-thread buffers of the separable max pass, kept between calls (the engine pools one
+/// sample per call): row maxima and their columns, a strided row's phases, and the index plane
+/// the forward without winners stores to and never reads.
+#[derive(Default)]
+struct Scratch {
+    hv: Vec<f32>,
+    hi: Vec<u8>,
+    phases: Vec<f32>,
+    am: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Grow `v` to at least `n` elements (never shrinks: the contents are scratch).
+fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
 }
 
 /// Output size, clipped input range per output, and padded-window length per output.
@@ -78,51 +123,102 @@ type Axis = (usize, Vec<(usize, usize)>, Vec<usize>);
 
 /// Whether `v` replaces `best` as a window's maximum so far: it is greater, or a NaN over a
 /// number (`!(v <= best)` holds for both; a NaN `best` is never replaced). Branch-free, so the
-/// loops that use it vectorise into compare-and-select.
+/// loops that use it vectorise into compare-and-select. Without `NAN` the plane is known to
+/// hold no NaN (see [`has_nan`]) and the rule is the single compare `v > best`.
 #[inline(always)]
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v <= best)` is meant: true for a NaN `v`
-fn wins(v: f32, best: f32) -> bool {
-    !(v <= best) & !best.is_nan()
+fn wins<const NAN: bool>(v: f32, best: f32) -> bool {
+    if NAN {
+        !(v <= best) & !best.is_nan()
+    } else {
+        v > best
+    }
+}
+
+/// Whether `x` holds a NaN (blocks of 64 cells, vectorised; max pooling then takes the full
+/// NaN rule for the plane).
+#[inline(always)]
+fn has_nan(x: &[f32]) -> bool {
+    x.chunks(64).any(|c| c.iter().fold(false, |m, v| m | v.is_nan()))
 }
 
 /// `hv[j], hi[j]` = the first maximum of `cells[0][j], .., cells[K-1][j]` and its window column
 /// `k`, in one pass (the `K` candidates compared in registers; `hi` untouched unless `IDX`).
+/// `K` is 2 or 3; the loops are written with zipped iterators so that they carry no bounds
+/// checks and vectorise.
 #[inline(always)]
-fn hmax_k<const K: usize, const IDX: bool>(cells: [&[f32]; K], hv: &mut [f32], hi: &mut [u8]) {
+fn hmax_k<const K: usize, const IDX: bool, const NAN: bool>(cells: [&[f32]; K], hv: &mut [f32], hi: &mut [u8]) {
+    debug_assert!(K == 2 || K == 3);
     let m = hv.len();
-    let cells = cells.map(|c| &c[..m]);
-    for (j, (b, bi)) in hv.iter_mut().zip(hi[..m].iter_mut()).enumerate() {
-        let (mut best, mut bk) = (cells[0][j], 0u8);
-        for (k, c) in cells.iter().enumerate().skip(1) {
-            let t = wins(c[j], best);
-            best = pick(t, c[j], best);
-            bk = pick_u8(t, k as u8, bk);
+    let (hi, c0, c1, c2) = (&mut hi[..m], &cells[0][..m], &cells[1][..m], &cells[K - 1][..m]);
+    let step = |best: f32, bk: u8, v: f32, k: u8| {
+        let t = wins::<NAN>(v, best);
+        (pick(t, v, best), pick_u8(t, k, bk))
+    };
+    if K == 2 {
+        for ((b, bi), (&v0, &v1)) in hv.iter_mut().zip(hi.iter_mut()).zip(c0.iter().zip(c1)) {
+            let (best, bk) = step(v0, 0, v1, 1);
+            *b = best;
+            if IDX {
+                *bi = bk;
+            }
         }
-        *b = best;
-        if IDX {
-            *bi = bk;
+    } else {
+        for ((b, bi), ((&v0, &v1), &v2)) in hv.iter_mut().zip(hi.iter_mut()).zip(c0.iter().zip(c1).zip(c2)) {
+            let (best, bk) = step(v0, 0, v1, 1);
+            let (best, bk) = step(best, bk, v2, 2);
+            *b = best;
+            if IDX {
+                *bi = bk;
+            }
         }
     }
 }
 
 /// `o[j], a[j]` = the first maximum over `rows[0].0[j], .., rows[K-1].0[j]` and its window
-/// offset `k*kw + rows[k].1[j]`, in one pass (`a` untouched unless `IDX`).
+/// offset `k*kw + rows[k].1[j]`, in one pass (`a` untouched unless `IDX`; `K` is 2 or 3). The
+/// rows are short (one output row), so the loop runs over fixed blocks of 8 lanes that the
+/// compiler turns into single vector operations (a vectorised loop over the whole row would
+/// leave rows of up to 32 outputs to its scalar remainder), then a scalar tail.
 #[inline(always)]
-fn vmax_k<const K: usize, const IDX: bool>(rows: [(&[f32], &[u8]); K], kw: u8, o: &mut [f32], a: &mut [u8]) {
+fn vmax_k<const K: usize, const IDX: bool, const NAN: bool>(rows: [(&[f32], &[u8]); K], kw: u8, o: &mut [f32], a: &mut [u8]) {
+    debug_assert!(K == 2 || K == 3);
     let m = o.len();
-    let rows = rows.map(|(v, i)| (&v[..m], &i[..m]));
-    for (j, (o, a)) in o.iter_mut().zip(a[..m].iter_mut()).enumerate() {
-        let (mut best, mut bidx) = (rows[0].0[j], rows[0].1[j]);
-        let mut add = 0u8;
-        for (v, i) in rows.iter().skip(1) {
-            add = add.wrapping_add(kw);
-            let t = wins(v[j], best);
-            best = pick(t, v[j], best);
-            bidx = pick_u8(t, add.wrapping_add(i[j]), bidx);
+    let a = &mut a[..m];
+    let (v0, v1, v2) = (&rows[0].0[..m], &rows[1].0[..m], &rows[K - 1].0[..m]);
+    let (i0, i1, i2) = (&rows[0].1[..m], &rows[1].1[..m], &rows[K - 1].1[..m]);
+    let kw2 = kw.wrapping_add(kw);
+    // The winner of lane `(v0, v1, v2)` with row maxima columns `(i0, i1, i2)`.
+    let lane = |v: [f32; 3], i: [u8; 3]| {
+        let t = wins::<NAN>(v[1], v[0]);
+        let (best, bidx) = (pick(t, v[1], v[0]), pick_u8(t, kw.wrapping_add(i[1]), i[0]));
+        if K == 2 {
+            return (best, bidx);
         }
-        *o = best;
+        let t = wins::<NAN>(v[2], best);
+        (pick(t, v[2], best), pick_u8(t, kw2.wrapping_add(i[2]), bidx))
+    };
+    let mut j = 0;
+    while j + 8 <= m {
+        let o8: &mut [f32; 8] = (&mut o[j..j + 8]).try_into().unwrap();
+        let a8: &mut [u8; 8] = (&mut a[j..j + 8]).try_into().unwrap();
+        let r = |s: &[f32]| -> [f32; 8] { s[j..j + 8].try_into().unwrap() };
+        let q = |s: &[u8]| -> [u8; 8] { s[j..j + 8].try_into().unwrap() };
+        let (w0, w1, w2, c0, c1, c2) = (r(v0), r(v1), r(v2), q(i0), q(i1), q(i2));
+        for l in 0..8 {
+            let (best, bidx) = lane([w0[l], w1[l], w2[l]], [c0[l], c1[l], c2[l]]);
+            o8[l] = best;
+            if IDX {
+                a8[l] = bidx;
+            }
+        }
+        j += 8;
+    }
+    for j in j..m {
+        let (best, bidx) = lane([v0[j], v1[j], v2[j]], [i0[j], i1[j], i2[j]]);
+        o[j] = best;
         if IDX {
-            *a = bidx;
+            a[j] = bidx;
         }
     }
 }
@@ -222,7 +318,7 @@ impl PoolKernels {
         #[rustfmt::skip]
         let k = PoolKernels {
             layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div, tiled2,
-            kh: pool.kernel[0], kw, sh, sw, top: pads[0], left: pads[2], inner, flat, hs,
+            kh: pool.kernel[0], kw, sh, sw, top: pads[0], left: pads[2], inner, flat, hs, wp: (pads[2] + w).max(ow - 1 + kw),
             delta: Box::new(std::array::from_fn(|a| (a / kw) * w + a % kw)),
         };
         Ok(k)
@@ -261,8 +357,8 @@ impl PoolKernels {
                 }
                 self.max::<true>(out, am, x, planes);
             }
-            // No winners kept: one plane of scratch that the index selects (compiled out) never store to.
-            (PoolKind::Max, None) => self.max::<false>(out, &mut vec![0; ohw], x, planes),
+            // No winners kept: the index selects are compiled out.
+            (PoolKind::Max, None) => self.max::<false>(out, &mut [], x, planes),
             (PoolKind::Avg, None) => {
                 for pl in 0..planes {
                     let xp = &x[pl * hw..(pl + 1) * hw];
@@ -284,12 +380,32 @@ impl PoolKernels {
     }
 
     /// Max pooling over `planes` planes; with `IDX`, `am` gets every output's window offset
-    /// (`am.len() == out.len()`), else `am` is one plane of scratch that is never written.
+    /// (`am.len() == out.len()`), else `am` is ignored (empty). Runs the AVX2 build of the same
+    /// loops where the CPU has AVX2 (8 lanes instead of the baseline's 4).
     fn max<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
+        SCRATCH.with_borrow_mut(|sc| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, the only feature `max_avx2` is compiled for.
+                return unsafe { self.max_avx2::<IDX>(out, am, x, planes, sc) };
+            }
+            self.max_any::<IDX>(out, am, x, planes, sc);
+        });
+    }
+
+    /// [`Self::max`] compiled with AVX2 (the loops below are inlined into it).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn max_avx2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
+        self.max_any::<IDX>(out, am, x, planes, sc);
+    }
+
+    #[inline(always)]
+    fn max_any<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
         if self.tiled2 {
-            self.max2x2::<IDX>(out, am, x, planes);
+            self.max2x2::<IDX>(out, am, x, planes, sc);
         } else {
-            self.max_separable::<IDX>(out, am, x, planes);
+            self.max_separable::<IDX>(out, am, x, planes, sc);
         }
     }
 
@@ -306,21 +422,137 @@ impl PoolKernels {
     /// `t = iy*hs + ox`, and one pass over the whole plane serves every row (long vector loops
     /// even for narrow planes); the slots of clipped windows are redone afterwards. Otherwise
     /// `hs = OW` and the pass runs row by row.
-    fn max_separable<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
-        let (w, hw, ohw, hs) = (self.w, self.h * self.w, self.oh * self.ow, self.hs);
-        let (mut hv, mut hi) = (vec![0.0f32; self.h * hs], vec![0u8; self.h * hs]);
-        let mut phases = vec![0.0f32; if self.sw == 1 { 0 } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw }];
+    #[inline(always)]
+    fn max_separable<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
+        let (w, hw, ohw) = (self.w, self.h * self.w, self.oh * self.ow);
+        let hs = if self.sw == 1 { self.wp } else { self.hs };
+        let plen = if self.sw == 1 { self.h * self.wp } else if self.flat { hw } else { w.div_ceil(self.sw) * self.sw };
+        grow(&mut sc.hv, self.h * hs);
+        grow(&mut sc.hi, self.h * hs);
+        grow(&mut sc.phases, plen);
+        grow(&mut sc.am, if IDX { 0 } else { ohw });
+        let (hv, hi, phases, scratch_am) = (&mut sc.hv[..self.h * hs], &mut sc.hi[..self.h * hs], &mut sc.phases[..plen], &mut sc.am[..]);
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
-            if self.flat {
-                self.row_max::<IDX>(xp, &mut hv, &mut hi, &mut phases);
-            } else {
-                for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
-                    self.row_max::<IDX>(row, hvr, hir, &mut phases);
+            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut scratch_am[..ohw] };
+            let op = &mut out[pl * ohw..(pl + 1) * ohw];
+            match (self.sw == 1, has_nan(xp)) {
+                (true, true) => self.plane_s1::<IDX, true>(xp, op, ap, hv, hi, phases),
+                (true, false) => self.plane_s1::<IDX, false>(xp, op, ap, hv, hi, phases),
+                (false, true) => self.plane_max::<IDX, true>(xp, op, ap, hv, hi, phases),
+                (false, false) => self.plane_max::<IDX, false>(xp, op, ap, hv, hi, phases),
+            }
+        }
+    }
+
+    /// One plane of max pooling with column stride 1, without scalar border windows: each row
+    /// is copied into `pad` (row stride `wp`) with its first cell repeated into the left padding
+    /// and its last into the right, so that every window has `kw` cells and one flat pass of
+    /// vectorised selects over the plane makes the row maxima `hv` (row stride `wp`). A repeated
+    /// last cell comes after the real one and never wins; a repeated first cell wins exactly
+    /// when the real first cell would (same value, earlier), so only its offset is moved to the
+    /// real cell (`kx = left - ox`). The column pass likewise offers each output row the rows
+    /// of its window clamped to the plane: row 0 repeated above, row `H-1` below, the offset of
+    /// a winner in a repeated top row moved down to row 0's (`ky = top - oy*sh`).
+    #[inline(always)]
+    fn plane_s1<const IDX: bool, const NAN: bool>(&self, xp: &[f32], op: &mut [f32], ap: &mut [u8], hv: &mut [f32], hi: &mut [u8], pad: &mut [f32]) {
+        let (w, h, wp, left, ow) = (self.w, self.h, self.wp, self.left, self.ow);
+        let (kh, kw) = (self.kh, self.kw);
+        for (row, prow) in xp.chunks_exact(w).zip(pad.chunks_exact_mut(wp)) {
+            prow[..left].fill(row[0]);
+            prow[left..left + w].copy_from_slice(row);
+            prow[left + w..].fill(row[w - 1]);
+        }
+        let m = (h - 1) * wp + ow;
+        let (hvm, him) = (&mut hv[..m], &mut hi[..m]);
+        let cells = |k: usize| &pad[k..k + m];
+        match kw {
+            1 => {
+                hvm.copy_from_slice(cells(0));
+                if IDX {
+                    him.fill(0);
                 }
             }
-            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut am[..ohw] };
-            self.column_max::<IDX>(&mut out[pl * ohw..(pl + 1) * ohw], ap, &hv, &hi);
+            2 => hmax_k::<2, IDX, NAN>([cells(0), cells(1)], hvm, him),
+            3 => hmax_k::<3, IDX, NAN>([cells(0), cells(1), cells(2)], hvm, him),
+            _ => {
+                hvm.copy_from_slice(cells(0));
+                if IDX {
+                    him.fill(0);
+                }
+                for k in 1..kw {
+                    for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
+                        let t = wins::<NAN>(v, *b);
+                        *b = pick(t, v, *b);
+                        if IDX {
+                            *bi = pick_u8(t, k as u8, *bi);
+                        }
+                    }
+                }
+            }
+        }
+        if IDX {
+            // Windows clipped on the left: a winner in the repeated cells is the real first cell.
+            for r in 0..h {
+                for ox in 0..left.min(ow) {
+                    let i = &mut hi[r * wp + ox];
+                    *i = (*i).max((left - ox) as u8);
+                }
+            }
+        }
+        let kw8 = kw as u8;
+        for (oy, (o, a)) in op.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow)).enumerate() {
+            let start = (oy * self.sh) as isize - self.top as isize;
+            let y = |k: usize| (start + k as isize).clamp(0, h as isize - 1) as usize * wp;
+            let row = |k: usize| (&hv[y(k)..y(k) + ow], &hi[y(k)..y(k) + ow]);
+            match kh {
+                1 => {
+                    o.copy_from_slice(row(0).0);
+                    if IDX {
+                        a.copy_from_slice(row(0).1);
+                    }
+                }
+                2 => vmax_k::<2, IDX, NAN>([row(0), row(1)], kw8, o, a),
+                3 => vmax_k::<3, IDX, NAN>([row(0), row(1), row(2)], kw8, o, a),
+                _ => {
+                    o.copy_from_slice(row(0).0);
+                    if IDX {
+                        a.copy_from_slice(row(0).1);
+                    }
+                    for k in 1..kh {
+                        let (vr, ir) = row(k);
+                        let add = (k as u8).wrapping_mul(kw8);
+                        for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
+                            let t = wins::<NAN>(v, *o);
+                            if IDX {
+                                *a = pick_u8(t, add.wrapping_add(i), *a);
+                            }
+                            *o = pick(t, v, *o);
+                        }
+                    }
+                }
+            }
+            if IDX && start < 0 {
+                // A winner in a repeated top row (always the first of them, `ky = 0`) is row 0's.
+                let shift = (-start) as u8 * kw8;
+                a.iter_mut().for_each(|a| *a = if *a < kw8 { *a + shift } else { *a });
+            }
+        }
+    }
+
+    /// One plane of [`Self::max_separable`].
+    #[inline(always)]
+    fn plane_max<const IDX: bool, const NAN: bool>(&self, xp: &[f32], op: &mut [f32], ap: &mut [u8], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
+        let (w, hs) = (self.w, self.hs);
+        {
+            if self.flat {
+                self.row_max::<IDX, NAN>(xp, hv, hi, phases);
+            } else {
+                for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
+                    self.row_max::<IDX, NAN>(row, hvr, hir, phases);
+                }
+            }
+            self.column_max::<IDX, NAN>(op, ap, hv, hi);
         }
     }
 
@@ -334,7 +566,8 @@ impl PoolKernels {
     /// the cell `t*s - left + k`, so each window still sees its cells left to right. With stride
     /// `s > 1`, `src` is first split into its `s` phases (`phases[p*len + j] = src[j*s + p]`),
     /// where those cells are contiguous. Clipped border windows then take a scalar loop.
-    fn row_max<const IDX: bool>(&self, src: &[f32], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
+    #[inline(always)]
+    fn row_max<const IDX: bool, const NAN: bool>(&self, src: &[f32], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
         let (w, s, hs, (lo, up)) = (self.w, self.sw, self.hs, self.inner);
         let rows = src.len() / w;
         if lo < up {
@@ -367,8 +600,8 @@ impl PoolKernels {
             let (hvm, him) = (&mut hv[lo..lo + m], &mut hi[lo..lo + m]);
             match self.kw {
                 // Windows of 2 or 3 columns: one pass, the candidates compared in registers.
-                2 => hmax_k::<2, IDX>([cells(0), cells(1)], hvm, him),
-                3 => hmax_k::<3, IDX>([cells(0), cells(1), cells(2)], hvm, him),
+                2 => hmax_k::<2, IDX, NAN>([cells(0), cells(1)], hvm, him),
+                3 => hmax_k::<3, IDX, NAN>([cells(0), cells(1), cells(2)], hvm, him),
                 _ => {
                     hvm.copy_from_slice(cells(0));
                     if IDX {
@@ -376,7 +609,7 @@ impl PoolKernels {
                     }
                     for k in 1..self.kw {
                         for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
-                            let t = wins(v, *b);
+                            let t = wins::<NAN>(v, *b);
                             *b = pick(t, v, *b);
                             if IDX {
                                 *bi = pick_u8(t, k as u8, *bi);
@@ -393,7 +626,7 @@ impl PoolKernels {
                 let k0 = (x0 + self.left - ox * s) as u8;
                 let (mut best, mut bk) = (row[x0], k0);
                 for (k, &v) in (k0 + 1..).zip(&row[x0 + 1..x1]) {
-                    let t = wins(v, best);
+                    let t = wins::<NAN>(v, best);
                     best = pick(t, v, best);
                     bk = if t { k } else { bk };
                 }
@@ -410,7 +643,8 @@ impl PoolKernels {
     /// its window offset `ky*kw + hi` (row `ky` of the unclipped window). With row stride 1 and
     /// `hs == OW`, the rows whose window is whole form one contiguous block of the output that
     /// `kh` long passes fill; the others (and every row otherwise) go one by one.
-    fn column_max<const IDX: bool>(&self, op: &mut [f32], ap: &mut [u8], hv: &[f32], hi: &[u8]) {
+    #[inline(always)]
+    fn column_max<const IDX: bool, const NAN: bool>(&self, op: &mut [f32], ap: &mut [u8], hv: &[f32], hi: &[u8]) {
         let (ow, hs) = (self.ow, self.hs);
         let (kh, kw) = (self.kh, self.kw as u8);
         let whole = |oy: usize| self.rows[oy].1 - self.rows[oy].0 == kh;
@@ -425,7 +659,7 @@ impl PoolKernels {
         let merge = |o: &mut [f32], a: &mut [u8], vr: &[f32], ir: &[u8], ky: u8| {
             let add = ky.wrapping_mul(kw);
             for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
-                let t = wins(v, *o);
+                let t = wins::<NAN>(v, *o);
                 if IDX {
                     *a = pick_u8(t, add.wrapping_add(i), *a);
                 }
@@ -437,8 +671,8 @@ impl PoolKernels {
             let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
             let rows = |k: usize| (&hv[(y0 + k) * hs..(y0 + k) * hs + len], &hi[(y0 + k) * hs..(y0 + k) * hs + len]);
             match kh {
-                2 => vmax_k::<2, IDX>([rows(0), rows(1)], kw, o, a),
-                3 => vmax_k::<3, IDX>([rows(0), rows(1), rows(2)], kw, o, a),
+                2 => vmax_k::<2, IDX, NAN>([rows(0), rows(1)], kw, o, a),
+                3 => vmax_k::<3, IDX, NAN>([rows(0), rows(1), rows(2)], kw, o, a),
                 _ => {
                     o.copy_from_slice(rows(0).0);
                     if IDX {
@@ -472,26 +706,111 @@ impl PoolKernels {
     /// 2x2 stride-2 max pooling over whole blocks (`tiled2`), lengths checked by `forward`:
     /// the same winner as the general loop (cells in row-major order, `>` keeps the first
     /// maximum, a NaN wins over a number), without its window tables and bounds checks.
-    fn max2x2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
-        let (w, hw, ow, ohw) = (self.w, self.h * self.w, self.ow, self.oh * self.ow);
+    #[inline(always)]
+    fn max2x2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
+        let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
+        grow(&mut sc.am, if IDX { 0 } else { ohw });
         for pl in 0..planes {
             let xp = &x[pl * hw..(pl + 1) * hw];
             let op = &mut out[pl * ohw..(pl + 1) * ohw];
-            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut am[..ohw] };
-            for oy in 0..self.oh {
-                let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
-                let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
-                for ((o, a), (p0, p1)) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))) {
-                    let (mut best, mut bi) = (p0[0], 0u8);
-                    for (v, i) in [(p0[1], 1u8), (p1[0], 2), (p1[1], 3)] {
-                        let t = wins(v, best);
-                        best = if t { v } else { best };
-                        bi = if t { i } else { bi };
+            let ap = if IDX { &mut am[pl * ohw..(pl + 1) * ohw] } else { &mut sc.am[..ohw] };
+            // The NaN scan rides along the single-compare pass (one pass over the plane
+            // instead of two); a plane that may hold a NaN is pooled again with the full rule.
+            if self.plane2x2::<IDX, false>(op, ap, xp) {
+                self.plane2x2::<IDX, true>(op, ap, xp);
+            }
+        }
+    }
+
+    /// One plane of [`Self::max2x2`].
+    #[inline(always)]
+    /// Without `NAN`, returns whether the plane may hold a NaN (a window whose cells sum to NaN:
+    /// a NaN, or infinities of both signs), when the result must be redone with `NAN`.
+    fn plane2x2<const IDX: bool, const NAN: bool>(&self, op: &mut [f32], ap: &mut [u8], xp: &[f32]) -> bool {
+        let (w, ow) = (self.w, self.ow);
+        let mut nan = false;
+        for oy in 0..self.oh {
+            let (r0, r1) = (&xp[2 * oy * w..2 * oy * w + 2 * ow], &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow]);
+            let (orow, arow) = (&mut op[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
+            for ((o, a), (p0, p1)) in orow.iter_mut().zip(arow.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))) {
+                if !NAN {
+                    nan |= (p0[0] + p0[1] + p1[0] + p1[1]).is_nan();
+                }
+                let (mut best, mut bi) = (p0[0], 0u8);
+                for (v, i) in [(p0[1], 1u8), (p1[0], 2), (p1[1], 3)] {
+                    let t = wins::<NAN>(v, best);
+                    best = if t { v } else { best };
+                    bi = if t { i } else { bi };
+                }
+                *o = best;
+                if IDX {
+                    *a = bi;
+                }
+            }
+        }
+        nan
+    }
+
+    /// 2x2 stride-2 backward of one plane (`tiled2`, offsets checked `< 4`): every input cell
+    /// lies in at most one window, so each gets its window's gradient where it is the winner
+    /// (`+=`, or `=` with `SET`), nothing (or zero) elsewhere; a dense pass instead of a
+    /// scatter. AVX2 build where the CPU has it.
+    fn back2x2<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, the only feature `back2x2_avx2` is compiled for.
+            return unsafe { self.back2x2_avx2::<SET>(dxp, ap, gp) };
+        }
+        self.back2x2_any::<SET>(dxp, ap, gp);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn back2x2_avx2<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
+        self.back2x2_any::<SET>(dxp, ap, gp);
+    }
+
+    #[inline(always)]
+    fn back2x2_any<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
+        let (w, oh, ow) = (self.w, self.oh, self.ow);
+        if SET {
+            // Cells in no window (an odd last row or column, floor mode).
+            for row in dxp.chunks_exact_mut(w).take(2 * oh) {
+                row[2 * ow..].fill(0.0);
+            }
+            dxp[2 * oh * w..].fill(0.0);
+        }
+        // Cell `d` of a window with offset `a` and gradient `g`, the cell's own offset `k`
+        // (branch-free: the mask form vectorises).
+        let cell = |d: f32, a: u8, g: f32, k: u8| {
+            let m = ((a == k) as u32).wrapping_neg();
+            if SET {
+                f32::from_bits(g.to_bits() & m)
+            } else {
+                f32::from_bits(((d + g).to_bits() & m) | (d.to_bits() & !m))
+            }
+        };
+        for (oy, (arow, grow)) in ap.chunks_exact(ow).zip(gp.chunks_exact(ow)).enumerate() {
+            let (r0, r1) = dxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+            for (dy, r) in [(0u8, r0), (2, r1)] {
+                // 8 outputs -> 16 cells of the row at a time (fixed blocks the compiler
+                // vectorises), then the tail.
+                let mut blocks = r[..2 * ow].chunks_exact_mut(16);
+                let (mut ab, mut gb) = (arow.chunks_exact(8), grow.chunks_exact(8));
+                for ((d, a), g) in (&mut blocks).zip(&mut ab).zip(&mut gb) {
+                    let d: &mut [f32; 16] = d.try_into().unwrap();
+                    let (a, g): (&[u8; 8], &[f32; 8]) = (a.try_into().unwrap(), g.try_into().unwrap());
+                    let (mut aa, mut gg) = ([0u8; 16], [0.0f32; 16]);
+                    for c in 0..16 {
+                        (aa[c], gg[c]) = (a[c / 2].wrapping_sub((c % 2) as u8), g[c / 2]);
                     }
-                    *o = best;
-                    if IDX {
-                        *a = bi;
+                    for c in 0..16 {
+                        d[c] = cell(d[c], aa[c], gg[c], dy);
                     }
+                }
+                for ((d, &a), &g) in blocks.into_remainder().chunks_exact_mut(2).zip(ab.remainder()).zip(gb.remainder()) {
+                    d[0] = cell(d[0], a, g, dy);
+                    d[1] = cell(d[1], a, g, dy + 1);
                 }
             }
         }
@@ -499,8 +818,24 @@ impl PoolKernels {
 
     /// Backward: `d_x += ∂L/∂x` (max: to the recorded winners; avg: spread over the window).
     pub fn backward(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
+        self.backward_into::<false>(d_x, d_out, argmax)
+    }
+
+    /// Backward that overwrites: `d_x = ∂L/∂x` (the previous contents of `d_x` are ignored),
+    /// for a step that starts the input gradient's life (no zeroing needed before it). For 2x2
+    /// stride-2 max pooling (every input cell in at most one window) each cell is written once
+    /// with its gradient or zero; other geometries zero `d_x` and accumulate. Same results as
+    /// zeroing `d_x` and calling [`Self::backward`], the same checks.
+    pub fn backward_overwrite(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
+        self.backward_into::<true>(d_x, d_out, argmax)
+    }
+
+    fn backward_into<const SET: bool>(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
         let planes = self.planes(d_x.len(), d_out.len())?;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
+        if SET && !(self.kind == PoolKind::Max && self.tiled2) {
+            d_x.fill(0.0);
+        }
         match (self.kind, argmax) {
             (PoolKind::Max, Some(am)) => {
                 if am.len() != d_out.len() {
@@ -518,6 +853,10 @@ impl PoolKernels {
                     if ap.iter().fold(0, |m, &a| m.max(a)) as usize >= cells {
                         let q = ap.iter().position(|&a| a as usize >= cells).unwrap_or(0);
                         return Err(self.err(format!("argmax offset {} of output {q} is outside its {cells}-cell window", ap[q])));
+                    }
+                    if self.tiled2 {
+                        self.back2x2::<SET>(dxp, ap, gp);
+                        continue;
                     }
                     for (oy, (arow, grow)) in ap.chunks_exact(self.ow).zip(gp.chunks_exact(self.ow)).enumerate() {
                         let corner = (oy * self.sh).wrapping_sub(self.top).wrapping_mul(w).wrapping_sub(self.left);
