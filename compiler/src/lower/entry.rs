@@ -1,5 +1,6 @@
 //! The only `unsafe` code of the lowering: turning finalized JIT addresses into function
-//! pointers, calling them, and freeing the code when the last handle goes.
+//! pointers, calling them, and freeing the code when the last handle goes (and the few
+//! intrinsics and CPU-feature builds listed below).
 //!
 //! Every generated kernel has the native signature
 //! `extern "C" fn(*mut f32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32)`
@@ -46,8 +47,13 @@
 //! 9. **Prefetch.** [`prefetch`] issues `prefetcht0` for addresses inside the slice it is
 //!    given (`i < s.len()`); a prefetch is a hint that reads nothing architecturally and never
 //!    faults.
+//! 10. **CPU-feature builds.** `pool_max_avx2` and `pool_back2x2_avx2` call max-pooling
+//!     loops compiled with `#[target_feature(enable = "avx2")]` (safe Rust otherwise, bounds
+//!     checked like the baseline build) only after `is_x86_feature_detected!("avx2")` said
+//!     this CPU has AVX2: the one requirement of calling such a function.
 
 use super::jit::{Extents, KERNEL_ARGS};
+use super::pool::{PoolKernels, Scratch};
 use cranelift_jit::JITModule;
 use std::sync::{Arc, Mutex};
 
@@ -250,4 +256,30 @@ pub fn prefetch(s: &[f32]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = s;
+}
+
+/// Runs [`PoolKernels::max_avx2`](super::pool::PoolKernels) (max pooling built for AVX2) and
+/// returns true where the CPU has AVX2; false, running nothing, elsewhere (bound 10).
+pub(super) fn pool_max_avx2<const IDX: bool>(k: &PoolKernels, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: bound 10: the CPU has AVX2, the only feature `max_avx2` is built for.
+        unsafe { k.max_avx2::<IDX>(out, am, x, planes, sc) };
+        return true;
+    }
+    let _ = (k, out, am, x, planes, sc);
+    false
+}
+
+/// Runs the AVX2 build of the 2x2 stride-2 max-pool backward of one plane and returns true
+/// where the CPU has AVX2; false, running nothing, elsewhere (bound 10).
+pub(super) fn pool_back2x2_avx2<const SET: bool>(k: &PoolKernels, dxp: &mut [f32], ap: &[u8], gp: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: bound 10: the CPU has AVX2, the only feature `back2x2_avx2` is built for.
+        unsafe { k.back2x2_avx2::<SET>(dxp, ap, gp) };
+        return true;
+    }
+    let _ = (k, dxp, ap, gp);
+    false
 }

@@ -51,6 +51,7 @@
 //! pooling, where every input cell lies in at most one window, both are one dense pass (each
 //! cell gets its window's gradient where it won, else nothing or zero).
 
+use super::entry;
 use crate::ir::{Pool2d, PoolKind};
 use crate::{Error, Result};
 
@@ -100,7 +101,7 @@ pub struct PoolKernels {
 /// sample per call): row maxima and their columns, a strided row's phases, and the index plane
 /// the forward without winners stores to and never reads.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     hv: Vec<f32>,
     hi: Vec<u8>,
     phases: Vec<f32>,
@@ -384,19 +385,17 @@ impl PoolKernels {
     /// loops where the CPU has AVX2 (8 lanes instead of the baseline's 4).
     fn max<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize) {
         SCRATCH.with_borrow_mut(|sc| {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2, the only feature `max_avx2` is compiled for.
-                return unsafe { self.max_avx2::<IDX>(out, am, x, planes, sc) };
+            if !entry::pool_max_avx2::<IDX>(self, out, am, x, planes, sc) {
+                self.max_any::<IDX>(out, am, x, planes, sc);
             }
-            self.max_any::<IDX>(out, am, x, planes, sc);
         });
     }
 
-    /// [`Self::max`] compiled with AVX2 (the loops below are inlined into it).
+    /// [`Self::max`] compiled with AVX2 (the loops below are inlined into it); called by
+    /// [`entry::pool_max_avx2`] where the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn max_avx2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
+    pub(super) fn max_avx2<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
         self.max_any::<IDX>(out, am, x, planes, sc);
     }
 
@@ -756,17 +755,16 @@ impl PoolKernels {
     /// (`+=`, or `=` with `SET`), nothing (or zero) elsewhere; a dense pass instead of a
     /// scatter. AVX2 build where the CPU has it.
     fn back2x2<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, the only feature `back2x2_avx2` is compiled for.
-            return unsafe { self.back2x2_avx2::<SET>(dxp, ap, gp) };
+        if !entry::pool_back2x2_avx2::<SET>(self, dxp, ap, gp) {
+            self.back2x2_any::<SET>(dxp, ap, gp);
         }
-        self.back2x2_any::<SET>(dxp, ap, gp);
     }
 
+    /// [`Self::back2x2`] compiled with AVX2; called by [`entry::pool_back2x2_avx2`] where
+    /// the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn back2x2_avx2<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
+    pub(super) fn back2x2_avx2<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) {
         self.back2x2_any::<SET>(dxp, ap, gp);
     }
 

@@ -31,7 +31,8 @@
 //!   from the first of those events to the last, at time `S + t` for backward time `t`; it is
 //!   zeroed right before the step that starts its life
 //!   ([`MemoryPlan::zero_before`], [`MemoryPlan::zero_at_seed`]), not all at once, except where
-//!   a batch norm's backward or a convolution's backward data starts its input's gradient: it
+//!   a batch norm's, a pooling layer's or a convolution's backward data starts its input's
+//!   gradient: it
 //!   writes it whole with `=` ([`MemoryPlan::overwrite_grad`]).
 //! - **One arena.** Values and gradients are placed in one arena: gradients peak late in
 //!   backward, where most kept values have had their last reader, so they reuse that memory.
@@ -61,7 +62,8 @@ pub struct MemoryPlan {
     pub zero_before: Vec<Vec<NodeId>>,
     /// Buffers whose gradient is zeroed before the loss seeds the heads' gradients.
     pub zero_at_seed: Vec<NodeId>,
-    /// Training, indexed by group: the group is a batch norm or a convolution whose backward
+    /// Training, indexed by group: the group is a batch norm, a convolution or a pooling layer
+    /// whose backward
     /// step starts its input's gradient (nothing wrote it before in its current life, and no
     /// other op of the group writes it), so it writes that gradient whole with `=` and it is
     /// not zeroed first.
@@ -403,16 +405,18 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
 }
 
 /// Whether group `gr`'s backward may write its anchor's input gradient (buffer `r`) whole with
-/// `=` where that gradient's life starts there: the anchor is a batch norm or a convolution
+/// `=` where that gradient's life starts there: the anchor is a batch norm, a convolution
 /// (whose backward data computes every input-gradient element once; the engine zeroes first
-/// for a kernel that cannot overwrite), its input is the whole buffer `r`, and no other op of
+/// for a kernel that cannot overwrite) or a pooling layer (whose overwriting backward writes
+/// every cell of a sample, zeroing it in cache where windows overlap), its input is the whole
+/// buffer `r`, and no other op of
 /// the group hands a gradient to `r` (a residual add of the same value runs its backward
 /// first, and an overwrite would erase it).
 fn overwrites_input(g: &Graph, gr: &Group, r: NodeId, root_of: &impl Fn(NodeId) -> Option<NodeId>) -> bool {
     let a = gr.anchor();
     let Some(&x) = g.operands(a).first() else { return false };
     let chain_reads_x = gr.nodes.windows(2).any(|w| g.operands(w[1]).iter().any(|&o| o != w[0] && root_of(o) == Some(r)));
-    matches!(g.node(a).op, Op::BatchNorm(_) | Op::Conv2d(_)) && x == r && root_of(x) == Some(r) && !chain_reads_x
+    matches!(g.node(a).op, Op::BatchNorm(_) | Op::Conv2d(_) | Op::Pool(_)) && x == r && root_of(x) == Some(r) && !chain_reads_x
 }
 
 /// The gradients' live intervals (training), on the values' timeline: a gradient at backward

@@ -19,8 +19,8 @@
 //! Memory: buffers sit at the plan's [`MemoryPlan`](cnnc_compiler::passes::memplan::MemoryPlan)
 //! offsets in the arena, which each step sees through an [`arena::Mem`](super::arena::Mem)
 //! (the buffers it writes taken out first, the rest read): a gradient is zeroed where its
-//! life starts, except where a batch norm's backward or a convolution's backward data starts
-//! its input's gradient and overwrites it whole (`overwrite_grad`; a convolution kernel that
+//! life starts, except where a batch norm's or a pooling layer's backward or a convolution's
+//! backward data starts its input's gradient and overwrites it whole (`overwrite_grad`; a convolution kernel that
 //! cannot overwrite gets it zeroed first); values the plan recomputes are rewritten right
 //! before the backward step that first reads them.
 
@@ -561,7 +561,14 @@ impl Program {
                             for (j, d) in dxc.chunks_exact_mut(inp).enumerate() {
                                 let s = i * ch + j;
                                 let a = (per_am > 0).then(|| &am[s * per_am..(s + 1) * per_am]);
-                                k.backward(d, &gr[s * stride + off..s * stride + off + num], a)?;
+                                // `=` where this step starts the input gradient's life (the
+                                // memory plan then did not zero it), else `+=`.
+                                let d_out = &gr[s * stride + off..s * stride + off + num];
+                                if overwrite {
+                                    k.backward_overwrite(d, d_out, a)?;
+                                } else {
+                                    k.backward(d, d_out, a)?;
+                                }
                             }
                             Ok(())
                         }).map_err(lerr)?;
