@@ -15,11 +15,9 @@
 //! ## Reductions
 //! Sums run in 8 independent f32 lanes (vectorised) over blocks of [`BLOCK`] values, each
 //! block's lanes then added in f64, in a fixed order: deterministic, and a lane sums at most
-//! `BLOCK/8` values in f32. Batch statistics take one pass per channel plane `p` of `hw`
-//! values: a plane centre `c_p` (the f32 mean of 16 values spread evenly over it), then
-//! `D_p = Σ (x - c_p)` and `Q_p = Σ (x - c_p)²` (16 lanes). Any centre gives the exact sums
-//! below; one near the plane's mean (a shift, the classic shifted-data variance) keeps the f32
-//! lanes from summing large squares that then cancel. Over the `M` values of the channel,
+//! `BLOCK/8` values in f32. Batch statistics take two passes per channel plane `p` of `hw`
+//! values (the second one from cache): a plane centre `c_p` (its f32 mean), then
+//! `D_p = Σ (x - c_p)` and `Q_p = Σ (x - c_p)²`. Over the `M` values of the channel,
 //! `mean = Σ_p (hw*c_p + D_p) / M` and, since `x - mean = (x - c_p) + (c_p - mean)`,
 //! `Σ (x - mean)² = Σ_p [Q_p + 2 (c_p - mean) D_p + hw (c_p - mean)²]` (in f64): no
 //! cancellation between large sums, whatever the channel's mean.
@@ -134,16 +132,15 @@ pub fn sum_f64(v: &[f32]) -> f64 {
     total
 }
 
-/// `(Σ (v - c), Σ (v - c)²)` in f64, from 16 f32 lanes per [`BLOCK`] (four independent
-/// vector chains per sum, so the adds' latency does not bound the loop).
+/// `(Σ (v - c), Σ (v - c)²)` in f64, from 8 f32 lanes per [`BLOCK`].
 fn centred_sums(v: &[f32], c: f32) -> (f64, f64) {
     let (mut d, mut q) = (0.0f64, 0.0f64);
     for blk in v.chunks(BLOCK) {
-        let (mut ad, mut aq) = ([0.0f32; 16], [0.0f32; 16]);
-        let mut it = blk.chunks_exact(16);
+        let (mut ad, mut aq) = ([0.0f32; 8], [0.0f32; 8]);
+        let mut it = blk.chunks_exact(8);
         for ch in &mut it {
-            let ch: [f32; 16] = ch.try_into().unwrap_or_default();
-            for j in 0..16 {
+            let ch: [f32; 8] = ch.try_into().unwrap_or_default();
+            for j in 0..8 {
                 let e = ch[j] - c;
                 ad[j] += e;
                 aq[j] += e * e;
@@ -212,7 +209,7 @@ pub fn batchnorm_channel_stats(shape: BnShape, ch: usize, x: &[f32]) -> (f64, f6
 }
 
 /// One channel plane's share of the batch statistics (see the module header): its length,
-/// centre `c_p`, `D_p = Σ (x - c_p)` and `Q_p = Σ (x - c_p)²`. Computed by
+/// centre `c_p` (its f32 mean), `D_p = Σ (x - c_p)` and `Q_p = Σ (x - c_p)²`. Computed by
 /// [`plane_stats`] wherever the plane is hot in cache (a convolution's forward computes its
 /// output's right after storing each sample, see `conv::EpilogueArgs::stats`) and combined
 /// per channel by [`combine_plane_stats`].
@@ -220,7 +217,7 @@ pub fn batchnorm_channel_stats(shape: BnShape, ch: usize, x: &[f32]) -> (f64, f6
 pub struct PlaneStats {
     /// Values in the plane.
     pub len: f64,
-    /// The plane's centre (the f32 mean of a sample of its values).
+    /// The plane's f32 mean.
     pub centre: f32,
     /// `Σ (x - centre)`.
     pub d: f64,
@@ -228,17 +225,12 @@ pub struct PlaneStats {
     pub q: f64,
 }
 
-/// Values (evenly spaced over the plane) whose mean is a plane's centre in [`plane_stats`].
-const CENTRE_VALUES: usize = 16;
-
-/// A plane's [`PlaneStats`], in one pass over `p` (see the module header for the centre).
+/// A plane's [`PlaneStats`] (two passes over `p`, the second from cache).
 pub fn plane_stats(p: &[f32]) -> PlaneStats {
     if p.is_empty() {
         return PlaneStats::default();
     }
-    // The mean of CENTRE_VALUES values spread evenly over the plane.
-    let k = p.len().min(CENTRE_VALUES);
-    let centre = ((0..k).map(|i| p[i * p.len() / k] as f64).sum::<f64>() / k as f64) as f32;
+    let centre = (sum_f64(p) / p.len() as f64) as f32;
     let (d, q) = centred_sums(p, centre);
     PlaneStats { len: p.len() as f64, centre, d, q }
 }
