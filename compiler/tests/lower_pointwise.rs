@@ -240,6 +240,23 @@ fn batchnorm_stats_are_accurate() {
             assert!((s - ss).abs() <= 1e-6 * ss + 1e-12, "{n}x{c}x{hw} channel {ch}: Σ(x-mean)² {s} vs {ss}");
         }
     }
+    // Planes far from uniform: a ramp, a step of 1000 after a few values, a spike at the start.
+    let hw = 700;
+    let planes: [Vec<f32>; 3] = [
+        (0..hw).map(|i| i as f32 * 3.0 + rng.random_range(-0.01f32..0.01)).collect(),
+        (0..hw).map(|i| if i < 5 { 0.0 } else { 1000.0 } + rng.random_range(-0.01f32..0.01)).collect(),
+        (0..hw).map(|i| if i < 16 { 1000.0 } else { 0.0 } + rng.random_range(-0.01f32..0.01)).collect(),
+    ];
+    for (k, p) in planes.iter().enumerate() {
+        let vals: Vec<f64> = p.iter().map(|&v| v as f64).collect();
+        let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+        let ss: f64 = vals.iter().map(|v| (v - mean).powi(2)).sum();
+        let (m, s) = batchnorm_channel_stats(BnShape { n: 1, c: 1, hw }, 0, p);
+        let scale = mean.abs() + (ss / hw as f64).sqrt();
+        // (The mean is kept in f32: 1e-8 of the values' scale is well below its resolution.)
+        assert!((m - mean).abs() <= 1e-8 * scale, "plane {k}: mean {m} vs {mean}");
+        assert!((s - ss).abs() <= 1e-6 * ss, "plane {k}: Σ(x-mean)² {s} vs {ss}");
+    }
 }
 
 /// The fused ReLU paths equal the separate passes bit for bit: the forward's affine map with
