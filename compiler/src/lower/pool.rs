@@ -224,6 +224,40 @@ fn vmax_k<const K: usize, const IDX: bool, const NAN: bool>(rows: [(&[f32], &[u8
     }
 }
 
+/// The column pass of the separable max over `kh` rows of row maxima (`row(ky)`: values and
+/// their column offsets): `o` gets the first maximum top to bottom and, with `IDX`, `a` its
+/// window offset `ky*kw + column` (2 and 3 rows in registers, [`vmax_k`]; others row by row).
+#[inline(always)]
+fn rows_max<'r, const IDX: bool, const NAN: bool>(kh: usize, kw: u8, row: impl Fn(usize) -> (&'r [f32], &'r [u8]), o: &mut [f32], a: &mut [u8]) {
+    match kh {
+        2 => vmax_k::<2, IDX, NAN>([row(0), row(1)], kw, o, a),
+        3 => vmax_k::<3, IDX, NAN>([row(0), row(1), row(2)], kw, o, a),
+        _ => {
+            o.copy_from_slice(row(0).0);
+            if IDX {
+                a.copy_from_slice(row(0).1);
+            }
+            for ky in 1..kh {
+                let (vr, ir) = row(ky);
+                merge_row::<IDX, NAN>(o, a, vr, ir, (ky as u8).wrapping_mul(kw));
+            }
+        }
+    }
+}
+
+/// Offer one window row (`vr`, column offsets `ir`, the row's offset `add = ky*kw`) to the
+/// outputs so far: a later value wins only if it is greater (or the first NaN).
+#[inline(always)]
+fn merge_row<const IDX: bool, const NAN: bool>(o: &mut [f32], a: &mut [u8], vr: &[f32], ir: &[u8], add: u8) {
+    for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
+        let t = wins::<NAN>(v, *o);
+        if IDX {
+            *a = pick_u8(t, add.wrapping_add(i), *a);
+        }
+        *o = pick(t, v, *o);
+    }
+}
+
 /// `if t { a } else { b }` as a bit mask: rustc turns the plain `if` over a slice element into a
 /// conditional store, which blocks vectorisation; the masked form stores unconditionally.
 #[inline(always)]
@@ -504,33 +538,7 @@ impl PoolKernels {
             let start = (oy * self.sh) as isize - self.top as isize;
             let y = |k: usize| (start + k as isize).clamp(0, h as isize - 1) as usize * wp;
             let row = |k: usize| (&hv[y(k)..y(k) + ow], &hi[y(k)..y(k) + ow]);
-            match kh {
-                1 => {
-                    o.copy_from_slice(row(0).0);
-                    if IDX {
-                        a.copy_from_slice(row(0).1);
-                    }
-                }
-                2 => vmax_k::<2, IDX, NAN>([row(0), row(1)], kw8, o, a),
-                3 => vmax_k::<3, IDX, NAN>([row(0), row(1), row(2)], kw8, o, a),
-                _ => {
-                    o.copy_from_slice(row(0).0);
-                    if IDX {
-                        a.copy_from_slice(row(0).1);
-                    }
-                    for k in 1..kh {
-                        let (vr, ir) = row(k);
-                        let add = (k as u8).wrapping_mul(kw8);
-                        for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
-                            let t = wins::<NAN>(v, *o);
-                            if IDX {
-                                *a = pick_u8(t, add.wrapping_add(i), *a);
-                            }
-                            *o = pick(t, v, *o);
-                        }
-                    }
-                }
-            }
+            rows_max::<IDX, NAN>(kh, kw8, row, o, a);
             if IDX && start < 0 {
                 // A winner in a repeated top row (always the first of them, `ky = 0`) is row 0's.
                 let shift = (-start) as u8 * kw8;
@@ -654,35 +662,12 @@ impl PoolKernels {
         } else {
             0..0
         };
-        // Offer row `ky` of the window (`vr`, columns `ir`) to the outputs so far.
-        let merge = |o: &mut [f32], a: &mut [u8], vr: &[f32], ir: &[u8], ky: u8| {
-            let add = ky.wrapping_mul(kw);
-            for ((o, a), (&v, &i)) in o.iter_mut().zip(a.iter_mut()).zip(vr.iter().zip(ir)) {
-                let t = wins::<NAN>(v, *o);
-                if IDX {
-                    *a = pick_u8(t, add.wrapping_add(i), *a);
-                }
-                *o = pick(t, v, *o);
-            }
-        };
+        let merge = |o: &mut [f32], a: &mut [u8], vr: &[f32], ir: &[u8], ky: u8| merge_row::<IDX, NAN>(o, a, vr, ir, ky.wrapping_mul(kw));
         if !block.is_empty() {
             let (y0, len) = (self.rows[block.start].0, block.len() * ow);
             let (o, a) = (&mut op[block.start * ow..block.end * ow], &mut ap[block.start * ow..block.end * ow]);
             let rows = |k: usize| (&hv[(y0 + k) * hs..(y0 + k) * hs + len], &hi[(y0 + k) * hs..(y0 + k) * hs + len]);
-            match kh {
-                2 => vmax_k::<2, IDX, NAN>([rows(0), rows(1)], kw, o, a),
-                3 => vmax_k::<3, IDX, NAN>([rows(0), rows(1), rows(2)], kw, o, a),
-                _ => {
-                    o.copy_from_slice(rows(0).0);
-                    if IDX {
-                        a.copy_from_slice(rows(0).1);
-                    }
-                    for k in 1..kh {
-                        let (v, i) = rows(k);
-                        merge(o, a, v, i, k as u8);
-                    }
-                }
-            }
+            rows_max::<IDX, NAN>(kh, kw, rows, o, a);
         }
         for (oy, (orow, arow)) in op.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow)).enumerate() {
             if block.contains(&oy) {
