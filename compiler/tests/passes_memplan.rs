@@ -217,6 +217,8 @@ fn simulate(p: &Plan) {
 fn engine_backward_reads(g: &Graph, gr: &Group, inplace: &[NodeId]) -> Vec<NodeId> {
     let anchor = g.node(gr.anchor()).op;
     let mut r = match anchor {
+        // A frozen convolution or dense layer runs no weight gradient: it reads no input.
+        Op::Conv2d(_) | Op::Dense(_) if !g.node(gr.anchor()).trainable => Vec::new(),
         Op::Conv2d(_) | Op::Dense(_) | Op::BatchNorm(_) | Op::Act(_) | Op::Lrn(_) | Op::ChannelMul | Op::Softmax => g.operands(gr.anchor()),
         _ => Vec::new(),
     };
@@ -244,6 +246,44 @@ fn shared_memory_never_holds_two_live_buffers() {
         }
         simulate(&pipeline::plan(&g, Mode::Training, Fusion::Full).unwrap());
         simulate(&pipeline::plan(&g, Mode::Training, Fusion::None).unwrap());
+        // Frozen layers above trainable ones: their backward computes only input gradients
+        // (no weight gradient reads their inputs, which are not kept).
+        let mut g = g.clone();
+        let gemms: Vec<NodeId> = ids.iter().copied().filter(|&id| matches!(g.node(id).op, Op::Conv2d(_) | Op::Dense(_))).collect();
+        for &id in &ids {
+            g.node_mut(id).trainable = true;
+        }
+        for &id in gemms.iter().skip(1).step_by(2) {
+            g.node_mut(id).trainable = false;
+        }
+        simulate(&pipeline::plan(&g, Mode::Training, Fusion::Full).unwrap());
+        simulate(&pipeline::plan(&g, Mode::Training, Fusion::None).unwrap());
+    }
+}
+
+/// A frozen convolution above trainable layers keeps no input for backward: in MNIST VGG and
+/// ResNet-50 the batch-norm + relu outputs that only frozen convolutions read are no longer
+/// recomputed in backward (they were, for a weight gradient that never runs).
+#[test]
+fn frozen_layers_keep_no_inputs() {
+    for (file, name) in [("examples/models/mnist_vgg.cnn", "MnistVgg"), ("examples/models/resnet.cnn", "ResNet50")] {
+        let g = model(file, name, &[]);
+        let recomputed = |g: &Graph| -> HashSet<NodeId> { pipeline::plan(g, Mode::Training, Fusion::Full).unwrap().memory.recompute_before.into_iter().flatten().collect() };
+        let before = recomputed(&g);
+        let mut f = g.clone();
+        let convs: Vec<NodeId> = f.nodes().filter(|&id| matches!(f.node(id).op, Op::Conv2d(_))).collect();
+        let frozen: Vec<NodeId> = convs.iter().copied().skip(1).step_by(2).collect();
+        for &id in &frozen {
+            f.node_mut(id).trainable = false;
+        }
+        let after = recomputed(&f);
+        // Inputs read by frozen convolutions only.
+        let only_frozen: Vec<NodeId> = frozen.iter().map(|&c| f.operands(c)[0]).filter(|&x| f.users(x).iter().all(|u| frozen.contains(u))).collect();
+        assert!(only_frozen.iter().any(|x| before.contains(x)), "{name}: no frozen input was recomputed before freezing");
+        for x in &only_frozen {
+            assert!(!after.contains(x), "{name}: `{}`, read only by frozen convolutions, is still recomputed", f.node(*x).name);
+        }
+        assert!(after.len() < before.len(), "{name}: recomputations {} -> {}", before.len(), after.len());
     }
 }
 

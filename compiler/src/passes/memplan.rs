@@ -113,14 +113,17 @@ fn reads(g: &Graph, gr: &Group, inplace: &[NodeId]) -> Vec<NodeId> {
 }
 
 /// Operands whose values a group's backward step reads (the engine's backward, `exec/run.rs`):
-/// a convolution's or dense layer's input (weight gradient), a batch norm's input, an
+/// a convolution's or dense layer's input (weight gradient; none for a frozen layer, which
+/// computes only its input gradient), a batch norm's input, an
 /// activation's or fallback op's operands. Pooling (max: the recorded winners; average: the
 /// window sizes), global pooling, additions, concatenations, flatten and dropout (its mask)
 /// read no values; neither does a fused residual addition.
 pub fn backward_reads(g: &Graph, gr: &Group, inplace: &[NodeId]) -> Vec<NodeId> {
     let anchor = gr.anchor();
     let reads_none = matches!(g.node(anchor).op, Op::Pool(_) | Op::GlobalAvgPool | Op::Add | Op::Concat | Op::Flatten | Op::Dropout { .. } | Op::Loss(_));
-    if reads_none || inplace.contains(&anchor) {
+    // A frozen convolution or dense layer runs no weight gradient, the one reader of its input.
+    let frozen_gemm = matches!(g.node(anchor).op, Op::Conv2d(_) | Op::Dense(_)) && !g.node(anchor).trainable;
+    if reads_none || frozen_gemm || inplace.contains(&anchor) {
         Vec::new()
     } else {
         g.operands(anchor)

@@ -850,8 +850,9 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
     }
     let w = param(params, layer, "weight")?;
     let dx = if need_dx { Some(take(mem, locs, g, x, true)?.1) } else { None };
-    let xin = whole(mem, locs, g, x, n)?;
-    let inp = xin.len() / n;
+    // The input, read by the weight gradient only: a frozen layer's is not kept for backward.
+    let xin: &[f32] = if trains { whole(mem, locs, g, x, n)? } else { &[] };
+    let inp = loc_of(locs, g, x)?.numel();
     let wn = w.len();
     let bn = if bias { pgrads.slice(&format!("{layer}.bias")).map_or(0, <[f32]>::len) } else { 0 };
     if partials.iter().any(|p| p.len() < wn + bn) {
