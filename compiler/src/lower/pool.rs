@@ -224,6 +224,32 @@ fn vmax_k<const K: usize, const IDX: bool, const NAN: bool>(rows: [(&[f32], &[u8
     }
 }
 
+/// The row pass of the separable max over `kw` columns (`cells(kx)`: the value under column
+/// `kx` of every window, as one slice): `hv` gets the first maximum left to right and, with
+/// `IDX`, `hi` its column `kx` (windows of 2 and 3 columns compared in registers, [`hmax_k`]).
+#[inline(always)]
+fn cols_max<'c, const IDX: bool, const NAN: bool>(kw: usize, cells: impl Fn(usize) -> &'c [f32], hv: &mut [f32], hi: &mut [u8]) {
+    match kw {
+        2 => hmax_k::<2, IDX, NAN>([cells(0), cells(1)], hv, hi),
+        3 => hmax_k::<3, IDX, NAN>([cells(0), cells(1), cells(2)], hv, hi),
+        _ => {
+            hv.copy_from_slice(cells(0));
+            if IDX {
+                hi.fill(0);
+            }
+            for kx in 1..kw {
+                for ((b, bi), &v) in hv.iter_mut().zip(hi.iter_mut()).zip(cells(kx)) {
+                    let t = wins::<NAN>(v, *b);
+                    *b = pick(t, v, *b);
+                    if IDX {
+                        *bi = pick_u8(t, kx as u8, *bi);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The column pass of the separable max over `kh` rows of row maxima (`row(ky)`: values and
 /// their column offsets): `o` gets the first maximum top to bottom and, with `IDX`, `a` its
 /// window offset `ky*kw + column` (2 and 3 rows in registers, [`vmax_k`]; others row by row).
@@ -499,31 +525,7 @@ impl PoolKernels {
         let m = (h - 1) * wp + ow;
         let (hvm, him) = (&mut hv[..m], &mut hi[..m]);
         let cells = |k: usize| &pad[k..k + m];
-        match kw {
-            1 => {
-                hvm.copy_from_slice(cells(0));
-                if IDX {
-                    him.fill(0);
-                }
-            }
-            2 => hmax_k::<2, IDX, NAN>([cells(0), cells(1)], hvm, him),
-            3 => hmax_k::<3, IDX, NAN>([cells(0), cells(1), cells(2)], hvm, him),
-            _ => {
-                hvm.copy_from_slice(cells(0));
-                if IDX {
-                    him.fill(0);
-                }
-                for k in 1..kw {
-                    for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
-                        let t = wins::<NAN>(v, *b);
-                        *b = pick(t, v, *b);
-                        if IDX {
-                            *bi = pick_u8(t, k as u8, *bi);
-                        }
-                    }
-                }
-            }
-        }
+        cols_max::<IDX, NAN>(kw, cells, hvm, him);
         if IDX {
             // Windows clipped on the left: a winner in the repeated cells is the real first cell.
             for r in 0..h {
@@ -605,26 +607,7 @@ impl PoolKernels {
                 }
             };
             let (hvm, him) = (&mut hv[lo..lo + m], &mut hi[lo..lo + m]);
-            match self.kw {
-                // Windows of 2 or 3 columns: one pass, the candidates compared in registers.
-                2 => hmax_k::<2, IDX, NAN>([cells(0), cells(1)], hvm, him),
-                3 => hmax_k::<3, IDX, NAN>([cells(0), cells(1), cells(2)], hvm, him),
-                _ => {
-                    hvm.copy_from_slice(cells(0));
-                    if IDX {
-                        him.fill(0);
-                    }
-                    for k in 1..self.kw {
-                        for ((b, bi), &v) in hvm.iter_mut().zip(him.iter_mut()).zip(cells(k)) {
-                            let t = wins::<NAN>(v, *b);
-                            *b = pick(t, v, *b);
-                            if IDX {
-                                *bi = pick_u8(t, k as u8, *bi);
-                            }
-                        }
-                    }
-                }
-            }
+            cols_max::<IDX, NAN>(self.kw, cells, hvm, him);
         }
         for (r, row) in src.chunks_exact(w).enumerate() {
             for ox in (0..lo).chain(up..self.ow) {
