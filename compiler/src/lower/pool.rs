@@ -98,8 +98,9 @@ pub struct PoolKernels {
 }
 
 /// Per-thread buffers of the separable max pass, kept between calls (the engine pools one
-/// sample per call): row maxima and their columns, a strided row's phases, and the index plane
-/// the forward without winners stores to and never reads.
+/// sample per call): row maxima and their columns, a strided row's phases (at column stride 1:
+/// the edge-padded plane), and the index plane the forward without winners stores to and never
+/// reads.
 #[derive(Default)]
 pub(super) struct Scratch {
     hv: Vec<f32>,
@@ -480,7 +481,8 @@ impl PoolKernels {
     /// `iy`, column `ox` starts at plane cell `(iy*hs + ox)*s - left`, linear in the flat slot
     /// `t = iy*hs + ox`, and one pass over the whole plane serves every row (long vector loops
     /// even for narrow planes); the slots of clipped windows are redone afterwards. Otherwise
-    /// `hs = OW` and the pass runs row by row.
+    /// `hs = OW` and the pass runs row by row. Column stride 1 takes [`Self::plane_s1`] (row
+    /// stride `wp`) instead.
     #[inline(always)]
     fn max_separable<const IDX: bool>(&self, out: &mut [f32], am: &mut [u8], x: &[f32], planes: usize, sc: &mut Scratch) {
         let (w, hw, ohw) = (self.w, self.h * self.w, self.oh * self.ow);
@@ -549,20 +551,19 @@ impl PoolKernels {
         }
     }
 
-    /// One plane of [`Self::max_separable`].
+    /// One plane of [`Self::max_separable`] with column stride 2 or more (stride 1 takes
+    /// [`Self::plane_s1`]).
     #[inline(always)]
     fn plane_max<const IDX: bool, const NAN: bool>(&self, xp: &[f32], op: &mut [f32], ap: &mut [u8], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
         let (w, hs) = (self.w, self.hs);
-        {
-            if self.flat {
-                self.row_max::<IDX, NAN>(xp, hv, hi, phases);
-            } else {
-                for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
-                    self.row_max::<IDX, NAN>(row, hvr, hir, phases);
-                }
+        if self.flat {
+            self.row_max::<IDX, NAN>(xp, hv, hi, phases);
+        } else {
+            for (row, (hvr, hir)) in xp.chunks_exact(w).zip(hv.chunks_exact_mut(hs).zip(hi.chunks_exact_mut(hs))) {
+                self.row_max::<IDX, NAN>(row, hvr, hir, phases);
             }
-            self.column_max::<IDX, NAN>(op, ap, hv, hi);
         }
+        self.column_max::<IDX, NAN>(op, ap, hv, hi);
     }
 
     /// The horizontal pass of [`Self::max_separable`] over `src`: one input row, or a whole
@@ -572,12 +573,14 @@ impl PoolKernels {
     ///
     /// Whole windows (columns `lo..up`) run as `kw` passes of vectorisable selects over
     /// contiguous slices, over the slots `t = lo..(rows-1)*hs + up`: pass `k` offers slot `t`
-    /// the cell `t*s - left + k`, so each window still sees its cells left to right. With stride
-    /// `s > 1`, `src` is first split into its `s` phases (`phases[p*len + j] = src[j*s + p]`),
-    /// where those cells are contiguous. Clipped border windows then take a scalar loop.
+    /// the cell `t*s - left + k`, so each window still sees its cells left to right. `src` is
+    /// first split into its `s` phases (`phases[p*len + j] = src[j*s + p]`), where those cells
+    /// are contiguous (stride 1 never comes here: [`Self::plane_s1`] pools it). Clipped border
+    /// windows then take a scalar loop.
     #[inline(always)]
     fn row_max<const IDX: bool, const NAN: bool>(&self, src: &[f32], hv: &mut [f32], hi: &mut [u8], phases: &mut [f32]) {
         let (w, s, hs, (lo, up)) = (self.w, self.sw, self.hs, self.inner);
+        debug_assert!(s >= 2, "stride-1 rows are pooled by plane_s1");
         let rows = src.len() / w;
         if lo < up {
             let m = (rows - 1) * hs + up - lo;
@@ -591,20 +594,16 @@ impl PoolKernels {
                 if src.len() % 2 == 1 {
                     even[len - 1] = src[src.len() - 1];
                 }
-            } else if s > 2 {
+            } else {
                 for (i, &v) in src.iter().enumerate() {
                     phases[(i % s) * len + i / s] = v;
                 }
             }
-            // Cells `t*s - left + k` for t in lo..lo + m: contiguous in `src` or in one phase.
+            // Cells `t*s - left + k` for t in lo..lo + m: contiguous in one phase.
             let cells = |k: usize| -> &[f32] {
                 let off = k as isize - self.left as isize;
                 let start = (off.rem_euclid(s as isize) as usize) * len + (lo as isize + off.div_euclid(s as isize)) as usize;
-                if s == 1 {
-                    &src[start..start + m]
-                } else {
-                    &phases[start..start + m]
-                }
+                &phases[start..start + m]
             };
             let (hvm, him) = (&mut hv[lo..lo + m], &mut hi[lo..lo + m]);
             cols_max::<IDX, NAN>(self.kw, cells, hvm, him);
@@ -689,10 +688,10 @@ impl PoolKernels {
         }
     }
 
-    /// One plane of [`Self::max2x2`].
+    /// One plane of [`Self::max2x2`]. Without `NAN`, returns whether the plane may hold a NaN
+    /// (a window whose cells sum to NaN: a NaN, or infinities of both signs), when the result
+    /// must be redone with `NAN`.
     #[inline(always)]
-    /// Without `NAN`, returns whether the plane may hold a NaN (a window whose cells sum to NaN:
-    /// a NaN, or infinities of both signs), when the result must be redone with `NAN`.
     fn plane2x2<const IDX: bool, const NAN: bool>(&self, op: &mut [f32], ap: &mut [u8], xp: &[f32]) -> bool {
         let (w, ow) = (self.w, self.ow);
         let mut nan = false;
