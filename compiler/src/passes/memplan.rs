@@ -32,8 +32,7 @@
 //!   zeroed right before the step that starts its life
 //!   ([`MemoryPlan::zero_before`], [`MemoryPlan::zero_at_seed`]), not all at once, except where
 //!   a batch norm's, a pooling layer's or a convolution's backward data starts its input's
-//!   gradient: it
-//!   writes it whole with `=` ([`MemoryPlan::overwrite_grad`]).
+//!   gradient: it writes it whole with `=` ([`MemoryPlan::overwrite_grad`]).
 //! - **One arena.** Values and gradients are placed in one arena: gradients peak late in
 //!   backward, where most kept values have had their last reader, so they reuse that memory.
 //!
@@ -63,10 +62,9 @@ pub struct MemoryPlan {
     /// Buffers whose gradient is zeroed before the loss seeds the heads' gradients.
     pub zero_at_seed: Vec<NodeId>,
     /// Training, indexed by group: the group is a batch norm, a convolution or a pooling layer
-    /// whose backward
-    /// step starts its input's gradient (nothing wrote it before in its current life, and no
-    /// other op of the group writes it), so it writes that gradient whole with `=` and it is
-    /// not zeroed first.
+    /// whose backward step starts its input's gradient (nothing wrote it before in its current
+    /// life, and no other op of the group writes it), so it writes that gradient whole with `=`
+    /// and it is not zeroed first.
     pub overwrite_grad: Vec<bool>,
     /// Training: values (their buffers' root nodes) to recompute right before group `i`'s
     /// backward step, indexed by group: batch norm + activation outputs, in-place
@@ -393,9 +391,8 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
             plan.zero_at_seed.push(iv.root);
         } else {
             let i = (steps - 1 - t) as usize;
-            // A batch norm's backward and a convolution's backward data write their whole
-            // input gradient: where that starts the gradient's life, they overwrite instead
-            // of it being zeroed first.
+            // A step that writes its whole input gradient (`overwrites_input`) overwrites it
+            // where that starts the gradient's life, instead of it being zeroed first.
             if overwrites_input(g, &groups[i], iv.root, &root_of) {
                 plan.overwrite_grad[i] = true;
             } else {
@@ -412,14 +409,13 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
 /// (whose backward data computes every input-gradient element once; the engine zeroes first
 /// for a kernel that cannot overwrite) or a pooling layer (whose overwriting backward writes
 /// every cell of a sample, zeroing it in cache where windows overlap), its input is the whole
-/// buffer `r`, and no other op of
-/// the group hands a gradient to `r` (a residual add of the same value runs its backward
-/// first, and an overwrite would erase it).
+/// buffer `r`, and no other op of the group hands a gradient to `r` (a residual add of the
+/// same value runs its backward first, and an overwrite would erase it).
 fn overwrites_input(g: &Graph, gr: &Group, r: NodeId, root_of: &impl Fn(NodeId) -> Option<NodeId>) -> bool {
     let a = gr.anchor();
     let Some(&x) = g.operands(a).first() else { return false };
-    let chain_reads_x = gr.nodes.windows(2).any(|w| g.operands(w[1]).iter().any(|&o| o != w[0] && root_of(o) == Some(r)));
-    matches!(g.node(a).op, Op::BatchNorm(_) | Op::Conv2d(_) | Op::Pool(_)) && x == r && root_of(x) == Some(r) && !chain_reads_x
+    let chain_writes_r = gr.nodes.windows(2).any(|w| g.operands(w[1]).iter().any(|&o| o != w[0] && root_of(o) == Some(r)));
+    matches!(g.node(a).op, Op::BatchNorm(_) | Op::Conv2d(_) | Op::Pool(_)) && x == r && !chain_writes_r
 }
 
 /// The gradients' live intervals (training), on the values' timeline: a gradient at backward

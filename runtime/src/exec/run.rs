@@ -20,9 +20,9 @@
 //! offsets in the arena, which each step sees through an [`arena::Mem`](super::arena::Mem)
 //! (the buffers it writes taken out first, the rest read): a gradient is zeroed where its
 //! life starts, except where a batch norm's or a pooling layer's backward or a convolution's
-//! backward data starts its input's gradient and overwrites it whole (`overwrite_grad`; a convolution kernel that
-//! cannot overwrite gets it zeroed first); values the plan recomputes are rewritten right
-//! before the backward step that first reads them.
+//! backward data starts its input's gradient and overwrites it whole (`overwrite_grad`; a
+//! convolution kernel that cannot overwrite gets it zeroed first); values the plan recomputes
+//! are rewritten right before the backward step that first reads them.
 
 use super::arena::Mem;
 use super::program::{eerr, loc_of, Chain, Kind, Loc, Program, Step, NO_GRAD};
