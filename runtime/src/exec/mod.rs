@@ -50,6 +50,7 @@
 //! (`reference::dropout_mask` with `init::tensor_rng(seed, layer)`), so engines agree per seed.
 
 mod arena;
+mod hugebuf;
 mod program;
 mod run;
 
@@ -96,7 +97,7 @@ impl JitEngine {
         let loss_weights = crate::reference::default_loss_weights(graph);
         let lent = train.arena.len() >= infer.arena.len();
         if lent {
-            infer.arena = Vec::new();
+            infer.arena = hugebuf::HugeBuf::default();
         }
         Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights, lent })
     }

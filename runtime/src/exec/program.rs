@@ -9,6 +9,7 @@
 //! an op was fused: an activation's derivative is taken from the group's output, a residual add
 //! hands its gradient to its other operands.
 
+use super::hugebuf::HugeBuf;
 use crate::engine::EngineError;
 use cnnc_compiler::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
 use cnnc_compiler::lower::pointwise::{BnSaved, PlaneStats};
@@ -123,7 +124,7 @@ pub(crate) struct Program {
     pub locs: Vec<Option<Loc>>,
     /// Values and gradients, placed by the memory plan (`passes::memplan`): one allocation
     /// of `batch x arena_elems`; each step sees it through an [`arena::Mem`](super::arena::Mem).
-    pub arena: Vec<f32>,
+    pub arena: HugeBuf,
     pub input: NodeId,
     pub logits: NodeId,
     /// The logits of every graph output, main (`logits`) first: each gets the loss.
@@ -199,7 +200,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
     // exist only where backward writes or reads one ([`Graph::needs_grad`], the cost model's
     // rule, and the heads' logits, which the loss seeds).
     let mem = &plan.memory;
-    let arena = vec![0.0; batch * mem.arena_elems];
+    let arena = HugeBuf::zeroed(batch * mem.arena_elems);
     for id in g.nodes() {
         let Some((r, off)) = memplan::root_offset(&plan.placement, id) else { continue };
         let rb = batch * mem.value_at[r.index()].ok_or_else(|| eerr(format!("layer `{}`: no memory planned", g.node(r).name)))?;
