@@ -5,7 +5,9 @@
 //! 3. [`passes::concat_inplace::concat_inplace`] — place concatenation operands in slices.
 //! 4. [`passes::bn_stats::bn_stats`] — training batch norms take their statistics from the
 //!    convolution storing their input.
-//! 5. [`passes::memplan::memplan`] — buffer liveness; one arena in which values and
+//! 5. [`passes::pool_fuse::pool_fuse`] — pooling layers run inside the groups writing their
+//!    input, sample by sample.
+//! 6. [`passes::memplan::memplan`] — buffer liveness; one arena in which values and
 //!    gradients whose lifetimes do not overlap share memory.
 //!
 //! Batch-norm folding happens on parameters, not on the graph: a `Gemm -> BatchNorm` group in
@@ -22,8 +24,9 @@ pub fn plan(g: &Graph, mode: Mode, fusion: Fusion) -> Result<Plan> {
     let groups = passes::fuse::fuse(g, mode, fusion);
     let (placement, inplace_concats) = passes::concat_inplace::concat_inplace(g, &groups, fusion == Fusion::Full);
     let stats_from = passes::bn_stats::bn_stats(g, mode, fusion, &groups);
-    let memory = passes::memplan::memplan(g, mode, &groups, &placement, &inplace_concats);
-    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats, stats_from, memory };
+    let pool_into = passes::pool_fuse::pool_fuse(g, mode, fusion, &groups, &placement);
+    let memory = passes::memplan::memplan(g, mode, &groups, &placement, &inplace_concats, &pool_into);
+    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats, stats_from, pool_into, memory };
     #[cfg(debug_assertions)]
     check(&plan);
     Ok(plan)

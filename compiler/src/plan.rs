@@ -82,6 +82,10 @@ pub struct Plan {
     /// Indexed by group: for a training batch norm, the earlier convolution group that
     /// computes its batch statistics as it stores its output (`passes::bn_stats`).
     pub stats_from: Vec<Option<usize>>,
+    /// Indexed by group: the later pooling group this group also computes, pooling each
+    /// sample's planes right after storing them (`passes::pool_fuse`; the pooling group's own
+    /// forward then does nothing).
+    pub pool_into: Vec<Option<usize>>,
     /// Where values and (training) gradients live: offsets in one arena, shared by those never
     /// live at the same time (`passes::memplan`).
     pub memory: MemoryPlan,
@@ -103,6 +107,9 @@ impl fmt::Display for Plan {
             write!(f, "  {} [{}]", g.output(), names.join(" -> "))?;
             if let Some(j) = self.stats_from.get(i).copied().flatten() {
                 write!(f, " (statistics from {})", self.groups[j].output())?;
+            }
+            if let Some(j) = self.pool_into.get(i).copied().flatten() {
+                write!(f, " (pools into {})", self.groups[j].output())?;
             }
             match self.placement[g.output().index()] {
                 Some(Placement::Slice { concat, offset }) => writeln!(f, " -> slice of {concat} @ {offset}")?,

@@ -299,6 +299,7 @@ fn check_epilogues(g: G, seed: u64, algo: &str) {
                 affine: epi.affine.then_some((&scale[..], &shift[..])),
                 residual: epi.residual.then_some(&res[..]),
                 stats: None,
+                after_sample: None,
             };
             k.forward(&mut out, &x, &w, Some(&b), extra).unwrap();
             close(&out, &want, &what);

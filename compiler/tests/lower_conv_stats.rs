@@ -10,7 +10,7 @@ mod common;
 
 use cnnc_compiler::ir::{Conv2d, Padding};
 use cnnc_compiler::lower::pointwise::PlaneStats;
-use cnnc_compiler::lower::{ConvKernels, Epilogue, EpilogueArgs, Mode};
+use cnnc_compiler::lower::{ConvKernels, Epilogue, EpilogueArgs, Mode, SampleHook};
 use common::{check_epilogues, rand_vec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -74,4 +74,19 @@ fn statistics_of_the_wrong_size_or_of_an_accumulation_are_errors() {
     let mut st = vec![PlaneStats::default(); n * 4];
     let e = acc.forward(&mut out, &x, &wt, Some(&b), EpilogueArgs { stats: Some(&mut st), ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("accumulating"), "{e}");
+    // The per-sample hook: refused with an accumulating epilogue; its first error is the
+    // call's, after every sample was still stored.
+    let mut ok = |_: usize, _: &[f32]| Ok(());
+    let e = acc.forward(&mut out, &x, &wt, Some(&b), EpilogueArgs { after_sample: Some(SampleHook(&mut ok)), ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("accumulating"), "{e}");
+    let mut calls = 0;
+    let mut fails = |s: usize, _: &[f32]| {
+        calls += 1;
+        if s == 0 { Err(cnnc_compiler::Error::Codegen { layer: "pool".into(), message: "hook failed".into() }) } else { Ok(()) }
+    };
+    out.fill(f32::NAN);
+    let e = k.forward(&mut out, &x, &wt, Some(&b), EpilogueArgs { after_sample: Some(SampleHook(&mut fails)), ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("hook failed"), "{e}");
+    assert_eq!(calls, n);
+    assert!(out.iter().all(|v| v.is_finite()), "every sample stored");
 }

@@ -122,10 +122,19 @@ fn simulate(p: &Plan) {
             let (s, h) = val(o);
             own.access(s, h, false, &what);
         }
+        // A group pooling into a later pooling group (`Plan::pool_into`) writes that group's
+        // output too, at this step.
+        let pooled = p.pool_into[i].map(|q| p.groups[q].output());
         // A kernel reads its operands while it writes its result: never overlapping memory.
-        distinct(rs.iter().map(|&o| val(o)).chain([val(gr.output())]), &what);
+        distinct(rs.iter().map(|&o| val(o)).chain([val(gr.output())]).chain(pooled.map(val)), &what);
+        // A pooling group whose producers pooled for it finds its output where they put it.
+        let by_producers = p.pool_into.contains(&Some(i));
         let (s, h) = val(gr.output());
-        own.access(s, h, true, &what);
+        own.access(s, h, !by_producers, &what);
+        if let Some(q) = pooled {
+            let (s, h) = val(q);
+            own.access(s, h, true, &what);
+        }
     }
     let outputs: Vec<NodeId> = heads(g).into_iter().chain(g.outputs()).collect();
     for &h in &outputs {

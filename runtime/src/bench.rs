@@ -360,6 +360,10 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
             if fb > 0 {
                 notes.push(format!("{fb} layer(s) run on the slow reference fallback (lrn, channel_mul, softmax)"));
             }
+            let pooled = e.pooled_by_producers(true);
+            if !pooled.is_empty() {
+                notes.push(format!("pooled by the steps writing their input, as they store each sample (their fwd includes it; the pool's own fwd is ~0): {}", pooled.join(", ")));
+            }
             fused_groups = plan.groups.iter().map(|g| g.nodes.iter().map(|&n| plan.graph.node(n).name.clone()).collect()).collect();
             fused_ops = plan.groups.iter().map(|g| plan.graph.node(g.anchor()).op.kind().to_string()).collect();
             fused_inplace = plan.groups.iter().map(|g| plan.inplace_concats.contains(&g.anchor())).collect();

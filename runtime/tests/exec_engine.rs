@@ -354,6 +354,26 @@ fn plans_fuse_what_they_should() {
     assert_eq!(JitEngine::new(&odd_ops(), Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap().fallback_layers(), 3);
 }
 
+/// Pooling fused into the steps writing its input (`passes::pool_fuse`), which the
+/// `*_matches_reference` tests above run against the reference: a convolution's chain
+/// (LeNet), training batch norms (VGG, max with ceil mode and average with padding), only the
+/// first of two pools of one value (inception), and the three channel slices of an in-place
+/// concatenation (the second inception module's max pool, whose input is the first's output).
+#[test]
+fn pools_run_inside_their_producers() {
+    let pooled = |g: &Graph, train: bool| JitEngine::new(g, Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap().pooled_by_producers(train);
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(pooled(&lenet(), true), s(&["pool1", "pool2"]));
+    assert_eq!(pooled(&lenet(), false), s(&["pool1", "pool2"]));
+    assert_eq!(pooled(&vgg(), true), s(&["pool1", "pool2"]));
+    assert_eq!(pooled(&vgg(), false), s(&["pool1", "pool2"]));
+    assert_eq!(pooled(&inception(), true), s(&["b3pool"]));
+    assert_eq!(pooled(&inception_cbr(), true), s(&["m1.pool", "m2.pool"]));
+    // The copied concatenation's kernel does not pool.
+    assert!(pooled(&odd_ops(), true).is_empty());
+    assert!(JitEngine::new(&lenet(), Loss::SoftmaxCrossEntropy, 2, Fusion::None).unwrap().pooled_by_producers(true).is_empty());
+}
+
 #[test]
 fn graph_ending_in_a_loss_node() {
     let mut g = lenet();

@@ -208,6 +208,21 @@ pub struct EpilogueArgs<'a> {
     /// (so that batch norm need not read it for its statistics). Not with an accumulating
     /// epilogue (the stored values would not be the output).
     pub stats: Option<&'a mut [PlaneStats]>,
+    /// Called with each sample's index (within the call) and its stored output planes
+    /// (`[Cout, OH, OW]`: this layer's channels, whatever concatenation slice they sit in)
+    /// right after the sample is stored and its statistics taken, while they are still in
+    /// cache: a pooling layer fused into this convolution (`passes::pool_fuse`). Its first
+    /// error ends the call's result. Not with an accumulating epilogue.
+    pub after_sample: Option<SampleHook<'a>>,
+}
+
+/// A per-sample callback of [`EpilogueArgs::after_sample`].
+pub struct SampleHook<'a>(pub &'a mut dyn FnMut(usize, &[f32]) -> Result<()>);
+
+impl std::fmt::Debug for SampleHook<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SampleHook")
+    }
 }
 
 /// Bytes of a sample's 1x1 input (or backward-data output) past which its blocks are
@@ -992,12 +1007,22 @@ impl ConvKernels {
             }
             self.check("output statistics", st.len(), n * g.cout)?;
         }
-        // Sample `s`'s planes' statistics, right after it is stored.
+        let mut hook = extra.after_sample;
+        if hook.is_some() && self.epi.accumulate {
+            return Err(conv_err(&self.layer, "a per-sample hook asked of an accumulating epilogue".into()));
+        }
+        let hook_err = std::cell::Cell::new(None);
+        // Right after sample `s` is stored: its planes' statistics, then the hook.
         let mut sample_stats = |out: &[f32], s: usize| {
+            let base = (s * cs.total + cs.offset) * p;
             if let Some(st) = stats.as_deref_mut() {
-                let base = (s * cs.total + cs.offset) * p;
                 for (co, ps) in st[s * g.cout..(s + 1) * g.cout].iter_mut().enumerate() {
                     *ps = plane_stats(&out[base + co * p..base + (co + 1) * p]);
+                }
+            }
+            if let Some(SampleHook(h)) = hook.as_mut() {
+                if let Err(e) = h(s, &out[base..base + g.cout * p]) {
+                    hook_err.set(Some(e));
                 }
             }
         };
@@ -1043,7 +1068,7 @@ impl ConvKernels {
                         }
                         sample_stats(out, s);
                     }
-                    return Ok(());
+                    return hook_err.take().map_or(Ok(()), Err);
                 }
                 let Some(fwd) = fwd else {
                     return Err(conv_err(&self.layer, "no forward kernel compiled".into()));
@@ -1141,7 +1166,7 @@ impl ConvKernels {
                 }
             }
         }
-        Ok(())
+        hook_err.take().map_or(Ok(()), Err)
     }
 
     /// Backward data: `d_x += ∂L/∂x` from `d_out` (same layout as `out`) and the weights

@@ -47,7 +47,7 @@ pub mod report;
 pub mod winograd;
 pub mod winograd1d;
 
-pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, ConvOptions, Epilogue, EpilogueArgs};
+pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, ConvOptions, Epilogue, EpilogueArgs, SampleHook};
 pub use dense::DenseKernels;
 pub use gemm::FusedAct;
 

@@ -395,10 +395,13 @@ impl PoolKernels {
         Error::Codegen { layer: self.layer.clone(), message: m }
     }
 
-    fn planes(&self, x_len: usize, out_len: usize) -> Result<usize> {
+    /// Planes of an input of `x_len` elements with an output of `out_len`: whole samples of
+    /// `C` planes, or with `any`, any number of whole planes.
+    fn planes_of(&self, x_len: usize, out_len: usize, any: bool) -> Result<usize> {
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
-        if !x_len.is_multiple_of(self.c * hw) {
-            return Err(self.err(format!("input has {x_len} elements, not a multiple of {}", self.c * hw)));
+        let unit = if any { hw } else { self.c * hw };
+        if !x_len.is_multiple_of(unit) {
+            return Err(self.err(format!("input has {x_len} elements, not a multiple of {unit}")));
         }
         let planes = x_len / hw;
         if out_len != planes * ohw {
@@ -410,7 +413,14 @@ impl PoolKernels {
     /// Forward. Max pooling records each winner's window offset in `argmax` when given (same
     /// length as `out`; training) and none with `None` (inference); average pooling takes `None`.
     pub fn forward(&self, out: &mut [f32], argmax: Option<&mut [u8]>, x: &[f32]) -> Result<()> {
-        let planes = self.planes(x.len(), out.len())?;
+        self.planes_of(x.len(), out.len(), false)?;
+        self.forward_planes(out, argmax, x)
+    }
+
+    /// [`Self::forward`] over any whole number of input planes (a channel range of one
+    /// sample, say: what a producer storing a concatenation's slice pools, `passes::pool_fuse`).
+    pub fn forward_planes(&self, out: &mut [f32], argmax: Option<&mut [u8]>, x: &[f32]) -> Result<()> {
+        let planes = self.planes_of(x.len(), out.len(), true)?;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
         match (self.kind, argmax) {
             (PoolKind::Max, Some(am)) => {
@@ -796,7 +806,7 @@ impl PoolKernels {
     }
 
     fn backward_into<const SET: bool>(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
-        let planes = self.planes(d_x.len(), d_out.len())?;
+        let planes = self.planes_of(d_x.len(), d_out.len(), false)?;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
         if SET && !(self.kind == PoolKind::Max && self.tiled2) {
             d_x.fill(0.0);

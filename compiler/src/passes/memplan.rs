@@ -268,11 +268,12 @@ pub fn writers(groups: &[Group], placement: &[Option<Placement>]) -> Vec<Vec<usi
 /// zeroing schedule of gradient lives and the recomputations of values (batch norm +
 /// activation and pooling outputs). Does not: move values between buffers, or change the
 /// schedule.
-/// Before: `groups` in execution order and `placement` from `passes::concat_inplace`.
-/// After: every buffer (root) has a value offset; every buffer backward reads or writes (in
+/// Before: `groups` in execution order, `placement` from `passes::concat_inplace` and
+/// `pool_into` from `passes::pool_fuse` (a pooling output lives from the step of the first
+/// group that pools into it). After: every buffer (root) has a value offset; every buffer backward reads or writes (in
 /// training) has a gradient offset; two lives (values or gradients) that overlap in time
 /// (inclusive: a step's operands and results) never overlap in the arena.
-pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Placement>], inplace: &[NodeId]) -> MemoryPlan {
+pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Placement>], inplace: &[NodeId], pool_into: &[Option<usize>]) -> MemoryPlan {
     let size = placement.len();
     let steps = groups.len() as i64;
     let roots: Vec<NodeId> = g.nodes().filter(|&id| matches!(placement.get(id.index()).copied().flatten(), Some(Placement::Own))).collect();
@@ -302,6 +303,11 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
         touch(root_of(gr.output()), i as i64);
         for o in reads(g, gr, inplace) {
             touch(root_of(o), i as i64);
+        }
+        // A group pooling its output as it stores it (`passes::pool_fuse`) writes the
+        // pooling's output too.
+        if let Some(p) = pool_into.get(i).copied().flatten() {
+            touch(root_of(groups[p].output()), i as i64);
         }
     }
     for &r in &head_roots {

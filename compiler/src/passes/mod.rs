@@ -4,3 +4,4 @@ pub mod bn_stats;
 pub mod concat_inplace;
 pub mod fuse;
 pub mod memplan;
+pub mod pool_fuse;

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use cnnc_compiler::lower::pointwise::{plane_stats, PlaneStats};
-use cnnc_compiler::lower::{ChannelSlice, Epilogue, EpilogueArgs, FusedAct};
+use cnnc_compiler::lower::{ChannelSlice, Epilogue, EpilogueArgs, FusedAct, SampleHook};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -71,14 +71,22 @@ pub fn check_epilogues(rng: &mut StdRng, base: &[f32], b: &[f32], n: usize, cout
         }
         let mut out = out0.clone();
         let mut stats = vec![PlaneStats { len: -1.0, ..Default::default() }; n * cout];
+        // What the per-sample hook saw: (sample, its planes), in call order.
+        let mut seen: Vec<(usize, Vec<f32>)> = Vec::new();
+        let mut hook = |s: usize, planes: &[f32]| {
+            seen.push((s, planes.to_vec()));
+            Ok(())
+        };
         let extra = EpilogueArgs {
             affine: epi.affine.then_some((&scale[..], &shift[..])),
             residual: epi.residual.then_some(&res[..]),
             stats: (!epi.accumulate).then_some(&mut stats[..]),
+            after_sample: (!epi.accumulate).then_some(SampleHook(&mut hook)),
         };
         run(epi, bias, &mut out, extra);
         if !epi.accumulate {
             check_stats(&stats, &out, n, cout, pix, cs, &what);
+            check_hook(&seen, &out, n, cout, pix, cs, &what);
         }
         let tol = 1e-5 * scale_of_out.max(1.0) * 4.0;
         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
@@ -93,6 +101,16 @@ pub fn assert_close(got: &[f32], want: &[f64], rel: f64, what: &str) {
     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((*g as f64 - w).abs() <= rel * scale, "{what}: element {i}: got {g}, want {w}");
+    }
+}
+
+/// The per-sample hook (`EpilogueArgs::after_sample`) ran once per sample, in order, on
+/// exactly the planes the forward stored for it in `out` (`[n, cs.total, pix]`).
+pub fn check_hook(seen: &[(usize, Vec<f32>)], out: &[f32], n: usize, cout: usize, pix: usize, cs: ChannelSlice, what: &str) {
+    let order: Vec<usize> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(order, (0..n).collect::<Vec<_>>(), "{what}: hook calls");
+    for (s, planes) in seen {
+        assert_eq!(planes.as_slice(), &out[(s * cs.total + cs.offset) * pix..][..cout * pix], "{what}: hook planes of sample {s}");
     }
 }
 

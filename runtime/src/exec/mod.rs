@@ -127,6 +127,14 @@ impl JitEngine {
         self.train.steps.iter().filter(|s| matches!(s.kind, Kind::Fallback { .. })).count()
     }
 
+    /// The pooling layers of the training (`train`) or inference program that the steps
+    /// writing their input compute as they store each sample (`Plan::pool_into`, where every
+    /// such step stores the pooled value itself), in schedule order.
+    pub fn pooled_by_producers(&self, train: bool) -> Vec<String> {
+        let p = if train { &self.train } else { &self.infer };
+        p.steps.iter().filter(|s| matches!(s.kind, Kind::Pool { by_producers: true, .. })).map(|s| s.name.clone()).collect()
+    }
+
     /// Turn per-group timing on or off (off by default): while on, every training step and
     /// inference records each fused group's wall time (one `Instant` per group and pass), read
     /// back with [`JitEngine::profile`].

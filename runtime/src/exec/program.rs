@@ -88,7 +88,9 @@ pub(crate) enum Kind {
     BnInfer { x: NodeId, layer: String, eps: f32 },
     /// `argmax`: each sample's `per_am` max-pooling window offsets (training programs; empty
     /// with `per_am == 0` for average pooling and inference, whose forward records none).
-    Pool { k: PoolKernels, x: NodeId, argmax: Vec<u8>, per_am: usize },
+    /// `by_producers`: the groups writing `x` pool each sample as they store it
+    /// (`Plan::pool_into`), so this step's forward does nothing.
+    Pool { k: PoolKernels, x: NodeId, argmax: Vec<u8>, per_am: usize, by_producers: bool },
     Gap { x: NodeId },
     Act { x: NodeId, act: Activation },
     Add { xs: Vec<NodeId> },
@@ -112,6 +114,9 @@ pub(crate) struct Step {
     pub chain: Vec<Chain>,
     /// How many leading chain ops the anchor kernel fuses (the rest run as passes).
     pub fused: usize,
+    /// The later pooling step this step computes as it stores each sample (`Plan::pool_into`,
+    /// where the runtime can: see [`compile`]).
+    pub pool: Option<usize>,
     /// Wall time of the step's last forward and backward run (set only while profiling).
     pub time: super::StepTime,
 }
@@ -332,7 +337,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 let k = PoolKernels::new(&name, &p, in_chw(0)?).map_err(|e| eerr(e.to_string()))?;
                 let (c, oh, ow) = k.out_shape();
                 let per_am = if p.kind == PoolKind::Max && train { c * oh * ow } else { 0 };
-                Kind::Pool { k, x: ops[0], argmax: vec![0; batch * per_am], per_am }
+                Kind::Pool { k, x: ops[0], argmax: vec![0; batch * per_am], per_am, by_producers: false }
             }
             Op::GlobalAvgPool => Kind::Gap { x: ops[0] },
             Op::Act(a) => Kind::Act { x: ops[0], act: a },
@@ -355,7 +360,34 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 return Err(eerr(format!("layer `{name}`: operand `{}` is not a whole buffer", g.node(*o).name)));
             }
         }
-        steps.push(Step { name, out, kind, chain, fused, time: Default::default() });
+        steps.push(Step { name, out, kind, chain, fused, pool: None, time: Default::default() });
+    }
+    // Pooling fused into the groups writing its input (`Plan::pool_into`) where every one of
+    // them stores the pooled value itself, sample by sample: a convolution whose kernel runs
+    // its whole chain, or a training batch norm (whose normalise pass applies its chain per
+    // sample). Otherwise the pooling step pools on its own (the memory plan allows both).
+    let mut pool_writers = vec![Vec::new(); steps.len()];
+    for (j, p) in plan.pool_into.iter().enumerate() {
+        if let Some(ws) = p.and_then(|p| pool_writers.get_mut(p)) {
+            ws.push(j);
+        }
+    }
+    for (p, ws) in pool_writers.iter().enumerate() {
+        let stores = |j: usize| match steps[j].kind {
+            Kind::Conv { .. } => steps[j].fused == steps[j].chain.len(),
+            Kind::BnTrain { .. } => true,
+            _ => false,
+        };
+        if ws.is_empty() || !ws.iter().all(|&j| j < p && stores(j)) {
+            continue;
+        }
+        let Kind::Pool { by_producers, .. } = &mut steps[p].kind else {
+            return Err(eerr(format!("layer `{}`: pooling planned into its producers, but it is not a pooling layer", steps[p].name)));
+        };
+        *by_producers = true;
+        for &j in ws {
+            steps[j].pool = Some(p);
+        }
     }
     if !heads.iter().all(|&h| contiguous(h)) || !contiguous(input) {
         return Err(eerr("the logits and the input must be whole buffers"));

@@ -32,7 +32,8 @@ use crate::params::ParamStore;
 use crate::reference;
 use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
 use cnnc_compiler::lower::pointwise::{self, BnSaved, BnShape, GradWrite};
-use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs};
+use cnnc_compiler::lower::pool::PoolKernels;
+use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs, SampleHook};
 use cnnc_compiler::passes::memplan;
 use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
 use rayon::prelude::*;
@@ -182,6 +183,62 @@ fn gather(dst: &mut Vec<f32>, buf: &[f32], l: Loc, n: usize) {
     }
 }
 
+/// A pooling step computed by the step writing its input (`Plan::pool_into`): its kernels,
+/// its whole output buffer and winners (compiled batch), and its output's location.
+struct FusedPool<'a> {
+    k: &'a PoolKernels,
+    out: &'a mut [f32],
+    am: &'a mut [u8],
+    ol: Loc,
+    per_am: usize,
+}
+
+/// [`FusedPool`] over a run of samples (a thread's chunk), indexed from its first.
+struct PoolChunk<'a> {
+    k: &'a PoolKernels,
+    out: &'a mut [f32],
+    am: &'a mut [u8],
+    ol: Loc,
+    per_am: usize,
+}
+
+impl<'a> FusedPool<'a> {
+    /// Take pooling step `ps`'s output out of `mem` (the memory plan keeps it apart from the
+    /// producing step's buffers).
+    fn take<'m: 'a>(ps: &'a mut Step, mem: &mut Mem<'m>, locs: &[Option<Loc>], g: &Graph, n: usize) -> R<FusedPool<'a>> {
+        let pl = loc_of(locs, g, ps.out)?;
+        let Kind::Pool { k, argmax, per_am, .. } = &mut ps.kind else {
+            return Err(eerr(format!("layer `{}`: fused as a pooling, but it is not one", ps.name)));
+        };
+        let (_, buf) = take(mem, locs, g, ps.out, false)?;
+        Ok(FusedPool { k, out: &mut buf[..n * pl.stride()], am: &mut argmax[..n * *per_am], ol: pl, per_am: *per_am })
+    }
+
+    /// Chunks of `per` samples (of `n`), one per chunk of the producer's samples; `None`s
+    /// without a fused pooling.
+    fn chunks(fp: Option<FusedPool<'a>>, per: usize, n: usize) -> Vec<Option<PoolChunk<'a>>> {
+        let Some(fp) = fp else { return (0..n.div_ceil(per)).map(|_| None).collect() };
+        let (k, ol, per_am) = (fp.k, fp.ol, fp.per_am);
+        let ams: Vec<&'a mut [u8]> = match per_am {
+            0 => (0..n.div_ceil(per)).map(|_| <&mut [u8]>::default()).collect(),
+            _ => fp.am.chunks_mut(per * per_am).collect(),
+        };
+        fp.out.chunks_mut(per * ol.stride()).zip(ams).map(|(out, am)| Some(PoolChunk { k, out, am, ol, per_am })).collect()
+    }
+}
+
+impl PoolChunk<'_> {
+    /// Pool sample `j` (of the chunk)'s channels `c0..c0 + c` of the pooled value from
+    /// `planes` (those channels' input planes), winners included in training.
+    fn sample(&mut self, j: usize, c0: usize, c: usize, planes: &[f32]) -> cnnc_compiler::Result<()> {
+        let ohw = self.ol.hw;
+        let r = self.ol.sample(j);
+        let out = &mut self.out[r.start + c0 * ohw..r.start + (c0 + c) * ohw];
+        let am = (self.per_am > 0).then(|| &mut self.am[j * self.per_am + c0 * ohw..j * self.per_am + (c0 + c) * ohw]);
+        self.k.forward_planes(out, am, planes)
+    }
+}
+
 impl Program {
     /// Forward over the first `n` samples; the input must already be in its buffer.
     /// Dropout masks come from `reference::dropout_mask` with `tensor_rng(seed, layer)` over the
@@ -193,21 +250,27 @@ impl Program {
         for i in 0..steps.len() {
             // Earlier steps stay readable: a batch norm combines the plane statistics its
             // convolution stored (`Plan::stats_from`).
+            // (A pooling step this one computes as it stores comes later.)
             let (done, rest) = steps.split_at_mut(i);
-            let step = &mut rest[0];
+            let (step, later) = rest.split_first_mut().ok_or_else(|| eerr("no step"))?;
             let t0 = profiling.then(Instant::now);
             let ol = loc_of(locs, g, step.out)?;
             let stride = ol.stride();
             let mut mem = Mem::new(arena);
-            // A training batch norm applies the activation right after it in its own pass.
-            let bn_act = match (&step.kind, step.chain.first()) {
-                (Kind::BnTrain { .. }, Some(Chain::Act(a))) if step.fused == 0 => Some(*a),
-                _ => None,
-            };
-            let from = step.fused + usize::from(bn_act.is_some());
+            // A training batch norm applies its whole chain (activations, residual adds) in
+            // its normalise pass, sample by sample.
+            let from = if matches!(step.kind, Kind::BnTrain { .. }) { step.chain.len() } else { step.fused };
             let r = (|| -> R {
                 let (_, outbuf) = take(&mut mem, locs, g, step.out, false)?;
                 let out = &mut outbuf[..n * stride];
+                // The pooling this step computes as it stores (`Plan::pool_into`).
+                let fused_pool = match step.pool {
+                    Some(p) => {
+                        let ps = p.checked_sub(i + 1).and_then(|q| later.get_mut(q)).ok_or_else(|| eerr(format!("layer `{}`: pools into a step before it", step.name)))?;
+                        Some(FusedPool::take(ps, &mut mem, locs, g, n)?)
+                    }
+                    None => None,
+                };
                 let vals = &mem;
                 let name = step.name.clone();
                 match &mut step.kind {
@@ -231,12 +294,17 @@ impl Program {
                             0 => (0..n.div_ceil(ch)).map(|_| None).collect(),
                             _ => stats[..n * per].chunks_mut(ch * per).map(Some).collect(),
                         };
-                        out.par_chunks_mut(ch * stride).zip(st_chunks.par_iter_mut()).enumerate().try_for_each(|(i, (oc, st))| {
+                        let mut pool_chunks = FusedPool::chunks(fused_pool, ch, n);
+                        let (c0, cs) = (ol.off, ol.ch);
+                        out.par_chunks_mut(ch * stride).zip(st_chunks.par_iter_mut()).zip(pool_chunks.par_iter_mut()).enumerate().try_for_each(|(i, ((oc, st), pc))| {
                             let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
+                            // Each stored sample pooled while in cache.
+                            let mut pool = pc.as_mut().map(|pc| move |j: usize, planes: &[f32]| pc.sample(j, c0, cs, planes));
                             let extra = EpilogueArgs {
                                 affine: aff.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice())),
                                 residual: res.map(|r| &r[s0 * rp..s1 * rp]),
                                 stats: st.take(),
+                                after_sample: pool.as_mut().map(|f| SampleHook(f as &mut dyn FnMut(usize, &[f32]) -> cnnc_compiler::Result<()>)),
                             };
                             k.forward(oc, &xin[s0 * inp..s1 * inp], w, b, extra)
                         }).map_err(lerr)?;
@@ -283,10 +351,41 @@ impl Program {
                             .enumerate()
                             .map(|(ch, st)| pointwise::batchnorm_channel_finish(ch, st, n * hw, saved, new_rm, new_rv, gamma, beta, *eps, *momentum))
                             .unzip();
-                        out.par_chunks_mut(stride).zip(xin.par_chunks(num)).for_each(|(o, xs)| match bn_act {
-                            Some(act) => pointwise::channel_affine_act(&mut o[off..off + num], xs, 0, &a, &b, hw, act),
-                            None => pointwise::channel_affine(&mut o[off..off + num], xs, 0, &a, &b, hw),
-                        });
+                        // Per sample: the affine map with the first activation, the rest of
+                        // the chain (as `chain_forward` would apply it, bit for bit), then the
+                        // fused pooling while the sample is in cache.
+                        let first_act = match step.chain.first() {
+                            Some(Chain::Act(a)) => Some(*a),
+                            _ => None,
+                        };
+                        let rest = &step.chain[usize::from(first_act.is_some())..];
+                        let mut others: Vec<Vec<&[f32]>> = Vec::new();
+                        for c in rest {
+                            others.push(match c {
+                                Chain::Add { others } => others.iter().map(|&o| whole(vals, locs, g, o, n)).collect::<R<_>>()?,
+                                _ => Vec::new(),
+                            });
+                        }
+                        let mut pool_chunks = FusedPool::chunks(fused_pool, 1, n);
+                        let (c0, cs) = (ol.off, ol.ch);
+                        out.par_chunks_mut(stride).zip(xin.par_chunks(num)).zip(pool_chunks.par_iter_mut()).enumerate().try_for_each(|(s, ((o, xs), pc))| {
+                            let o = &mut o[off..off + num];
+                            match first_act {
+                                Some(act) => pointwise::channel_affine_act(o, xs, 0, &a, &b, hw, act),
+                                None => pointwise::channel_affine(o, xs, 0, &a, &b, hw),
+                            }
+                            for (c, xs) in rest.iter().zip(&others) {
+                                match c {
+                                    Chain::Add { .. } => xs.iter().for_each(|x| o.iter_mut().zip(&x[s * num..(s + 1) * num]).for_each(|(v, &a)| *v += a)),
+                                    Chain::Act(act) => pointwise::activation_inplace(*act, o),
+                                    Chain::Fold { layer, .. } => return Err(cnnc_compiler::Error::Codegen { layer: layer.clone(), message: "a folded batch norm after a training batch norm".into() }),
+                                }
+                            }
+                            match pc {
+                                Some(pc) => pc.sample(0, c0, cs, o),
+                                None => Ok(()),
+                            }
+                        }).map_err(lerr)?;
                     }
                     Kind::BnInfer { x, layer, eps } => {
                         let xin = whole(vals, locs, g, *x, n)?;
@@ -299,7 +398,9 @@ impl Program {
                             }
                         }
                     }
-                    Kind::Pool { k, x, argmax, per_am } => {
+                    // Pooled by the steps writing its input, as they stored it.
+                    Kind::Pool { by_producers: true, .. } => {}
+                    Kind::Pool { k, x, argmax, per_am, .. } => {
                         let xin = whole(vals, locs, g, *x, n)?;
                         let inp = xin.len() / n;
                         let per_am = *per_am;
@@ -547,7 +648,7 @@ impl Program {
                         }
                     }
                     Kind::BnInfer { layer, .. } => return Err(eerr(format!("layer `{layer}`: inference batch norm in a training plan"))),
-                    Kind::Pool { k, x, argmax, per_am } => {
+                    Kind::Pool { k, x, argmax, per_am, .. } => {
                         if !ng[x.index()] {
                             return Ok(());
                         }
