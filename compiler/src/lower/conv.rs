@@ -604,9 +604,12 @@ pub struct ConvKernels {
     imp: Impl,
     /// `(channel offset, dy, dx)` per row of `col` within a group.
     ktab: Vec<(usize, isize, isize)>,
-    /// Backward data writes `d_x` with `=` ([`ConvOptions::overwrite_dx`] and a kernel that
-    /// computes every element once).
+    /// Backward data's kernel stores `d_x` with `=` ([`ConvOptions::overwrite_dx`] and a
+    /// kernel that computes every element once).
     overwrites_dx: bool,
+    /// [`ConvOptions::overwrite_dx`] asked of a kernel that accumulates (col2im, naive):
+    /// backward data zeroes each sample's `d_x` right before accumulating into it.
+    zero_dx: bool,
     compile_time: Duration,
 }
 
@@ -623,10 +626,10 @@ pub struct ConvOptions {
     pub winograd: bool,
     /// Compile the backward data to overwrite `d_x` (`=`) instead of accumulating into it
     /// (`+=`), for a layer whose input gradient starts its life there (no other writer came
-    /// before, so zeroing it first would be wasted memory traffic). Only the kernels that
-    /// compute each `d_x` element once do (Winograd, and the direct GEMMs of stride-1
-    /// layers); the strided (col2im) and naive kernels still accumulate:
-    /// [`ConvKernels::backward_data_overwrites`] says which one a layer got.
+    /// before, so zeroing it first would be wasted memory traffic). The kernels that compute
+    /// each `d_x` element once store it (Winograd, and the direct GEMMs of stride-1 layers);
+    /// the strided (col2im) and naive ones zero each sample's `d_x` just before accumulating
+    /// into it, while it is in cache.
     pub overwrite_dx: bool,
 }
 
@@ -837,6 +840,7 @@ impl ConvKernels {
         // Every blocked backward-data kernel but the strided one (col2im) computes each d_x
         // element once.
         let overwrites_dx = opts.overwrite_dx && matches!(&plan, Plan::Blocked(_, d, ..) if d.is_none() || g.is_direct());
+        let zero_dx = opts.overwrite_dx && !overwrites_dx;
         let imp = match plan {
             Plan::Blocked(f, d, w, t, df, db, dw, wino, wino_bwd, wino_w) => Impl::Blocked {
                 winograd_w: wino_w.map(|p| p.resolve(&fin)),
@@ -877,14 +881,9 @@ impl ConvKernels {
             imp,
             ktab,
             overwrites_dx,
+            zero_dx,
             compile_time: fin.compile_time,
         })
-    }
-
-    /// Whether [`Self::backward_data`] overwrites `d_x` (`=`) rather than adding to it:
-    /// compiled with [`ConvOptions::overwrite_dx`] into a kernel that can.
-    pub fn backward_data_overwrites(&self) -> bool {
-        self.overwrites_dx
     }
 
     /// The resolved geometry.
@@ -1170,7 +1169,7 @@ impl ConvKernels {
     }
 
     /// Backward data: `d_x += ∂L/∂x` from `d_out` (same layout as `out`) and the weights
-    /// (`d_x = ∂L/∂x` where [`Self::backward_data_overwrites`]).
+    /// (`d_x = ∂L/∂x` when compiled with [`ConvOptions::overwrite_dx`]).
     pub fn backward_data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> Result<()> {
         let g = &self.geom;
         let n = self.samples("input gradient", d_x.len(), g.in_numel())?;
@@ -1250,6 +1249,9 @@ impl ConvKernels {
                     for (gi, ap) in packs.iter().enumerate() {
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
                         let dx_off = s * g.in_numel() + gi * cg * hw;
+                        if self.zero_dx {
+                            d_x[dx_off..dx_off + cg * hw].fill(0.0);
+                        }
                         for jb in (0..p).step_by(bp * NR) {
                             let cols = (bp * NR).min(p - jb);
                             gemm::pack_b_block(&mut panel, dout, mg, jb, cols, p);
@@ -1278,7 +1280,11 @@ impl ConvKernels {
                 let mut dout = vec![0.0f32; g.cout * p];
                 for s in 0..n {
                     dout.copy_from_slice(&d_out[(s * cs.total + cs.offset) * p..][..g.cout * p]);
-                    bwd_data.call(&mut d_x[s * g.in_numel()..][..g.in_numel()], [&dout, w, &[], &[], &[], &[]]);
+                    let dxs = &mut d_x[s * g.in_numel()..][..g.in_numel()];
+                    if self.zero_dx {
+                        dxs.fill(0.0);
+                    }
+                    bwd_data.call(dxs, [&dout, w, &[], &[], &[], &[]]);
                 }
             }
         }

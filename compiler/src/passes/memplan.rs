@@ -412,8 +412,8 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
 
 /// Whether group `gr`'s backward may write its anchor's input gradient (buffer `r`) whole with
 /// `=` where that gradient's life starts there: the anchor is a batch norm, a convolution
-/// (whose backward data computes every input-gradient element once; the engine zeroes first
-/// for a kernel that cannot overwrite) or a pooling layer (whose overwriting backward writes
+/// (whose backward data computes every input-gradient element once; a kernel that can only
+/// accumulate zeroes each sample's share first, `ConvOptions::overwrite_dx`) or a pooling layer (whose overwriting backward writes
 /// every cell of a sample, zeroing it in cache where windows overlap), its input is the whole
 /// buffer `r`, and no other op of the group hands a gradient to `r` (a residual add of the
 /// same value runs its backward first, and an overwrite would erase it).

@@ -21,7 +21,8 @@
 //! (the buffers it writes taken out first, the rest read): a gradient is zeroed where its
 //! life starts, except where a batch norm's or a pooling layer's backward or a convolution's
 //! backward data starts its input's gradient and overwrites it whole (`overwrite_grad`; a
-//! convolution kernel that cannot overwrite gets it zeroed first); values the plan recomputes
+//! convolution kernel that can only accumulate zeroes each sample's share itself, in cache,
+//! `ConvOptions::overwrite_dx`); values the plan recomputes
 //! are rewritten right before the backward step that first reads them.
 
 use super::arena::Mem;
@@ -558,13 +559,6 @@ impl Program {
             // overwrites its input's gradient whole: `overwrite`).
             for &r in &plan.memory.zero_before[i] {
                 zero_grad(arena, locs, g, r, n)?;
-            }
-            // A convolution whose backward data cannot overwrite (strided, naive) accumulates
-            // into its input gradient zeroed here.
-            if let (true, Kind::Conv { k, x, .. }) = (overwrite, &step.kind) {
-                if !k.backward_data_overwrites() && ng[x.index()] {
-                    zero_grad(arena, locs, g, *x, n)?;
-                }
             }
             if !ng[step.out.index()] {
                 continue; // at or below the lowest trainable layer: no backward at all
