@@ -14,7 +14,8 @@
 //!
 //! ## Reductions
 //! Sums run in 8 independent f32 lanes (vectorised) over blocks of [`BLOCK`] values, each
-//! block's lanes then added in f64, in a fixed order: deterministic, and a lane sums at most
+//! block's lanes then added in f64 (by an out-of-line `lanes_f64`, which is what makes rustc
+//! vectorise the lane loops), in a fixed order: deterministic, and a lane sums at most
 //! `BLOCK/8` values in f32. Batch statistics take two passes per channel plane `p` of `hw`
 //! values (the second one from cache): a plane centre `c_p` (its f32 mean), then
 //! `D_p = Σ (x - c_p)` and `Q_p = Σ (x - c_p)²`. Over the `M` values of the channel,
@@ -127,9 +128,19 @@ pub fn sum_f64(v: &[f32]) -> f64 {
                 acc[j] += c[j];
             }
         }
-        total += acc.iter().map(|&a| a as f64).sum::<f64>() + it.remainder().iter().map(|&r| r as f64).sum::<f64>();
+        total += lanes_f64(&acc) + it.remainder().iter().map(|&r| r as f64).sum::<f64>();
     }
     total
+}
+
+/// `Σ acc` in f64, in lane order: how a block's 8 f32 lanes join its f64 total. Out of line on
+/// purpose: a lane loop feeding it stores its lanes as two whole vectors, and that is what gets
+/// the loop vectorised (added up in place, the 8 accumulators came out as scalar or split
+/// 2+4+1+1 lanes, with scalar `subss`/`mulss` in `plane_stats` and the gradient sums); a call
+/// per block of up to [`BLOCK`] values costs little.
+#[inline(never)]
+fn lanes_f64(acc: &[f32; 8]) -> f64 {
+    acc.iter().map(|&a| a as f64).sum::<f64>()
 }
 
 /// `(Σ (v - c), Σ (v - c)²)` in f64, from 8 f32 lanes per [`BLOCK`].
@@ -151,8 +162,8 @@ fn centred_sums(v: &[f32], c: f32) -> (f64, f64) {
             d += e;
             q += e * e;
         }
-        d += ad.iter().map(|&a| a as f64).sum::<f64>();
-        q += aq.iter().map(|&a| a as f64).sum::<f64>();
+        d += lanes_f64(&ad);
+        q += lanes_f64(&aq);
     }
     (d, q)
 }
@@ -402,10 +413,12 @@ pub fn batchnorm_channel_grad_sums(shape: BnShape, ch: usize, d_out: &[f32], x: 
 /// forward's affine map of the channel, a ReLU after it) `g = [x*a + b > 0] d_out`: the
 /// gradient of the normalised value through the ReLU.
 pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, rstd: f32, relu: Option<(f32, f32)>) -> (f32, f32) {
-    let (sg, sgx) = match relu {
-        Some((a, b)) => grad_sums::<true>(planes, mean, a, b),
-        None => grad_sums::<false>(planes, mean, 0.0, 0.0),
-    };
+    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+    for (g, x) in planes {
+        for (gb, xb) in g.chunks(BLOCK).zip(x.chunks(BLOCK)) {
+            block_grad_sums(gb, xb, mean, relu, (&mut sg, &mut sgx));
+        }
+    }
     (sg as f32, (sgx * rstd as f64) as f32)
 }
 
@@ -421,40 +434,39 @@ fn relu_masked<const RELU: bool>(g: f32, x: f32, a: f32, b: f32) -> f32 {
     }
 }
 
-/// `(Σ g, Σ g*(x - mean))` of [`batchnorm_grad_sums`]. With `RELU`, each block's masked
-/// gradient first goes to a buffer (a plain select-and-store loop, which vectorises; inside the
-/// lane sums rustc turns the mask into branches around loads).
-fn grad_sums<'a, const RELU: bool>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, a: f32, b: f32) -> (f64, f64) {
-    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-    let mut buf = [0.0f32; BLOCK];
-    for (g, x) in planes {
-        for (gb, xb) in g.chunks(BLOCK).zip(x.chunks(BLOCK)) {
-            let gb = if RELU {
-                let buf = &mut buf[..gb.len()];
-                for ((o, &g), &v) in buf.iter_mut().zip(gb).zip(xb) {
-                    *o = if v * a + b > 0.0 { g } else { 0.0 };
-                }
-                &*buf
-            } else {
-                gb
-            };
-            let (mut ag, mut agx) = ([0.0f32; 8], [0.0f32; 8]);
-            let (mut gi, mut xi) = (gb.chunks_exact(8), xb.chunks_exact(8));
-            for (gc, xc) in (&mut gi).zip(&mut xi) {
-                for j in 0..8 {
-                    ag[j] += gc[j];
-                    agx[j] += gc[j] * (xc[j] - mean);
-                }
-            }
-            for (&g, &v) in gi.remainder().iter().zip(xi.remainder()) {
-                sg += g as f64;
-                sgx += (g * (v - mean)) as f64;
-            }
-            sg += ag.iter().map(|&v| v as f64).sum::<f64>();
-            sgx += agx.iter().map(|&v| v as f64).sum::<f64>();
+/// One block's (at most [`BLOCK`] values) share of [`batchnorm_grad_sums`], added to
+/// `(sg, sgx)` (out of line, so its loops compile the same whichever crate instantiates the
+/// generic caller).
+#[inline(never)]
+fn block_grad_sums(g: &[f32], x: &[f32], mean: f32, relu: Option<(f32, f32)>, acc: (&mut f64, &mut f64)) {
+    match relu {
+        Some(ab) => block_sums::<true>(g, x, mean, ab, acc),
+        None => block_sums::<false>(g, x, mean, (0.0, 0.0), acc),
+    }
+}
+
+/// [`block_grad_sums`], `g` masked by the ReLU when `RELU`: the values after the last full 8
+/// one by one in f64, then 8 f32 lanes of `Σ g` and of `Σ g*(x - mean)` (added in f64).
+#[inline(always)]
+fn block_sums<const RELU: bool>(g: &[f32], x: &[f32], mean: f32, (a, b): (f32, f32), (sg, sgx): (&mut f64, &mut f64)) {
+    let (mut ag, mut agx) = ([0.0f32; 8], [0.0f32; 8]);
+    let (mut gi, mut xi) = (g.chunks_exact(8), x.chunks_exact(8));
+    for (gc, xc) in (&mut gi).zip(&mut xi) {
+        let gc: [f32; 8] = gc.try_into().unwrap_or_default();
+        let xc: [f32; 8] = xc.try_into().unwrap_or_default();
+        for j in 0..8 {
+            let g = relu_masked::<RELU>(gc[j], xc[j], a, b);
+            ag[j] += g;
+            agx[j] += g * (xc[j] - mean);
         }
     }
-    (sg, sgx)
+    for (&g, &v) in gi.remainder().iter().zip(xi.remainder()) {
+        let g = relu_masked::<RELU>(g, v, a, b);
+        *sg += g as f64;
+        *sgx += (g * (v - mean)) as f64;
+    }
+    *sg += lanes_f64(&ag);
+    *sgx += lanes_f64(&agx);
 }
 
 /// The input gradient of one sample (`d_x`, `d_out`, `x`: its `[c, hw]` values) for the
@@ -613,4 +625,92 @@ pub fn batchnorm_fold(
     let scale: Vec<f32> = gamma.iter().zip(running_var).map(|(&g, &v)| g / (v + eps).sqrt()).collect();
     let shift = beta.iter().zip(running_mean).zip(&scale).map(|((&b, &m), &s)| b - m * s).collect();
     Ok((scale, shift))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// The documented summation order written out one value at a time, for one block: lane `j`
+    /// sums `term(j)`, `term(j + 8)`, ... in f32 over the full groups of 8; returns the lanes'
+    /// f64 sum (in lane order) and the indices of the values after the last full group.
+    fn lanes_spec(len: usize, term: impl Fn(usize) -> f32) -> (f64, Range<usize>) {
+        let full = len / 8 * 8;
+        let mut lanes = [0.0f32; 8];
+        for i in 0..full {
+            lanes[i % 8] += term(i);
+        }
+        (lanes.iter().map(|&a| a as f64).sum::<f64>(), full..len)
+    }
+
+    fn sum_spec(v: &[f32]) -> f64 {
+        let mut total = 0.0f64;
+        for blk in v.chunks(BLOCK) {
+            let (lanes, rest) = lanes_spec(blk.len(), |i| blk[i]);
+            total += lanes + blk[rest].iter().map(|&r| r as f64).sum::<f64>();
+        }
+        total
+    }
+
+    fn plane_stats_spec(p: &[f32]) -> PlaneStats {
+        let centre = (sum_spec(p) / p.len() as f64) as f32;
+        let (mut d, mut q) = (0.0f64, 0.0f64);
+        for blk in p.chunks(BLOCK) {
+            let (ld, rest) = lanes_spec(blk.len(), |i| blk[i] - centre);
+            let (lq, _) = lanes_spec(blk.len(), |i| (blk[i] - centre) * (blk[i] - centre));
+            for &r in &blk[rest] {
+                let e = (r - centre) as f64;
+                d += e;
+                q += e * e;
+            }
+            d += ld;
+            q += lq;
+        }
+        PlaneStats { len: p.len() as f64, centre, d, q }
+    }
+
+    fn grad_sums_spec(planes: &[(Vec<f32>, Vec<f32>)], mean: f32, rstd: f32, relu: Option<(f32, f32)>) -> (f32, f32) {
+        let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+        for (g, x) in planes {
+            for (gb, xb) in g.chunks(BLOCK).zip(x.chunks(BLOCK)) {
+                let gm = |i: usize| match relu {
+                    Some((a, b)) if xb[i] * a + b > 0.0 => gb[i],
+                    Some(_) => 0.0,
+                    None => gb[i],
+                };
+                let (lg, rest) = lanes_spec(gb.len(), gm);
+                let (lgx, _) = lanes_spec(gb.len(), |i| gm(i) * (xb[i] - mean));
+                for i in rest {
+                    sg += gm(i) as f64;
+                    sgx += (gm(i) * (xb[i] - mean)) as f64;
+                }
+                sg += lg;
+                sgx += lgx;
+            }
+        }
+        (sg as f32, (sgx * rstd as f64) as f32)
+    }
+
+    /// The vectorised reductions add in exactly the documented order (bit for bit against the
+    /// same order written out scalar), for lengths with and without lane remainders, over one
+    /// and several blocks.
+    #[test]
+    fn reductions_follow_the_documented_order() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for len in [1, 5, 8, 9, 63, 64, 100, 255, 256, 257, 300, 1031] {
+            let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0) * 3.0 + 50.0).collect();
+            assert_eq!(sum_f64(&x).to_bits(), sum_spec(&x).to_bits(), "sum_f64, {len} values");
+            let (got, want) = (plane_stats(&x), plane_stats_spec(&x));
+            assert_eq!((got.centre.to_bits(), got.d.to_bits(), got.q.to_bits()), (want.centre.to_bits(), want.d.to_bits(), want.q.to_bits()), "plane_stats, {len} values");
+            let planes: Vec<(Vec<f32>, Vec<f32>)> =
+                (0..3).map(|_| ((0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect(), (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect())).collect();
+            for relu in [None, Some((1.3f32, 0.2f32))] {
+                let got = batchnorm_grad_sums(planes.iter().map(|(g, x)| (&g[..], &x[..])), 0.1, 1.7, relu);
+                let want = grad_sums_spec(&planes, 0.1, 1.7, relu);
+                assert_eq!((got.0.to_bits(), got.1.to_bits()), (want.0.to_bits(), want.1.to_bits()), "grad sums, {len} values, relu {relu:?}");
+            }
+        }
+    }
 }
