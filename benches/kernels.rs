@@ -2,7 +2,8 @@
 //! 128-bit FMA peak measured with a JIT'd loop of independent `fma` chains, the bare GEMM
 //! micro-kernel, and convolution forward / backward-data / backward-weight for ResNet's
 //! 3x3 64->64 and 1x1 256->64 layers on 56x56, batch 8, blocked vs naive, as GFLOP/s and
-//! fractions of that peak (one thread, thread CPU time), with compile time per kernel.
+//! fractions of that peak (one thread, thread CPU time), with compile time per kernel. The
+//! activations sit on huge pages (`lower::hugebuf`), as in the engine's arena.
 //! Then criterion timings of the blocked kernels (throughput in FLOP/s).
 //!
 //! `cargo bench --bench kernels` runs both; `cargo bench --bench kernels -- --report-only`
@@ -10,6 +11,7 @@
 //! adds the small layers of the training-step benchmarks (`report::small_cases`), `--only TEXT`
 //! keeps the table's cases whose name contains `TEXT` (e.g. `--only 1x1`).
 
+use cnnc::compiler::lower::hugebuf::HugeBuf;
 use cnnc::compiler::lower::report::{conv_report, fill, small_cases, standard_cases};
 use cnnc::compiler::lower::{ConvKernels, Epilogue, EpilogueArgs, Mode};
 use criterion::{Criterion, Throughput};
@@ -33,11 +35,12 @@ fn main() {
     for c in standard_cases() {
         let k = ConvKernels::compile(c.name, &c.conv, c.input, Epilogue::default(), Mode::Blocked).expect("compile");
         let g = *k.geometry();
-        let x = fill(c.batch * g.in_numel(), 1);
+        // Activations on huge pages, as the engine's arena holds them.
+        let x = HugeBuf::from_slice(&fill(c.batch * g.in_numel(), 1));
         let w = fill(g.weight_numel(), 2);
         let b = fill(g.cout, 3);
-        let mut out = fill(c.batch * g.cout * g.pixels(), 4);
-        let mut dx = vec![0.0; x.len()];
+        let mut out = HugeBuf::from_slice(&fill(c.batch * g.cout * g.pixels(), 4));
+        let mut dx = HugeBuf::zeroed(x.len());
         let (mut dw, mut db) = (vec![0.0; w.len()], vec![0.0; g.cout]);
         let mut group = crit.benchmark_group(c.name);
         group.throughput(Throughput::Elements(2 * (c.batch * g.macs()) as u64));

@@ -23,6 +23,9 @@
 //!   baseline of the benchmarks.
 //! - [`pool`], [`pointwise`]: max/avg pooling, activations, batch norm (plain Rust written to
 //!   auto-vectorise; memory-bound, so JIT buys little there).
+//! - [`hugebuf`]: `f32` buffers on transparent huge pages (the runtime's arena, the kernel
+//!   benchmarks' operands): on this project's VM a pass over 64 MiB on 4 KiB pages was 15x
+//!   slower.
 //! - [`peak`]: a JIT'd FMA throughput loop measuring this machine's 128-bit peak, and GFLOP/s
 //!   helpers used by `benches/kernels.rs`.
 //!
@@ -37,6 +40,7 @@ pub mod conv;
 pub mod dense;
 pub mod entry;
 pub mod gemm;
+pub mod hugebuf;
 pub mod jit;
 pub mod naive;
 pub mod optim;

@@ -6,6 +6,7 @@
 
 use super::gemm::{pack_a, EpiArgs, GemmPlan, GemmSpec, NR};
 use super::jit::Jit;
+use super::hugebuf::HugeBuf;
 use super::peak::{best_of, PeakKernel};
 use super::{ConvKernels, Epilogue, EpilogueArgs, Mode};
 use crate::ir::{Conv2d, Padding};
@@ -128,11 +129,12 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
             let k = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, super::ConvOptions { winograd: false, ..Default::default() })?;
             let g = *k.geometry();
             let flops = 2.0 * (c.batch * g.macs()) as f64;
-            let x = fill(c.batch * g.in_numel(), 3);
+            // Activations on huge pages, as the engine's arena holds them.
+            let x = HugeBuf::from_slice(&fill(c.batch * g.in_numel(), 3));
             let w = fill(g.weight_numel(), 4);
             let b = fill(g.cout, 5);
-            let mut out = fill(c.batch * g.cout * g.pixels(), 6);
-            let mut dx = vec![0.0; x.len()];
+            let mut out = HugeBuf::from_slice(&fill(c.batch * g.cout * g.pixels(), 6));
+            let mut dx = HugeBuf::zeroed(x.len());
             let (mut dw, mut db) = (vec![0.0; w.len()], vec![0.0; g.cout]);
             let reps = if mode == Mode::Blocked { 5 } else { 1 };
             let mut err = None;

@@ -50,7 +50,6 @@
 //! (`reference::dropout_mask` with `init::tensor_rng(seed, layer)`), so engines agree per seed.
 
 mod arena;
-mod hugebuf;
 mod program;
 mod run;
 
@@ -97,7 +96,7 @@ impl JitEngine {
         let loss_weights = crate::reference::default_loss_weights(graph);
         let lent = train.arena.len() >= infer.arena.len();
         if lent {
-            infer.arena = hugebuf::HugeBuf::default();
+            infer.arena = cnnc_compiler::lower::hugebuf::HugeBuf::default();
         }
         Ok(JitEngine { name, loss, train, infer, logits_buf: Vec::new(), loss_weights, lent })
     }

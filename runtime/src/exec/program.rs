@@ -9,10 +9,10 @@
 //! an op was fused: an activation's derivative is taken from the group's output, a residual add
 //! hands its gradient to its other operands.
 
-use super::hugebuf::HugeBuf;
 use crate::engine::EngineError;
 use cnnc_compiler::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
 use cnnc_compiler::lower::pointwise::{BnSaved, PlaneStats};
+use cnnc_compiler::lower::hugebuf::HugeBuf;
 use cnnc_compiler::lower::pool::PoolKernels;
 use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, ConvOptions, DenseKernels, Epilogue, FusedAct};
 use cnnc_compiler::passes::memplan;

@@ -1,4 +1,5 @@
-//! Large `f32` buffers on transparent huge pages.
+//! Large `f32` buffers on transparent huge pages: the runtime's arena, and the kernel
+//! benchmarks' operands (so that kernels are measured on the memory the engine gives them).
 //!
 //! A program's arena is tens to hundreds of megabytes that every step streams through. With
 //! 4 KiB pages each pass over it misses the TLB every 4 KiB, and on a virtual machine (nested
@@ -18,9 +19,10 @@ use std::ops::{Deref, DerefMut};
 /// Huge-page size the mapping is aligned to (x86-64 and aarch64 with 4 KiB base pages).
 const HUGE: usize = 2 << 20;
 
-/// A zero-initialised `f32` buffer of fixed length, huge-page backed where the OS allows.
+/// A zero-initialised `f32` buffer of fixed length, huge-page backed where the OS allows;
+/// dereferences to `[f32]`. The default is empty.
 #[derive(Default)]
-pub(crate) struct HugeBuf {
+pub struct HugeBuf {
     store: Store,
 }
 
@@ -50,8 +52,14 @@ impl HugeBuf {
         }
     }
 
+    /// A copy of `src`.
+    pub fn from_slice(src: &[f32]) -> HugeBuf {
+        let mut b = HugeBuf::zeroed(src.len());
+        b.copy_from_slice(src);
+        b
+    }
+
     /// Whether the buffer is a mapping advised for huge pages (not the `Vec` fallback).
-    #[cfg(test)]
     pub fn is_mapped(&self) -> bool {
         matches!(self.store, Store::Map { .. })
     }
