@@ -23,6 +23,7 @@
 //!   baseline of the benchmarks.
 //! - [`pool`], [`pointwise`]: max/avg pooling, activations, batch norm (plain Rust written to
 //!   auto-vectorise; memory-bound, so JIT buys little there).
+//! - `scratch`: the drivers' per-thread buffers, kept between calls (no per-call allocation).
 //! - [`peak`]: a JIT'd FMA throughput loop measuring this machine's 128-bit peak, and GFLOP/s
 //!   helpers used by `benches/kernels.rs`.
 //!
@@ -44,6 +45,7 @@ pub mod peak;
 pub mod pointwise;
 pub mod pool;
 pub mod report;
+mod scratch;
 pub mod winograd;
 pub mod winograd1d;
 
