@@ -64,10 +64,11 @@
 use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::entry;
 use super::jit::{Jit, KernelId};
-use super::winograd::{WinoEpi, WinoPlan, WinoScratch, WinoShape, WinoWgrad, WinoWgradPlan, WinoWgradScratch, Winograd};
-use super::winograd1d::{Axis, Wino1dPlan, Wino1dScratch, Wino1dShape, Wino1dWgradPlan, Wino1dWgradScratch, Winograd1d, Winograd1dWgrad};
+use super::winograd::{self, WinoEpi, WinoPlan, WinoShape, WinoWgrad, WinoWgradPlan, Winograd};
+use super::winograd1d::{self, Axis, Wino1dPlan, Wino1dShape, Wino1dWgradPlan, Winograd1d, Winograd1dWgrad};
 use super::naive;
 use super::pointwise::{plane_stats, PlaneStats};
+use super::scratch::{self, grow};
 use super::Mode;
 use crate::ir::Conv2d;
 use crate::{Error, Result};
@@ -302,6 +303,68 @@ impl Planes {
     }
 }
 
+/// Zero-padded planes kept between calls: the zero border is written only when the layout
+/// changes (a layout's calls write only its interior, see [`Planes::fill`]).
+#[derive(Default)]
+struct PaddedPlanes {
+    /// The layout `buf`'s border was zeroed for.
+    layout: Option<Planes>,
+    buf: Vec<f32>,
+}
+
+impl PaddedPlanes {
+    /// The buffer for `pl`'s planes, zeroed if it last held another layout.
+    fn get(&mut self, pl: &Planes) -> &mut [f32] {
+        if self.layout != Some(*pl) {
+            self.buf.clear();
+            self.buf.resize(pl.len(), 0.0);
+            self.layout = Some(*pl);
+        }
+        &mut self.buf[..pl.len()]
+    }
+}
+
+/// The blocked (im2col and direct) drivers' buffers, one holder per thread ([`SCRATCH`])
+/// shared by every layer and pass run on it, so a steady-state step allocates none of them
+/// (see `lower::scratch`). Every buffer is written before it is read in a call; only the
+/// padded planes rely on what an earlier call left (their zero border).
+#[derive(Default)]
+struct ConvScratch {
+    /// Packed `A` operands (weights, in the layout each pass needs), one per group.
+    packs: Vec<Vec<f32>>,
+    /// One `A` packed at a time (the im2col weight gradient's `d_out` block).
+    apack: Vec<f32>,
+    /// Flipped, transposed weights (backward data).
+    wt: Vec<f32>,
+    /// Zero-padded input (forward) or output-gradient (backward data) planes of the direct
+    /// GEMMs, and the padded input of the direct weight gradient.
+    pad: PaddedPlanes,
+    /// Packed `B` panels (im2col'd or copied input, output gradient).
+    panel: Vec<f32>,
+    /// Backward data's column-gradient block before col2im.
+    dcol: Vec<f32>,
+    /// Direct weight gradient: per-tap sums `[tap][ci][co]`.
+    dwt: Vec<f32>,
+    /// im2col weight gradient: the 8 gathered `col` rows of one panel.
+    rows: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's [`ConvScratch`].
+    static SCRATCH: std::cell::RefCell<ConvScratch> = std::cell::RefCell::new(ConvScratch::default());
+}
+
+/// Pack one `A` per group into `packs` (kept, grown to `groups`): `pack(dst, gi)`.
+fn pack_groups(packs: &mut Vec<Vec<f32>>, groups: usize, mut pack: impl FnMut(&mut Vec<f32>, usize)) -> &[Vec<f32>] {
+    if packs.len() < groups {
+        packs.resize_with(groups, Vec::new);
+    }
+    for (gi, dst) in packs[..groups].iter_mut().enumerate() {
+        pack(dst, gi);
+    }
+    &packs[..groups]
+}
+
 /// Whether 8-wide tiles cover output rows of width `w` with little waste.
 fn rows_fit_tiles(w: usize) -> bool {
     w >= NR
@@ -518,23 +581,21 @@ impl WinoFwd {
     }
 
     /// Run on every sample: `io(s)` gives sample `s`'s output region (see
-    /// [`Winograd::forward_sample`]), its input and its epilogue.
+    /// [`Winograd::forward_sample`]), its input and its epilogue. Uses this thread's scratch.
     fn run(&self, w: &[f32], n: usize, mut io: impl FnMut(usize, &mut dyn FnMut(&mut [f32], &[f32], &WinoEpi))) {
         match self {
-            WinoFwd::D2(k) => {
-                let mut s = WinoScratch::default();
-                k.prepare(w, &mut s);
+            WinoFwd::D2(k) => scratch::with(&winograd::SCRATCH, |s| {
+                k.prepare(w, s);
                 for i in 0..n {
-                    io(i, &mut |o, x, e| k.forward_sample(o, x, &mut s, e));
+                    io(i, &mut |o, x, e| k.forward_sample(o, x, s, e));
                 }
-            }
-            WinoFwd::D1(k) => {
-                let mut s = Wino1dScratch::default();
-                k.prepare(w, &mut s);
+            }),
+            WinoFwd::D1(k) => scratch::with(&winograd1d::SCRATCH, |s| {
+                k.prepare(w, s);
                 for i in 0..n {
-                    io(i, &mut |o, x, e| k.forward_sample(o, x, &mut s, e));
+                    io(i, &mut |o, x, e| k.forward_sample(o, x, s, e));
                 }
-            }
+            }),
         }
     }
 }
@@ -547,21 +608,21 @@ impl WinoW {
         }
     }
 
-    /// `d_w += Σ_s` the weight gradient of sample `s`'s `(x, d_out)` from `sample(s)`.
+    /// `d_w += Σ_s` the weight gradient of sample `s`'s `(x, d_out)` from `sample(s)`. Uses this
+    /// thread's scratch.
     fn run<'a>(&self, d_w: &mut [f32], n: usize, sample: impl Fn(usize) -> (&'a [f32], &'a [f32])) {
         /// Both kinds' protocol: `begin`, `accumulate_sample` per sample, `finish`.
-        fn sum<'a, S: Default>(n: usize, sample: impl Fn(usize) -> (&'a [f32], &'a [f32]), begin: impl FnOnce(&mut S), acc: impl Fn(&[f32], &[f32], &mut S), finish: impl FnOnce(&S)) {
-            let mut s = S::default();
-            begin(&mut s);
+        fn sum<'a, S>(s: &mut S, n: usize, sample: impl Fn(usize) -> (&'a [f32], &'a [f32]), begin: impl FnOnce(&mut S), acc: impl Fn(&[f32], &[f32], &mut S), finish: impl FnOnce(&S)) {
+            begin(s);
             for i in 0..n {
                 let (x, dy) = sample(i);
-                acc(x, dy, &mut s);
+                acc(x, dy, s);
             }
-            finish(&s);
+            finish(s);
         }
         match self {
-            WinoW::D2(k) => sum::<WinoWgradScratch>(n, sample, |s| k.begin(s), |x, dy, s| k.accumulate_sample(x, dy, s), |s| k.finish(d_w, s)),
-            WinoW::D1(k) => sum::<Wino1dWgradScratch>(n, sample, |s| k.begin(s), |x, dy, s| k.accumulate_sample(x, dy, s), |s| k.finish(d_w, s)),
+            WinoW::D2(k) => scratch::with(&winograd::WGRAD_SCRATCH, |s| sum(s, n, sample, |s| k.begin(s), |x, dy, s| k.accumulate_sample(x, dy, s), |s| k.finish(d_w, s))),
+            WinoW::D1(k) => scratch::with(&winograd1d::WGRAD_SCRATCH, |s| sum(s, n, sample, |s| k.begin(s), |x, dy, s| k.accumulate_sample(x, dy, s), |s| k.finish(d_w, s))),
         }
     }
 }
@@ -1044,18 +1105,13 @@ impl ConvKernels {
                     sample_stats(out, s);
                 });
             }
-            Impl::Blocked { fwd, direct_fwd, .. } => {
-                let mut apack = Vec::new();
-                let mut packs = Vec::with_capacity(g.groups);
-                for gi in 0..g.groups {
-                    pack_a(&mut apack, &w[gi * mg * kc..], mg, kc, kc, 1);
-                    packs.push(apack.clone());
-                }
+            Impl::Blocked { fwd, direct_fwd, .. } => scratch::with(&SCRATCH, |sc| {
+                let packs = pack_groups(&mut sc.packs, g.groups, |dst, gi| pack_a(dst, &w[gi * mg * kc..], mg, kc, kc, 1));
                 if let Some(d) = direct_fwd {
-                    let mut pad = vec![0.0f32; d.planes.len()];
+                    let pad = sc.pad.get(&d.planes);
                     for s in 0..n {
                         for (gi, ap) in packs.iter().enumerate() {
-                            d.planes.fill(&mut pad, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
+                            d.planes.fill(pad, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
                             let r0 = gi * mg;
                             let epi = EpiArgs {
                                 bias: if self.bias { &bias[r0..] } else { &[] },
@@ -1063,17 +1119,17 @@ impl ConvKernels {
                                 shift: if self.epi.affine { &shift[r0..] } else { &[] },
                                 residual: if self.epi.residual { &residual[(s * g.cout + r0) * p..] } else { &[] },
                             };
-                            d.run(out, (s * cs.total + cs.offset + gi * mg) * p, mg, ap, &pad, &epi);
+                            d.run(out, (s * cs.total + cs.offset + gi * mg) * p, mg, ap, pad, &epi);
                         }
                         sample_stats(out, s);
                     }
-                    return hook_err.take().map_or(Ok(()), Err);
+                    return Ok(()); // (the hook's error, if any, is the call's result below)
                 }
                 let Some(fwd) = fwd else {
                     return Err(conv_err(&self.layer, "no forward kernel compiled".into()));
                 };
                 let bp = self.block_panels();
-                let mut panel = vec![0.0f32; bp * kc * NR];
+                let panel = grow(&mut sc.panel, bp * kc * NR);
                 // A 1x1 input too large to stay in L2 between blocks: prefetch each block's
                 // source rows while the previous block computes.
                 let big = g.is_direct() && cg * hw * 4 > PREFETCH_MIN_BYTES;
@@ -1091,7 +1147,7 @@ impl ConvKernels {
                         for jb in (0..p).step_by(bp * NR) {
                             let cols = (bp * NR).min(p - jb);
                             if g.is_direct() {
-                                gemm::pack_b_block(&mut panel, xs, kc, jb, cols, hw);
+                                gemm::pack_b_block(panel, xs, kc, jb, cols, hw);
                                 // The next block's rows (this sample's or the next one's), to
                                 // prefetch a share of after each panel.
                                 let next = if jb + cols < p {
@@ -1129,9 +1185,9 @@ impl ConvKernels {
                                 }
                                 continue;
                             } else if bp > 1 {
-                                self.im2col_row_panels(&mut panel, xs, jb / g.ow, 0, bp);
+                                self.im2col_row_panels(panel, xs, jb / g.ow, 0, bp);
                             } else {
-                                self.im2col_panel(&mut panel, xs, jb, cols);
+                                self.im2col_panel(panel, xs, jb, cols);
                             }
                             for (t, j0) in (jb..jb + cols).step_by(NR).enumerate() {
                                 fwd.run_panel(out, c_off + j0, mg, j0, ap, &panel[t * kc * NR..], &epi);
@@ -1140,7 +1196,8 @@ impl ConvKernels {
                     }
                     sample_stats(out, s);
                 }
-            }
+                Ok(())
+            })?,
             Impl::Naive { fwd, .. } => {
                 // Unfused: the kernel writes conv + bias, the epilogue is a separate pass.
                 let mut tmp = vec![0.0f32; g.cout * p];
@@ -1182,10 +1239,10 @@ impl ConvKernels {
         let kc = g.kc();
         let hw = g.h * g.w;
         match &self.imp {
-            Impl::Blocked { winograd_bwd: Some(wg), .. } => {
+            Impl::Blocked { winograd_bwd: Some(wg), .. } => scratch::with(&SCRATCH, |sc| {
                 // w'[ci, co, t] = w[co, ci, taps - 1 - t] (one group).
                 let taps = g.kernel[0] * g.kernel[1];
-                let mut wt = vec![0.0f32; g.cin * g.cout * taps];
+                let wt = grow(&mut sc.wt, g.cin * g.cout * taps);
                 for co in 0..g.cout {
                     for ci in 0..g.cin {
                         let src = &w[(co * g.cin + ci) * taps..][..taps];
@@ -1196,55 +1253,45 @@ impl ConvKernels {
                     }
                 }
                 let we = WinoEpi { bias: &[], scale: &[], shift: &[], residual: &[], act: FusedAct::None, accumulate: !self.overwrites_dx };
-                wg.run(&wt, n, |s, f| {
+                wg.run(wt, n, |s, f| {
                     let dos = &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p];
                     f(&mut d_x[s * g.in_numel()..][..g.in_numel()], dos, &we);
                 });
-            }
-            Impl::Blocked { direct_bwd: Some(d), .. } => {
+            }),
+            Impl::Blocked { direct_bwd: Some(d), .. } => scratch::with(&SCRATCH, |sc| {
                 // A = the flipped, transposed weights: element (ci, (co, t)) is
                 // w[co, ci, kh-1-ky, kw-1-kx] for tap t = (ky, kx).
                 let taps = g.kernel[0] * g.kernel[1];
-                let mut wt = vec![0.0f32; cg * mg * taps];
-                let packs: Vec<Vec<f32>> = (0..g.groups)
-                    .map(|gi| {
-                        for co in 0..mg {
-                            for ci in 0..cg {
-                                let src = &w[((gi * mg + co) * cg + ci) * taps..][..taps];
-                                let dst = &mut wt[(ci * mg + co) * taps..][..taps];
-                                for (t, v) in dst.iter_mut().enumerate() {
-                                    *v = src[taps - 1 - t];
-                                }
+                let wt = grow(&mut sc.wt, cg * mg * taps);
+                let packs = pack_groups(&mut sc.packs, g.groups, |a, gi| {
+                    for co in 0..mg {
+                        for ci in 0..cg {
+                            let src = &w[((gi * mg + co) * cg + ci) * taps..][..taps];
+                            let dst = &mut wt[(ci * mg + co) * taps..][..taps];
+                            for (t, v) in dst.iter_mut().enumerate() {
+                                *v = src[taps - 1 - t];
                             }
                         }
-                        let mut a = Vec::new();
-                        pack_a(&mut a, &wt, cg, mg * taps, mg * taps, 1);
-                        a
-                    })
-                    .collect();
-                let mut pad = vec![0.0f32; d.planes.len()];
+                    }
+                    pack_a(a, wt, cg, mg * taps, mg * taps, 1);
+                });
+                let pad = sc.pad.get(&d.planes);
                 for s in 0..n {
                     for (gi, ap) in packs.iter().enumerate() {
-                        d.planes.fill(&mut pad, &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p]);
-                        d.run(d_x, s * g.in_numel() + gi * cg * hw, cg, ap, &pad, &EpiArgs::default());
+                        d.planes.fill(pad, &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p]);
+                        d.run(d_x, s * g.in_numel() + gi * cg * hw, cg, ap, pad, &EpiArgs::default());
                     }
                 }
-            }
+            }),
             Impl::Blocked { bwd_data: None, .. } => {
                 return Err(conv_err(&self.layer, "no backward-data kernel compiled".into()));
             }
-            Impl::Blocked { bwd_data: Some(bwd_data), .. } => {
+            Impl::Blocked { bwd_data: Some(bwd_data), .. } => scratch::with(&SCRATCH, |sc| {
                 // A = W_gᵀ: element (kk, co) at co*kc + kk.
-                let packs: Vec<Vec<f32>> = (0..g.groups)
-                    .map(|gi| {
-                        let mut a = Vec::new();
-                        pack_a(&mut a, &w[gi * mg * kc..], kc, mg, 1, kc);
-                        a
-                    })
-                    .collect();
+                let packs = pack_groups(&mut sc.packs, g.groups, |a, gi| pack_a(a, &w[gi * mg * kc..], kc, mg, 1, kc));
                 let bp = self.block_panels();
-                let mut panel = vec![0.0f32; bp * mg * NR];
-                let mut dcol = vec![0.0f32; bp * kc * NR];
+                let panel = grow(&mut sc.panel, bp * mg * NR);
+                let dcol = grow(&mut sc.dcol, if g.is_direct() { 0 } else { bp * kc * NR });
                 for s in 0..n {
                     for (gi, ap) in packs.iter().enumerate() {
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
@@ -1254,7 +1301,7 @@ impl ConvKernels {
                         }
                         for jb in (0..p).step_by(bp * NR) {
                             let cols = (bp * NR).min(p - jb);
-                            gemm::pack_b_block(&mut panel, dout, mg, jb, cols, p);
+                            gemm::pack_b_block(panel, dout, mg, jb, cols, p);
                             for (t, j0) in (jb..jb + cols).step_by(NR).enumerate() {
                                 let b = &panel[t * mg * NR..];
                                 if g.is_direct() {
@@ -1268,14 +1315,14 @@ impl ConvKernels {
                             }
                             let dxs = &mut d_x[dx_off..dx_off + cg * hw];
                             if bp > 1 {
-                                self.col2im_row_panels(dxs, &dcol, jb / g.ow, 0, bp);
+                                self.col2im_row_panels(dxs, dcol, jb / g.ow, 0, bp);
                             } else {
-                                self.col2im_panel(dxs, &dcol, jb, cols);
+                                self.col2im_panel(dxs, dcol, jb, cols);
                             }
                         }
                     }
                 }
-            }
+            }),
             Impl::Naive { bwd_data, .. } => {
                 let mut dout = vec![0.0f32; g.cout * p];
                 for s in 0..n {
@@ -1322,13 +1369,12 @@ impl ConvKernels {
             Impl::Blocked { winograd_w: Some(ww), .. } => {
                 ww.run(d_w, n, |s| (&x[s * g.in_numel()..][..g.in_numel()], &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p]));
             }
-            Impl::Blocked { direct_w: Some(d), .. } => {
+            Impl::Blocked { direct_w: Some(d), .. } => scratch::with(&SCRATCH, |sc| {
                 let pl = &d.planes;
                 let nt = d.taps.len();
                 let (main_rows, main_w) = (d.main[0].spec().rows, d.main[0].spec().width);
-                let mut pad = vec![0.0f32; if g.is_direct() { 0 } else { pl.len() }];
-                let mut dwt = vec![0.0f32; nt * cg * mg];
-                let mut bpan = vec![0.0f32; mg.div_ceil(NR) * main_rows * main_w * NR];
+                let dwt = grow(&mut sc.dwt, nt * cg * mg);
+                let bpan = grow(&mut sc.panel, mg.div_ceil(NR) * main_rows * main_w * NR);
                 let big_w = g.is_direct() && !d.tap_rows && cg * hw * 4 > PREFETCH_MIN_BYTES;
                 for gi in 0..g.groups {
                     dwt.fill(0.0);
@@ -1337,22 +1383,17 @@ impl ConvKernels {
                         let pad: &[f32] = if g.is_direct() {
                             xs
                         } else {
-                            pl.fill(&mut pad, xs);
-                            &pad
+                            let pad = sc.pad.get(pl);
+                            pl.fill(pad, xs);
+                            pad
                         };
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
-                        // Pixel blocks: (first row, first column, kernels).
-                        let mut blocks = Vec::new();
-                        if pl.out_h == 1 {
-                            for x0 in (0..pl.out_w).step_by(main_w) {
-                                blocks.push((0, x0, if x0 + main_w <= pl.out_w { &d.main } else { &d.tail }));
-                            }
-                        } else {
-                            for y0 in (0..pl.out_h).step_by(main_rows) {
-                                blocks.push((y0, 0, if y0 + main_rows <= pl.out_h { &d.main } else { &d.tail }));
-                            }
-                        }
-                        for (y0, x0, kerns) in blocks {
+                        // Pixel blocks: (first row, first column, kernels), along the row of a
+                        // one-row output, else whole rows.
+                        let (along_row, step, len) = if pl.out_h == 1 { (true, main_w, pl.out_w) } else { (false, main_rows, pl.out_h) };
+                        for b0 in (0..len).step_by(step) {
+                            let (y0, x0) = if along_row { (0, b0) } else { (b0, 0) };
+                            let kerns = if b0 + step <= len { &d.main } else { &d.tail };
                             let p0 = y0 * pl.out_w + x0;
                             let kb = kerns[0].spec().rows * kerns[0].spec().width;
                             // A 1x1 input over L2's share: the next block's pixels of `x` and
@@ -1409,14 +1450,13 @@ impl ConvKernels {
                         }
                     }
                 }
-            }
+            }),
             Impl::Blocked { bwd_w: None, .. } => {
                 return Err(conv_err(&self.layer, "no backward-weight kernel compiled".into()));
             }
-            Impl::Blocked { bwd_w: Some(bwd_w), bwd_w_tail, .. } => {
-                let mut apack = Vec::new();
-                let mut panel = vec![0.0f32; WGRAD_BLOCK * NR];
-                let mut rows = Vec::new();
+            Impl::Blocked { bwd_w: Some(bwd_w), bwd_w_tail, .. } => scratch::with(&SCRATCH, |sc| {
+                let ConvScratch { apack, panel, rows, .. } = sc;
+                let panel = grow(panel, WGRAD_BLOCK * NR);
                 for s in 0..n {
                     for gi in 0..g.groups {
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
@@ -1426,21 +1466,21 @@ impl ConvKernels {
                             let kb = WGRAD_BLOCK.min(p - p0);
                             let gm = if kb == WGRAD_BLOCK.min(p) { bwd_w } else { bwd_w_tail.as_ref().expect("tail GEMM") };
                             // A = d_out block: element (co, q) at co*p + p0 + q.
-                            pack_a(&mut apack, &dout[p0..], mg, kb, p, 1);
+                            pack_a(apack, &dout[p0..], mg, kb, p, 1);
                             for j0 in (0..kc).step_by(NR) {
                                 let nr = NR.min(kc - j0);
                                 if g.is_direct() {
                                     // B = colᵀ = xᵀ: element (q, kk) at kk*hw + p0 + q.
-                                    gemm::pack_b_panel(&mut panel, &xs[p0..], kb, j0, nr, 1, hw);
+                                    gemm::pack_b_panel(panel, &xs[p0..], kb, j0, nr, 1, hw);
                                 } else {
-                                    self.im2col_t_panel(&mut panel, &mut rows, xs, p0, kb, j0, nr);
+                                    self.im2col_t_panel(panel, rows, xs, p0, kb, j0, nr);
                                 }
-                                gm.run_panel(d_w, dw_off + j0, mg, j0, &apack, &panel, &EpiArgs::default());
+                                gm.run_panel(d_w, dw_off + j0, mg, j0, apack, panel, &EpiArgs::default());
                             }
                         }
                     }
                 }
-            }
+            }),
             Impl::Naive { bwd_w, .. } => {
                 let mut dout = vec![0.0f32; g.cout * p];
                 for s in 0..n {

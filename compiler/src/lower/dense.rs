@@ -16,6 +16,7 @@ use super::entry::Kernel;
 use super::gemm::{pack_a, pack_b_panel, BiasKind, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, NR};
 use super::jit::Jit;
 use super::naive;
+use super::scratch::{self, grow};
 use super::Mode;
 use crate::ir::Dense;
 use crate::{Error, Result};
@@ -28,6 +29,26 @@ const WGRAD_BLOCK: usize = 32;
 enum Impl {
     Blocked { fwd: Gemm, bwd_data: Gemm, bwd_w: Gemm },
     Naive { fwd: Kernel, bwd_data: Kernel, bwd_w: Kernel },
+}
+
+/// The blocked drivers' buffers, one holder per thread ([`SCRATCH`]) shared by every dense
+/// layer run on it, so a steady-state step allocates none of them (see `lower::scratch`).
+/// Each is written before it is read in a call.
+#[derive(Default)]
+struct DenseScratch {
+    /// The packed `A` operand (the batch's inputs or output gradients).
+    apack: Vec<f32>,
+    /// One packed `B` panel.
+    panel: Vec<f32>,
+    /// The weight gradient's last block of output gradients and inputs, zero-padded to a
+    /// whole block.
+    dpad: Vec<f32>,
+    xpad: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's [`DenseScratch`].
+    static SCRATCH: std::cell::RefCell<DenseScratch> = std::cell::RefCell::new(DenseScratch::default());
 }
 
 /// The compiled kernels of one dense layer. `Send + Sync`.
@@ -131,17 +152,16 @@ impl DenseKernels {
             return Ok(());
         }
         match &self.imp {
-            Impl::Blocked { fwd, .. } => {
-                let mut ap = Vec::new();
-                pack_a(&mut ap, x, n, i, i, 1);
-                let mut panel = vec![0.0f32; i * NR];
+            Impl::Blocked { fwd, .. } => scratch::with(&SCRATCH, |sc| {
+                pack_a(&mut sc.apack, x, n, i, i, 1);
+                let panel = grow(&mut sc.panel, i * NR);
                 let epi = EpiArgs { bias, ..Default::default() };
                 for j0 in (0..o).step_by(NR) {
                     // B = Wᵀ: element (k, j) at j*I + k.
-                    pack_b_panel(&mut panel, w, i, j0, NR.min(o - j0), 1, i);
-                    fwd.run_panel(out, j0, n, j0, &ap, &panel, &epi);
+                    pack_b_panel(panel, w, i, j0, NR.min(o - j0), 1, i);
+                    fwd.run_panel(out, j0, n, j0, &sc.apack, panel, &epi);
                 }
-            }
+            }),
             Impl::Naive { fwd, .. } => {
                 for s in 0..n {
                     let row = &mut out[s * o..(s + 1) * o];
@@ -165,12 +185,10 @@ impl DenseKernels {
             return Ok(());
         }
         match &self.imp {
-            Impl::Blocked { bwd_data, .. } => {
-                let mut ap = Vec::new();
-                pack_a(&mut ap, d_out, n, o, o, 1);
-                let mut scratch = Vec::new();
-                bwd_data.run_strided_b(d_x, 0, n, &ap, w, i, 1, &EpiArgs::default(), &mut scratch);
-            }
+            Impl::Blocked { bwd_data, .. } => scratch::with(&SCRATCH, |sc| {
+                pack_a(&mut sc.apack, d_out, n, o, o, 1);
+                bwd_data.run_strided_b(d_x, 0, n, &sc.apack, w, i, 1, &EpiArgs::default(), &mut sc.panel);
+            }),
             Impl::Naive { bwd_data, .. } => {
                 for s in 0..n {
                     bwd_data.call(&mut d_x[s * i..(s + 1) * i], [&d_out[s * o..(s + 1) * o], w, &[], &[], &[], &[]]);
@@ -200,10 +218,8 @@ impl DenseKernels {
             (false, Some(_)) => return Err(self.err("bias gradient given to a layer without bias".into())),
         }
         match &self.imp {
-            Impl::Blocked { bwd_w, .. } => {
-                let mut ap = Vec::new();
-                let mut scratch = Vec::new();
-                let (mut dpad, mut xpad) = (Vec::new(), Vec::new());
+            Impl::Blocked { bwd_w, .. } => scratch::with(&SCRATCH, |sc| {
+                let DenseScratch { apack, panel, dpad, xpad } = sc;
                 for s0 in (0..n).step_by(WGRAD_BLOCK) {
                     let kb = WGRAD_BLOCK.min(n - s0);
                     let (db, xb): (&[f32], &[f32]) = if kb == WGRAD_BLOCK {
@@ -216,13 +232,13 @@ impl DenseKernels {
                         xpad.clear();
                         xpad.extend_from_slice(&x[s0 * i..(s0 + kb) * i]);
                         xpad.resize(WGRAD_BLOCK * i, 0.0);
-                        (&dpad, &xpad)
+                        (dpad, xpad)
                     };
                     // A = d_outᵀ: element (o, s) at s*O + o. B = x: element (s, i) at s*I + i.
-                    pack_a(&mut ap, db, o, WGRAD_BLOCK, 1, o);
-                    bwd_w.run_strided_b(d_w, 0, o, &ap, xb, i, 1, &EpiArgs::default(), &mut scratch);
+                    pack_a(apack, db, o, WGRAD_BLOCK, 1, o);
+                    bwd_w.run_strided_b(d_w, 0, o, apack, xb, i, 1, &EpiArgs::default(), panel);
                 }
-            }
+            }),
             Impl::Naive { bwd_w, .. } => {
                 for s in 0..n {
                     bwd_w.call(d_w, [&d_out[s * o..(s + 1) * o], &x[s * i..(s + 1) * i], &[], &[], &[], &[]]);

@@ -586,11 +586,16 @@ pub fn pack_b_panel(dst: &mut [f32], src: &[f32], k: usize, j0: usize, nr: usize
             }
         }
     } else if rs == 1 {
-        // Columns of B are contiguous: gather eight of them per packed row.
-        let zeros = vec![0.0f32; if nr < NR { k } else { 0 }];
-        let cols: [&[f32]; NR] =
-            std::array::from_fn(|t| if t < nr { &src[(j0 + t) * cs..(j0 + t) * cs + k] } else { &zeros[..] });
+        // Columns of B are contiguous: gather eight of them per packed row (past `nr`, the
+        // first column again, then zeroed: no buffer of zeros to allocate).
+        let cols: [&[f32]; NR] = std::array::from_fn(|t| {
+            let c = j0 + if t < nr { t } else { 0 };
+            &src[c * cs..c * cs + k]
+        });
         transpose8_from(dst, &cols, k);
+        if nr < NR {
+            dst.chunks_exact_mut(NR).for_each(|row| row[nr..].fill(0.0));
+        }
     } else {
         for kk in 0..k {
             for t in 0..nr {

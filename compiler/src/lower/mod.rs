@@ -26,6 +26,7 @@
 //! - [`hugebuf`]: `f32` buffers on transparent huge pages (the runtime's arena, the kernel
 //!   benchmarks' operands): on this project's VM a pass over 64 MiB on 4 KiB pages was 15x
 //!   slower.
+//! - `scratch`: the drivers' per-thread buffers, kept between calls (no per-call allocation).
 //! - [`peak`]: a JIT'd FMA throughput loop measuring this machine's 128-bit peak, and GFLOP/s
 //!   helpers used by `benches/kernels.rs`.
 //!
@@ -48,6 +49,7 @@ pub mod peak;
 pub mod pointwise;
 pub mod pool;
 pub mod report;
+mod scratch;
 pub mod winograd;
 pub mod winograd1d;
 

@@ -38,8 +38,8 @@
 //!
 //! Tiles are processed in blocks of whole tile rows (`TB` tiles, rounded up to a multiple of 8)
 //! sized so the block's `V` and `M` (`16 (Cin + Cout)` floats per tile) stay in L2 between the
-//! transforms and the GEMMs. Scratch lives in [`WinoScratch`], reused across the samples of a
-//! call (the padded planes' zero border is written once).
+//! transforms and the GEMMs. Scratch lives in [`WinoScratch`], one per thread, reused across
+//! samples, calls and layers (the padded planes' zero border is written when the shape changes).
 //!
 //! ## Weight gradient: `F(3x3, 2x2)`
 //! `dW[co, ci, a, b] = Σ_n Σ_{y,x} dy[co, y, x] · xpad[ci, y + a, x + b]` is, per `2 x 2` tile of
@@ -68,6 +68,7 @@ use super::gemm::{pack_a, transpose8, EpiArgs, Gemm, GemmPlan, GemmSpec, Wgrad, 
 use super::jit::{Finished, Jit};
 use super::FusedAct;
 use crate::Result;
+use std::cell::RefCell;
 
 /// Bytes of one block's transformed input and GEMM results together: whole tile rows up to
 /// this many stay in L2 (at least one tile row per block).
@@ -183,9 +184,9 @@ impl WinoPlan {
     }
 }
 
-/// Scratch of one call, reused across its samples: transformed filters (packed per `ξ`),
-/// split padded input planes, one block's transformed input and GEMM results, and the
-/// transforms' row buffers.
+/// Scratch of the forward, reused across samples, calls and layers: transformed filters
+/// (packed per `ξ`), split padded input planes, one block's transformed input and GEMM
+/// results, and the transforms' row buffers. One per thread ([`SCRATCH`]).
 #[derive(Default)]
 pub struct WinoScratch {
     /// The shape `pad` was laid out for (its zero border is written only when this changes).
@@ -569,8 +570,9 @@ pub struct WinoWgrad {
     tail: Option<Wgrad>,
 }
 
-/// Scratch of one weight-gradient call: split padded input planes, one block's `V` and packed
-/// `dY`, the transforms' row buffers, and the `M_ξᵀ` accumulated over the call's samples.
+/// Scratch of the weight gradient, reused across calls and layers: split padded input planes,
+/// one block's `V` and packed `dY`, the transforms' row buffers, and the `M_ξᵀ` accumulated
+/// over a call's samples. One per thread ([`WGRAD_SCRATCH`]).
 #[derive(Default)]
 pub struct WinoWgradScratch {
     /// The shape the buffers were laid out for.
@@ -589,6 +591,15 @@ pub struct WinoWgradScratch {
     rows: Vec<f32>,
     /// `M_ξᵀ`, `[ξ][Cin][Cout]`, summed over samples and tiles.
     m: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's forward scratch, shared by every layer run on it (a buffer per call would
+    /// be faulted in afresh each time: see `lower::scratch`). Its padded planes' zero border
+    /// is rewritten only when the shape changes.
+    pub(super) static SCRATCH: RefCell<WinoScratch> = RefCell::new(WinoScratch::default());
+    /// This thread's weight-gradient scratch, likewise.
+    pub(super) static WGRAD_SCRATCH: RefCell<WinoWgradScratch> = RefCell::new(WinoWgradScratch::default());
 }
 
 impl WinoWgradPlan {

@@ -68,6 +68,7 @@ use super::winograd::{
     block_gemms, define_wgrad, finish_row, pack_dy, residual_act, pack_filters, wgrad_gemms, WinoEpi, BLOCK_BYTES,
 };
 use crate::{Error, Result};
+use std::cell::RefCell;
 
 /// Which axis the 3-tap filter runs along.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -448,8 +449,9 @@ impl Wino1dPlan {
     }
 }
 
-/// Scratch of one forward call, reused across its samples: transformed filters, one block's
-/// gathered runs, transformed input, packed panels and GEMM results, and the output rows.
+/// Scratch of the forward, reused across samples, calls and layers: transformed filters, one
+/// block's gathered runs, transformed input, packed panels and GEMM results, and the output
+/// rows. One per thread ([`SCRATCH`]).
 #[derive(Default)]
 pub struct Wino1dScratch {
     /// The shape the buffers were sized for.
@@ -614,8 +616,9 @@ pub struct Winograd1dWgrad {
     tail: Option<Wgrad>,
 }
 
-/// Scratch of one weight-gradient call: gathered runs, one block's `V` and packed `dY`, and
-/// the `M_ξᵀ` accumulated over the call's samples.
+/// Scratch of the weight gradient, reused across calls and layers: gathered runs, one block's
+/// `V` and packed `dY`, and the `M_ξᵀ` accumulated over a call's samples. One per thread
+/// ([`WGRAD_SCRATCH`]).
 #[derive(Default)]
 pub struct Wino1dWgradScratch {
     /// The shape the buffers were laid out for.
@@ -630,6 +633,14 @@ pub struct Wino1dWgradScratch {
     b: Vec<f32>,
     /// `M_ξᵀ`, `[ξ][Cin][Cout]`, summed over samples and tiles.
     m: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's forward scratch, shared by every layer run on it (a buffer per call would
+    /// be faulted in afresh each time: see `lower::scratch`).
+    pub(super) static SCRATCH: RefCell<Wino1dScratch> = RefCell::new(Wino1dScratch::default());
+    /// This thread's weight-gradient scratch, likewise.
+    pub(super) static WGRAD_SCRATCH: RefCell<Wino1dWgradScratch> = RefCell::new(Wino1dWgradScratch::default());
 }
 
 impl Wino1dWgradPlan {
