@@ -181,6 +181,10 @@ pub struct LayerRow {
     /// slices; no kernel runs for it in the fused engine).
     #[serde(default)]
     pub in_place: bool,
+    /// Pooling groups this group computes as it stores each sample (`Plan::pool_into`): their
+    /// forward time is in this row's, theirs is about zero.
+    #[serde(default)]
+    pub pools: Vec<String>,
     /// Forward FLOPs of the group's nodes (cost model, whole batch).
     pub flops_forward: u64,
     /// Backward FLOPs of the group's nodes.
@@ -340,6 +344,7 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
     let mut fused_groups: Vec<Vec<String>> = Vec::new();
     let mut fused_ops: Vec<String> = Vec::new();
     let mut fused_inplace: Vec<bool> = Vec::new();
+    let mut fused_pools: Vec<Vec<String>> = Vec::new();
     let mut labels_k = 0;
 
     let mut jit_kinds = vec![(Fusion::Full, "fused JIT", cfg.reps)];
@@ -367,6 +372,14 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
             fused_groups = plan.groups.iter().map(|g| g.nodes.iter().map(|&n| plan.graph.node(n).name.clone()).collect()).collect();
             fused_ops = plan.groups.iter().map(|g| plan.graph.node(g.anchor()).op.kind().to_string()).collect();
             fused_inplace = plan.groups.iter().map(|g| plan.inplace_concats.contains(&g.anchor())).collect();
+            // Pools the engine computes inside their producers (where the plan asked and every
+            // producer stores the pooled value itself).
+            let pooled = e.pooled_by_producers(true);
+            fused_pools = plan
+                .pool_into
+                .iter()
+                .map(|p| p.map(|p| plan.graph.node(plan.groups[p].anchor()).name.clone()).filter(|n| pooled.contains(n)).into_iter().collect())
+                .collect();
         }
         let k = classes(graph)?;
         labels_k = k;
@@ -488,7 +501,8 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
         .iter()
         .zip(&fused_ops)
         .zip(&fused_inplace)
-        .map(|((nodes, op), &in_place)| {
+        .zip(fused_pools.iter().chain(std::iter::repeat(&Vec::new())))
+        .map(|(((nodes, op), &in_place), pools)| {
             let (mut ff, mut fb) = (0, 0);
             for n in nodes {
                 if let Some(l) = cost_of.get(n.as_str()) {
@@ -509,7 +523,7 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
                     LayerTime { forward_ns: ns(f), backward_ns: ns(b) }
                 })
                 .collect();
-            LayerRow { group: nodes[0].clone(), op: op.clone(), nodes: nodes.clone(), in_place, flops_forward: ff, flops_backward: fb, times }
+            LayerRow { group: nodes[0].clone(), op: op.clone(), nodes: nodes.clone(), in_place, pools: pools.clone(), flops_forward: ff, flops_backward: fb, times }
         })
         .collect();
     tick("done", false);
@@ -721,7 +735,9 @@ impl BenchReport {
         let mut t = Table::new(&hr, 3);
         for l in &self.layers {
             let op = if l.in_place { format!("{} (in place)", l.op) } else { l.op.clone() };
-            let mut r = vec![l.group.clone(), op, l.nodes[1..].join(" ")];
+            // Pools computed in this group's store: `+pool`.
+            let with: Vec<String> = l.nodes[1..].iter().cloned().chain(l.pools.iter().map(|p| format!("+{p}"))).collect();
+            let mut r = vec![l.group.clone(), op, with.join(" ")];
             r.push(format!("{:.2}", l.flops_forward as f64 / 1e6));
             r.push(format!("{:.2}", l.flops_backward as f64 / 1e6));
             for (i, lt) in l.times.iter().enumerate() {

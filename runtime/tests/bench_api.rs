@@ -110,8 +110,12 @@ fn lenet5_rows_cover_every_group() {
     check_report(&g, &r, 3);
     assert_eq!(r.engines[0].reps, 2);
     assert_eq!(r.engines[1].reps, 1);
-    // conv1 + relu1 is one fused group.
+    // conv1 + relu1 is one fused group, which pools into pool1 as it stores (the pool's
+    // own row keeps its FLOPs: the sums above check they are counted once).
     assert_eq!(r.layers[0].nodes, ["conv1", "relu1"]);
+    assert_eq!(r.layers[0].pools, ["pool1"]);
+    assert_eq!(r.layers[1].group, "pool1");
+    assert!(r.layers[1].pools.is_empty());
 }
 
 #[test]
