@@ -31,10 +31,10 @@
 //!   `d_b[co] += Σ_p d_out[co, p]`.
 //!
 //! ## 3x3 stride 1 with >= 16 channels: Winograd
-//! Forward and backward data run on [`winograd`](super::winograd)'s `F(2x2, 3x3)`, the weight
+//! Forward and backward data run on [`winograd`]'s `F(2x2, 3x3)`, the weight
 //! gradient on its `F(3x3, 2x2)` (see there; switch all three off with [`ConvOptions`]).
 //! 1x3 and 3x1 stride-1 layers (no padding across the filtered axis) with enough channels run
-//! on [`winograd1d`](super::winograd1d)'s `F(m, 3)` / `F(3, m)` likewise.
+//! on [`winograd1d`]'s `F(m, 3)` / `F(3, m)` likewise.
 //!
 //! ## Stride 1: direct kernels, no im2col ([`ConvKernels::algorithms`] says `"direct"`)
 //! Each sample's group input is copied once into zero-padded planes (`PW` = the output row
@@ -973,7 +973,7 @@ impl ConvKernels {
     }
 
     /// The algorithm each of forward, backward-data, backward-weight runs: `"winograd"`
-    /// ([`winograd`](super::winograd)), `"direct"`
+    /// ([`winograd`]), `"direct"`
     /// (padded planes read in place), `"im2col"` (packed panels gathered from the input),
     /// `"1x1"` (the input itself is the GEMM operand) or `"naive"`.
     pub fn algorithms(&self) -> [&'static str; 3] {

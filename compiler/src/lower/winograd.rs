@@ -186,7 +186,7 @@ impl WinoPlan {
 
 /// Scratch of the forward, reused across samples, calls and layers: transformed filters
 /// (packed per `ξ`), split padded input planes, one block's transformed input and GEMM
-/// results, and the transforms' row buffers. One per thread ([`SCRATCH`]).
+/// results, and the transforms' row buffers. One per thread (the module's `SCRATCH`).
 #[derive(Default)]
 pub struct WinoScratch {
     /// The shape `pad` was laid out for (its zero border is written only when this changes).
@@ -572,7 +572,7 @@ pub struct WinoWgrad {
 
 /// Scratch of the weight gradient, reused across calls and layers: split padded input planes,
 /// one block's `V` and packed `dY`, the transforms' row buffers, and the `M_ξᵀ` accumulated
-/// over a call's samples. One per thread ([`WGRAD_SCRATCH`]).
+/// over a call's samples. One per thread (the module's `WGRAD_SCRATCH`).
 #[derive(Default)]
 pub struct WinoWgradScratch {
     /// The shape the buffers were laid out for.

@@ -451,7 +451,7 @@ impl Wino1dPlan {
 
 /// Scratch of the forward, reused across samples, calls and layers: transformed filters, one
 /// block's gathered runs, transformed input, packed panels and GEMM results, and the output
-/// rows. One per thread ([`SCRATCH`]).
+/// rows. One per thread (the module's `SCRATCH`).
 #[derive(Default)]
 pub struct Wino1dScratch {
     /// The shape the buffers were sized for.
@@ -618,7 +618,7 @@ pub struct Winograd1dWgrad {
 
 /// Scratch of the weight gradient, reused across calls and layers: gathered runs, one block's
 /// `V` and packed `dY`, and the `M_ξᵀ` accumulated over a call's samples. One per thread
-/// ([`WGRAD_SCRATCH`]).
+/// (the module's `WGRAD_SCRATCH`).
 #[derive(Default)]
 pub struct Wino1dWgradScratch {
     /// The shape the buffers were laid out for.
