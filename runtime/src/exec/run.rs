@@ -184,18 +184,10 @@ fn gather(dst: &mut Vec<f32>, buf: &[f32], l: Loc, n: usize) {
     }
 }
 
-/// A pooling step computed by the step writing its input (`Plan::pool_into`): its kernels,
-/// its whole output buffer and winners (compiled batch), and its output's location.
+/// A pooling step computed by the step writing its input (`Plan::pool_into`) over a run of
+/// samples (the batch, or one thread's chunk of it), indexed from its first: its kernels, its
+/// output buffer and winners for those samples, and its output's location.
 struct FusedPool<'a> {
-    k: &'a PoolKernels,
-    out: &'a mut [f32],
-    am: &'a mut [u8],
-    ol: Loc,
-    per_am: usize,
-}
-
-/// [`FusedPool`] over a run of samples (a thread's chunk), indexed from its first.
-struct PoolChunk<'a> {
     k: &'a PoolKernels,
     out: &'a mut [f32],
     am: &'a mut [u8],
@@ -217,19 +209,17 @@ impl<'a> FusedPool<'a> {
 
     /// Chunks of `per` samples (of `n`), one per chunk of the producer's samples; `None`s
     /// without a fused pooling.
-    fn chunks(fp: Option<FusedPool<'a>>, per: usize, n: usize) -> Vec<Option<PoolChunk<'a>>> {
+    fn chunks(fp: Option<FusedPool<'a>>, per: usize, n: usize) -> Vec<Option<FusedPool<'a>>> {
         let Some(fp) = fp else { return (0..n.div_ceil(per)).map(|_| None).collect() };
         let (k, ol, per_am) = (fp.k, fp.ol, fp.per_am);
         let ams: Vec<&'a mut [u8]> = match per_am {
             0 => (0..n.div_ceil(per)).map(|_| <&mut [u8]>::default()).collect(),
             _ => fp.am.chunks_mut(per * per_am).collect(),
         };
-        fp.out.chunks_mut(per * ol.stride()).zip(ams).map(|(out, am)| Some(PoolChunk { k, out, am, ol, per_am })).collect()
+        fp.out.chunks_mut(per * ol.stride()).zip(ams).map(|(out, am)| Some(FusedPool { k, out, am, ol, per_am })).collect()
     }
-}
 
-impl PoolChunk<'_> {
-    /// Pool sample `j` (of the chunk)'s channels `c0..c0 + c` of the pooled value from
+    /// Pool sample `j` (of the run)'s channels `c0..c0 + c` of the pooled value from
     /// `planes` (those channels' input planes), winners included in training.
     fn sample(&mut self, j: usize, c0: usize, c: usize, planes: &[f32]) -> cnnc_compiler::Result<()> {
         let ohw = self.ol.hw;
