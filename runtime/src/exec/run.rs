@@ -365,9 +365,9 @@ impl Program {
                                 Some(act) => pointwise::channel_affine_act(o, xs, 0, &a, &b, hw, act),
                                 None => pointwise::channel_affine(o, xs, 0, &a, &b, hw),
                             }
-                            for (c, xs) in rest.iter().zip(&others) {
+                            for (c, adds) in rest.iter().zip(&others) {
                                 match c {
-                                    Chain::Add { .. } => xs.iter().for_each(|x| o.iter_mut().zip(&x[s * num..(s + 1) * num]).for_each(|(v, &a)| *v += a)),
+                                    Chain::Add { .. } => adds.iter().for_each(|r| o.iter_mut().zip(&r[s * num..(s + 1) * num]).for_each(|(v, &a)| *v += a)),
                                     Chain::Act(act) => pointwise::activation_inplace(*act, o),
                                     Chain::Fold { layer, .. } => return Err(cnnc_compiler::Error::Codegen { layer: layer.clone(), message: "a folded batch norm after a training batch norm".into() }),
                                 }
