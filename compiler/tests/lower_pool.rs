@@ -307,3 +307,143 @@ fn max_pool_backward_rejects_bad_offsets() {
     assert!(pk.backward(&mut dx, &g, Some(&am)).is_err());
     assert!(pk.backward(&mut dx, &g, None).is_err());
 }
+
+/// The max-pool backward as the plain scatter it must match bit for bit: in output order
+/// (ascending `oy`, then `ox`), each output's gradient added onto the cell its offset names,
+/// decoded with flat plane arithmetic (a padding cell of a clipped window wraps to another
+/// cell of the plane where the flat index still lies inside it), `None` where it lies outside.
+fn scatter_ref(p: &Pool2d, (h, w): (usize, usize), (oh, ow): (usize, usize), d_x: &mut [f32], d_out: &[f32], am: &[u8]) -> Option<()> {
+    let [t, _, l, _] = p.pads();
+    let (kw, hw) = (p.kernel[1], h * w);
+    for pl in 0..d_x.len() / hw {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let q = pl * oh * ow + oy * ow + ox;
+                let a = am[q] as usize;
+                let flat = (oy * p.stride[0] + a / kw) as isize * w as isize - (t * w) as isize + (ox * p.stride[1] + a % kw) as isize - l as isize;
+                if flat < 0 || flat >= hw as isize {
+                    return None;
+                }
+                d_x[pl * hw + flat as usize] += d_out[q];
+            }
+        }
+    }
+    Some(())
+}
+
+/// Random `d_x` (or `d_out`) values that make the order of additions visible: magnitudes over
+/// several decades (sums round differently in another order), with `-0.0`, `+0.0` and a few
+/// subnormals (an addition of `+0.0` where the scatter adds nothing shows on `-0.0`).
+fn grads(rng: &mut StdRng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|_| match rng.random_range(0..16) {
+            0 => -0.0,
+            1 => 0.0,
+            2 => f32::from_bits(rng.random_range(1..0x007f_ffff)) * if rng.random_range(0..2) == 0 { -1.0 } else { 1.0 },
+            _ => rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-4..5)),
+        })
+        .collect()
+}
+
+/// Stride-1 max-pool backward (a gather per input cell where output rows have the input's
+/// width; the scatter otherwise) against the scatter, bit for bit: windows 2x2, 3x3, 5x5, 3x1,
+/// 1x3, 2x3, symmetric and asymmetric paddings, odd sizes, planes narrower than a vector, both
+/// `backward` (onto random `d_x` holding `-0.0`, `+0.0`, subnormals) and `backward_overwrite`
+/// (onto NaN), inputs with many ties (cells winning several windows, so several additions per
+/// cell in a fixed order).
+#[test]
+fn max_pool_stride1_backward_matches_scatter_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(75);
+    type Case = ([usize; 2], [usize; 4]);
+    let cases: [Case; 14] = [
+        ([3, 3], [1, 1, 1, 1]),
+        ([3, 3], [0, 0, 0, 0]),
+        ([3, 3], [2, 0, 0, 2]),
+        ([3, 3], [0, 2, 2, 0]),
+        ([2, 2], [0, 1, 0, 1]),
+        ([2, 2], [1, 0, 1, 0]),
+        ([2, 2], [1, 1, 1, 1]),
+        ([5, 5], [2, 2, 2, 2]),
+        ([5, 5], [1, 3, 4, 0]),
+        ([3, 1], [1, 1, 0, 0]),
+        ([1, 3], [0, 0, 1, 1]),
+        ([2, 3], [1, 0, 1, 1]),
+        ([5, 3], [2, 2, 1, 1]),
+        ([3, 3], [1, 1, 0, 2]),
+    ];
+    let (mut gathered, mut multi) = (0, 0);
+    for (n, c, h, w) in [(2, 3, 7, 9), (1, 2, 32, 32), (3, 5, 16, 16), (1, 3, 13, 5), (2, 2, 11, 20), (1, 1, 3, 3), (1, 2, 9, 17)] {
+        for kind in [0, 1, 3, 2] {
+            let x = input(&mut rng, kind, n * c * h * w);
+            for (k, pads) in cases {
+                let p = pool(k, [1, 1], pads, false);
+                let Ok(pk) = PoolKernels::new("pool", &p, (c, h, w)) else { continue };
+                let (_, oh, ow) = pk.out_shape();
+                let what = format!("{k:?}/1 pads {pads:?} on {n}x{c}x{h}x{w}, input kind {kind}");
+                let (mut out, mut am) = (vec![0.0; n * c * oh * ow], vec![0u8; n * c * oh * ow]);
+                pk.forward(&mut out, Some(&mut am), &x).unwrap();
+                let d_out = grads(&mut rng, out.len());
+                let d_x0 = grads(&mut rng, x.len());
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let mut want = d_x0.clone();
+                scatter_ref(&p, (h, w), (oh, ow), &mut want, &d_out, &am).expect("a forward's offsets name real cells");
+                let mut got = d_x0.clone();
+                pk.backward(&mut got, &d_out, Some(&am)).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{what}: backward");
+                let mut want = vec![0.0f32; x.len()];
+                scatter_ref(&p, (h, w), (oh, ow), &mut want, &d_out, &am).unwrap();
+                let mut got = vec![f32::NAN; x.len()];
+                pk.backward_overwrite(&mut got, &d_out, Some(&am)).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{what}: backward_overwrite");
+                gathered += (ow == w) as usize;
+                // Cells winning several windows: their additions' order matters.
+                let mut wins = vec![0u32; x.len()];
+                let mut ones = vec![0.0f32; x.len()];
+                scatter_ref(&p, (h, w), (oh, ow), &mut ones, &vec![1.0; out.len()], &am).unwrap();
+                for (c, &o) in wins.iter_mut().zip(&ones) {
+                    *c = o as u32;
+                }
+                multi += wins.iter().filter(|&&c| c >= 3).count();
+            }
+        }
+    }
+    assert!(gathered >= 100 && multi >= 1000, "{gathered} gathered geometries, {multi} cells winning 3+ windows");
+}
+
+/// Offsets inside the window but naming a padding cell (never recorded by a forward): the
+/// stride-1 backward takes the scatter for such a plane, which wraps to another cell of the
+/// plane where the flat index lies inside it (as before the gather), and fails where it does
+/// not; the other planes still gather.
+#[test]
+fn max_pool_stride1_backward_padding_offsets_take_the_scatter() {
+    let p = pool([3, 3], [1, 1], [1, 1, 1, 1], false);
+    let pk = PoolKernels::new("pool", &p, (3, 5, 5)).unwrap();
+    let mut rng = StdRng::seed_from_u64(76);
+    let x = input(&mut rng, 0, 3 * 25);
+    let mut am = vec![0u8; 3 * 25];
+    pk.forward(&mut vec![0.0; 3 * 25], Some(&mut am), &x).unwrap();
+    let d_out = grads(&mut rng, 3 * 25);
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    // Plane 1, output (2, 0): offset 3 is cell (2, -1), flat cell (1, 4) of the plane.
+    am[25 + 10] = 3;
+    let d_x0 = grads(&mut rng, 3 * 25);
+    let mut want = d_x0.clone();
+    scatter_ref(&p, (5, 5), (5, 5), &mut want, &d_out, &am).unwrap();
+    let mut got = d_x0.clone();
+    pk.backward(&mut got, &d_out, Some(&am)).unwrap();
+    assert_eq!(bits(&got), bits(&want), "wrapped offset, accumulating");
+    let mut want = vec![0.0f32; 3 * 25];
+    scatter_ref(&p, (5, 5), (5, 5), &mut want, &d_out, &am).unwrap();
+    let mut got = vec![f32::NAN; 3 * 25];
+    pk.backward_overwrite(&mut got, &d_out, Some(&am)).unwrap();
+    assert_eq!(bits(&got), bits(&want), "wrapped offset, overwriting");
+    // Plane 2, output (0, 0): offset 0 is cell (-1, -1), before the plane.
+    am[50] = 0;
+    let e = pk.backward(&mut got, &d_out, Some(&am)).unwrap_err().to_string();
+    assert!(e.contains("names no input cell"), "{e}");
+    let e = pk.backward_overwrite(&mut got, &d_out, Some(&am)).unwrap_err().to_string();
+    assert!(e.contains("names no input cell"), "{e}");
+    am[50] = 9;
+    let e = pk.backward(&mut got, &d_out, Some(&am)).unwrap_err().to_string();
+    assert!(e.contains("outside its 9-cell window"), "{e}");
+}

@@ -50,7 +50,9 @@
 //! 10. **CPU-feature builds.** `pool_max_avx2` and `pool_back2x2_avx2` call max-pooling
 //!     loops compiled with `#[target_feature(enable = "avx2")]` (safe Rust otherwise, bounds
 //!     checked like the baseline build) only after `is_x86_feature_detected!("avx2")` said
-//!     this CPU has AVX2: the one requirement of calling such a function.
+//!     this CPU has AVX2: the one requirement of calling such a function. Likewise
+//!     `pool_back_s1_avx512` calls a loop built with `avx2,avx512f,avx512vl,avx512bw,avx512dq`
+//!     only after `is_x86_feature_detected!` said this CPU has each of those five.
 
 use super::jit::{Extents, KERNEL_ARGS};
 use super::pool::{PoolKernels, Scratch};
@@ -281,5 +283,22 @@ pub(super) fn pool_back2x2_avx2<const SET: bool>(k: &PoolKernels, dxp: &mut [f32
         return true;
     }
     let _ = (k, dxp, ap, gp);
+    false
+}
+
+/// Runs the AVX-512 build (F, VL, BW, DQ) of the stride-1 max-pool backward (gather) of one
+/// plane and returns true where the CPU has those; false, running nothing, elsewhere (bound 10).
+pub(super) fn pool_back_s1_avx512<const SET: bool>(k: &PoolKernels, dxp: &mut [f32], ap: &[u8], gp: &[f32], sc: &mut Scratch) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
+            // SAFETY: bound 10: the CPU has AVX2 and AVX-512 F, VL, BW and DQ, the features
+            // `back_s1_avx512` is built for.
+            unsafe { k.back_s1_avx512::<SET>(dxp, ap, gp, sc) };
+            return true;
+        }
+    }
+    let _ = (k, dxp, ap, gp, sc);
     false
 }

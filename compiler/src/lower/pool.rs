@@ -49,7 +49,13 @@
 //! `backward` adds each output's gradient to its winner (a scatter decoding the offsets, in
 //! output order); `backward_overwrite` writes `d_x` whole (zeroing it first). For 2x2 stride-2
 //! pooling, where every input cell lies in at most one window, both are one dense pass (each
-//! cell gets its window's gradient where it won, else nothing or zero).
+//! cell gets its window's gradient where it won, else nothing or zero). For stride 1 with
+//! output rows as wide as the input's (3x3/1 pad 1, say) each cell gathers instead: it offers
+//! itself to the `kh*kw` windows holding it, in the scatter's order, and adds the gradient of
+//! each one it won (branch-free compares and masked adds over flat blocks of the plane; only
+//! where the CPU runs the AVX-512 build, the AVX2 one measured slower than the scatter). The additions onto each cell are the scatter's, one at
+//! a time in the same order, so the results are the same bit for bit; a plane with an offset
+//! naming a padding cell (never recorded by a forward) takes the scatter.
 
 use super::entry;
 use crate::ir::{Pool2d, PoolKind};
@@ -95,6 +101,15 @@ pub struct PoolKernels {
     /// Plane distance `ky*W + kx` of each `u8` window offset `ky*kw + kx` from the window's
     /// corner (max pooling's backward; offsets from `kh*kw` on are rejected before use).
     delta: Box<[usize; 256]>,
+    /// `(ky, kx)` of each window offset `ky*kw + kx` (the stride-1 backward's check that a
+    /// winner is a real cell, [`Self::winners_real`]; no division per output).
+    split: Box<[(u8, u8); 256]>,
+    /// Stride-1 max pooling's windows clipped by the padding, for [`Self::winners_real`]: the
+    /// output rows clipped at the top or bottom with the offsets `ky0*kw..ky1*kw` of their real
+    /// rows `ky0..ky1`; the outputs clipped at the left or right (output index) with the real
+    /// columns `kx0..kx1`.
+    border_rows: Vec<(u32, u8, u16)>,
+    border_cols: Vec<(u32, u8, u8)>,
 }
 
 /// Per-thread buffers of the separable max pass, kept between calls (the engine pools one
@@ -107,6 +122,13 @@ pub(super) struct Scratch {
     hi: Vec<u8>,
     phases: Vec<f32>,
     am: Vec<u8>,
+    /// The stride-1 backward's padded planes of window offsets and gradients
+    /// ([`PoolKernels::back_s1_avx512`]).
+    bam: Vec<u32>,
+    bg: Vec<f32>,
+    /// The geometry whose padding `bam` holds (see [`PoolKernels::back_s1_avx512`]): the padding is
+    /// the same for every plane, so it is written only when the geometry changes.
+    bkey: (usize, usize, usize, usize, usize, usize),
 }
 
 thread_local! {
@@ -300,6 +322,18 @@ fn pick_u8(t: bool, a: u8, b: u8) -> u8 {
     (a & m) | (b & !m)
 }
 
+/// Whether the stride-1 max-pool backward gathers: where the CPU runs its AVX-512 build
+/// (`F`, `VL`, `BW`, `DQ`; see [`PoolKernels::back_s1_avx512`]).
+fn gather_s1() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 fn axis(n: usize, k: usize, s: usize, pads: (usize, usize), ceil: bool) -> Option<Axis> {
     if k == 0 || s == 0 || n + pads.0 + pads.1 < k {
         return None;
@@ -378,11 +412,28 @@ impl PoolKernels {
         let flat = w.is_multiple_of(sw) && ow <= w / sw;
         let hs = if flat { w / sw } else { ow };
         #[rustfmt::skip]
-        let k = PoolKernels {
+        let mut k = PoolKernels {
             layer: layer.to_string(), kind: pool.kind, c, h, w, oh, ow, rows, cols, div, tiled2,
             kh: pool.kernel[0], kw, sh, sw, top: pads[0], left: pads[2], inner, flat, hs, wp: (pads[2] + w).max(ow - 1 + kw),
             delta: Box::new(std::array::from_fn(|a| (a / kw) * w + a % kw)),
+            split: Box::new(std::array::from_fn(|a| ((a / kw).min(255) as u8, (a % kw) as u8))),
+            border_rows: Vec::new(), border_cols: Vec::new(),
         };
+        if k.kind == PoolKind::Max && k.sh == 1 && k.sw == 1 && ow == w {
+            // Real cells `y0..y1` are rows `y0 + top - oy..y1 + top - oy` of the window.
+            for (oy, &(y0, y1)) in k.rows.iter().enumerate() {
+                if y1 - y0 < k.kh {
+                    k.border_rows.push((oy as u32, ((y0 + k.top - oy) * kw) as u8, ((y1 + k.top - oy) * kw) as u16));
+                }
+            }
+            for oy in 0..oh {
+                for (ox, &(x0, x1)) in k.cols.iter().enumerate() {
+                    if x1 - x0 < kw {
+                        k.border_cols.push(((oy * ow + ox) as u32, (x0 + k.left - ox) as u8, (x1 + k.left - ox) as u8));
+                    }
+                }
+            }
+        }
         Ok(k)
     }
 
@@ -791,6 +842,154 @@ impl PoolKernels {
         }
     }
 
+    /// Max-pool backward of one plane (offsets `ap`, gradients `gp`). Offsets are checked to be
+    /// in the window (`a < kh*kw`, one pass). With `s1` (stride 1; `d_x` not zeroed beforehand
+    /// with `SET`), a plane whose offsets all name real cells of their clipped windows (what a
+    /// forward records) takes the gather [`Self::back_s1_avx512`] where the CPU runs it
+    /// ([`gather_s1`]); otherwise, and for other strides, the scatter [`Self::scatter`]
+    /// (`tiled2`: [`Self::back2x2`]).
+    fn back_max_plane<const SET: bool>(&self, s1: bool, dxp: &mut [f32], ap: &[u8], gp: &[f32]) -> Result<()> {
+        let cells = self.kh * self.kw;
+        if ap.iter().fold(0, |m, &a| m.max(a)) as usize >= cells {
+            if SET && s1 {
+                dxp.fill(0.0);
+            }
+            let q = ap.iter().position(|&a| a as usize >= cells).unwrap_or(0);
+            return Err(self.err(format!("argmax offset {} of output {q} is outside its {cells}-cell window", ap[q])));
+        }
+        if self.tiled2 {
+            self.back2x2::<SET>(dxp, ap, gp);
+            return Ok(());
+        }
+        if s1 {
+            if self.winners_real(ap) && SCRATCH.with_borrow_mut(|sc| entry::pool_back_s1_avx512::<SET>(self, dxp, ap, gp, sc)) {
+                return Ok(());
+            }
+            if SET {
+                dxp.fill(0.0);
+            }
+        }
+        self.scatter(dxp, ap, gp)
+    }
+
+    /// Whether every offset of the plane (all `< kh*kw`) names a real cell of its output's
+    /// clipped window: only windows clipped by the padding need looking at.
+    fn winners_real(&self, ap: &[u8]) -> bool {
+        let ow = self.ow;
+        // Rows clipped at the top or bottom: `ky` in range is `a` in `ky0*kw..ky1*kw`.
+        self.border_rows.iter().all(|&(oy, lo, up)| {
+            let row = &ap[oy as usize * ow..(oy as usize + 1) * ow];
+            row.iter().fold(u8::MAX, |m, &a| m.min(a)) >= lo && (row.iter().fold(0, |m, &a| m.max(a)) as u16) < up
+        }) && self.border_cols.iter().all(|&(q, x0, x1)| (x0..x1).contains(&self.split[ap[q as usize] as usize].1))
+    }
+
+    /// The scatter: each output's gradient added to its winner, in output order (window offset
+    /// `a = ky*kw + kx` of output `(oy, ox)` -> input cell `(oy*sh - top + ky, ox*sw - left +
+    /// kx)`: the window's corner plus `delta[a]`, wrapping: a clipped window's corner lies in the
+    /// padding). Offsets are `< kh*kw` (checked by the caller); a cell outside the plane is an
+    /// error.
+    fn scatter(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32]) -> Result<()> {
+        let (w, sw) = (self.w, self.sw);
+        for (oy, (arow, grow)) in ap.chunks_exact(self.ow).zip(gp.chunks_exact(self.ow)).enumerate() {
+            let corner = (oy * self.sh).wrapping_sub(self.top).wrapping_mul(w).wrapping_sub(self.left);
+            for (ox, (&a, &g)) in arow.iter().zip(grow).enumerate() {
+                match dxp.get_mut(corner.wrapping_add(ox * sw).wrapping_add(self.delta[a as usize])) {
+                    Some(v) => *v += g,
+                    None => return Err(self.err(format!("argmax offset {a} of output ({oy}, {ox}) names no input cell"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stride-1 max-pool backward of one plane as a gather (offsets checked to name real cells
+    /// of their windows, [`Self::winners_real`]): cell `(iy, ix)` is in the windows of outputs
+    /// `(iy + top - ky, ix + left - kx)`, and takes each one's gradient where that output's
+    /// offset is `ky*kw + kx`, in the scatter's order (outputs ascending: `ky`, then `kx`
+    /// descending), one addition at a time onto the cell (a non-winner leaves it untouched),
+    /// so the sums are the scatter's bit for bit. `=` with `SET` (starting from `+0.0`), else
+    /// `+=`. Compiled with AVX-512 (`F`, `VL`, `BW`, `DQ`: compares into mask registers and
+    /// masked adds) and called by [`entry::pool_back_s1_avx512`] where the CPU has them
+    /// ([`gather_s1`]); elsewhere the scatter runs (the AVX2 build of the same loops measured
+    /// slower than it: a compare, an add and a three-µop blend per vector and candidate).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+    pub(super) fn back_s1_avx512<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32], sc: &mut Scratch) {
+        self.back_s1_any::<SET>(dxp, ap, gp, sc);
+    }
+
+    /// Output rows have the input's width here (`OW == W`), so output `(oy, ox)` and cell
+    /// `(iy, ix)` are both flat in one row stride `W`. The offsets (as `u32`) and gradients are
+    /// copied into planes with `P0 = (kh-1 - top)*W + (kw-1 - left)` cells of padding before
+    /// them (offsets `u32::MAX` there and after them: they match nothing). Cell `f = iy*W + ix`
+    /// then finds its candidate `(ky, kx)`, output `(iy + top - ky, ix + left - kx)`, at padded
+    /// `f + dy*W + dx` with `dy = kh-1 - ky`, `dx = kw-1 - kx`: the scatter's order is `dy`,
+    /// then `dx`, ascending, and the offset to match is `kh*kw - 1 - (dy*kw + dx)`. Near a row's
+    /// ends `ix + left - kx` leaves the row and the flat index lands in the next or previous
+    /// output row; a match there would name the winner column `ix ± W`, outside the plane, which
+    /// the caller's check ([`Self::winners_real`]) excludes. One flat pass over the plane in
+    /// blocks of `B` cells, several independent vectors in flight (each cell's additions form
+    /// a chain of dependent adds), then blocks of 16 and single cells.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn back_s1_any<const SET: bool>(&self, dxp: &mut [f32], ap: &[u8], gp: &[f32], sc: &mut Scratch) {
+        let (w, kh, kw, hw) = (self.w, self.kh, self.kw, self.h * self.w);
+        debug_assert_eq!(self.ow, w);
+        let cells = (kh * kw) as u32;
+        let p0 = (kh - 1 - self.top) * w + kw - 1 - self.left;
+        let n = (self.h + kh) * w + kw;
+        grow(&mut sc.bam, n);
+        grow(&mut sc.bg, n);
+        let (pa, pg) = (&mut sc.bam[..n], &mut sc.bg[..n]);
+        // The gradients' padding is never selected: left as it is (finite or not). The offsets'
+        // padding is the same for every plane of a geometry: written when the geometry changes.
+        let key = (w, n, p0, ap.len(), 0, 0);
+        if sc.bkey != key {
+            pa.fill(u32::MAX);
+            sc.bkey = key;
+        }
+        pa[p0..p0 + ap.len()].iter_mut().zip(ap).for_each(|(p, &a)| *p = a as u32);
+        pg[p0..p0 + gp.len()].copy_from_slice(gp);
+        let (pa, pg) = (&*pa, &*pg);
+        // One candidate onto the cell's value `d`: `d + g` where the offset `a` is `t`, else
+        // `d` untouched (branch-free: the mask form vectorises).
+        let term = |d: f32, a: u32, g: f32, t: u32| {
+            let m = ((a == t) as u32).wrapping_neg();
+            f32::from_bits(((d + g).to_bits() & m) | (d.to_bits() & !m))
+        };
+        #[inline(always)]
+        fn block<const B: usize, const SET: bool>(d: &mut [f32], c: usize, pa: &[u32], pg: &[f32], (w, kh, kw, cells): (usize, usize, usize, u32), term: impl Fn(f32, u32, f32, u32) -> f32) {
+            let d: &mut [f32; B] = d.try_into().unwrap();
+            let mut v = if SET { [0.0f32; B] } else { *d };
+            for dy in 0..kh {
+                let (a_row, g_row) = (&pa[c + dy * w..c + dy * w + kw - 1 + B], &pg[c + dy * w..c + dy * w + kw - 1 + B]);
+                for dx in 0..kw {
+                    let a: &[u32; B] = a_row[dx..dx + B].try_into().unwrap();
+                    let g: &[f32; B] = g_row[dx..dx + B].try_into().unwrap();
+                    let t = cells - 1 - (dy * kw + dx) as u32;
+                    for j in 0..B {
+                        v[j] = term(v[j], a[j], g[j], t);
+                    }
+                }
+            }
+            *d = v;
+        }
+        let geo = (w, kh, kw, cells);
+        let mut c = 0;
+        for d in dxp[..hw / 128 * 128].chunks_exact_mut(128) {
+            block::<128, SET>(d, c, pa, pg, geo, term);
+            c += 128;
+        }
+        for d in dxp[c..c + (hw - c) / 16 * 16].chunks_exact_mut(16) {
+            block::<16, SET>(d, c, pa, pg, geo, term);
+            c += 16;
+        }
+        for d in dxp[c..].chunks_exact_mut(1) {
+            block::<1, SET>(d, c, pa, pg, geo, term);
+            c += 1;
+        }
+    }
+
     /// Backward: `d_x += ∂L/∂x` (max: to the recorded winners; avg: spread over the window).
     pub fn backward(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
         self.backward_into::<false>(d_x, d_out, argmax)
@@ -799,7 +998,8 @@ impl PoolKernels {
     /// Backward that overwrites: `d_x = ∂L/∂x` (the previous contents of `d_x` are ignored),
     /// for a step that starts the input gradient's life (no zeroing needed before it). For 2x2
     /// stride-2 max pooling (every input cell in at most one window) each cell is written once
-    /// with its gradient or zero; other geometries zero `d_x` and accumulate. Same results as
+    /// with its gradient or zero, and the stride-1 gather sums from zero; other geometries zero
+    /// `d_x` and accumulate. Same results as
     /// zeroing `d_x` and calling [`Self::backward`], the same checks.
     pub fn backward_overwrite(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
         self.backward_into::<true>(d_x, d_out, argmax)
@@ -808,39 +1008,29 @@ impl PoolKernels {
     fn backward_into<const SET: bool>(&self, d_x: &mut [f32], d_out: &[f32], argmax: Option<&[u8]>) -> Result<()> {
         let planes = self.planes_of(d_x.len(), d_out.len(), false)?;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
-        if SET && !(self.kind == PoolKind::Max && self.tiled2) {
+        // Max pooling with stride 1 (not `tiled2`) gathers per plane and writes `d_x` itself
+        // (only where the AVX-512 build runs: the AVX2 build measured slower than the scatter).
+        let s1 = self.kind == PoolKind::Max && !self.tiled2 && self.sh == 1 && self.sw == 1 && self.ow == self.w && argmax.is_some() && gather_s1();
+        if SET && !(self.kind == PoolKind::Max && self.tiled2) && !s1 {
             d_x.fill(0.0);
         }
         match (self.kind, argmax) {
             (PoolKind::Max, Some(am)) => {
                 if am.len() != d_out.len() {
+                    if SET && s1 {
+                        d_x.fill(0.0);
+                    }
                     return Err(self.err(format!("argmax has {} elements, expected {}", am.len(), d_out.len())));
                 }
-                // Window offset `a = ky*kw + kx` of output `(oy, ox)` -> input cell
-                // `(oy*sh - top + ky, ox*sw - left + kx)`: the window's corner plus `delta[a]`
-                // (wrapping: a clipped window's corner lies in the padding). Offsets are checked
-                // to be in the window (`a < kh*kw`, one pass per plane) and their cells in the
-                // plane; a forward's offsets always name a real cell of the clipped window.
-                let (w, sw, cells) = (self.w, self.sw, self.kh * self.kw);
                 for pl in 0..planes {
                     let dxp = &mut d_x[pl * hw..(pl + 1) * hw];
                     let (ap, gp) = (&am[pl * ohw..(pl + 1) * ohw], &d_out[pl * ohw..(pl + 1) * ohw]);
-                    if ap.iter().fold(0, |m, &a| m.max(a)) as usize >= cells {
-                        let q = ap.iter().position(|&a| a as usize >= cells).unwrap_or(0);
-                        return Err(self.err(format!("argmax offset {} of output {q} is outside its {cells}-cell window", ap[q])));
-                    }
-                    if self.tiled2 {
-                        self.back2x2::<SET>(dxp, ap, gp);
-                        continue;
-                    }
-                    for (oy, (arow, grow)) in ap.chunks_exact(self.ow).zip(gp.chunks_exact(self.ow)).enumerate() {
-                        let corner = (oy * self.sh).wrapping_sub(self.top).wrapping_mul(w).wrapping_sub(self.left);
-                        for (ox, (&a, &g)) in arow.iter().zip(grow).enumerate() {
-                            match dxp.get_mut(corner.wrapping_add(ox * sw).wrapping_add(self.delta[a as usize])) {
-                                Some(v) => *v += g,
-                                None => return Err(self.err(format!("argmax offset {a} of output ({oy}, {ox}) names no input cell"))),
-                            }
+                    if let Err(e) = self.back_max_plane::<SET>(s1, dxp, ap, gp) {
+                        if SET && s1 {
+                            // As if `d_x` had been zeroed whole first (what the other paths do).
+                            d_x[(pl + 1) * hw..].fill(0.0);
                         }
+                        return Err(e);
                     }
                 }
             }
