@@ -286,18 +286,29 @@ pub(super) fn pool_back2x2_avx2<const SET: bool>(k: &PoolKernels, dxp: &mut [f32
     false
 }
 
-/// Runs the AVX-512 build (F, VL, BW, DQ) of the stride-1 max-pool backward (gather) of one
-/// plane and returns true where the CPU has those; false, running nothing, elsewhere (bound 10).
-pub(super) fn pool_back_s1_avx512<const SET: bool>(k: &PoolKernels, dxp: &mut [f32], ap: &[u8], gp: &[f32], sc: &mut Scratch) -> bool {
+/// Whether the CPU has AVX2 and AVX-512 F, VL, BW and DQ, the features the stride-1
+/// max-pool backward's gather is built for (bound 10): where it does,
+/// [`pool_back_s1_avx512`] runs that build.
+pub(super) fn has_pool_s1_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
-            // SAFETY: bound 10: the CPU has AVX2 and AVX-512 F, VL, BW and DQ, the features
-            // `back_s1_avx512` is built for.
-            unsafe { k.back_s1_avx512::<SET>(dxp, ap, gp, sc) };
-            return true;
-        }
+        has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Runs the AVX-512 build (F, VL, BW, DQ) of the stride-1 max-pool backward (gather) of one
+/// plane and returns true where the CPU has those ([`has_pool_s1_avx512`]); false, running
+/// nothing, elsewhere (bound 10).
+pub(super) fn pool_back_s1_avx512<const SET: bool>(k: &PoolKernels, dxp: &mut [f32], ap: &[u8], gp: &[f32], sc: &mut Scratch) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if has_pool_s1_avx512() {
+        // SAFETY: bound 10: the CPU has AVX2 and AVX-512 F, VL, BW and DQ, the features
+        // `back_s1_avx512` is built for.
+        unsafe { k.back_s1_avx512::<SET>(dxp, ap, gp, sc) };
+        return true;
     }
     let _ = (k, dxp, ap, gp, sc);
     false

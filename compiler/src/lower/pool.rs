@@ -53,11 +53,13 @@
 //! output rows as wide as the input's (3x3/1 pad 1, say) each cell gathers instead: it offers
 //! itself to the `kh*kw` windows holding it, in the scatter's order, and adds the gradient of
 //! each one it won (branch-free compares and masked adds over flat blocks of the plane; only
-//! where the CPU runs the AVX-512 build, the AVX2 one measured slower than the scatter). The additions onto each cell are the scatter's, one at
-//! a time in the same order, so the results are the same bit for bit; a plane with an offset
-//! naming a padding cell (never recorded by a forward) takes the scatter.
+//! where the CPU runs the AVX-512 build, the AVX2 one measured slower than the scatter). The
+//! additions onto each cell are the scatter's, one at a time in the same order, so the results
+//! are the same bit for bit; a plane with an offset naming a padding cell (never recorded by a
+//! forward) takes the scatter.
 
 use super::entry;
+use super::scratch::grow;
 use crate::ir::{Pool2d, PoolKind};
 use crate::{Error, Result};
 
@@ -128,18 +130,11 @@ pub(super) struct Scratch {
     bg: Vec<f32>,
     /// The geometry whose padding `bam` holds (see [`PoolKernels::back_s1_avx512`]): the padding is
     /// the same for every plane, so it is written only when the geometry changes.
-    bkey: (usize, usize, usize, usize, usize, usize),
+    bkey: (usize, usize, usize, usize),
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
-/// Grow `v` to at least `n` elements (never shrinks: the contents are scratch).
-fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
-    if v.len() < n {
-        v.resize(n, T::default());
-    }
 }
 
 /// Output size, clipped input range per output, and padded-window length per output.
@@ -320,18 +315,6 @@ fn pick(t: bool, a: f32, b: f32) -> f32 {
 fn pick_u8(t: bool, a: u8, b: u8) -> u8 {
     let m = (t as u8).wrapping_neg();
     (a & m) | (b & !m)
-}
-
-/// Whether the stride-1 max-pool backward gathers: where the CPU runs its AVX-512 build
-/// (`F`, `VL`, `BW`, `DQ`; see [`PoolKernels::back_s1_avx512`]).
-fn gather_s1() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 fn axis(n: usize, k: usize, s: usize, pads: (usize, usize), ceil: bool) -> Option<Axis> {
@@ -846,7 +829,7 @@ impl PoolKernels {
     /// in the window (`a < kh*kw`, one pass). With `s1` (stride 1; `d_x` not zeroed beforehand
     /// with `SET`), a plane whose offsets all name real cells of their clipped windows (what a
     /// forward records) takes the gather [`Self::back_s1_avx512`] where the CPU runs it
-    /// ([`gather_s1`]); otherwise, and for other strides, the scatter [`Self::scatter`]
+    /// ([`entry::has_pool_s1_avx512`]); otherwise, and for other strides, the scatter [`Self::scatter`]
     /// (`tiled2`: [`Self::back2x2`]).
     fn back_max_plane<const SET: bool>(&self, s1: bool, dxp: &mut [f32], ap: &[u8], gp: &[f32]) -> Result<()> {
         let cells = self.kh * self.kw;
@@ -910,7 +893,7 @@ impl PoolKernels {
     /// so the sums are the scatter's bit for bit. `=` with `SET` (starting from `+0.0`), else
     /// `+=`. Compiled with AVX-512 (`F`, `VL`, `BW`, `DQ`: compares into mask registers and
     /// masked adds) and called by [`entry::pool_back_s1_avx512`] where the CPU has them
-    /// ([`gather_s1`]); elsewhere the scatter runs (the AVX2 build of the same loops measured
+    /// ([`entry::has_pool_s1_avx512`]); elsewhere the scatter runs (the AVX2 build of the same loops measured
     /// slower than it: a compare, an add and a three-µop blend per vector and candidate).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
@@ -943,7 +926,7 @@ impl PoolKernels {
         let (pa, pg) = (&mut sc.bam[..n], &mut sc.bg[..n]);
         // The gradients' padding is never selected: left as it is (finite or not). The offsets'
         // padding is the same for every plane of a geometry: written when the geometry changes.
-        let key = (w, n, p0, ap.len(), 0, 0);
+        let key = (w, n, p0, ap.len());
         if sc.bkey != key {
             pa.fill(u32::MAX);
             sc.bkey = key;
@@ -1010,7 +993,7 @@ impl PoolKernels {
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
         // Max pooling with stride 1 (not `tiled2`) gathers per plane and writes `d_x` itself
         // (only where the AVX-512 build runs: the AVX2 build measured slower than the scatter).
-        let s1 = self.kind == PoolKind::Max && !self.tiled2 && self.sh == 1 && self.sw == 1 && self.ow == self.w && argmax.is_some() && gather_s1();
+        let s1 = self.kind == PoolKind::Max && !self.tiled2 && self.sh == 1 && self.sw == 1 && self.ow == self.w && argmax.is_some() && entry::has_pool_s1_avx512();
         if SET && !(self.kind == PoolKind::Max && self.tiled2) && !s1 {
             d_x.fill(0.0);
         }

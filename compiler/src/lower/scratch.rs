@@ -26,11 +26,12 @@ pub(super) fn with<T: Default, R>(key: &'static LocalKey<RefCell<T>>, f: impl Fn
     r
 }
 
-/// The first `n` elements of `v`, grown with zeros if it is shorter. Never shrinks, and
-/// elements already there keep what an earlier call left: for buffers written before read.
-pub(super) fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+/// The first `n` elements of `v`, grown with default values (zeros) if it is shorter. Never
+/// shrinks, and elements already there keep what an earlier call left: for buffers written
+/// before read.
+pub(super) fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     if v.len() < n {
-        v.resize(n, 0.0);
+        v.resize(n, T::default());
     }
     &mut v[..n]
 }
