@@ -277,6 +277,46 @@ fn odd_ops() -> Graph {
     g
 }
 
+/// A chain of convolution + activation groups, one activation each, whose masks run inside
+/// the convolutions' backward data: odd 7x9 input, direct 3x3, 1x1, stride 2 with asymmetric
+/// padding (col2im), 1x3, a 16->16 3x3 (Winograd), and a grouped convolution.
+fn conv_acts() -> Graph {
+    let mut g = Graph::new("conv_acts");
+    let x = g.input("input", Shape::chw(3, 7, 9)).unwrap();
+    let c = g.add("conv1", Op::Conv2d(conv(4, 3).pad(Padding::uniform(1))), &[x]).unwrap();
+    let a = g.add("relu1", relu(), &[c]).unwrap();
+    let c = g.add("conv2", Op::Conv2d(conv(6, 3).pad(Padding::uniform(1))), &[a]).unwrap();
+    let a = g.add("leaky2", Op::Act(Activation::LeakyRelu { slope: 0.1 }), &[c]).unwrap();
+    let c = g.add("conv3", Op::Conv2d(conv(6, 1)), &[a]).unwrap();
+    let a = g.add("elu3", Op::Act(Activation::Elu { alpha: 0.7 }), &[c]).unwrap();
+    let c4 = Conv2d::new(16, [3, 3]).stride(2).pad(Padding::Explicit { top: 0, bottom: 1, left: 1, right: 0 });
+    let c = g.add("conv4", Op::Conv2d(c4), &[a]).unwrap();
+    let a = g.add("sigmoid4", Op::Act(Activation::Sigmoid), &[c]).unwrap();
+    let c5 = Conv2d::new(16, [1, 3]).pad(Padding::Explicit { top: 0, bottom: 0, left: 1, right: 1 });
+    let c = g.add("conv5", Op::Conv2d(c5), &[a]).unwrap();
+    let a = g.add("tanh5", Op::Act(Activation::Tanh), &[c]).unwrap();
+    let c = g.add("conv6", Op::Conv2d(conv(16, 3).pad(Padding::uniform(1))), &[a]).unwrap();
+    let a = g.add("relu6", relu(), &[c]).unwrap();
+    let mut c7 = conv(8, 3).pad(Padding::uniform(1));
+    c7.groups = 4;
+    let c = g.add("conv7", Op::Conv2d(c7), &[a]).unwrap();
+    let a = g.add("relu7", relu(), &[c]).unwrap();
+    let f = g.add("flatten", Op::Flatten, &[a]).unwrap();
+    g.add("fc", dense(5), &[f]).unwrap();
+    g
+}
+
+#[test]
+fn activation_masks_in_backward_data_match_reference() {
+    check(&conv_acts(), Loss::SoftmaxCrossEntropy, 3, 3, 21);
+    check(&conv_acts(), Loss::SoftmaxCrossEntropy, 3, 1, 22);
+    // The first layer's input (the image) has no gradient: its mask stays a pass of its own.
+    let e = JitEngine::new(&conv_acts(), Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap();
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(e.masked_in_backward_data(), s(&["conv2", "conv3", "conv4", "conv5", "conv6", "conv7"]));
+    assert_eq!(JitEngine::new(&lenet(), Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap().masked_in_backward_data(), s(&["conv2"]));
+}
+
 #[test]
 fn lenet5_matches_reference() {
     check(&lenet(), Loss::SoftmaxCrossEntropy, 5, 5, 1);

@@ -226,6 +226,48 @@ impl std::fmt::Debug for SampleHook<'_> {
     }
 }
 
+/// A per-sample callback of [`ConvKernels::backward_data_with`]: called with each sample's
+/// index (within the call) and its output-gradient planes (`[Cout, OH, OW]`: this layer's
+/// channels, whatever concatenation slice they sit in) right before backward data reads them,
+/// to finish that gradient in place while the kernel is about to bring it into cache (the mask
+/// of an activation fused into the layer's forward). Its first error ends the call.
+pub struct GradHook<'a>(pub &'a mut dyn FnMut(usize, &mut [f32]) -> Result<()>);
+
+impl std::fmt::Debug for GradHook<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GradHook")
+    }
+}
+
+/// Backward data's output gradient: read as given, or finished per sample by a [`GradHook`]
+/// before it is read.
+enum DOut<'a, 'h> {
+    Plain(&'a [f32]),
+    Hooked(&'a mut [f32], GradHook<'h>),
+}
+
+impl DOut<'_, '_> {
+    fn len(&self) -> usize {
+        match self {
+            DOut::Plain(d) => d.len(),
+            DOut::Hooked(d, _) => d.len(),
+        }
+    }
+
+    /// Sample `s`'s region `r` (its planes of this layer's channels), after the hook has run
+    /// on it. Called once per sample, in sample order.
+    fn sample(&mut self, s: usize, r: std::ops::Range<usize>) -> Result<&[f32]> {
+        match self {
+            DOut::Plain(d) => Ok(&d[r]),
+            DOut::Hooked(d, GradHook(h)) => {
+                let v = &mut d[r];
+                h(s, v)?;
+                Ok(v)
+            }
+        }
+    }
+}
+
 /// Bytes of a sample's 1x1 input (or backward-data output) past which its blocks are
 /// software-prefetched ([`entry::prefetch`](super::entry::prefetch)) while the previous block
 /// computes.
@@ -1228,6 +1270,18 @@ impl ConvKernels {
     /// Backward data: `d_x += ∂L/∂x` from `d_out` (same layout as `out`) and the weights
     /// (`d_x = ∂L/∂x` when compiled with [`ConvOptions::overwrite_dx`]).
     pub fn backward_data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> Result<()> {
+        self.backward_data_impl(d_x, DOut::Plain(d_out), w)
+    }
+
+    /// [`backward_data`](Self::backward_data) with `before_sample` run on each sample's planes
+    /// of `d_out`, in place, right before the kernel reads them (see [`GradHook`]): the same
+    /// result as running the hook over every sample first, with the finished gradient left in
+    /// `d_out` for the weight gradient, but without a separate pass over it in memory.
+    pub fn backward_data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], before_sample: GradHook<'_>) -> Result<()> {
+        self.backward_data_impl(d_x, DOut::Hooked(d_out, before_sample), w)
+    }
+
+    fn backward_data_impl(&self, d_x: &mut [f32], mut d_out: DOut<'_, '_>, w: &[f32]) -> Result<()> {
         let g = &self.geom;
         let n = self.samples("input gradient", d_x.len(), g.in_numel())?;
         let cs = self.slice();
@@ -1238,6 +1292,8 @@ impl ConvKernels {
         let cg = g.cin / g.groups;
         let kc = g.kc();
         let hw = g.h * g.w;
+        // Sample `s`'s planes of this layer's channels.
+        let region = |s: usize| (s * cs.total + cs.offset) * p..(s * cs.total + cs.offset + g.cout) * p;
         match &self.imp {
             Impl::Blocked { winograd_bwd: Some(wg), .. } => scratch::with(&SCRATCH, |sc| {
                 // w'[ci, co, t] = w[co, ci, taps - 1 - t] (one group).
@@ -1253,12 +1309,19 @@ impl ConvKernels {
                     }
                 }
                 let we = WinoEpi { bias: &[], scale: &[], shift: &[], residual: &[], act: FusedAct::None, accumulate: !self.overwrites_dx };
+                let mut res = Ok(());
                 wg.run(wt, n, |s, f| {
-                    let dos = &d_out[(s * cs.total + cs.offset) * p..][..g.cout * p];
-                    f(&mut d_x[s * g.in_numel()..][..g.in_numel()], dos, &we);
+                    if res.is_err() {
+                        return;
+                    }
+                    match d_out.sample(s, region(s)) {
+                        Ok(dos) => f(&mut d_x[s * g.in_numel()..][..g.in_numel()], dos, &we),
+                        Err(e) => res = Err(e),
+                    }
                 });
-            }),
-            Impl::Blocked { direct_bwd: Some(d), .. } => scratch::with(&SCRATCH, |sc| {
+                res
+            })?,
+            Impl::Blocked { direct_bwd: Some(d), .. } => scratch::with(&SCRATCH, |sc| -> Result<()> {
                 // A = the flipped, transposed weights: element (ci, (co, t)) is
                 // w[co, ci, kh-1-ky, kw-1-kx] for tap t = (ky, kx).
                 let taps = g.kernel[0] * g.kernel[1];
@@ -1277,24 +1340,27 @@ impl ConvKernels {
                 });
                 let pad = sc.pad.get(&d.planes);
                 for s in 0..n {
+                    let dos = d_out.sample(s, region(s))?;
                     for (gi, ap) in packs.iter().enumerate() {
-                        d.planes.fill(pad, &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p]);
+                        d.planes.fill(pad, &dos[gi * mg * p..][..mg * p]);
                         d.run(d_x, s * g.in_numel() + gi * cg * hw, cg, ap, pad, &EpiArgs::default());
                     }
                 }
-            }),
+                Ok(())
+            })?,
             Impl::Blocked { bwd_data: None, .. } => {
                 return Err(conv_err(&self.layer, "no backward-data kernel compiled".into()));
             }
-            Impl::Blocked { bwd_data: Some(bwd_data), .. } => scratch::with(&SCRATCH, |sc| {
+            Impl::Blocked { bwd_data: Some(bwd_data), .. } => scratch::with(&SCRATCH, |sc| -> Result<()> {
                 // A = W_gᵀ: element (kk, co) at co*kc + kk.
                 let packs = pack_groups(&mut sc.packs, g.groups, |a, gi| pack_a(a, &w[gi * mg * kc..], kc, mg, 1, kc));
                 let bp = self.block_panels();
                 let panel = grow(&mut sc.panel, bp * mg * NR);
                 let dcol = grow(&mut sc.dcol, if g.is_direct() { 0 } else { bp * kc * NR });
                 for s in 0..n {
+                    let dos = d_out.sample(s, region(s))?;
                     for (gi, ap) in packs.iter().enumerate() {
-                        let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
+                        let dout = &dos[gi * mg * p..][..mg * p];
                         let dx_off = s * g.in_numel() + gi * cg * hw;
                         if self.zero_dx {
                             d_x[dx_off..dx_off + cg * hw].fill(0.0);
@@ -1322,11 +1388,12 @@ impl ConvKernels {
                         }
                     }
                 }
-            }),
+                Ok(())
+            })?,
             Impl::Naive { bwd_data, .. } => {
                 let mut dout = vec![0.0f32; g.cout * p];
                 for s in 0..n {
-                    dout.copy_from_slice(&d_out[(s * cs.total + cs.offset) * p..][..g.cout * p]);
+                    dout.copy_from_slice(d_out.sample(s, region(s))?);
                     let dxs = &mut d_x[s * g.in_numel()..][..g.in_numel()];
                     if self.zero_dx {
                         dxs.fill(0.0);

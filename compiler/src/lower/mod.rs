@@ -53,7 +53,7 @@ mod scratch;
 pub mod winograd;
 pub mod winograd1d;
 
-pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, ConvOptions, Epilogue, EpilogueArgs, SampleHook};
+pub use conv::{ChannelSlice, ConvGeometry, ConvKernels, ConvOptions, Epilogue, EpilogueArgs, GradHook, SampleHook};
 pub use dense::DenseKernels;
 pub use gemm::FusedAct;
 

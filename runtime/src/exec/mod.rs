@@ -134,6 +134,14 @@ impl JitEngine {
         p.steps.iter().filter(|s| matches!(s.kind, Kind::Pool { by_producers: true, .. })).map(|s| s.name.clone()).collect()
     }
 
+    /// The convolution layers of the training program whose fused activation's gradient
+    /// mask their backward data applies per sample as it reads the output gradient (see
+    /// `run::mask_in_backward_data`), in schedule order.
+    pub fn masked_in_backward_data(&self) -> Vec<String> {
+        let ng = self.train.graph.needs_grad();
+        self.train.steps.iter().filter(|s| run::mask_in_backward_data(s, &ng).is_some()).map(|s| s.name.clone()).collect()
+    }
+
     /// Turn per-group timing on or off (off by default): while on, every training step and
     /// inference records each fused group's wall time (one `Instant` per group and pass), read
     /// back with [`JitEngine::profile`].

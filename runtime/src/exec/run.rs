@@ -34,7 +34,7 @@ use crate::reference;
 use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
 use cnnc_compiler::lower::pointwise::{self, BnSaved, BnShape, GradWrite};
 use cnnc_compiler::lower::pool::PoolKernels;
-use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs, SampleHook};
+use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs, GradHook, SampleHook};
 use cnnc_compiler::passes::memplan;
 use ndarray::{ArrayD, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2, ArrayViewMut4, ArrayViewMutD, IxDyn};
 use rayon::prelude::*;
@@ -568,10 +568,11 @@ impl Program {
                 // A ReLU right after a training batch norm: its gradient mask is applied inside
                 // the batch norm's backward (from the recomputed affine map), not as a pass here.
                 let bn_relu = matches!(step.kind, Kind::BnTrain { .. }) && matches!(step.chain.first(), Some(Chain::Act(Activation::Relu)));
+                let conv_act = mask_in_backward_data(step, &ng);
                 // The chain, in reverse: activation from the output, residual to its operands.
                 for (j, c) in step.chain.iter().enumerate().rev() {
                     match c {
-                        Chain::Act(_) if j == 0 && bn_relu => {}
+                        Chain::Act(_) if j == 0 && (bn_relu || conv_act.is_some()) => {}
                         Chain::Act(a) => {
                             let y = kept_y()?;
                             let (num, off) = (ol.numel(), ol.off * ol.hw);
@@ -585,15 +586,18 @@ impl Program {
                         Chain::Fold { layer, .. } => return Err(eerr(format!("layer `{layer}`: folded batch norm in a training plan"))),
                     }
                 }
-                let gr: &[f32] = gr;
                 let name = step.name.clone();
                 match &mut step.kind {
                     Kind::Conv { k, x, layer, bias, .. } => {
                         let k: &ConvKernels = k;
-                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
+                        let mask = match conv_act {
+                            Some(act) => Some(ActMask { act, y: kept_y()?, range: ol.off * ol.hw..ol.off * ol.hw + ol.numel() }),
+                            None => None,
+                        };
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask, stride, n, ch })?;
                     }
                     Kind::Dense { k, x, layer, bias } => {
-                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, stride, n, ch })?;
+                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask: None, stride, n, ch })?;
                     }
                     Kind::BnTrain { x, layer, saved, .. } => {
                         let dx = if ng[x.index()] { Some(take(&mut mem, locs, g, *x, true)?.1) } else { None };
@@ -883,12 +887,17 @@ fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R
 /// driver ([`gemm_layer_backward`]) serves convolutions and dense layers alike.
 trait GemmBackward: Sync {
     fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()>;
+    /// `data` with `hook` finishing each sample's `d_out` in place right before it is read.
+    fn data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], hook: GradHook<'_>) -> cnnc_compiler::Result<()>;
     fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()>;
 }
 
 impl GemmBackward for ConvKernels {
     fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()> {
         self.backward_data(d_x, d_out, w)
+    }
+    fn data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], hook: GradHook<'_>) -> cnnc_compiler::Result<()> {
+        self.backward_data_with(d_x, d_out, w, hook)
     }
     fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()> {
         self.backward_weight(d_w, d_b, d_out, x)
@@ -898,6 +907,9 @@ impl GemmBackward for ConvKernels {
 impl GemmBackward for DenseKernels {
     fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()> {
         self.backward_data(d_x, d_out, w)
+    }
+    fn data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], hook: GradHook<'_>) -> cnnc_compiler::Result<()> {
+        self.backward_data_with(d_x, d_out, w, hook)
     }
     fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()> {
         self.backward_weight(d_w, d_b, d_out, x)
@@ -917,11 +929,37 @@ struct GemmCtx<'a, 'm> {
     /// Whether the layer trains (false: no weight-gradient kernel).
     trains: bool,
     /// Gradient of the layer's (chain's) output, `n * stride` values.
-    gr: &'a [f32],
+    gr: &'a mut [f32],
+    /// The activation of a convolution + activation group, whose mask backward data applies
+    /// to `gr` per sample (`None`: `gr` is final).
+    mask: Option<ActMask<'a>>,
     stride: usize,
     n: usize,
     /// Samples per thread chunk.
     ch: usize,
+}
+
+/// The activation of a convolution + activation group whose input needs a gradient
+/// (`needs_grad`, by node): its mask is applied per sample inside the convolution's backward
+/// data, right before the kernel reads the sample (`ConvKernels::backward_data_with`), rather
+/// than as a pass over the whole gradient. Not where the chain also adds a residual (the add
+/// passes the masked gradient on before backward data runs) nor where no backward data runs
+/// (the first layer: the mask is then a pass of its own).
+pub(crate) fn mask_in_backward_data(step: &Step, needs_grad: &[bool]) -> Option<Activation> {
+    match (&step.kind, step.chain.as_slice()) {
+        (Kind::Conv { x, .. }, [Chain::Act(a)]) if needs_grad[x.index()] => Some(*a),
+        _ => None,
+    }
+}
+
+/// The gradient mask of an activation fused into a convolution's forward, applied inside its
+/// backward data (see [`act_grad_inplace`]).
+struct ActMask<'a> {
+    act: Activation,
+    /// The group's output (the activation's), `n * stride` values.
+    y: &'a [f32],
+    /// The layer's elements within a sample's `stride` (its concatenation slice).
+    range: std::ops::Range<usize>,
 }
 
 /// Backward of a convolution or dense layer over `n` samples in fixed chunks of `ch`: the
@@ -929,7 +967,7 @@ struct GemmCtx<'a, 'm> {
 /// gradients into one partial buffer per chunk, then summed in chunk order into `pgrads`
 /// (deterministic for a thread count).
 fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_, '_>) -> R {
-    let GemmCtx { params, pgrads, mem, locs, g, need_dx, trains, gr, stride, n, ch } = c;
+    let GemmCtx { params, pgrads, mem, locs, g, need_dx, trains, gr, mask, stride, n, ch } = c;
     if !need_dx && !trains {
         return Ok(());
     }
@@ -943,33 +981,49 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
     if partials.iter().any(|p| p.len() < wn + bn) {
         return Err(eerr(format!("layer `{layer}`: {wn} weights and {bn} biases exceed the compiled gradient scratch")));
     }
-    let work = |i: usize, dx: Option<&mut [f32]>, part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
+    if mask.is_some() && dx.is_none() {
+        return Err(eerr(format!("layer `{layer}`: activation mask fused into a backward data that does not run")));
+    }
+    let mask = mask.as_ref();
+    let gr = &mut gr[..n * stride];
+    // Chunk `i`: its samples' output gradient `d` (masked per sample by backward data where
+    // the group's activation is fused there), then the weight gradient from the final `d`.
+    let work = |i: usize, dx: Option<&mut [f32]>, d: &mut [f32], part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
         let part = &mut part[..wn + bn];
         part.fill(0.0);
         let s0 = i * ch;
         if s0 >= n {
             return Ok(());
         }
-        let s1 = (s0 + ch).min(n);
-        let d = &gr[s0 * stride..s1 * stride];
         if let Some(dx) = dx {
-            k.data(dx, d, w)?;
+            match mask {
+                Some(m) => {
+                    // Sample `s` of the chunk: `d *= act'` from the group's output, in place.
+                    let mut hook = |s: usize, ds: &mut [f32]| {
+                        act_grad_inplace(m.act, ds, &m.y[(s0 + s) * stride..][m.range.clone()]);
+                        Ok(())
+                    };
+                    k.data_with(dx, d, w, GradHook(&mut hook))?
+                }
+                None => k.data(dx, d, w)?,
+            }
         }
         if !trains {
             return Ok(());
         }
+        let s1 = (s0 + ch).min(n);
         let (pw, pb) = part.split_at_mut(wn);
         k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
     };
     if let Some(dx) = dx {
         let dx = &mut dx[..n * inp];
-        dx.par_chunks_mut(ch * inp).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (dxc, part))| work(i, Some(dxc), part)).map_err(lerr)?;
-        // chunks beyond n (fewer samples than threads) hold zeros already
-        let used = n.div_ceil(ch);
-        partials[used..].iter_mut().for_each(|p| p[..wn + bn].fill(0.0));
+        dx.par_chunks_mut(ch * inp).zip(gr.par_chunks_mut(ch * stride)).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, ((dxc, d), part))| work(i, Some(dxc), d, part)).map_err(lerr)?;
     } else {
-        partials.par_iter_mut().enumerate().try_for_each(|(i, part)| work(i, None, part)).map_err(lerr)?;
+        gr.par_chunks_mut(ch * stride).zip(partials.par_iter_mut()).enumerate().try_for_each(|(i, (d, part))| work(i, None, d, part)).map_err(lerr)?;
     }
+    // chunks beyond n (fewer samples than threads) were not run: their partials add nothing
+    let used = n.div_ceil(ch);
+    partials[used..].iter_mut().for_each(|p| p[..wn + bn].fill(0.0));
     if !trains {
         return Ok(());
     }
