@@ -229,12 +229,36 @@ fn a4(y: &[L; 4]) -> [L; 6] {
     [y[0], ad(s02, s13), sb(s02, s13), ad(t02, t13), sb(t02, t13), y[3]]
 }
 
+/// A lane-wise transform `[L; I] -> [L; O]`, for [`apply`].
+trait Lanes<const I: usize, const O: usize> {
+    fn map(x: &[L; I]) -> [L; O];
+}
+
+/// `$t`: the [`Lanes`] of function `$f`.
+macro_rules! lanes {
+    ($($t:ident = $f:ident: $i:literal -> $o:literal),* $(,)?) => {$(
+        #[doc = concat!("[`", stringify!($f), "`] as [`Lanes`].")]
+        struct $t;
+        impl Lanes<$i, $o> for $t {
+            #[inline(always)]
+            fn map(x: &[L; $i]) -> [L; $o] {
+                $f(x)
+            }
+        }
+    )*};
+}
+
+lanes!(LBt2 = bt2: 4 -> 4, LBt4 = bt4: 6 -> 6, LAt2 = at2: 4 -> 2, LAt4 = at4: 6 -> 4, LA2 = a2: 2 -> 4, LA4 = a4: 4 -> 6);
+
 /// `dst[o·dld + (i / 8)·dq + i % 8] = f(src[· sld + i])[o]` for `i < n`: one pass, eight lanes
 /// at a time, every output of a lane group from the same loaded inputs. `dq = 8` writes
 /// contiguous rows; a larger `dq` writes packed GEMM panels (`dq = Cin·8`) directly.
+///
+/// The transform is a type ([`Lanes`]) rather than a closure or function value: called
+/// through `Fn`, LLVM left some instances out of line, passing the lanes through a 192-byte
+/// `memcpy` per call.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn apply<const I: usize, const O: usize>(f: impl Fn(&[L; I]) -> [L; O], src: &[f32], sld: usize, dst: &mut [f32], (dld, dq): (usize, usize), n: usize) {
+fn apply<T: Lanes<I, O>, const I: usize, const O: usize>(src: &[f32], sld: usize, dst: &mut [f32], (dld, dq): (usize, usize), n: usize) {
     for q in 0..n.div_ceil(8) {
         let len = 8.min(n - 8 * q);
         let x: [L; I] = std::array::from_fn(|j| {
@@ -248,7 +272,7 @@ fn apply<const I: usize, const O: usize>(f: impl Fn(&[L; I]) -> [L; O], src: &[f
                 }
             }
         });
-        for (o, y) in f(&x).iter().enumerate() {
+        for (o, y) in T::map(&x).iter().enumerate() {
             let d = &mut dst[o * dld + dq * q..][..len];
             match <&mut L>::try_from(&mut *d) {
                 Ok(d) => *d = *y,
@@ -284,6 +308,18 @@ fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize
 }
 
 impl Lay {
+    /// `W` where every unit's runs can be read in place (3x1: a unit's run `j` is the whole
+    /// row `m ty + j - pad`) and a unit holds whole groups of eight tiles, else `None`.
+    fn rows_in_place(&self) -> Option<usize> {
+        (self.axis == Axis::Rows && self.tpu.is_multiple_of(NR)).then_some(self.tpu)
+    }
+
+    /// The plane row of unit `u`'s run 0 (3x1) when its `runs` runs all lie inside the
+    /// plane, else `None` (the unit reaches into the padding).
+    fn unit_rows(&self, u: usize, runs: usize) -> Option<usize> {
+        (u * self.m).checked_sub(self.pad).filter(|&y| y + runs <= self.src_h)
+    }
+
     /// Length of the padded row buffer [`Self::gather`] needs (1x3): every patch, `M (TPU +
     /// 1)`, and one more `M` so each phase's last chunk is whole.
     fn row_len(&self) -> usize {
@@ -398,16 +434,41 @@ impl Wino1dShape {
     /// `V_ξ` of channel plane `src` for the block's units `u0 .. u0 + rows`: the `α` runs
     /// gathered into `g` (`[α][TB]`, then the padded row buffer), transformed into
     /// `t[ξ·ld + (tile / 8)·dq + tile % 8]` over `n` tiles ([`apply`]).
+    ///
+    /// A 3x1 layer whose units hold whole groups of eight tiles (`TPU = W` a multiple of 8)
+    /// transforms each unit straight from the plane: its runs are `α` consecutive rows, so
+    /// only the units reaching into the padding rows are gathered first.
     #[allow(clippy::too_many_arguments)]
     fn input_transform(&self, t: &mut [f32], ld: (usize, usize), g: &mut [f32], src: &[f32], u0: usize, rows: usize, n: usize) {
         let (a, tb) = (self.alpha(), self.block().1);
         let (g, rp) = g.split_at_mut(a * tb);
-        self.input_lay().gather(g, tb, a, src, u0, rows, rp);
-        if self.m == 4 {
-            apply(bt4, g, tb, t, ld, n);
-        } else {
-            apply(bt2, g, tb, t, ld, n);
+        let lay = self.input_lay();
+        // (A plain function rather than a closure: a closure here kept the transform from
+        // being inlined into `apply`, which then passed its lanes through memory.)
+        #[inline(always)]
+        fn bt(m: usize, src: &[f32], sld: usize, t: &mut [f32], ld: (usize, usize), n: usize) {
+            if m == 4 {
+                apply::<LBt4, 6, 6>(src, sld, t, ld, n);
+            } else {
+                apply::<LBt2, 4, 4>(src, sld, t, ld, n);
+            }
         }
+        if let Some(w) = lay.rows_in_place() {
+            for r in 0..rows {
+                // Tile r·TPU onwards, a whole number of eight-tile groups in.
+                let t = &mut t[r * w / NR * ld.1..];
+                match lay.unit_rows(u0 + r, a) {
+                    Some(y0) => bt(self.m, &src[y0 * w..], w, t, ld, w),
+                    None => {
+                        lay.gather(g, w, a, src, u0 + r, 1, rp);
+                        bt(self.m, g, w, t, ld, w);
+                    }
+                }
+            }
+            return;
+        }
+        lay.gather(g, tb, a, src, u0, rows, rp);
+        bt(self.m, g, tb, t, ld, n);
     }
 }
 
@@ -544,9 +605,9 @@ impl Winograd1d {
             let (yv, rowbuf) = s.y.split_at_mut(m * tb);
             let mc = &s.m[co * tb..];
             if m == 4 {
-                apply(at4, mc, cout * tb, yv, (tb, NR), n);
+                apply::<LAt4, 6, 4>(mc, cout * tb, yv, (tb, NR), n);
             } else {
-                apply(at2, mc, cout * tb, yv, (tb, NR), n);
+                apply::<LAt2, 4, 2>(mc, cout * tb, yv, (tb, NR), n);
             }
             // Bias and scale / shift, per channel, on the tiles.
             let b = epi.bias.get(co).copied().unwrap_or(0.0);
@@ -704,18 +765,36 @@ impl Winograd1dWgrad {
             for ci in 0..cin {
                 sh.input_transform(&mut s.v[ci * kb..], (cin * kb, NR), &mut s.g, &x[ci * plane..][..plane], u0, rows, nt);
             }
-            // dY_ξ = Σ_i Aᵀ[i][ξ] dy_i, eight output channels at a time, transposed into B panels.
+            // dY_ξ = Σ_i Aᵀ[i][ξ] dy_i, eight output channels at a time, transposed into B panels
+            // (3x1 units inside the plane read in place, as in the input transform).
+            #[inline(always)]
+            fn at(m: usize, src: &[f32], sld: usize, d: &mut [f32], ld: (usize, usize), n: usize) {
+                if m == 4 {
+                    apply::<LA4, 4, 6>(src, sld, d, ld, n);
+                } else {
+                    apply::<LA2, 2, 4>(src, sld, d, ld, n);
+                }
+            }
             for jp in 0..np {
                 for c in 0..NR.min(cout - jp * NR) {
                     let co = jp * NR + c;
                     let (g, rp) = s.g.split_at_mut(a * tb);
-                    glay.gather(g, kb, m, &dy[co * oplane..][..oplane], u0, rows, rp);
+                    let dyc = &dy[co * oplane..][..oplane];
                     let d = &mut s.dy[c * nt..];
-                    if m == 4 {
-                        apply(a4, g, kb, d, (NR * nt, NR), nt);
-                    } else {
-                        apply(a2, g, kb, d, (NR * nt, NR), nt);
+                    if let Some(w) = glay.rows_in_place() {
+                        for r in 0..rows {
+                            match glay.unit_rows(u0 + r, m) {
+                                Some(y0) => at(m, &dyc[y0 * w..], w, &mut d[r * w..], (NR * nt, NR), w),
+                                None => {
+                                    glay.gather(g, w, m, dyc, u0 + r, 1, rp);
+                                    at(m, g, w, &mut d[r * w..], (NR * nt, NR), w);
+                                }
+                            }
+                        }
+                        continue;
                     }
+                    glay.gather(g, kb, m, dyc, u0, rows, rp);
+                    at(m, g, kb, d, (NR * nt, NR), nt);
                 }
                 pack_dy(&mut s.b, &s.dy, a, (np, jp), nt);
             }
