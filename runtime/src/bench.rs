@@ -314,7 +314,10 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
         return Err(eerr(format!("model `{}`: the benchmark needs exactly one input, it has {}", graph.name, inputs.len())));
     };
     let per = graph.node(*input).shape.numel();
-    let x = fill(batch * per, cfg.seed);
+    // On huge pages, so the engine is timed rather than the caller's buffer: the batch is
+    // copied into the arena every step, and on this kind of VM a 4 KiB-page source costs a
+    // two-dimensional page walk per page (see `lower::hugebuf`; 8 MiB: ~2.5 ms of the step).
+    let x = cnnc_compiler::lower::hugebuf::HugeBuf::from_slice(&fill(batch * per, cfg.seed));
     let params0 = ParamStore::<f32>::for_graph(graph, &InitConfig::pytorch(), cfg.seed).map_err(|e| eerr(format!("model `{}`: {e}", graph.name)))?;
 
     let slow = cfg.slow_reps();
