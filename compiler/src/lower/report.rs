@@ -165,6 +165,16 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                 );
             }
             if mode == Mode::Blocked {
+                // Backward data storing `d_x` (`=`) rather than adding to it: what the engine
+                // runs where the layer's input gradient starts (its input's only or first
+                // consumer in backward order, `ConvOptions::overwrite_dx`).
+                let opts = super::ConvOptions { winograd: false, overwrite_dx: true, ..Default::default() };
+                let ko = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
+                let mut res = Ok(());
+                let secs = best_of(reps, || res = ko.backward_data(&mut dx, &out, &w));
+                res?;
+                let gf = flops / secs / 1e9;
+                let _ = writeln!(r, "{:<22} {:<16} {:>8} {:>10.2} {:>9.1} {:>8.2}", c.name, "backward-data =", "Blocked", secs * 1e3, gf, gf / peak);
                 // Winograd where the layer is eligible: effective GFLOP/s (direct FLOPs).
                 let opts = super::ConvOptions { winograd: true, ..Default::default() };
                 let kw = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
