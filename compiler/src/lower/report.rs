@@ -3,8 +3,8 @@
 //! backward-weight, blocked vs naive (plus the blocked backward data storing its input gradient
 //! rather than adding to it, `backward-data =`, and Winograd forward, backward-data and
 //! backward-weight where a layer is eligible, in effective GFLOP/s), as GFLOP/s and fractions
-//! of that peak,
-//! single-threaded, timed by thread CPU time ([`best_of`]). Used by `benches/kernels.rs`.
+//! of that peak, single-threaded, timed by thread CPU time ([`best_of`]). Used by
+//! `benches/kernels.rs`.
 
 use super::gemm::{pack_a, EpiArgs, GemmPlan, GemmSpec, NR};
 use super::jit::Jit;
