@@ -29,7 +29,7 @@ fn table_names_engines_layers_and_memory() {
     }
     // One row per fused group, conv1 fused with its relu.
     let row = out.lines().find(|l| l.starts_with("conv1 ")).unwrap_or_else(|| panic!("no conv1 row:\n{out}"));
-    assert!(row.contains("conv2d") && row.contains("relu1"), "{row}");
+    assert!(row.contains("conv2d") && row.contains("relu1") && row.contains("direct/direct/direct"), "{row}");
     for g in ["pool1", "conv2", "pool2", "fc1", "fc2", "fc3"] {
         assert!(out.lines().any(|l| l.starts_with(g)), "no {g} row:\n{out}");
     }

@@ -185,6 +185,11 @@ pub struct LayerRow {
     /// forward time is in this row's, theirs is about zero.
     #[serde(default)]
     pub pools: Vec<String>,
+    /// A convolution group's kernel families in the fused engine, forward / backward data /
+    /// weight gradient (`winograd`, `direct`, `1x1`, `im2col`: `JitEngine::conv_kernels`);
+    /// empty for other groups.
+    #[serde(default)]
+    pub kernels: String,
     /// Forward FLOPs of the group's nodes (cost model, whole batch).
     pub flops_forward: u64,
     /// Backward FLOPs of the group's nodes.
@@ -348,6 +353,7 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
     let mut fused_ops: Vec<String> = Vec::new();
     let mut fused_inplace: Vec<bool> = Vec::new();
     let mut fused_pools: Vec<Vec<String>> = Vec::new();
+    let mut conv_kernels: HashMap<String, String> = HashMap::new();
     let mut labels_k = 0;
 
     let mut jit_kinds = vec![(Fusion::Full, "fused JIT", cfg.reps)];
@@ -372,6 +378,7 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
             if !pooled.is_empty() {
                 notes.push(format!("pooled by the steps writing their input, as they store each sample (their fwd includes it; the pool's own fwd is ~0): {}", pooled.join(", ")));
             }
+            conv_kernels = e.conv_kernels().into_iter().map(|(l, k)| (l, k.join("/"))).collect();
             fused_groups = plan.groups.iter().map(|g| g.nodes.iter().map(|&n| plan.graph.node(n).name.clone()).collect()).collect();
             fused_ops = plan.groups.iter().map(|g| plan.graph.node(g.anchor()).op.kind().to_string()).collect();
             fused_inplace = plan.groups.iter().map(|g| plan.inplace_concats.contains(&g.anchor())).collect();
@@ -526,7 +533,8 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
                     LayerTime { forward_ns: ns(f), backward_ns: ns(b) }
                 })
                 .collect();
-            LayerRow { group: nodes[0].clone(), op: op.clone(), nodes: nodes.clone(), in_place, pools: pools.clone(), flops_forward: ff, flops_backward: fb, times }
+            let kernels = conv_kernels.get(&nodes[0]).cloned().unwrap_or_default();
+            LayerRow { group: nodes[0].clone(), op: op.clone(), nodes: nodes.clone(), in_place, pools: pools.clone(), kernels, flops_forward: ff, flops_backward: fb, times }
         })
         .collect();
     tick("done", false);
@@ -721,7 +729,7 @@ impl BenchReport {
         }
         let _ = writeln!(o);
         let _ = writeln!(o, "per layer: groups of the fused training plan, ms per step (fwd = forward, f+b = forward + backward)");
-        let mut head: Vec<String> = ["group", "op", "fused with", "MFLOP fwd", "MFLOP bwd"].iter().map(|s| s.to_string()).collect();
+        let mut head: Vec<String> = ["group", "op", "fused with", "kernels f/d/w", "MFLOP fwd", "MFLOP bwd"].iter().map(|s| s.to_string()).collect();
         for (i, e) in self.engines.iter().enumerate() {
             let short = e.engine.split(' ').next().unwrap_or("").to_string();
             head.push(format!("{short} fwd"));
@@ -735,12 +743,12 @@ impl BenchReport {
             head.push("naive/fused".into());
         }
         let hr: Vec<&str> = head.iter().map(String::as_str).collect();
-        let mut t = Table::new(&hr, 3);
+        let mut t = Table::new(&hr, 4);
         for l in &self.layers {
             let op = if l.in_place { format!("{} (in place)", l.op) } else { l.op.clone() };
             // Pools computed in this group's store: `+pool`.
             let with: Vec<String> = l.nodes[1..].iter().cloned().chain(l.pools.iter().map(|p| format!("+{p}"))).collect();
-            let mut r = vec![l.group.clone(), op, with.join(" ")];
+            let mut r = vec![l.group.clone(), op, with.join(" "), l.kernels.clone()];
             r.push(format!("{:.2}", l.flops_forward as f64 / 1e6));
             r.push(format!("{:.2}", l.flops_backward as f64 / 1e6));
             for (i, lt) in l.times.iter().enumerate() {

@@ -116,6 +116,10 @@ fn lenet5_rows_cover_every_group() {
     assert_eq!(r.layers[0].pools, ["pool1"]);
     assert_eq!(r.layers[1].group, "pool1");
     assert!(r.layers[1].pools.is_empty());
+    // The convolutions name their kernel families (the engine's choice per shape: LeNet's
+    // 5x5 layers on rows of 28 and 10 pixels get the direct kernels); other rows none.
+    let kernels: Vec<(&str, &str)> = r.layers.iter().filter(|l| !l.kernels.is_empty()).map(|l| (l.group.as_str(), l.kernels.as_str())).collect();
+    assert_eq!(kernels, [("conv1", "direct/direct/direct"), ("conv2", "direct/direct/direct")]);
 }
 
 #[test]

@@ -134,6 +134,14 @@ impl JitEngine {
         p.steps.iter().filter(|s| matches!(s.kind, Kind::Pool { by_producers: true, .. })).map(|s| s.name.clone()).collect()
     }
 
+    /// The kernel family of each convolution of the training program, by layer name, in
+    /// schedule order: `[forward, backward data, weight gradient]`, each one of
+    /// `"winograd"`, `"direct"`, `"1x1"`, `"im2col"`, `"naive"`
+    /// (`ConvKernels::algorithms`).
+    pub fn conv_kernels(&self) -> Vec<(String, [&'static str; 3])> {
+        self.train.steps.iter().filter_map(|s| if let Kind::Conv { k, layer, .. } = &s.kind { Some((layer.clone(), k.algorithms())) } else { None }).collect()
+    }
+
     /// The convolution layers of the training program whose fused activation's gradient
     /// mask their backward data applies per sample as it reads the output gradient (see
     /// `run::mask_in_backward_data`), in schedule order.
