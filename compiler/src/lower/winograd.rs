@@ -174,7 +174,7 @@ impl WinoPlan {
     /// block's tile capacity).
     pub fn define(jit: &mut Jit, shape: WinoShape) -> Result<WinoPlan> {
         let tb = shape.block().1;
-        let gemm = GemmPlan::define(jit, "conv_winograd", GemmSpec::plain(Some(shape.cout), tb, shape.cin, tb, false))?;
+        let gemm = define_gemm(jit, "conv_winograd", shape.cout, shape.cin, tb)?;
         Ok(WinoPlan { shape, gemm })
     }
 
@@ -349,13 +349,35 @@ fn pack_panels(v: &mut [f32], t: &[f32], n: usize, (tb, np): (usize, usize), cin
 /// V_ξ` into `m[(ξ·Cout + co)·TB + tile]`, over the first `np` panels of 8 tiles.
 pub(super) fn block_gemms(gemm: &Gemm, m: &mut [f32], v: &[f32], up: &[Vec<f32>], (cin, cout): (usize, usize), tb: usize, np: usize) {
     let vp = tb / NR;
+    let reps = gemm.row_reps();
     for (xi, a) in up.iter().enumerate() {
         let m = &mut m[xi * cout * tb..(xi + 1) * cout * tb];
-        for q in 0..np {
+        // Groups of `reps` consecutive panels in one call per row panel (the row kernels of
+        // `define_gemm`), then the rest one panel at a time.
+        let mut q0 = 0;
+        while reps > 1 && q0 + reps <= np {
+            let b = &v[(xi * vp + q0) * cin * NR..(xi * vp + q0 + reps) * cin * NR];
+            gemm.run_row_panels(m, q0 * NR, cout, 0..cout.div_ceil(MR), q0 * NR, a, b, &EpiArgs::default());
+            q0 += reps;
+        }
+        for q in q0..np {
             let b = &v[(xi * vp + q) * cin * NR..(xi * vp + q + 1) * cin * NR];
             gemm.run_panel(m, q * NR, cout, q * NR, a, b, &EpiArgs::default());
         }
     }
+}
+
+/// Most panels one row-kernel call of [`block_gemms`] runs.
+const GEMM_ROW_REPS: usize = 8;
+
+/// Define the `Cout x TB x Cin` GEMM of a block of tiles ([`block_gemms`]), with row kernels
+/// over as many consecutive packed `B` panels as keep their `Cin x 8·reps` floats within
+/// 32 KiB of L1 (at most [`GEMM_ROW_REPS`]): a short reduction (`Cin` 48-128 in the CIFAR
+/// net's Winograd layers) then pays one call and one set of bounds checks per `reps` tiles
+/// rather than per tile.
+pub(super) fn define_gemm(jit: &mut Jit, name: &str, cout: usize, cin: usize, tb: usize) -> Result<GemmPlan> {
+    let reps = (32768 / (cin * NR * 4)).clamp(1, GEMM_ROW_REPS);
+    GemmPlan::define(jit, name, GemmSpec::plain(Some(cout), tb, cin, tb, false))?.with_packed_rows(jit, name, reps)
 }
 
 /// Define a Winograd weight gradient's tile kernels: `C[4 x 8] += V_ξ[4 input channels, tiles]

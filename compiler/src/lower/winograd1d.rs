@@ -62,10 +62,10 @@
 //! The maths is exact in real arithmetic; in f32 `F(4, 3)`'s larger coefficients give errors
 //! of a few 1e-6 of the output scale (`F(2, 3)`: ~1e-7), the weight gradient a few times that.
 
-use super::gemm::{Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, NR};
+use super::gemm::{Gemm, GemmPlan, Wgrad, WgradPlan, NR};
 use super::jit::{Finished, Jit};
 use super::winograd::{
-    block_gemms, define_wgrad, finish_row, pack_dy, residual_act, pack_filters, wgrad_gemms, WinoEpi, BLOCK_BYTES,
+    block_gemms, define_gemm, define_wgrad, finish_row, pack_dy, residual_act, pack_filters, wgrad_gemms, WinoEpi, BLOCK_BYTES,
 };
 use crate::{Error, Result};
 use std::cell::RefCell;
@@ -500,7 +500,7 @@ impl Wino1dPlan {
     pub fn define(jit: &mut Jit, shape: Wino1dShape) -> Result<Wino1dPlan> {
         shape.check()?;
         let tb = shape.block().1;
-        let gemm = GemmPlan::define(jit, "conv_winograd1d", GemmSpec::plain(Some(shape.cout), tb, shape.cin, tb, false))?;
+        let gemm = define_gemm(jit, "conv_winograd1d", shape.cout, shape.cin, tb)?;
         Ok(Wino1dPlan { shape, gemm })
     }
 
