@@ -195,11 +195,12 @@ fn simulate(p: &Plan) {
         }
         // Gradients first (their lives start before the step), then the values the step reads.
         let overwrites = m.overwrite_grad[i];
-        // Only a batch norm, a convolution or a pooling layer overwrites, and only its input gradient, which
+        // Only a batch norm, a convolution, a pooling layer or a global average pool overwrites,
+        // and only its input gradient, which
         // no other op of the group writes (restated from the engine's backward steps).
         let x0 = g.operands(gr.anchor()).first().copied();
         let chain_writes_x = gr.nodes.windows(2).any(|w| g.operands(w[1]).iter().any(|&o| o != w[0] && x0.is_some_and(|x| rt(o) == rt(x))));
-        assert!(!overwrites || matches!(g.node(gr.anchor()).op, Op::BatchNorm(_) | Op::Conv2d(_) | Op::Pool(_)) && !chain_writes_x, "{what}: overwrites");
+        assert!(!overwrites || matches!(g.node(gr.anchor()).op, Op::BatchNorm(_) | Op::Conv2d(_) | Op::Pool(_) | Op::GlobalAvgPool) && !chain_writes_x, "{what}: overwrites");
         let (s, d) = grad(gr.output());
         own.access(s, d, fresh.contains(&rt(gr.output())), &what);
         let operands: Vec<NodeId> = reads(g, gr, &p.inplace_concats).into_iter().filter(|o| ng[o.index()]).collect();

@@ -31,8 +31,9 @@
 //!   from the first of those events to the last, at time `S + t` for backward time `t`; it is
 //!   zeroed right before the step that starts its life
 //!   ([`MemoryPlan::zero_before`], [`MemoryPlan::zero_at_seed`]), not all at once, except where
-//!   a batch norm's, a pooling layer's or a convolution's backward data starts its input's
-//!   gradient: it writes it whole with `=` ([`MemoryPlan::overwrite_grad`]).
+//!   a batch norm's, a pooling layer's, a global average pool's or a convolution's backward
+//!   data starts its input's gradient: it writes it whole with `=`
+//!   ([`MemoryPlan::overwrite_grad`]).
 //! - **One arena.** Values and gradients are placed in one arena: gradients peak late in
 //!   backward, where most kept values have had their last reader, so they reuse that memory.
 //!
@@ -413,15 +414,16 @@ pub fn memplan(g: &Graph, mode: Mode, groups: &[Group], placement: &[Option<Plac
 /// Whether group `gr`'s backward may write its anchor's input gradient (buffer `r`) whole with
 /// `=` where that gradient's life starts there: the anchor is a batch norm, a convolution
 /// (whose backward data computes every input-gradient element once; a kernel that can only
-/// accumulate zeroes each sample's share first, `ConvOptions::overwrite_dx`) or a pooling layer (whose overwriting backward writes
-/// every cell of a sample, zeroing it in cache where windows overlap), its input is the whole
+/// accumulate zeroes each sample's share first, `ConvOptions::overwrite_dx`), a pooling layer
+/// (whose overwriting backward writes every cell of a sample, zeroing it in cache where windows
+/// overlap) or a global average pool (every cell gets its plane's share), its input is the whole
 /// buffer `r`, and no other op of the group hands a gradient to `r` (a residual add of the
 /// same value runs its backward first, and an overwrite would erase it).
 fn overwrites_input(g: &Graph, gr: &Group, r: NodeId, root_of: &impl Fn(NodeId) -> Option<NodeId>) -> bool {
     let a = gr.anchor();
     let Some(&x) = g.operands(a).first() else { return false };
     let chain_writes_r = gr.nodes.windows(2).any(|w| g.operands(w[1]).iter().any(|&o| o != w[0] && root_of(o) == Some(r)));
-    matches!(g.node(a).op, Op::BatchNorm(_) | Op::Conv2d(_) | Op::Pool(_)) && x == r && !chain_writes_r
+    matches!(g.node(a).op, Op::BatchNorm(_) | Op::Conv2d(_) | Op::Pool(_) | Op::GlobalAvgPool) && x == r && !chain_writes_r
 }
 
 /// The gradients' live intervals (training), on the values' timeline: a gradient at backward

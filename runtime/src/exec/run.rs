@@ -663,15 +663,22 @@ impl Program {
                         }).map_err(lerr)?;
                     }
                     Kind::Gap { x } if ng[x.index()] => {
+                        // Every cell of a plane gets the plane's share `d_out / hw`, samples on
+                        // all threads: `=` where this step starts the input gradient's life
+                        // (the memory plan then did not zero it), else `+=`.
                         let xl = loc_of(locs, g, *x)?;
-                        let dx = take(&mut mem, locs, g, *x, true)?.1;
-                        for s in 0..n {
-                            let d = &mut dx[s * xl.numel()..(s + 1) * xl.numel()];
-                            for (p, &v) in d.chunks_exact_mut(xl.hw).zip(&gr[ol.sample(s)]) {
-                                let v = v / xl.hw as f32;
-                                p.iter_mut().for_each(|e| *e += v);
+                        let (num, hw, off) = (xl.numel(), xl.hw, ol.off * ol.hw);
+                        let dx = &mut take(&mut mem, locs, g, *x, true)?.1[..n * num];
+                        dx.par_chunks_mut(num).zip(gr.par_chunks(stride)).for_each(|(d, go)| {
+                            for (p, &v) in d.chunks_exact_mut(hw).zip(&go[off..off + ol.numel()]) {
+                                let v = v / hw as f32;
+                                if overwrite {
+                                    p.fill(v);
+                                } else {
+                                    p.iter_mut().for_each(|e| *e += v);
+                                }
                             }
-                        }
+                        });
                     }
                     Kind::Act { x, act } if ng[x.index()] => {
                         let dx = take(&mut mem, locs, g, *x, true)?.1;
