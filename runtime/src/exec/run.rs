@@ -856,9 +856,11 @@ fn add_into(mem: &mut Mem<'_>, locs: &[Option<Loc>], g: &Graph, o: NodeId, src: 
         return Ok(());
     }
     let (at, d) = take(mem, locs, g, o, true)?;
-    for s in 0..n {
-        d[l.sample(s)].iter_mut().zip(&src[sl.sample(s)]).for_each(|(a, &b)| *a += b);
-    }
+    // Samples on all threads (a residual's or a concatenation's gradient is megabytes).
+    let (da, sa, num) = (l.off * l.hw, sl.off * sl.hw, l.numel());
+    d[..n * l.stride()].par_chunks_mut(l.stride()).zip(src[..n * sl.stride()].par_chunks(sl.stride())).for_each(|(d, s)| {
+        d[da..da + num].iter_mut().zip(&s[sa..sa + num]).for_each(|(a, &b)| *a += b);
+    });
     mem.put(at, d);
     Ok(())
 }
