@@ -443,8 +443,6 @@ impl Wino1dShape {
         let (a, tb) = (self.alpha(), self.block().1);
         let (g, rp) = g.split_at_mut(a * tb);
         let lay = self.input_lay();
-        // (A plain function rather than a closure: a closure here kept the transform from
-        // being inlined into `apply`, which then passed its lanes through memory.)
         #[inline(always)]
         fn bt(m: usize, src: &[f32], sld: usize, t: &mut [f32], ld: (usize, usize), n: usize) {
             if m == 4 {
