@@ -59,7 +59,9 @@
 //!
 //! The fused epilogue applies to `forward` only. `backward_*` take the gradient with respect to
 //! the convolution's own result (`W·col + b`): a runtime that fused an activation or residual
-//! must first take the gradient through them.
+//! must first take the gradient through them, either as a pass of its own or per sample inside
+//! backward data ([`ConvKernels::backward_data_with`] and its [`GradHook`], which leaves the
+//! finished gradient in `d_out` for the weight gradient).
 
 use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::entry;
