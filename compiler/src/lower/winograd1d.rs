@@ -320,6 +320,30 @@ impl Lay {
         (u * self.m).checked_sub(self.pad).filter(|&y| y + runs <= self.src_h)
     }
 
+    /// `T` over the runs of the units `u0 .. u0 + rows` of plane `src` (its `I` runs per
+    /// unit), into `t[o·ld.0 + (tile / 8)·ld.1 + tile % 8]` over `n` tiles ([`apply`]): read
+    /// in place unit by unit where [`Self::rows_in_place`] (a unit reaching into the padding
+    /// gathered alone into `g`), else gathered into `g` (`[I][gld]`) first.
+    #[allow(clippy::too_many_arguments)]
+    fn transform<T: Lanes<I, O>, const I: usize, const O: usize>(&self, t: &mut [f32], ld: (usize, usize), g: &mut [f32], gld: usize, src: &[f32], (u0, rows): (usize, usize), n: usize, rp: &mut [f32]) {
+        if let Some(w) = self.rows_in_place() {
+            for r in 0..rows {
+                // Tile r·TPU onwards, a whole number of eight-tile groups in.
+                let t = &mut t[r * w / NR * ld.1..];
+                match self.unit_rows(u0 + r, I) {
+                    Some(y0) => apply::<T, I, O>(&src[y0 * w..], w, t, ld, w),
+                    None => {
+                        self.gather(g, w, I, src, u0 + r, 1, rp);
+                        apply::<T, I, O>(g, w, t, ld, w);
+                    }
+                }
+            }
+            return;
+        }
+        self.gather(g, gld, I, src, u0, rows, rp);
+        apply::<T, I, O>(g, gld, t, ld, n);
+    }
+
     /// Length of the padded row buffer [`Self::gather`] needs (1x3): every patch, `M (TPU +
     /// 1)`, and one more `M` so each phase's last chunk is whole.
     fn row_len(&self) -> usize {
@@ -443,30 +467,11 @@ impl Wino1dShape {
         let (a, tb) = (self.alpha(), self.block().1);
         let (g, rp) = g.split_at_mut(a * tb);
         let lay = self.input_lay();
-        #[inline(always)]
-        fn bt(m: usize, src: &[f32], sld: usize, t: &mut [f32], ld: (usize, usize), n: usize) {
-            if m == 4 {
-                apply::<LBt4, 6, 6>(src, sld, t, ld, n);
-            } else {
-                apply::<LBt2, 4, 4>(src, sld, t, ld, n);
-            }
+        if self.m == 4 {
+            lay.transform::<LBt4, 6, 6>(t, ld, g, tb, src, (u0, rows), n, rp);
+        } else {
+            lay.transform::<LBt2, 4, 4>(t, ld, g, tb, src, (u0, rows), n, rp);
         }
-        if let Some(w) = lay.rows_in_place() {
-            for r in 0..rows {
-                // Tile r·TPU onwards, a whole number of eight-tile groups in.
-                let t = &mut t[r * w / NR * ld.1..];
-                match lay.unit_rows(u0 + r, a) {
-                    Some(y0) => bt(self.m, &src[y0 * w..], w, t, ld, w),
-                    None => {
-                        lay.gather(g, w, a, src, u0 + r, 1, rp);
-                        bt(self.m, g, w, t, ld, w);
-                    }
-                }
-            }
-            return;
-        }
-        lay.gather(g, tb, a, src, u0, rows, rp);
-        bt(self.m, g, tb, t, ld, n);
     }
 }
 
@@ -765,34 +770,17 @@ impl Winograd1dWgrad {
             }
             // dY_ξ = Σ_i Aᵀ[i][ξ] dy_i, eight output channels at a time, transposed into B panels
             // (3x1 units inside the plane read in place, as in the input transform).
-            #[inline(always)]
-            fn at(m: usize, src: &[f32], sld: usize, d: &mut [f32], ld: (usize, usize), n: usize) {
-                if m == 4 {
-                    apply::<LA4, 4, 6>(src, sld, d, ld, n);
-                } else {
-                    apply::<LA2, 2, 4>(src, sld, d, ld, n);
-                }
-            }
             for jp in 0..np {
                 for c in 0..NR.min(cout - jp * NR) {
                     let co = jp * NR + c;
                     let (g, rp) = s.g.split_at_mut(a * tb);
                     let dyc = &dy[co * oplane..][..oplane];
                     let d = &mut s.dy[c * nt..];
-                    if let Some(w) = glay.rows_in_place() {
-                        for r in 0..rows {
-                            match glay.unit_rows(u0 + r, m) {
-                                Some(y0) => at(m, &dyc[y0 * w..], w, &mut d[r * w..], (NR * nt, NR), w),
-                                None => {
-                                    glay.gather(g, w, m, dyc, u0 + r, 1, rp);
-                                    at(m, g, w, &mut d[r * w..], (NR * nt, NR), w);
-                                }
-                            }
-                        }
-                        continue;
+                    if m == 4 {
+                        glay.transform::<LA4, 4, 6>(d, (NR * nt, NR), g, kb, dyc, (u0, rows), nt, rp);
+                    } else {
+                        glay.transform::<LA2, 2, 4>(d, (NR * nt, NR), g, kb, dyc, (u0, rows), nt, rp);
                     }
-                    glay.gather(g, kb, m, dyc, u0, rows, rp);
-                    at(m, g, kb, d, (NR * nt, NR), nt);
                 }
                 pack_dy(&mut s.b, &s.dy, a, (np, jp), nt);
             }
