@@ -1000,10 +1000,8 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
     let work = |i: usize, dx: Option<&mut [f32]>, d: &mut [f32], part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
         let part = &mut part[..wn + bn];
         part.fill(0.0);
+        // (Chunks come from `gr[..n * stride]`: every one holds samples, `s0 < n`.)
         let s0 = i * ch;
-        if s0 >= n {
-            return Ok(());
-        }
         if let Some(dx) = dx {
             match mask {
                 Some(m) => {
