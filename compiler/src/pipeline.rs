@@ -7,7 +7,9 @@
 //!    convolution storing their input.
 //! 5. [`passes::pool_fuse::pool_fuse`] — pooling layers run inside the groups writing their
 //!    input, sample by sample.
-//! 6. [`passes::memplan::memplan`] — buffer liveness; one arena in which values and
+//! 6. [`passes::layout::layout`] — the values stored as transposed planes (a `1 x 3`
+//!    Winograd convolution's input and output between training batch norms).
+//! 7. [`passes::memplan::memplan`] — buffer liveness; one arena in which values and
 //!    gradients whose lifetimes do not overlap share memory.
 //!
 //! Batch-norm folding happens on parameters, not on the graph: a `Gemm -> BatchNorm` group in
@@ -25,8 +27,9 @@ pub fn plan(g: &Graph, mode: Mode, fusion: Fusion) -> Result<Plan> {
     let (placement, inplace_concats) = passes::concat_inplace::concat_inplace(g, &groups, fusion == Fusion::Full);
     let stats_from = passes::bn_stats::bn_stats(g, mode, fusion, &groups);
     let pool_into = passes::pool_fuse::pool_fuse(g, mode, fusion, &groups, &placement);
+    let transposed = passes::layout::layout(g, mode, fusion, &groups, &placement, &pool_into);
     let memory = passes::memplan::memplan(g, mode, &groups, &placement, &inplace_concats, &pool_into);
-    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats, stats_from, pool_into, memory };
+    let plan = Plan { graph: g.clone(), mode, fusion, groups, placement, inplace_concats, stats_from, pool_into, transposed, memory };
     #[cfg(debug_assertions)]
     check(&plan);
     Ok(plan)
@@ -48,5 +51,24 @@ fn check(p: &Plan) {
             }
         }
         ready.insert(gr.output());
+    }
+    // `passes::layout`'s "after": a transposed value is a batch-norm group's output read by a
+    // lone convolution alone, or that convolution's output, read by a batch norm alone.
+    for n in p.graph.nodes().filter(|n| p.transposed[n.index()]) {
+        let users = p.graph.users(n);
+        assert_eq!(users.len(), 1, "transposed {n} has {} readers", users.len());
+        let gr = p.group_of(n).expect("a transposed value is a group's output");
+        match p.graph.node(n).op {
+            crate::ir::Op::Conv2d(_) => {
+                assert_eq!(gr.nodes.len(), 1, "transposed {n}: a convolution with a chain");
+                assert!(p.transposed[p.graph.operands(n)[0].index()], "transposed {n}: its input is not");
+                assert!(matches!(p.graph.node(users[0]).op, crate::ir::Op::BatchNorm(_)), "transposed {n}: read by no batch norm");
+            }
+            _ => {
+                assert!(matches!(p.graph.node(gr.anchor()).op, crate::ir::Op::BatchNorm(_)), "transposed {n}: not a batch norm's output");
+                assert!(p.transposed[users[0].index()], "transposed {n}: its convolution's output is not");
+            }
+        }
+        assert_eq!(p.placement[n.index()], Some(crate::plan::Placement::Own), "transposed {n}: a slice");
     }
 }

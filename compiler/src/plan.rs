@@ -86,6 +86,9 @@ pub struct Plan {
     /// sample's planes right after storing them (`passes::pool_fuse`; the pooling group's own
     /// forward then does nothing).
     pub pool_into: Vec<Option<usize>>,
+    /// Indexed by node: whether its value is stored as transposed planes (each channel's
+    /// `H x W` plane stored `W x H`; `passes::layout`). Gradients share their value's layout.
+    pub transposed: Vec<bool>,
     /// Where values and (training) gradients live: offsets in one arena, shared by those never
     /// live at the same time (`passes::memplan`).
     pub memory: MemoryPlan,
@@ -110,6 +113,9 @@ impl fmt::Display for Plan {
             }
             if let Some(j) = self.pool_into.get(i).copied().flatten() {
                 write!(f, " (pools into {})", self.groups[j].output())?;
+            }
+            if self.transposed.get(g.output().index()).copied().unwrap_or(false) {
+                write!(f, " (transposed planes)")?;
             }
             match self.placement[g.output().index()] {
                 Some(Placement::Slice { concat, offset }) => writeln!(f, " -> slice of {concat} @ {offset}")?,

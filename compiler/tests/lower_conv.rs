@@ -444,3 +444,47 @@ fn kernels_are_send_sync_and_split_by_sample() {
     });
     assert_eq!(whole, split);
 }
+
+/// `Conv2d::transposed` on transposed planes computes the transposed output: every plane's
+/// rows and columns swapped in, the taps transposed (`w'[co][ci][x][y] = w[co][ci][y][x]`,
+/// the same memory for 1xk and kx1), the output planes come out transposed, for 1x3 and 3x1
+/// on the 1-D Winograd, asymmetric padding, strides, dilation and groups.
+#[test]
+fn transposed_convolutions_compute_transposed_outputs() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let tr = |x: &[f32], (r, c): (usize, usize)| -> Vec<f32> {
+        let mut o = vec![0.0; x.len()];
+        for (o, p) in o.chunks_exact_mut(r * c).zip(x.chunks_exact(r * c)) {
+            for i in 0..r {
+                for j in 0..c {
+                    o[j * r + i] = p[i * c + j];
+                }
+            }
+        }
+        o
+    };
+    let cases = [
+        (Conv2d::new(48, [1, 3]).pad(Padding::hw(0, 1)).bias(false), 48, (5, 9)),
+        (Conv2d::new(48, [3, 1]).pad(Padding::hw(1, 0)), 48, (6, 4)),
+        (Conv2d::new(6, [2, 3]).pad(Padding::Explicit { top: 1, bottom: 0, left: 2, right: 1 }), 4, (7, 5)),
+        (Conv2d { stride: [1, 2], dilation: [2, 1], groups: 2, ..Conv2d::new(6, [3, 2]) }.pad(Padding::Same), 4, (9, 8)),
+    ];
+    for (conv, cin, (h, w)) in cases {
+        let n = 2;
+        let t = conv.transposed();
+        let a = ConvKernels::compile("a", &conv, (cin, h, w), Epilogue::default(), Mode::Blocked).unwrap();
+        let b = ConvKernels::compile("b", &t, (cin, w, h), Epilogue::default(), Mode::Blocked).unwrap();
+        let (ga, gb) = (a.geometry(), b.geometry());
+        assert_eq!((gb.oh, gb.ow), (ga.ow, ga.oh), "{conv:?}: output size");
+        let [kh, kw] = conv.kernel;
+        let wa = rand_vec(&mut rng, ga.weight_numel());
+        let wb = tr(&wa, (kh, kw));
+        let bias = conv.bias.then(|| rand_vec(&mut rng, conv.out_channels));
+        let x = rand_vec(&mut rng, n * cin * h * w);
+        let mut ya = vec![0.0; n * conv.out_channels * ga.oh * ga.ow];
+        let mut yb = ya.clone();
+        a.forward(&mut ya, &x, &wa, bias.as_deref(), EpilogueArgs::default()).unwrap();
+        b.forward(&mut yb, &tr(&x, (h, w)), &wb, bias.as_deref(), EpilogueArgs::default()).unwrap();
+        close(&yb, &tr(&ya, (ga.oh, ga.ow)), &format!("{conv:?}"));
+    }
+}

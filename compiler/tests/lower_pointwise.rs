@@ -336,3 +336,69 @@ fn batchnorm_fused_activation_matches_separate_passes() {
         assert_eq!(d3, d4, "{n}x{c}x{hw}: overwrite vs accumulate into zeros");
     }
 }
+
+/// `out[c·rows + r] = x[r·cols + c]` per plane: the definition.
+fn transposed(x: &[f32], (rows, cols): (usize, usize)) -> Vec<f32> {
+    let mut out = vec![f32::NAN; x.len()];
+    for (o, p) in out.chunks_exact_mut(rows * cols).zip(x.chunks_exact(rows * cols)) {
+        for r in 0..rows {
+            for c in 0..cols {
+                o[c * rows + r] = p[r * cols + c];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn planes_transpose_and_batch_norm_reads_them_back() {
+    let mut rng = StdRng::seed_from_u64(41);
+    // Whole 4x4 blocks, ragged edges on either side or both, single rows and columns.
+    for (rows, cols) in [(4, 4), (5, 7), (7, 5), (8, 12), (1, 6), (6, 1), (33, 31), (16, 16)] {
+        let (n, c) = (3, 5);
+        let hw = rows * cols;
+        let x = rand_vec(&mut rng, n * c * hw);
+        let want = transposed(&x, (rows, cols));
+        let mut got = vec![9.0; x.len()];
+        transpose_planes(&mut got, &x, (rows, cols));
+        assert_eq!(got, want, "{rows}x{cols}");
+        // Transposing back gives the input.
+        let mut back = vec![9.0; x.len()];
+        transpose_planes(&mut back, &got, (cols, rows));
+        assert_eq!(back, x, "{rows}x{cols}: twice");
+        // Each plane mapped by its own function on the way.
+        let mut mapped = vec![9.0; x.len()];
+        transpose_planes_map(&mut mapped, &x, (rows, cols), |q| move |v: f32| v * (q as f32 + 0.5) - 1.0);
+        let want_mapped: Vec<f32> = want.iter().enumerate().map(|(i, &v)| v * ((i / hw) as f32 + 0.5) - 1.0).collect();
+        assert_eq!(mapped, want_mapped, "{rows}x{cols}: mapped");
+
+        // Batch norm's backward with d_out stored transposed: the same sums and input
+        // gradient, bit for bit, as with d_out in x's orientation.
+        let d_out = rand_vec(&mut rng, n * c * hw);
+        let d_out_t = transposed(&d_out, (rows, cols));
+        let saved = BnSaved { mean: rand_vec(&mut rng, c), rstd: (0..c).map(|_| rng.random_range(0.5f32..2.0)).collect() };
+        let gamma = rand_vec(&mut rng, c);
+        let ab: Vec<(f32, f32)> = (0..c).map(|_| (rng.random_range(0.5f32..2.0), rng.random_range(-0.5f32..0.5))).collect();
+        for relu in [None, Some(&ab[..])] {
+            let mut sums = Vec::new();
+            for ch in 0..c {
+                let plane = |v: &[f32], s: usize| v[(s * c + ch) * hw..(s * c + ch + 1) * hw].to_vec();
+                let (plain, flipped): (Vec<_>, Vec<_>) = (0..n).map(|s| ((plane(&d_out, s), plane(&x, s)), (plane(&d_out_t, s), plane(&x, s)))).unzip();
+                let r = relu.map(|r| r[ch]);
+                let want = batchnorm_grad_sums(plain.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r);
+                let got = batchnorm_grad_sums_flipped(flipped.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r, (rows, cols));
+                assert_eq!(got, want, "{rows}x{cols} channel {ch}: sums");
+                sums.push(want);
+            }
+            for write in [GradWrite::Accumulate, GradWrite::Overwrite] {
+                let (mut want, mut got) = (vec![0.25; x.len()], vec![0.25; x.len()]);
+                for s in 0..n {
+                    let r = s * c * hw..(s + 1) * c * hw;
+                    batchnorm_backward_sample(&mut want[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, relu, write);
+                    batchnorm_backward_sample_flipped(&mut got[r.clone()], &d_out_t[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (rows, cols), relu, write);
+                }
+                assert_eq!(got, want, "{rows}x{cols} {write:?}: input gradient");
+            }
+        }
+    }
+}

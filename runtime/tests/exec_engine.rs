@@ -306,6 +306,49 @@ fn conv_acts() -> Graph {
     g
 }
 
+/// Factored 1x3 convolutions wide enough for the 1-D Winograd between training batch norms:
+/// the layout pass stores their inputs and outputs as transposed planes. Odd, non-square
+/// 5x7 planes (a transposition bug cannot hide in a square), a ReLU and a tanh after the
+/// batch norms that carry the reorders, a bias on one convolution, and a 1x3 whose input
+/// another layer also reads (which stays untransposed).
+fn factored_1x3() -> Graph {
+    let mut g = Graph::new("factored_1x3");
+    let x = g.input("input", Shape::chw(3, 5, 7)).unwrap();
+    let c = g.add("stem", Op::Conv2d(conv(48, 1).bias(false)), &[x]).unwrap();
+    let b = g.add("stem_bn", bn(), &[c]).unwrap();
+    let a = g.add("stem_relu", relu(), &[b]).unwrap();
+    let c = g.add("f1", Op::Conv2d(Conv2d::new(48, [1, 3]).pad(Padding::hw(0, 1)).bias(false)), &[a]).unwrap();
+    let b = g.add("f1_bn", bn(), &[c]).unwrap();
+    let a = g.add("f1_tanh", Op::Act(Activation::Tanh), &[b]).unwrap();
+    let c = g.add("f2", Op::Conv2d(Conv2d::new(56, [3, 1]).pad(Padding::hw(1, 0))), &[a]).unwrap();
+    let b = g.add("f2_bn", bn(), &[c]).unwrap();
+    let a = g.add("f2_relu", relu(), &[b]).unwrap();
+    // Valid along the row: 7 -> 5 columns, and a bias.
+    let c = g.add("f3", Op::Conv2d(Conv2d::new(48, [1, 3])), &[a]).unwrap();
+    let b = g.add("f3_bn", bn(), &[c]).unwrap();
+    let f3 = g.add("f3_relu", relu(), &[b]).unwrap();
+    // Read by f4 and by the pool: stays as it is.
+    let c = g.add("f4", Op::Conv2d(Conv2d::new(48, [1, 3]).pad(Padding::hw(0, 1)).bias(false)), &[f3]).unwrap();
+    let b = g.add("f4_bn", bn(), &[c]).unwrap();
+    let f4 = g.add("f4_relu", relu(), &[b]).unwrap();
+    let p = g.add("gap_a", Op::GlobalAvgPool, &[f3]).unwrap();
+    let q = g.add("gap_b", Op::GlobalAvgPool, &[f4]).unwrap();
+    let cat = g.add("cat", Op::Concat, &[p, q]).unwrap();
+    let f = g.add("flatten", Op::Flatten, &[cat]).unwrap();
+    g.add("fc", dense(5), &[f]).unwrap();
+    g
+}
+
+#[test]
+fn transposed_planes_match_reference() {
+    let g = factored_1x3();
+    let plan = cnnc_compiler::pipeline::plan(&g, cnnc_compiler::plan::Mode::Training, Fusion::Full).unwrap();
+    let t: Vec<&str> = g.nodes().filter(|n| plan.transposed[n.index()]).map(|n| g.node(n).name.as_str()).collect();
+    assert_eq!(t, ["stem_relu", "f1", "f2_relu", "f3"]);
+    check(&g, Loss::SoftmaxCrossEntropy, 3, 3, 31);
+    check(&g, Loss::SoftmaxCrossEntropy, 3, 1, 32);
+}
+
 #[test]
 fn activation_masks_in_backward_data_match_reference() {
     check(&conv_acts(), Loss::SoftmaxCrossEntropy, 3, 3, 21);

@@ -60,6 +60,16 @@ impl Padding {
             }
         }
     }
+
+    /// The padding of the transposed image (rows and columns swapped): `top <-> left`,
+    /// `bottom <-> right`; `same` and `valid` are their own transposes (they resolve per
+    /// axis).
+    pub const fn transposed(&self) -> Padding {
+        match *self {
+            Padding::Explicit { top, bottom, left, right } => Padding::Explicit { top: left, bottom: right, left: top, right: bottom },
+            p => p,
+        }
+    }
 }
 
 impl fmt::Display for Padding {
@@ -113,6 +123,19 @@ impl Conv2d {
             groups: 1,
             bias: true,
             exact: false,
+        }
+    }
+    /// The same convolution on transposed images (every plane's rows and columns swapped):
+    /// kernel, stride, dilation and padding transposed; its output is the transpose of this
+    /// one's when its taps are this kernel's transposed (`w'[co][ci][x][y] = w[co][ci][y][x]`),
+    /// which for a `1 x k` or `k x 1` kernel is the very same weight memory.
+    pub const fn transposed(&self) -> Conv2d {
+        Conv2d {
+            kernel: [self.kernel[1], self.kernel[0]],
+            stride: [self.stride[1], self.stride[0]],
+            dilation: [self.dilation[1], self.dilation[0]],
+            padding: self.padding.transposed(),
+            ..*self
         }
     }
     /// Same stride in both directions.

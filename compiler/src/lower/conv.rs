@@ -146,6 +146,19 @@ impl ConvGeometry {
         })
     }
 
+    /// Stride 1, undilated, ungrouped: the layers Winograd can run.
+    fn plain(&self) -> bool {
+        self.stride == [1, 1] && self.dilation == [1, 1] && self.groups == 1
+    }
+
+    /// The axis of the one-dimensional Winograd convolution ([`winograd1d`](super::winograd1d))
+    /// [`ConvKernels`] runs this layer on (unless [`ConvOptions::winograd`] is off): a plain
+    /// 3x1 or 1x3 layer without padding across its filter, with at least
+    /// [`WINOGRAD_1D_MIN_CHANNELS`] input and output channels; `None` for any other layer.
+    pub fn winograd_1d_axis(&self) -> Option<Axis> {
+        crate::algo::winograd_1d_axis(self.kernel, self.pads, self.plain(), (self.cin, self.cout))
+    }
+
     /// Input elements per sample.
     pub fn in_numel(&self) -> usize {
         self.cin * self.h * self.w
@@ -754,14 +767,7 @@ impl Default for ConvOptions {
 /// multiplications they save).
 pub const WINOGRAD_MIN_CHANNELS: usize = 16;
 
-/// Fewest input and output channels for which the 1-D Winograd (1x3, 3x1) is used. Measured
-/// like [`WINOGRAD_MIN_CHANNELS`] on the CIFAR inception net's factored layers (batch 16,
-/// `F(4, 3)`; Winograd / direct time for forward, backward data, weight gradient): 48->64 1x3
-/// on 32x32 0.86 / 0.94 / 0.83, 48->48 3x1 on 16x16 0.77 / 0.75 / 0.75, but 32->48 1x3 on
-/// 16x16 1.05 / 1.07 / 1.04, 16->16 3x1 on 32x32 1.07 / 1.07 / 1.08 and 16->16 1x3 on 32x32
-/// 1.53 / 1.50 / 1.50: with only `Cin` for the GEMMs' reduction and 1.5 transformed values
-/// per input and output value, the transforms cost more than the halved multiplications save.
-pub const WINOGRAD_1D_MIN_CHANNELS: usize = 48;
+pub use crate::algo::WINOGRAD_1D_MIN_CHANNELS;
 
 /// Outputs per tile of the 1-D Winograd: `F(4, 3)` (halves the multiplications) rather than
 /// `F(2, 3)` (saves a third, with lighter transforms). Measured as above, `F(2, 3)` / `F(4, 3)`
@@ -871,13 +877,7 @@ impl ConvKernels {
                 } else {
                     (None, None, None)
                 };
-                let plain = opts.winograd && g.stride == [1, 1] && g.dilation == [1, 1] && g.groups == 1;
-                // The 1-D Winograd's axis: 3x1 or 1x3 without padding across it.
-                let axis1d = match (g.kernel, g.pads) {
-                    ([3, 1], [_, _, 0, 0]) => Some(Axis::Rows),
-                    ([1, 3], [0, 0, _, _]) => Some(Axis::Cols),
-                    _ => None,
-                };
+                let plain = opts.winograd && g.plain();
                 let wide = |min: usize| g.cin >= min && g.cout >= min;
                 let (mut wino, mut wino_bwd, mut wino_w) = (None, None, None);
                 if plain && g.kernel == [3, 3] && wide(WINOGRAD_MIN_CHANNELS) {
@@ -891,7 +891,7 @@ impl ConvKernels {
                         wino_bwd = Some(WinoFwdPlan::D2(WinoPlan::define(&mut jit, shape)?));
                     }
                     wino_w = Some(WinoWPlan::D2(WinoWgradPlan::define(&mut jit, shape)?));
-                } else if let Some(axis) = axis1d.filter(|_| plain && wide(WINOGRAD_1D_MIN_CHANNELS)) {
+                } else if let Some(axis) = g.winograd_1d_axis().filter(|_| opts.winograd) {
                     let pad = g.pads[if axis == Axis::Rows { 0 } else { 2 }];
                     let m = WINOGRAD_1D_TILE;
                     let shape = Wino1dShape { axis, m, cin: g.cin, cout: g.cout, h: g.h, w: g.w, pad, oh: g.oh, ow: g.ow };

@@ -53,6 +53,9 @@
 //!     this CPU has AVX2: the one requirement of calling such a function. Likewise
 //!     `pool_back_s1_avx512` calls a loop built with `avx2,avx512f,avx512vl,avx512bw,avx512dq`
 //!     only after `is_x86_feature_detected!` said this CPU has each of those five.
+//! 11. **Register shuffles.** [`transpose4`] calls the SSE unpack and move intrinsics on
+//!     values (no memory access); SSE is part of every x86-64 CPU (the baseline target),
+//!     which is all those intrinsics require.
 
 use super::jit::{Extents, KERNEL_ARGS};
 use super::pool::{PoolKernels, Scratch};
@@ -258,6 +261,27 @@ pub fn prefetch(s: &[f32]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = s;
+}
+
+/// A 4 x 4 block transposed (`out[j][i] = rows[i][j]`): the unpack pairs of SSE's
+/// `_MM_TRANSPOSE4_PS`, eight shuffles in registers (bound 11). Written as array moves in
+/// safe code, rustc left it sixteen scalar loads and stores.
+#[inline(always)]
+pub fn transpose4(rows: [[f32; 4]; 4]) -> [[f32; 4]; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128, _mm_movehl_ps, _mm_movelh_ps, _mm_unpackhi_ps, _mm_unpacklo_ps};
+        let [a, b, c, d] = rows.map(bytemuck::cast::<[f32; 4], __m128>);
+        // SAFETY: bound 11: register-only SSE shuffles, and SSE is in the x86-64 baseline.
+        let out = unsafe {
+            let (t0, t1) = (_mm_unpacklo_ps(a, b), _mm_unpackhi_ps(a, b));
+            let (t2, t3) = (_mm_unpacklo_ps(c, d), _mm_unpackhi_ps(c, d));
+            [_mm_movelh_ps(t0, t2), _mm_movehl_ps(t2, t0), _mm_movelh_ps(t1, t3), _mm_movehl_ps(t3, t1)]
+        };
+        out.map(bytemuck::cast::<__m128, [f32; 4]>)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    std::array::from_fn(|j| std::array::from_fn(|i| rows[i][j]))
 }
 
 /// Runs [`PoolKernels::max_avx2`](super::pool::PoolKernels) (max pooling built for AVX2) and

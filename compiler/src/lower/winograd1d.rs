@@ -70,14 +70,7 @@ use super::winograd::{
 use crate::{Error, Result};
 use std::cell::RefCell;
 
-/// Which axis the 3-tap filter runs along.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Axis {
-    /// A 3x1 kernel: along the rows' index (`y`), combining whole rows.
-    Rows,
-    /// A 1x3 kernel: along each row (`x`).
-    Cols,
-}
+pub use crate::algo::Axis;
 
 /// The geometry a one-dimensional Winograd layer is specialised to. Across the filtered
 /// axis there is no padding (the output is as long as the input there).

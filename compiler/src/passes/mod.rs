@@ -3,5 +3,6 @@
 pub mod bn_stats;
 pub mod concat_inplace;
 pub mod fuse;
+pub mod layout;
 pub mod memplan;
 pub mod pool_fuse;

@@ -84,7 +84,10 @@ pub(crate) enum Kind {
     Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool },
     /// `stats_from`: the earlier convolution step whose forward computes this batch norm's
     /// plane statistics (`Plan::stats_from`).
-    BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32>, stats_from: Option<usize> },
+    /// `flip`: the output's planes are the input's transposed (`passes::layout`), the input
+    /// planes being stored `rows x cols` (`Some((rows, cols))`); the output gradient is then
+    /// read transposed against the input.
+    BnTrain { x: NodeId, layer: String, eps: f32, momentum: f32, saved: BnSaved, new_rm: Vec<f32>, new_rv: Vec<f32>, stats_from: Option<usize>, flip: Option<(usize, usize)> },
     BnInfer { x: NodeId, layer: String, eps: f32 },
     /// `argmax`: each sample's `per_am` max-pooling window offsets (training programs; empty
     /// with `per_am == 0` for average pooling and inference, whose forward records none).
@@ -218,6 +221,8 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         locs[id.index()] = Some(Loc { buf: rb, grad, off, ch, total, hw, cap: batch * total * hw });
     }
     let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
+    // Values stored as transposed planes (`passes::layout`).
+    let transposed = |id: NodeId| plan.transposed.get(id.index()).copied().unwrap_or(false);
 
     let mut steps = Vec::with_capacity(plan.groups.len());
     let mut partial_len = 0;
@@ -297,7 +302,17 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 // Backward data stores its input gradient where that gradient's life starts
                 // here (the memory plan's `overwrite_grad`: nothing zeroes it first).
                 let opts = ConvOptions { overwrite_dx: plan.memory.overwrite_grad.get(gi).copied().unwrap_or(false), ..Default::default() };
-                let k = ConvKernels::compile_with(&name, &c, in_chw(0)?, epi, lmode, opts).map_err(|e| eerr(e.to_string()))?;
+                // On transposed planes (`passes::layout`: input and output both), the
+                // transposed convolution with the same weights.
+                let (c, in_shape) = match (transposed(ops[0]), transposed(out)) {
+                    (false, false) => (c, in_chw(0)?),
+                    (true, true) => {
+                        let (ci, h, w) = in_chw(0)?;
+                        (c.transposed(), (ci, w, h))
+                    }
+                    _ => return Err(eerr(format!("layer `{name}`: input and output planned in different plane layouts"))),
+                };
+                let k = ConvKernels::compile_with(&name, &c, in_shape, epi, lmode, opts).map_err(|e| eerr(e.to_string()))?;
                 let wn = k.geometry().weight_numel();
                 partial_len = partial_len.max(wn + c.out_channels);
                 if feeds_stats[gi] && (!chain.is_empty() || !oloc.contiguous()) {
@@ -331,6 +346,13 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 new_rm: Vec::new(),
                 new_rv: Vec::new(),
                 stats_from: plan.stats_from.get(gi).copied().flatten(),
+                flip: match (transposed(ops[0]), transposed(out)) {
+                    (a, b) if a == b => None,
+                    (a, _) => {
+                        let (_, h, w) = in_chw(0)?;
+                        Some(if a { (w, h) } else { (h, w) })
+                    }
+                },
             },
             Op::BatchNorm(bn) => Kind::BnInfer { x: ops[0], layer: name.clone(), eps: bn.eps },
             Op::Pool(p) => {

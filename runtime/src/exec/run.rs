@@ -310,7 +310,7 @@ impl Program {
                             k.forward(oc, &xin[s0 * inp..s1 * inp], w, b)
                         }).map_err(lerr)?;
                     }
-                    Kind::BnTrain { x, layer, eps, momentum, saved, new_rm, new_rv, stats_from } => {
+                    Kind::BnTrain { x, layer, eps, momentum, saved, new_rm, new_rv, stats_from, flip } => {
                         let xin = whole(vals, locs, g, *x, n)?;
                         let shape = BnShape { n, c: ol.ch, hw: ol.hw };
                         *new_rm = param(params, layer, "running_mean")?.to_vec();
@@ -359,12 +359,13 @@ impl Program {
                         }
                         let mut pool_chunks = FusedPool::chunks(fused_pool, 1, n);
                         let (c0, cs) = (ol.off, ol.ch);
+                        if flip.is_some() && (!rest.iter().all(|c| matches!(c, Chain::Act(_))) || pool_chunks.iter().any(Option::is_some)) {
+                            return Err(eerr(format!("layer `{layer}`: only activations can follow a batch norm storing transposed planes")));
+                        }
+                        let flip = *flip;
                         out.par_chunks_mut(stride).zip(xin.par_chunks(num)).zip(pool_chunks.par_iter_mut()).enumerate().try_for_each(|(s, ((o, xs), pc))| {
                             let o = &mut o[off..off + num];
-                            match first_act {
-                                Some(act) => pointwise::channel_affine_act(o, xs, 0, &a, &b, hw, act),
-                                None => pointwise::channel_affine(o, xs, 0, &a, &b, hw),
-                            }
+                            affine_sample(o, xs, (&a, &b), hw, first_act, flip);
                             for (c, adds) in rest.iter().zip(&others) {
                                 match c {
                                     Chain::Add { .. } => adds.iter().for_each(|r| o.iter_mut().zip(&r[s * num..(s + 1) * num]).for_each(|(v, &a)| *v += a)),
@@ -599,7 +600,7 @@ impl Program {
                     Kind::Dense { k, x, layer, bias } => {
                         gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask: None, stride, n, ch })?;
                     }
-                    Kind::BnTrain { x, layer, saved, .. } => {
+                    Kind::BnTrain { x, layer, saved, flip, .. } => {
                         let dx = if ng[x.index()] { Some(take(&mut mem, locs, g, *x, true)?.1) } else { None };
                         let xin = whole(&mem, locs, g, *x, n)?;
                         let xl = loc_of(locs, g, *x)?;
@@ -611,13 +612,21 @@ impl Program {
                         let relu = if bn_relu { Some(saved_affine(params, layer, saved, c)?) } else { None };
                         // d_out of sample s: its slice of the (possibly concatenated) gradient.
                         let d_out = |s: usize| &gr[s * stride + off..s * stride + off + num];
+                        let flip = *flip;
                         // Per-channel sums on all threads (one channel per task, fixed order:
                         // deterministic), then the input gradient per sample where needed.
+                        // (Output planes stored transposed: each d_out plane read back in the
+                        // input's orientation first, the same values in the same order.)
                         let sums: Vec<(f32, f32)> = (0..c)
                             .into_par_iter()
                             .map(|ch| {
-                                let planes = (0..n).map(|s| (&d_out(s)[ch * hw..(ch + 1) * hw], &xin[s * num + ch * hw..s * num + (ch + 1) * hw]));
-                                pointwise::batchnorm_grad_sums(planes, saved.mean[ch], saved.rstd[ch], relu.as_ref().map(|r| r[ch]))
+                                let x_plane = |s: usize| &xin[s * num + ch * hw..s * num + (ch + 1) * hw];
+                                let (mean, rstd, relu) = (saved.mean[ch], saved.rstd[ch], relu.as_ref().map(|r| r[ch]));
+                                let planes = (0..n).map(|s| (&d_out(s)[ch * hw..(ch + 1) * hw], x_plane(s)));
+                                match flip {
+                                    None => pointwise::batchnorm_grad_sums(planes, mean, rstd, relu),
+                                    Some(rc) => pointwise::batchnorm_grad_sums_flipped(planes, mean, rstd, relu, rc),
+                                }
                             })
                             .collect();
                         if let Some(dx) = dx {
@@ -626,7 +635,11 @@ impl Program {
                             let write = if overwrite { GradWrite::Overwrite } else { GradWrite::Accumulate };
                             let dx = &mut dx[..n * xl.numel()];
                             dx.par_chunks_mut(num).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
-                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref(), write)
+                                let go = &go[off..off + num];
+                                match flip {
+                                    None => pointwise::batchnorm_backward_sample(d, go, xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref(), write),
+                                    Some(rc) => pointwise::batchnorm_backward_sample_flipped(d, go, xs, 0, &sums, saved, gamma, n * hw, rc, relu.as_deref(), write),
+                                }
                             });
                         }
                         if trains(g, layer) {
@@ -765,6 +778,25 @@ impl Program {
     }
 }
 
+/// One sample of a training batch norm's normalise pass, `o = act(a*x + b)` per channel
+/// (`(a, b)` per channel, planes of `hw`, the first activation of the chain fused in), as the
+/// forward pass and its recomputation both run it: stored transposed when `flip` (the input's
+/// planes are `rows x cols`, `passes::layout`).
+fn affine_sample(o: &mut [f32], xs: &[f32], (a, b): (&[f32], &[f32]), hw: usize, act: Option<Activation>, flip: Option<(usize, usize)>) {
+    match (flip, act) {
+        (None, Some(act)) => pointwise::channel_affine_act(o, xs, 0, a, b, hw, act),
+        (None, None) => pointwise::channel_affine(o, xs, 0, a, b, hw),
+        // The map and the ReLU in the transposing pass; another activation after it.
+        (Some(rc), Some(Activation::Relu)) => pointwise::transpose_planes_map(o, xs, rc, |c| move |v: f32| (v * a[c] + b[c]).max(0.0)),
+        (Some(rc), act) => {
+            pointwise::transpose_planes_map(o, xs, rc, |c| move |v: f32| v * a[c] + b[c]);
+            if let Some(act) = act {
+                pointwise::activation_inplace(act, o);
+            }
+        }
+    }
+}
+
 /// Recompute a step's output in backward, exactly as the forward pass computed it: the memory
 /// plan let others use its memory. A pooling layer pools its (kept or recomputed) input again
 /// without recording winners; a batch norm: [`recompute_bn_act`].
@@ -794,7 +826,7 @@ fn recompute_step(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[O
 /// its saved batch statistics and `gamma`, `beta`, exactly as the forward pass computed it
 /// (same affine map, same activation code).
 fn recompute_bn_act(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &[Option<Loc>], g: &Graph, n: usize) -> R {
-    let Kind::BnTrain { x, layer, saved, .. } = &step.kind else {
+    let Kind::BnTrain { x, layer, saved, flip, .. } = &step.kind else {
         return Err(eerr(format!("layer `{}`: not a batch norm", step.name)));
     };
     let ol = loc_of(locs, g, step.out)?;
@@ -821,10 +853,7 @@ fn recompute_bn_act(step: &Step, params: &ParamStore, arena: &mut [f32], locs: &
         // The first activation in the affine pass, as the forward pass applied it.
         o.par_chunks_mut(stride).zip(xin.par_chunks(num)).for_each(|(o, xs)| {
             let o = &mut o[off..off + num];
-            match acts.first() {
-                Some(&act) => pointwise::channel_affine_act(o, xs, 0, &a, &b, hw, act),
-                None => pointwise::channel_affine(o, xs, 0, &a, &b, hw),
-            }
+            affine_sample(o, xs, (&a, &b), hw, acts.first().copied(), *flip);
             for &act in acts.iter().skip(1) {
                 pointwise::activation_inplace(act, o);
             }

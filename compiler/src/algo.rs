@@ -1,0 +1,36 @@
+//! Algorithm choices that follow from a layer's geometry alone, shared by the passes that plan
+//! around them (`passes::layout`) and the lowering that implements them (`lower`, feature
+//! `jit`), so the two cannot disagree.
+
+use crate::ir::Hw;
+
+/// Which axis a one-dimensional (`3 x 1` or `1 x 3`) filter runs along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// A 3x1 kernel: along the rows' index (`y`), combining whole rows.
+    Rows,
+    /// A 1x3 kernel: along each row (`x`).
+    Cols,
+}
+
+/// Fewest input and output channels for which the 1-D Winograd (1x3, 3x1) is used. Measured
+/// like [`WINOGRAD_MIN_CHANNELS`] on the CIFAR inception net's factored layers (batch 16,
+/// `F(4, 3)`; Winograd / direct time for forward, backward data, weight gradient): 48->64 1x3
+/// on 32x32 0.86 / 0.94 / 0.83, 48->48 3x1 on 16x16 0.77 / 0.75 / 0.75, but 32->48 1x3 on
+/// 16x16 1.05 / 1.07 / 1.04, 16->16 3x1 on 32x32 1.07 / 1.07 / 1.08 and 16->16 1x3 on 32x32
+/// 1.53 / 1.50 / 1.50: with only `Cin` for the GEMMs' reduction and 1.5 transformed values
+/// per input and output value, the transforms cost more than the halved multiplications save.
+pub const WINOGRAD_1D_MIN_CHANNELS: usize = 48;
+
+/// The axis of the one-dimensional Winograd convolution a layer runs on (the lowering's
+/// `winograd1d`): a 3x1 or 1x3 kernel with no padding across its filter (`pads` resolved,
+/// `[top, bottom, left, right]`), `plain` (stride 1, undilated, one group), at least
+/// [`WINOGRAD_1D_MIN_CHANNELS`] input and output channels; `None` for any other layer.
+pub fn winograd_1d_axis(kernel: Hw, pads: [usize; 4], plain: bool, (cin, cout): (usize, usize)) -> Option<Axis> {
+    let axis = match (kernel, pads) {
+        ([3, 1], [_, _, 0, 0]) => Axis::Rows,
+        ([1, 3], [0, 0, _, _]) => Axis::Cols,
+        _ => return None,
+    };
+    (plain && cin >= WINOGRAD_1D_MIN_CHANNELS && cout >= WINOGRAD_1D_MIN_CHANNELS).then_some(axis)
+}
