@@ -378,6 +378,18 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
             if !pooled.is_empty() {
                 notes.push(format!("pooled by the steps writing their input, as they store each sample (their fwd includes it; the pool's own fwd is ~0): {}", pooled.join(", ")));
             }
+            let flipped: Vec<String> = plan
+                .graph
+                .nodes()
+                .filter(|n| plan.transposed.get(n.index()).copied().unwrap_or(false) && matches!(plan.graph.node(*n).op, cnnc_compiler::ir::Op::Conv2d(_)))
+                .map(|n| plan.graph.node(n).name.clone())
+                .collect();
+            if !flipped.is_empty() {
+                notes.push(format!(
+                    "run as 3x1 on transposed planes, the batch norms on either side storing and reading those planes (their times include the reorders): {}",
+                    flipped.join(", ")
+                ));
+            }
             conv_kernels = e.conv_kernels().into_iter().map(|(l, k)| (l, k.join("/"))).collect();
             fused_groups = plan.groups.iter().map(|g| g.nodes.iter().map(|&n| plan.graph.node(n).name.clone()).collect()).collect();
             fused_ops = plan.groups.iter().map(|g| plan.graph.node(g.anchor()).op.kind().to_string()).collect();

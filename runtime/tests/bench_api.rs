@@ -5,7 +5,7 @@
 //! check what is reported, not how fast anything is.
 
 use cnnc_compiler::cost::analyze;
-use cnnc_compiler::ir::{Graph, Loss, Op};
+use cnnc_compiler::ir::{Activation, BatchNorm, Conv2d, Dense, Graph, Loss, Op, Padding, Shape};
 use cnnc_compiler::lang;
 use cnnc_compiler::plan::Fusion;
 use cnnc_runtime::bench::{self, BenchConfig, BenchReport};
@@ -136,6 +136,29 @@ fn residual_bn_side_output_and_inplace_concat_models() {
     let concats: Vec<_> = r.layers.iter().filter(|l| l.op == "concat").collect();
     assert_eq!(concats.len(), 3, "three inception modules");
     assert!(concats.iter().all(|l| l.in_place), "{concats:?}");
+}
+
+/// A 1x3 wide enough for the 1-D Winograd between batch norms: the layout pass transposes
+/// its planes, and the report says which layer runs that way.
+#[test]
+fn transposed_layers_are_named() {
+    let _guard = lock();
+    let mut g = Graph::new("flip");
+    let x = g.input("input", Shape::chw(3, 5, 7)).unwrap();
+    let mut v = x;
+    for (name, c, k, pad) in [("a", 48, [1, 1], Padding::Valid), ("b", 48, [1, 3], Padding::hw(0, 1))] {
+        let conv = Conv2d { kernel: k, ..Conv2d::new(c, [1, 1]) }.pad(pad).bias(false);
+        v = g.add(name, Op::Conv2d(conv), &[v]).unwrap();
+        v = g.add(format!("{name}_bn"), Op::BatchNorm(BatchNorm::default()), &[v]).unwrap();
+        v = g.add(format!("{name}_relu"), Op::Act(Activation::Relu), &[v]).unwrap();
+    }
+    let v = g.add("gap", Op::GlobalAvgPool, &[v]).unwrap();
+    g.add("fc", Op::Dense(Dense { out_features: 3, bias: true }), &[v]).unwrap();
+    let r = run(&g, 2, 1);
+    check_report(&g, &r, 2);
+    let notes: Vec<&String> = r.notes.iter().filter(|n| n.contains("transposed planes")).collect();
+    assert_eq!(notes.len(), 1, "{:?}", r.notes);
+    assert!(notes[0].ends_with(": b"), "{}", notes[0]);
 }
 
 #[test]
