@@ -151,7 +151,7 @@ impl ConvGeometry {
         self.stride == [1, 1] && self.dilation == [1, 1] && self.groups == 1
     }
 
-    /// The axis of the one-dimensional Winograd convolution ([`winograd1d`](super::winograd1d))
+    /// The axis of the one-dimensional Winograd convolution ([`winograd1d`])
     /// [`ConvKernels`] runs this layer on (unless [`ConvOptions::winograd`] is off): a plain
     /// 3x1 or 1x3 layer without padding across its filter, with at least
     /// [`WINOGRAD_1D_MIN_CHANNELS`] input and output channels; `None` for any other layer.

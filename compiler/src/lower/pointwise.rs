@@ -333,7 +333,7 @@ pub fn transpose_planes(dst: &mut [f32], src: &[f32], rc: (usize, usize)) {
 
 /// [`transpose_planes`] with plane `q`'s values mapped by `f(q)` on the way: a batch norm's
 /// affine map and activation stored transposed. Each plane is transposed into a buffer in
-/// cache ([`transpose_plane`]) and then copied out whole: written straight to memory in the
+/// cache (`transpose_plane`) and then copied out whole: written straight to memory in the
 /// transposed order, a pass over a tensor beyond the caches took a third longer (measured
 /// on one thread over 96 MiB: 3.2-3.5 ms against 2.6 ms; the plain affine pass 1.9 ms).
 /// Panics where the lengths

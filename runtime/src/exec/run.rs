@@ -16,6 +16,12 @@
 //! shares, in the same order (the same numbers, one read of the tensor fewer); global
 //! average pooling maps one sample per task. The reference fallbacks run on the calling thread.
 //!
+//! Layouts: values are NCHW planes, except those the plan stores as transposed planes
+//! (`Plan::transposed`, `passes::layout`): a convolution reading and writing them is compiled
+//! as its transpose (`Conv2d::transposed`), and a batch norm whose input and output differ in
+//! orientation transposes each plane as it normalises (forward and recomputation) and reads
+//! its output gradient back in its input's orientation, plane by plane (backward).
+//!
 //! Memory: buffers sit at the plan's [`MemoryPlan`](cnnc_compiler::passes::memplan::MemoryPlan)
 //! offsets in the arena, which each step sees through an [`arena::Mem`](super::arena::Mem)
 //! (the buffers it writes taken out first, the rest read): a gradient is zeroed where its
