@@ -302,8 +302,8 @@ fn batchnorm_fused_activation_matches_separate_passes() {
                 (0..n).map(|s| (g[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw].to_vec(), x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw].to_vec())).collect()
             };
             let (raw, msk) = (pl(&d_out), pl(&masked));
-            let fused = batchnorm_grad_sums(raw.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], Some(ab[ch]));
-            let sep = batchnorm_grad_sums(msk.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], None);
+            let fused = batchnorm_grad_sums(raw.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], Some(ab[ch]), GradPlanes::Same);
+            let sep = batchnorm_grad_sums(msk.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], None, GradPlanes::Same);
             assert_eq!(fused, sep, "{n}x{c}x{hw} channel {ch}: gradient sums");
             assert_eq!(sep, batchnorm_channel_grad_sums(shape, ch, &masked, &x, saved.mean[ch], saved.rstd[ch]), "planes vs whole tensor");
             // Against f64 sums.
@@ -320,8 +320,8 @@ fn batchnorm_fused_activation_matches_separate_passes() {
         let (mut d1, mut d2) = (vec![0.5; len], vec![0.5; len]);
         for s in 0..n {
             let r = s * c * hw..(s + 1) * c * hw;
-            batchnorm_backward_sample(&mut d1[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Accumulate);
-            batchnorm_backward_sample(&mut d2[r.clone()], &masked[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, None, GradWrite::Accumulate);
+            batchnorm_backward_sample(&mut d1[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), Some(&ab), GradWrite::Accumulate);
+            batchnorm_backward_sample(&mut d2[r.clone()], &masked[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), None, GradWrite::Accumulate);
         }
         for (i, (p, q)) in d1.iter().zip(&d2).enumerate() {
             assert!(p.to_bits() == q.to_bits() || p.is_nan() && q.is_nan(), "{n}x{c}x{hw}: d_x[{i}] {p} vs {q}");
@@ -330,8 +330,8 @@ fn batchnorm_fused_activation_matches_separate_passes() {
         let (mut d3, mut d4) = (vec![7.25; len], vec![0.0; len]);
         for s in 0..n {
             let r = s * c * hw..(s + 1) * c * hw;
-            batchnorm_backward_sample(&mut d3[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Overwrite);
-            batchnorm_backward_sample(&mut d4[r.clone()], &d_out[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Accumulate);
+            batchnorm_backward_sample(&mut d3[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), Some(&ab), GradWrite::Overwrite);
+            batchnorm_backward_sample(&mut d4[r.clone()], &d_out[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), Some(&ab), GradWrite::Accumulate);
         }
         assert_eq!(d3, d4, "{n}x{c}x{hw}: overwrite vs accumulate into zeros");
     }
@@ -385,8 +385,8 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
                 let plane = |v: &[f32], s: usize| v[(s * c + ch) * hw..(s * c + ch + 1) * hw].to_vec();
                 let (plain, flipped): (Vec<_>, Vec<_>) = (0..n).map(|s| ((plane(&d_out, s), plane(&x, s)), (plane(&d_out_t, s), plane(&x, s)))).unzip();
                 let r = relu.map(|r| r[ch]);
-                let want = batchnorm_grad_sums(plain.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r);
-                let got = batchnorm_grad_sums_flipped(flipped.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r, (rows, cols));
+                let want = batchnorm_grad_sums(plain.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r, GradPlanes::Same);
+                let got = batchnorm_grad_sums(flipped.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r, GradPlanes::Transposed(rows, cols));
                 assert_eq!(got, want, "{rows}x{cols} channel {ch}: sums");
                 sums.push(want);
             }
@@ -394,8 +394,8 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
                 let (mut want, mut got) = (vec![0.25; x.len()], vec![0.25; x.len()]);
                 for s in 0..n {
                     let r = s * c * hw..(s + 1) * c * hw;
-                    batchnorm_backward_sample(&mut want[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, relu, write);
-                    batchnorm_backward_sample_flipped(&mut got[r.clone()], &d_out_t[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (rows, cols), relu, write);
+                    batchnorm_backward_sample(&mut want[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), relu, write);
+                    batchnorm_backward_sample(&mut got[r.clone()], &d_out_t[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Transposed(rows, cols)), relu, write);
                 }
                 assert_eq!(got, want, "{rows}x{cols} {write:?}: input gradient");
             }

@@ -461,17 +461,30 @@ pub fn batchnorm_channel_grad_sums(shape: BnShape, ch: usize, d_out: &[f32], x: 
         let p = s * c * hw + ch * hw;
         (&d_out[p..p + hw], &x[p..p + hw])
     });
-    batchnorm_grad_sums(planes, mean, rstd, None)
+    batchnorm_grad_sums(planes, mean, rstd, None, GradPlanes::Same)
 }
 
 /// Gradient sums of one channel from its `(d_out, x)` planes (one pair per sample, any layout):
 /// `(Σ g, Σ g*xhat)` with `xhat = (x - mean) * rstd`, in one pass (8 f32 lanes per [`BLOCK`],
 /// blocks added in f64, fixed order). `g = d_out`, or with `relu = Some((a, b))` (the
 /// forward's affine map of the channel, a ReLU after it) `g = [x*a + b > 0] d_out`: the
-/// gradient of the normalised value through the ReLU.
-pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, rstd: f32, relu: Option<(f32, f32)>) -> (f32, f32) {
+/// gradient of the normalised value through the ReLU. With [`GradPlanes::Transposed`] each
+/// `d_out` plane is transposed into a buffer in cache first, then summed exactly as in
+/// [`GradPlanes::Same`] (the same values in the same order: the same sums).
+pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, rstd: f32, relu: Option<(f32, f32)>, layout: GradPlanes) -> (f32, f32) {
+    let mut t = match layout {
+        GradPlanes::Same => Vec::new(),
+        GradPlanes::Transposed(rows, cols) => vec![0.0f32; rows * cols],
+    };
     let (mut sg, mut sgx) = (0.0f64, 0.0f64);
     for (g, x) in planes {
+        let g = match layout {
+            GradPlanes::Same => g,
+            GradPlanes::Transposed(rows, cols) => {
+                transpose_plane(&mut t, g, (cols, rows), |v| v);
+                &t[..]
+            }
+        };
         for (gb, xb) in g.chunks(BLOCK).zip(x.chunks(BLOCK)) {
             block_grad_sums(gb, xb, mean, relu, (&mut sg, &mut sgx));
         }
@@ -479,26 +492,14 @@ pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32
     (sg as f32, (sgx * rstd as f64) as f32)
 }
 
-/// [`batchnorm_grad_sums`] where each `d_out` plane is stored transposed against its `x`
-/// plane (`x` planes `rows x cols`, `d_out` planes `cols x rows`: `passes::layout`): each
-/// `d_out` plane is transposed into a buffer in cache first, then summed exactly as there
-/// (the same values in the same order, so the same sums).
-pub fn batchnorm_grad_sums_flipped<'a>(
-    planes: impl Iterator<Item = (&'a [f32], &'a [f32])>,
-    mean: f32,
-    rstd: f32,
-    relu: Option<(f32, f32)>,
-    (rows, cols): (usize, usize),
-) -> (f32, f32) {
-    let mut t = vec![0.0f32; rows * cols];
-    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-    for (g, x) in planes {
-        transpose_plane(&mut t, g, (cols, rows), |v| v);
-        for (gb, xb) in t.chunks(BLOCK).zip(x.chunks(BLOCK)) {
-            block_grad_sums(gb, xb, mean, relu, (&mut sg, &mut sgx));
-        }
-    }
-    (sg as f32, (sgx * rstd as f64) as f32)
+/// How a batch norm's output-gradient planes are stored against its input's planes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradPlanes {
+    /// In the same orientation.
+    Same,
+    /// Transposed: the input's planes are `rows x cols`, the output gradient's `cols x rows`
+    /// (`passes::layout`).
+    Transposed(usize, usize),
 }
 
 /// `d_out`, masked by a ReLU after the affine map `(a, b)` when `RELU`: `[x*a + b > 0] d_out`.
@@ -554,7 +555,9 @@ fn block_sums<const RELU: bool>(g: &[f32], x: &[f32], mean: f32, (a, b): (f32, f
 /// `g = d_out`, or `g = [x*a + b > 0] d_out` with `relu = Some(affine)` (`affine[ch] = (a, b)`,
 /// each channel's forward map before its ReLU, indexed like `gamma`). `write` says whether the
 /// result is added to `d_x` (`+=`) or replaces it (`=`, for a gradient nothing else has written
-/// yet: its buffer need not be zeroed first).
+/// yet: its buffer need not be zeroed first). With [`GradPlanes::Transposed`] (`rows * cols
+/// == hw`) each `d_out` plane is transposed into a buffer in cache, then used exactly as in
+/// [`GradPlanes::Same`].
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward_sample(
     d_x: &mut [f32],
@@ -565,42 +568,28 @@ pub fn batchnorm_backward_sample(
     saved: &BnSaved,
     gamma: &[f32],
     values: usize,
-    hw: usize,
+    (hw, layout): (usize, GradPlanes),
     relu: Option<&[(f32, f32)]>,
     write: GradWrite,
 ) {
+    let mut t = match layout {
+        GradPlanes::Same => Vec::new(),
+        GradPlanes::Transposed(rows, cols) => {
+            assert_eq!(rows * cols, hw, "batch norm backward: transposed planes of {rows}x{cols}, not {hw} values");
+            vec![0.0f32; hw]
+        }
+    };
     for (i, &(sg, sgx)) in sums.iter().enumerate() {
         let ch = first + i;
         let p = ch * hw;
-        batchnorm_backward_plane(&mut d_x[p..p + hw], &d_out[p..p + hw], &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]), write);
-    }
-}
-
-/// [`batchnorm_backward_sample`] where the sample's `d_out` planes are stored transposed
-/// against its `x` and `d_x` planes (`x` planes `rows x cols`, `d_out` planes `cols x rows`:
-/// `passes::layout`): each `d_out` plane is transposed into a buffer in cache, then used
-/// exactly as there.
-#[allow(clippy::too_many_arguments)]
-pub fn batchnorm_backward_sample_flipped(
-    d_x: &mut [f32],
-    d_out: &[f32],
-    x: &[f32],
-    first: usize,
-    sums: &[(f32, f32)],
-    saved: &BnSaved,
-    gamma: &[f32],
-    values: usize,
-    (rows, cols): (usize, usize),
-    relu: Option<&[(f32, f32)]>,
-    write: GradWrite,
-) {
-    let hw = rows * cols;
-    let mut t = vec![0.0f32; hw];
-    for (i, &(sg, sgx)) in sums.iter().enumerate() {
-        let ch = first + i;
-        let p = ch * hw;
-        transpose_plane(&mut t, &d_out[p..p + hw], (cols, rows), |v| v);
-        batchnorm_backward_plane(&mut d_x[p..p + hw], &t, &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]), write);
+        let g = match layout {
+            GradPlanes::Same => &d_out[p..p + hw],
+            GradPlanes::Transposed(rows, cols) => {
+                transpose_plane(&mut t, &d_out[p..p + hw], (cols, rows), |v| v);
+                &t[..]
+            }
+        };
+        batchnorm_backward_plane(&mut d_x[p..p + hw], g, &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]), write);
     }
 }
 
@@ -667,7 +656,7 @@ pub fn batchnorm_backward(
     }
     for s in 0..n {
         let r = s * c * hw..(s + 1) * c * hw;
-        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, hw, None, GradWrite::Accumulate);
+        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, (hw, GradPlanes::Same), None, GradWrite::Accumulate);
     }
     Ok(())
 }
@@ -814,7 +803,7 @@ mod tests {
             let planes: Vec<(Vec<f32>, Vec<f32>)> =
                 (0..3).map(|_| ((0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect(), (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect())).collect();
             for relu in [None, Some((1.3f32, 0.2f32))] {
-                let got = batchnorm_grad_sums(planes.iter().map(|(g, x)| (&g[..], &x[..])), 0.1, 1.7, relu);
+                let got = batchnorm_grad_sums(planes.iter().map(|(g, x)| (&g[..], &x[..])), 0.1, 1.7, relu, GradPlanes::Same);
                 let want = grad_sums_spec(&planes, 0.1, 1.7, relu);
                 assert_eq!((got.0.to_bits(), got.1.to_bits()), (want.0.to_bits(), want.1.to_bits()), "grad sums, {len} values, relu {relu:?}");
             }

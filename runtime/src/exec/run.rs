@@ -38,7 +38,7 @@ use crate::init::tensor_rng;
 use crate::params::ParamStore;
 use crate::reference;
 use cnnc_compiler::ir::{Activation, Graph, NodeId, Op};
-use cnnc_compiler::lower::pointwise::{self, BnSaved, BnShape, GradWrite};
+use cnnc_compiler::lower::pointwise::{self, BnSaved, BnShape, GradPlanes, GradWrite};
 use cnnc_compiler::lower::pool::PoolKernels;
 use cnnc_compiler::lower::{ConvKernels, DenseKernels, EpilogueArgs, GradHook, SampleHook};
 use cnnc_compiler::passes::memplan;
@@ -618,7 +618,10 @@ impl Program {
                         let relu = if bn_relu { Some(saved_affine(params, layer, saved, c)?) } else { None };
                         // d_out of sample s: its slice of the (possibly concatenated) gradient.
                         let d_out = |s: usize| &gr[s * stride + off..s * stride + off + num];
-                        let flip = *flip;
+                        let layout = match *flip {
+                            Some((rows, cols)) => GradPlanes::Transposed(rows, cols),
+                            None => GradPlanes::Same,
+                        };
                         // Per-channel sums on all threads (one channel per task, fixed order:
                         // deterministic), then the input gradient per sample where needed.
                         // (Output planes stored transposed: each d_out plane read back in the
@@ -628,11 +631,7 @@ impl Program {
                             .map(|ch| {
                                 let x_plane = |s: usize| &xin[s * num + ch * hw..s * num + (ch + 1) * hw];
                                 let (mean, rstd, relu) = (saved.mean[ch], saved.rstd[ch], relu.as_ref().map(|r| r[ch]));
-                                let planes = (0..n).map(|s| (&d_out(s)[ch * hw..(ch + 1) * hw], x_plane(s)));
-                                match flip {
-                                    None => pointwise::batchnorm_grad_sums(planes, mean, rstd, relu),
-                                    Some(rc) => pointwise::batchnorm_grad_sums_flipped(planes, mean, rstd, relu, rc),
-                                }
+                                pointwise::batchnorm_grad_sums((0..n).map(|s| (&d_out(s)[ch * hw..(ch + 1) * hw], x_plane(s))), mean, rstd, relu, layout)
                             })
                             .collect();
                         if let Some(dx) = dx {
@@ -641,11 +640,7 @@ impl Program {
                             let write = if overwrite { GradWrite::Overwrite } else { GradWrite::Accumulate };
                             let dx = &mut dx[..n * xl.numel()];
                             dx.par_chunks_mut(num).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
-                                let go = &go[off..off + num];
-                                match flip {
-                                    None => pointwise::batchnorm_backward_sample(d, go, xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref(), write),
-                                    Some(rc) => pointwise::batchnorm_backward_sample_flipped(d, go, xs, 0, &sums, saved, gamma, n * hw, rc, relu.as_deref(), write),
-                                }
+                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, (hw, layout), relu.as_deref(), write)
                             });
                         }
                         if trains(g, layer) {
