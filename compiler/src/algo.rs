@@ -14,12 +14,13 @@ pub enum Axis {
 }
 
 /// Fewest input and output channels for which the 1-D Winograd (1x3, 3x1) is used. Measured
-/// like `lower::conv::WINOGRAD_MIN_CHANNELS` on the CIFAR inception net's factored layers (batch 16,
-/// `F(4, 3)`; Winograd / direct time for forward, backward data, weight gradient): 48->64 1x3
-/// on 32x32 0.86 / 0.94 / 0.83, 48->48 3x1 on 16x16 0.77 / 0.75 / 0.75, but 32->48 1x3 on
-/// 16x16 1.05 / 1.07 / 1.04, 16->16 3x1 on 32x32 1.07 / 1.07 / 1.08 and 16->16 1x3 on 32x32
-/// 1.53 / 1.50 / 1.50: with only `Cin` for the GEMMs' reduction and 1.5 transformed values
-/// per input and output value, the transforms cost more than the halved multiplications save.
+/// like `lower::conv::WINOGRAD_MIN_CHANNELS` on the CIFAR inception net's factored layers
+/// (batch 16, `F(4, 3)`; Winograd / direct time for forward, backward data, weight gradient):
+/// 48->64 1x3 on 32x32 0.86 / 0.94 / 0.83, 48->48 3x1 on 16x16 0.77 / 0.75 / 0.75, but 32->48
+/// 1x3 on 16x16 1.05 / 1.07 / 1.04, 16->16 3x1 on 32x32 1.07 / 1.07 / 1.08 and 16->16 1x3 on
+/// 32x32 1.53 / 1.50 / 1.50: with only `Cin` for the GEMMs' reduction and 1.5 transformed
+/// values per input and output value, the transforms cost more than the halved
+/// multiplications save.
 pub const WINOGRAD_1D_MIN_CHANNELS: usize = 48;
 
 /// The axis of the one-dimensional Winograd convolution a layer runs on (the lowering's

@@ -336,9 +336,8 @@ pub fn transpose_planes(dst: &mut [f32], src: &[f32], rc: (usize, usize)) {
 /// cache (`transpose_plane`) and then copied out whole: written straight to memory in the
 /// transposed order, a pass over a tensor beyond the caches took a third longer (measured
 /// on one thread over 96 MiB: 3.2-3.5 ms against 2.6 ms; the plain affine pass 1.9 ms).
-/// Panics where the lengths
-/// differ or are not whole planes (a runtime bug, never a user error: callers size both from
-/// the same plan).
+/// Panics where the lengths differ or are not whole planes (a runtime bug, never a user
+/// error: callers size both from the same plan).
 pub fn transpose_planes_map<F: Fn(f32) -> f32>(dst: &mut [f32], src: &[f32], (rows, cols): (usize, usize), f: impl Fn(usize) -> F) {
     let p = rows * cols;
     assert!(dst.len() == src.len() && p > 0 && src.len().is_multiple_of(p), "transpose_planes: {} into {} values, planes of {rows}x{cols}", src.len(), dst.len());
