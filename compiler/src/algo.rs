@@ -2,7 +2,7 @@
 //! around them (`passes::layout`) and the lowering that implements them (`lower`, feature
 //! `jit`), so the two cannot disagree.
 
-use crate::ir::Hw;
+use crate::ir::Conv2d;
 
 /// Which axis a one-dimensional (`3 x 1` or `1 x 3`) filter runs along.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,15 +23,22 @@ pub enum Axis {
 /// multiplications save.
 pub const WINOGRAD_1D_MIN_CHANNELS: usize = 48;
 
-/// The axis of the one-dimensional Winograd convolution a layer runs on (the lowering's
-/// `winograd1d`): a 3x1 or 1x3 kernel with no padding across its filter (`pads` resolved,
-/// `[top, bottom, left, right]`), `plain` (stride 1, undilated, one group), at least
-/// [`WINOGRAD_1D_MIN_CHANNELS`] input and output channels; `None` for any other layer.
-pub fn winograd_1d_axis(kernel: Hw, pads: [usize; 4], plain: bool, (cin, cout): (usize, usize)) -> Option<Axis> {
-    let axis = match (kernel, pads) {
+/// Stride 1, undilated, one group: the convolutions Winograd can run.
+pub fn plain(conv: &Conv2d) -> bool {
+    conv.stride == [1, 1] && conv.dilation == [1, 1] && conv.groups == 1
+}
+
+/// The axis of the one-dimensional Winograd convolution `conv` runs on over an input of
+/// `(cin, h, w)` (the lowering's `winograd1d`): a [`plain`] 3x1 or 1x3 kernel with no padding
+/// across its filter (as resolved for that input), at least [`WINOGRAD_1D_MIN_CHANNELS`]
+/// input and output channels; `None` for any other layer.
+pub fn winograd_1d_axis(conv: &Conv2d, (cin, h, w): (usize, usize, usize)) -> Option<Axis> {
+    let pads = conv.padding.resolve([h, w], conv.dilated_kernel(), conv.stride);
+    let axis = match (conv.kernel, pads) {
         ([3, 1], [_, _, 0, 0]) => Axis::Rows,
         ([1, 3], [0, 0, _, _]) => Axis::Cols,
         _ => return None,
     };
-    (plain && cin >= WINOGRAD_1D_MIN_CHANNELS && cout >= WINOGRAD_1D_MIN_CHANNELS).then_some(axis)
+    let wide = cin >= WINOGRAD_1D_MIN_CHANNELS && conv.out_channels >= WINOGRAD_1D_MIN_CHANNELS;
+    (plain(conv) && wide).then_some(axis)
 }

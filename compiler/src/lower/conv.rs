@@ -146,19 +146,6 @@ impl ConvGeometry {
         })
     }
 
-    /// Stride 1, undilated, ungrouped: the layers Winograd can run.
-    fn plain(&self) -> bool {
-        self.stride == [1, 1] && self.dilation == [1, 1] && self.groups == 1
-    }
-
-    /// The axis of the one-dimensional Winograd convolution ([`winograd1d`])
-    /// [`ConvKernels`] runs this layer on (unless [`ConvOptions::winograd`] is off): a plain
-    /// 3x1 or 1x3 layer without padding across its filter, with at least
-    /// [`WINOGRAD_1D_MIN_CHANNELS`] input and output channels; `None` for any other layer.
-    pub fn winograd_1d_axis(&self) -> Option<Axis> {
-        crate::algo::winograd_1d_axis(self.kernel, self.pads, self.plain(), (self.cin, self.cout))
-    }
-
     /// Input elements per sample.
     pub fn in_numel(&self) -> usize {
         self.cin * self.h * self.w
@@ -877,7 +864,7 @@ impl ConvKernels {
                 } else {
                     (None, None, None)
                 };
-                let plain = opts.winograd && g.plain();
+                let plain = opts.winograd && crate::algo::plain(conv);
                 let wide = |min: usize| g.cin >= min && g.cout >= min;
                 let (mut wino, mut wino_bwd, mut wino_w) = (None, None, None);
                 if plain && g.kernel == [3, 3] && wide(WINOGRAD_MIN_CHANNELS) {
@@ -891,7 +878,7 @@ impl ConvKernels {
                         wino_bwd = Some(WinoFwdPlan::D2(WinoPlan::define(&mut jit, shape)?));
                     }
                     wino_w = Some(WinoWPlan::D2(WinoWgradPlan::define(&mut jit, shape)?));
-                } else if let Some(axis) = g.winograd_1d_axis().filter(|_| opts.winograd) {
+                } else if let Some(axis) = crate::algo::winograd_1d_axis(conv, in_shape).filter(|_| opts.winograd) {
                     let pad = g.pads[if axis == Axis::Rows { 0 } else { 2 }];
                     let m = WINOGRAD_1D_TILE;
                     let shape = Wino1dShape { axis, m, cin: g.cin, cout: g.cout, h: g.h, w: g.w, pad, oh: g.oh, ow: g.ow };

@@ -71,10 +71,7 @@ pub fn layout(g: &Graph, mode: Mode, fusion: Fusion, groups: &[Group], placement
         let [conv] = gr.nodes[..] else { continue };
         let Op::Conv2d(c) = g.node(conv).op else { continue };
         let Some(&x) = g.operands(conv).first() else { continue };
-        let (cin, h, w) = g.node(x).shape.as_chw();
-        let pads = c.padding.resolve([h, w], c.dilated_kernel(), c.stride);
-        let plain = c.stride == [1, 1] && c.dilation == [1, 1] && c.groups == 1;
-        if winograd_1d_axis(c.kernel, pads, plain, (cin, c.out_channels)) != Some(Axis::Cols) {
+        if winograd_1d_axis(&c, g.node(x).shape.as_chw()) != Some(Axis::Cols) {
             continue;
         }
         // The input: a batch-norm group's output read by this convolution alone.
