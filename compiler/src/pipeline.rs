@@ -54,19 +54,19 @@ fn check(p: &Plan) {
     }
     // `passes::layout`'s "after": a transposed value is a batch-norm group's output read by a
     // lone convolution alone, or that convolution's output, read by a batch norm alone.
-    for n in p.graph.nodes().filter(|n| p.transposed[n.index()]) {
+    for n in p.graph.nodes().filter(|&n| p.is_transposed(n)) {
         let users = p.graph.users(n);
         assert_eq!(users.len(), 1, "transposed {n} has {} readers", users.len());
         let gr = p.group_of(n).expect("a transposed value is a group's output");
         match p.graph.node(n).op {
             crate::ir::Op::Conv2d(_) => {
                 assert_eq!(gr.nodes.len(), 1, "transposed {n}: a convolution with a chain");
-                assert!(p.transposed[p.graph.operands(n)[0].index()], "transposed {n}: its input is not");
+                assert!(p.is_transposed(p.graph.operands(n)[0]), "transposed {n}: its input is not");
                 assert!(matches!(p.graph.node(users[0]).op, crate::ir::Op::BatchNorm(_)), "transposed {n}: read by no batch norm");
             }
             _ => {
                 assert!(matches!(p.graph.node(gr.anchor()).op, crate::ir::Op::BatchNorm(_)), "transposed {n}: not a batch norm's output");
-                assert!(p.transposed[users[0].index()], "transposed {n}: its convolution's output is not");
+                assert!(p.is_transposed(users[0]), "transposed {n}: its convolution's output is not");
             }
         }
         assert_eq!(p.placement[n.index()], Some(crate::plan::Placement::Own), "transposed {n}: a slice");

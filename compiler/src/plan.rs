@@ -99,6 +99,12 @@ impl Plan {
     pub fn group_of(&self, node: NodeId) -> Option<&Group> {
         self.groups.iter().find(|g| g.output() == node)
     }
+
+    /// Whether `node`'s value (and its gradient) is stored as transposed planes
+    /// ([`Plan::transposed`]).
+    pub fn is_transposed(&self, node: NodeId) -> bool {
+        self.transposed.get(node.index()).copied().unwrap_or(false)
+    }
 }
 
 impl fmt::Display for Plan {
@@ -114,7 +120,7 @@ impl fmt::Display for Plan {
             if let Some(j) = self.pool_into.get(i).copied().flatten() {
                 write!(f, " (pools into {})", self.groups[j].output())?;
             }
-            if self.transposed.get(g.output().index()).copied().unwrap_or(false) {
+            if self.is_transposed(g.output()) {
                 write!(f, " (transposed planes)")?;
             }
             match self.placement[g.output().index()] {

@@ -381,7 +381,7 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
             let flipped: Vec<String> = plan
                 .graph
                 .nodes()
-                .filter(|n| plan.transposed.get(n.index()).copied().unwrap_or(false) && matches!(plan.graph.node(*n).op, cnnc_compiler::ir::Op::Conv2d(_)))
+                .filter(|&n| plan.is_transposed(n) && matches!(plan.graph.node(n).op, cnnc_compiler::ir::Op::Conv2d(_)))
                 .map(|n| plan.graph.node(n).name.clone())
                 .collect();
             if !flipped.is_empty() {

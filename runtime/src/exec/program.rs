@@ -221,8 +221,6 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         locs[id.index()] = Some(Loc { buf: rb, grad, off, ch, total, hw, cap: batch * total * hw });
     }
     let contiguous = |id: NodeId| locs[id.index()].is_some_and(|l| l.contiguous());
-    // Values stored as transposed planes (`passes::layout`).
-    let transposed = |id: NodeId| plan.transposed.get(id.index()).copied().unwrap_or(false);
 
     let mut steps = Vec::with_capacity(plan.groups.len());
     let mut partial_len = 0;
@@ -304,7 +302,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 let opts = ConvOptions { overwrite_dx: plan.memory.overwrite_grad.get(gi).copied().unwrap_or(false), ..Default::default() };
                 // On transposed planes (`passes::layout`: input and output both), the
                 // transposed convolution with the same weights.
-                let (c, in_shape) = match (transposed(ops[0]), transposed(out)) {
+                let (c, in_shape) = match (plan.is_transposed(ops[0]), plan.is_transposed(out)) {
                     (false, false) => (c, in_chw(0)?),
                     (true, true) => {
                         let (ci, h, w) = in_chw(0)?;
@@ -346,7 +344,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 new_rm: Vec::new(),
                 new_rv: Vec::new(),
                 stats_from: plan.stats_from.get(gi).copied().flatten(),
-                flip: match (transposed(ops[0]), transposed(out)) {
+                flip: match (plan.is_transposed(ops[0]), plan.is_transposed(out)) {
                     (a, b) if a == b => None,
                     (a, _) => {
                         let (_, h, w) = in_chw(0)?;
