@@ -212,17 +212,17 @@ mod tests {
         cx.check().err().map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
     }
 
-    fn scratch(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("cnnc-macros-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
+    /// A file holding `text` in a fresh temporary directory, removed when the guard drops.
+    fn scratch(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
-        p
+        (dir, p)
     }
 
     #[test]
     fn file_is_read_checked_and_summarized() {
-        let p = scratch("ok.cnn", "/// Doc.\nmodel M(input: 2x6x6) {\n  conv(3, 3x3); relu; flatten; dense(5);\n}\n");
+        let (_dir, p) = scratch("ok.cnn", "/// Doc.\nmodel M(input: 2x6x6) {\n  conv(3, 3x3); relu; flatten; dense(5);\n}\n");
         let cx = Ctxt::new();
         let f = file(&cx, &lit(&p)).unwrap();
         assert!(messages(cx).is_empty());
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn file_errors_are_rendered_with_line_and_column() {
-        let p = scratch("bad.cnn", "model M(input: 1x4x4) {\n    relu;\n    c: conv(2, 5x5);\n}\n\nmodel N(input: 4) { bogus; }\n");
+        let (_dir, p) = scratch("bad.cnn", "model M(input: 1x4x4) {\n    relu;\n    c: conv(2, 5x5);\n}\n\nmodel N(input: 4) { bogus; }\n");
         let cx = Ctxt::new();
         let shown = p.to_string_lossy().into_owned();
         let f = file(&cx, &lit(&p)).unwrap();
@@ -249,7 +249,7 @@ mod tests {
         assert!(msgs[0].contains(&format!("--> {shown}:6:21")), "{msgs:?}");
         assert!(msgs[0].contains("6 | model N(input: 4) { bogus; }"), "{msgs:?}");
 
-        let p = scratch("shape.cnn", "model M(input: 1x4x4) {\n    relu;\n    c: conv(2, 5x5);\n}\n");
+        let (_dir, p) = scratch("shape.cnn", "model M(input: 1x4x4) {\n    relu;\n    c: conv(2, 5x5);\n}\n");
         let cx = Ctxt::new();
         file(&cx, &lit(&p)).unwrap();
         let msgs = messages(cx);
