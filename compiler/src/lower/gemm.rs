@@ -1,5 +1,5 @@
 //! The register-blocked GEMM: a Cranelift-generated `4 x 8` micro-kernel (eight `f32x4`
-//! accumulators, `K` loop unrolled by 4, `fma` per step) with a fused epilogue, plus the packing
+//! accumulators, `K` loop unrolled by 8, `fma` per step) with a fused epilogue, plus the packing
 //! routines and the panel driver that every convolution and dense kernel runs on.
 //!
 //! ## Computation
@@ -42,8 +42,21 @@ use cranelift_frontend::FunctionBuilder;
 pub const MR: usize = 4;
 /// Columns of the micro-tile (`B` panel width, two `f32x4`).
 pub const NR: usize = 8;
-/// Unroll factor of the `K` loop.
-const KU: usize = 4;
+/// Unroll factor of the `K` loop over a packed `B`. 8 rather than 4: the bare micro-kernel
+/// went from 0.82-0.83 to 0.90-0.93 of peak at `K` = 576 and from 0.69-0.70 to 0.73-0.77 at
+/// `K` = 64, the Winograd layers' GEMMs 2-5% faster (kernel bench, medians of five
+/// alternated runs); 16 was no better than 4.
+const KU: usize = 8;
+/// Reduction steps per loop iteration of a direct GEMM over several taps (whole planes of
+/// taps per iteration, at least this many steps).
+const KU_DIRECT: usize = 4;
+/// Planes per loop iteration of a direct GEMM over one tap (a 1x1 convolution, a `B` row per
+/// plane): the 1x1 256->64 backward data went from 19.3-19.6 to 17.0-17.5 ms with 64 (from
+/// 4; 16: 17.6-17.8 ms), its forward on 32x32 planes 2-4% faster. More steps per iteration
+/// did not help the multi-tap kernels (3x3 and 1x3 within 10% either way).
+const KU_ONE_TAP: usize = 64;
+/// Unroll factor of the weight-gradient tile's pixel loop (8 measured no better).
+const KU_WGRAD: usize = 4;
 
 /// An activation that can be fused into a GEMM epilogue (the ones without `exp`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -382,13 +395,14 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
         }
     };
     // One loop iteration covers `per` reduction steps: `KU` packed ones, or `cu` whole planes
-    // of a direct B (`cu` planes of `taps` steps, at least `KU` steps when taps are few).
+    // of a direct B (`cu` planes of `taps` steps: at least `KU_DIRECT` steps when taps are
+    // few, `KU_ONE_TAP` planes of a single tap).
     // `boffs[u]` is step `u`'s B offset from the iteration's B pointer, `bstep` its advance.
     let (per, boffs, bstep): (usize, Vec<i64>, i64) = match direct {
         None => (KU, (0..KU).map(|u| (u * NR) as i64).collect(), (KU * NR) as i64),
         Some(d) => {
             let nt = d.taps.len();
-            let cu = KU.div_ceil(nt).min(d.chans).max(1);
+            let cu = if nt == 1 { KU_ONE_TAP } else { KU_DIRECT.div_ceil(nt) }.min(d.chans).max(1);
             let offs = (0..cu).flat_map(|c| d.taps.iter().map(move |&t| (c * d.plane + t) as i64)).collect();
             (cu * nt, offs, (cu * d.plane) as i64)
         }
@@ -718,6 +732,11 @@ impl Gemm {
     }
 }
 
+/// Rows per chunk of [`pack_b_block`]. Packing a 1x1 layer's 256 x 256 block from source rows in
+/// L2 took 8.5-9 µs in chunks of 32 rows against 13-19 µs panel pair by panel pair over all
+/// rows (a standalone loop, several runs; 8 rows: 14-17 µs, 64 rows: 10 µs).
+const PACK_ROWS: usize = 32;
+
 /// Pack `ceil(cols/8)` consecutive B panels at once from a row-major `B` (element `(k, j)` at
 /// `src[k*rs + j]`), columns `j0..j0+cols`: panel `t` at `dst[t*k*8..]`. Each source row is
 /// read once, sequentially (what makes this faster than panel by panel on large tensors).
@@ -727,27 +746,19 @@ pub fn pack_b_block(dst: &mut [f32], src: &[f32], k: usize, j0: usize, cols: usi
     if full < np {
         dst[full * k * NR..np * k * NR].fill(0.0);
     }
-    // Panel by panel (two at a time: one 64-byte source line per row), so that each
-    // destination panel is written sequentially: panels are `k*32` bytes apart, which for a
-    // power-of-two `k` puts every panel's row in the same L1 set.
-    let mut t = 0;
-    while t + 2 <= full {
-        let (d0, d1) = dst[t * k * NR..(t + 2) * k * NR].split_at_mut(k * NR);
-        for (kk, (a, b)) in d0.chunks_exact_mut(NR).zip(d1.chunks_exact_mut(NR)).enumerate() {
-            let s = kk * rs + j0 + t * NR;
-            let row: &[f32; 2 * NR] = src[s..s + 2 * NR].try_into().expect("16-wide source");
-            let a: &mut [f32; NR] = a.try_into().expect("8-wide row");
-            let b: &mut [f32; NR] = b.try_into().expect("8-wide row");
-            *a = row[..NR].try_into().expect("8");
-            *b = row[NR..].try_into().expect("8");
-        }
-        t += 2;
-    }
-    if t < full {
-        for (kk, d) in dst[t * k * NR..(t + 1) * k * NR].chunks_exact_mut(NR).enumerate() {
-            let s = kk * rs + j0 + t * NR;
-            let d: &mut [f32; NR] = d.try_into().expect("8-wide row");
-            *d = src[s..s + NR].try_into().expect("8-wide source");
+    // Chunks of `PACK_ROWS` rows, each chunk panel by panel: each panel's share of the chunk
+    // is written sequentially (panels are `k*32` bytes apart, which for a power-of-two `k`
+    // puts every panel's row in the same L1 set), and the chunk's source rows stay in L1
+    // while its panels take their columns.
+    for k0 in (0..k).step_by(PACK_ROWS) {
+        let k1 = k.min(k0 + PACK_ROWS);
+        for t in 0..full {
+            let d = &mut dst[(t * k + k0) * NR..(t * k + k1) * NR];
+            for (kk, d) in (k0..k1).zip(d.chunks_exact_mut(NR)) {
+                let s = kk * rs + j0 + t * NR;
+                let d: &mut [f32; NR] = d.try_into().expect("8-wide row");
+                *d = src[s..s + NR].try_into().expect("8-wide source");
+            }
         }
     }
     if full < np {
@@ -914,12 +925,12 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
     b.seal_block(row_body);
     let row_a = b.use_var(vrow);
     b.def_var(va, row_a);
-    let iters = s.width / KU;
+    let iters = s.width / KU_WGRAD;
     if iters > 0 {
         let head = b.create_block();
         let body = b.create_block();
         let exit = b.create_block();
-        let end = emit::offset(b, row_a, (iters * KU) as i64);
+        let end = emit::offset(b, row_a, (iters * KU_WGRAD) as i64);
         b.ins().jump(head, &[]);
         b.switch_to_block(head);
         let la = b.use_var(va);
@@ -928,11 +939,11 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
         b.switch_to_block(body);
         b.seal_block(body);
         let lb = b.use_var(vb);
-        for u in 0..KU {
+        for u in 0..KU_WGRAD {
             step(b, la, lb, u);
         }
-        let na = emit::offset(b, la, KU as i64);
-        let nb = emit::offset(b, lb, (KU * NR) as i64);
+        let na = emit::offset(b, la, KU_WGRAD as i64);
+        let nb = emit::offset(b, lb, (KU_WGRAD * NR) as i64);
         b.def_var(va, na);
         b.def_var(vb, nb);
         b.ins().jump(head, &[]);
@@ -940,7 +951,7 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
         b.switch_to_block(exit);
         b.seal_block(exit);
     }
-    let rem = s.width % KU;
+    let rem = s.width % KU_WGRAD;
     if rem > 0 {
         let la = b.use_var(va);
         let lb = b.use_var(vb);
