@@ -23,6 +23,33 @@
 extern crate self as cnnc;
 
 pub use cnnc_compiler as compiler;
+/// Examples, compiled and run as this crate's doctests (the macro crate cannot use its own
+/// macro in its doctests):
+///
+/// ```
+/// cnnc::cnn_model! {
+///     /// A small inception-style network for 32x32 images.
+///     pub model MiniInception(input: 3x32x32) {
+///         conv1: conv(32, 3x3, pad=1); bn; relu;
+///         concat {
+///             { conv(16, 1x1); relu; }
+///             { conv(24, 3x3, pad=1); relu; }
+///         }
+///         gap; flatten;
+///         fc: dense(10);
+///     }
+/// }
+/// const _: () = assert!(MiniInception::PARAMS < 2_000_000);
+/// assert_eq!(MiniInception::OUTPUT, cnnc::compiler::ir::Shape::flat(10));
+/// ```
+///
+/// From a `.cnn` file (relative to the crate's directory):
+///
+/// ```
+/// cnnc::cnn_model!(pub file = "examples/models/lenet5.cnn");
+/// // 1x28x28 without padding: 156 + 2,416 + 30,840 + 10,164 + 850 parameters.
+/// assert_eq!(LeNet5::PARAMS, 44_426);
+/// ```
 pub use cnnc_macros::cnn_model;
 pub use cnnc_runtime as runtime;
 

@@ -23,8 +23,10 @@ mod source;
 use proc_macro::TokenStream;
 
 /// Declare networks in the cnnc model language; shapes are checked during expansion.
+/// (The examples are compiled and run as doctests of the `cnnc` facade, which re-exports this
+/// macro: a procedural-macro crate cannot use its own macros in its doctests.)
 ///
-/// ```ignore
+/// ```text
 /// cnnc::cnn_model! {
 ///     /// A small inception-style network for 32x32 images.
 ///     pub model MiniInception(input: 3x32x32) {
@@ -45,7 +47,7 @@ use proc_macro::TokenStream;
 /// the invocation. Edits to the file recompile the crate; errors in it are printed with the
 /// file's line, column and source line, at the path literal:
 ///
-/// ```ignore
+/// ```text
 /// cnnc::cnn_model!(pub file = "models/lenet5.cnn");
 /// ```
 ///
