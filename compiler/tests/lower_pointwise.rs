@@ -390,6 +390,16 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
                 assert_eq!(got, want, "{rows}x{cols} channel {ch}: sums");
                 sums.push(want);
             }
+            // The same sums from each sample's terms (all channels, one sample at a time),
+            // added in sample order: bit for bit, either orientation.
+            for (d, layout) in [(&d_out, GradPlanes::Same), (&d_out_t, GradPlanes::Transposed(rows, cols))] {
+                let mut parts = vec![(f64::NAN, f64::NAN); n * c];
+                for (s, p) in parts.chunks_exact_mut(c).enumerate() {
+                    let r = s * c * hw..(s + 1) * c * hw;
+                    batchnorm_sample_grad_sums(p, &d[r.clone()], &x[r], hw, &saved.mean, relu, layout);
+                }
+                assert_eq!(batchnorm_finish_grad_sums(&parts, &saved.rstd), sums, "{rows}x{cols} {layout:?}: sums by sample");
+            }
             for write in [GradWrite::Accumulate, GradWrite::Overwrite] {
                 let (mut want, mut got) = (vec![0.25; x.len()], vec![0.25; x.len()]);
                 for s in 0..n {

@@ -484,11 +484,62 @@ pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32
                 &t[..]
             }
         };
-        for (gb, xb) in g.chunks(BLOCK).zip(x.chunks(BLOCK)) {
-            block_grad_sums(gb, xb, mean, relu, (&mut sg, &mut sgx));
-        }
+        let (pg, pgx) = plane_grad_sums(g, x, mean, relu);
+        sg += pg;
+        sgx += pgx;
     }
     (sg as f32, (sgx * rstd as f64) as f32)
+}
+
+/// One plane's `(Σ g, Σ g*(x - mean))` in f64 from zero, [`BLOCK`] by [`BLOCK`]: the term
+/// [`batchnorm_grad_sums`] adds per plane, and [`batchnorm_sample_grad_sums`] stores.
+fn plane_grad_sums(g: &[f32], x: &[f32], mean: f32, relu: Option<(f32, f32)>) -> (f64, f64) {
+    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+    for (gb, xb) in g.chunks(BLOCK).zip(x.chunks(BLOCK)) {
+        block_grad_sums(gb, xb, mean, relu, (&mut sg, &mut sgx));
+    }
+    (sg, sgx)
+}
+
+/// One sample's terms of [`batchnorm_grad_sums`] for every channel: `out[ch]` is the
+/// `(Σ g, Σ g*(x - mean))` of the sample's plane of channel `ch` (f64), from its `d_out` and
+/// `x` (`[c, hw]` values each, `c = out.len()`), `mean[ch]`, and, for a fused ReLU, the
+/// forward's affine maps `relu[ch]`. [`batchnorm_finish_grad_sums`] adds the samples' terms in
+/// sample order: the same additions as [`batchnorm_grad_sums`] over the channel's planes, so
+/// the same sums bit for bit, from a pass that reads each sample's values in order (one plane
+/// after the next) rather than one channel's planes scattered over the batch.
+pub fn batchnorm_sample_grad_sums(out: &mut [(f64, f64)], d_out: &[f32], x: &[f32], hw: usize, mean: &[f32], relu: Option<&[(f32, f32)]>, layout: GradPlanes) {
+    let mut t = match layout {
+        GradPlanes::Same => Vec::new(),
+        GradPlanes::Transposed(rows, cols) => vec![0.0f32; rows * cols],
+    };
+    for (ch, o) in out.iter_mut().enumerate() {
+        let (g, xs) = (&d_out[ch * hw..(ch + 1) * hw], &x[ch * hw..(ch + 1) * hw]);
+        let g = match layout {
+            GradPlanes::Same => g,
+            GradPlanes::Transposed(rows, cols) => {
+                transpose_plane(&mut t, g, (cols, rows), |v| v);
+                &t[..]
+            }
+        };
+        *o = plane_grad_sums(g, xs, mean[ch], relu.map(|r| r[ch]));
+    }
+}
+
+/// The channels' [`batchnorm_grad_sums`] from the samples' [`batchnorm_sample_grad_sums`]
+/// (`parts[s*c + ch]`, `c = rstd.len()`), added in sample order.
+pub fn batchnorm_finish_grad_sums(parts: &[(f64, f64)], rstd: &[f32]) -> Vec<(f32, f32)> {
+    let c = rstd.len();
+    (0..c)
+        .map(|ch| {
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for p in parts.iter().skip(ch).step_by(c) {
+                sg += p.0;
+                sgx += p.1;
+            }
+            (sg as f32, (sgx * rstd[ch] as f64) as f32)
+        })
+        .collect()
 }
 
 /// How a batch norm's output-gradient planes are stored against its input's planes.

@@ -183,7 +183,7 @@ impl JitEngine {
                 })
                 .sum::<usize>()
         };
-        let f = |p: &Program| (p.arena.len() + p.partials.iter().map(Vec::len).sum::<usize>()) * 4 + argmax(p);
+        let f = |p: &Program| (p.arena.len() + p.partials.iter().map(Vec::len).sum::<usize>()) * 4 + std::mem::size_of_val(p.bn_terms.as_slice()) + argmax(p);
         f(&self.train) + f(&self.infer)
     }
 }

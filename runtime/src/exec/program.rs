@@ -144,6 +144,10 @@ pub(crate) struct Program {
     /// dense layer (one layer's backward runs at a time), sized for the largest; empty for
     /// inference programs.
     pub partials: Vec<Vec<f32>>,
+    /// The training batch norms' per-sample gradient-sum terms (`[sample][channel]`, see
+    /// `pointwise::batchnorm_sample_grad_sums`), shared by all of them and sized for the
+    /// widest at the full batch, so that a step allocates nothing for them.
+    pub bn_terms: Vec<(f64, f64)>,
     /// Steps whose output backward recomputes before group `i`'s step (indexed by group; from
     /// the memory plan's `recompute_before`).
     pub recompute: Vec<Vec<usize>>,
@@ -413,6 +417,8 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         return Err(eerr("the logits and the input must be whole buffers"));
     }
     let partials = if train { vec![vec![0.0f32; partial_len]; threads] } else { Vec::new() };
+    let bn_channels = steps.iter().filter(|s| matches!(s.kind, Kind::BnTrain { .. })).filter_map(|s| locs[s.out.index()].map(|l| l.ch)).max();
+    let bn_terms = vec![(0.0, 0.0); batch * bn_channels.unwrap_or(0)];
     // The steps that recompute a buffer: the groups writing it (its own, or every channel
     // slice of an in-place concatenation), one step per group.
     let writers = memplan::writers(&plan.groups, &plan.placement);
@@ -420,5 +426,5 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
         Some(writers[r.index()].as_slice()).filter(|ws| !ws.is_empty()).ok_or_else(|| eerr(format!("layer `{}`: recomputed value has no step", g.node(r).name)))
     };
     let recompute = plan.memory.recompute_before.iter().map(|rs| rs.iter().map(|&r| steps_of(r)).collect::<Result<Vec<_>, _>>().map(|v| v.concat())).collect::<Result<Vec<_>, _>>()?;
-    Ok(Program { graph: g, plan, steps, locs, arena, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials, recompute })
+    Ok(Program { graph: g, plan, steps, locs, arena, input, logits, heads, batch, threads, compile_time: t0.elapsed(), profiling: false, partials, bn_terms, recompute })
 }

@@ -533,7 +533,7 @@ impl Program {
     /// gradient buffer and every other gradient buffer zero. Parameter gradients are added to
     /// `pgrads`.
     pub fn backward(&mut self, params: &ParamStore, pgrads: &mut ParamStore, n: usize) -> R {
-        let Program { graph: g, plan, steps, locs, arena, threads, profiling, partials, recompute, .. } = self;
+        let Program { graph: g, plan, steps, locs, arena, threads, profiling, partials, bn_terms, recompute, .. } = self;
         let threads = *threads;
         let ng = g.needs_grad();
         let ch = chunk(n, threads);
@@ -616,24 +616,24 @@ impl Program {
                         pointwise::batchnorm_check_backward(layer, shape, &(0..c), [xin.len(), n * xl.numel(), n * num], [gamma.len(), c, c], saved).map_err(lerr)?;
                         // The forward's affine map per channel, for the fused ReLU's mask.
                         let relu = if bn_relu { Some(saved_affine(params, layer, saved, c)?) } else { None };
-                        // d_out of sample s: its slice of the (possibly concatenated) gradient.
-                        let d_out = |s: usize| &gr[s * stride + off..s * stride + off + num];
                         let layout = match *flip {
                             Some((rows, cols)) => GradPlanes::Transposed(rows, cols),
                             None => GradPlanes::Same,
                         };
-                        // Per-channel sums on all threads (one channel per task, fixed order:
-                        // deterministic), then the input gradient per sample where needed.
-                        // (Output planes stored transposed: each d_out plane read back in the
-                        // input's orientation first, the same values in the same order.)
-                        let sums: Vec<(f32, f32)> = (0..c)
-                            .into_par_iter()
-                            .map(|ch| {
-                                let x_plane = |s: usize| &xin[s * num + ch * hw..s * num + (ch + 1) * hw];
-                                let (mean, rstd, relu) = (saved.mean[ch], saved.rstd[ch], relu.as_ref().map(|r| r[ch]));
-                                pointwise::batchnorm_grad_sums((0..n).map(|s| (&d_out(s)[ch * hw..(ch + 1) * hw], x_plane(s))), mean, rstd, relu, layout)
-                            })
-                            .collect();
+                        // Per-channel sums: each sample's terms on all threads (its d_out, a slice
+                        // of the possibly concatenated gradient, and its x read in order), added
+                        // in sample order (deterministic); then the input gradient per sample
+                        // where needed. (Output planes stored transposed: each d_out plane read
+                        // back in the input's orientation first, the same values in the same
+                        // order.)
+                        if bn_terms.len() < n * c {
+                            bn_terms.resize(n * c, (0.0, 0.0));
+                        }
+                        let parts = &mut bn_terms[..n * c];
+                        parts.par_chunks_mut(c).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(p, (go, xs))| {
+                            pointwise::batchnorm_sample_grad_sums(p, &go[off..off + num], xs, hw, &saved.mean, relu.as_deref(), layout)
+                        });
+                        let sums = pointwise::batchnorm_finish_grad_sums(parts, &saved.rstd[..c]);
                         if let Some(dx) = dx {
                             // `=` where this step starts the input gradient's life (the memory
                             // plan then did not zero it), else `+=`.
