@@ -43,9 +43,9 @@ pub const MR: usize = 4;
 /// Columns of the micro-tile (`B` panel width, two `f32x4`).
 pub const NR: usize = 8;
 /// Unroll factor of the `K` loop over a packed `B`. 8 rather than 4: the bare micro-kernel
-/// went from 0.82-0.83 to 0.90-0.93 of peak at `K` = 576 and from 0.69-0.70 to 0.73-0.77 at
-/// `K` = 64, the Winograd layers' GEMMs 2-5% faster (kernel bench, medians of five
-/// alternated runs); 16 was no better than 4.
+/// went from 0.84 to 0.92 of peak at `K` = 576 and from 0.77 to 0.82 at `K` = 64, the 3x3
+/// Winograd forward and backward data 9-10% faster (kernel bench, medians of four alternated
+/// runs in a quiet hour); 16 was no better than 4.
 const KU: usize = 8;
 /// Reduction steps per loop iteration of a direct GEMM over several taps (whole planes of
 /// taps per iteration, at least this many steps).
@@ -738,8 +738,9 @@ impl Gemm {
 const PACK_ROWS: usize = 32;
 
 /// Pack `ceil(cols/8)` consecutive B panels at once from a row-major `B` (element `(k, j)` at
-/// `src[k*rs + j]`), columns `j0..j0+cols`: panel `t` at `dst[t*k*8..]`. Each source row is
-/// read once, sequentially (what makes this faster than panel by panel on large tensors).
+/// `src[k*rs + j]`), columns `j0..j0+cols`: panel `t` at `dst[t*k*8..]`. Each source value is
+/// read once, the rows in chunks of [`PACK_ROWS`] that stay in L1 while every panel takes its
+/// columns (what makes this faster than panel by panel over all rows on large tensors).
 pub fn pack_b_block(dst: &mut [f32], src: &[f32], k: usize, j0: usize, cols: usize, rs: usize) {
     let np = cols.div_ceil(NR);
     let full = cols / NR;
