@@ -739,7 +739,7 @@ const PACK_ROWS: usize = 32;
 
 /// Pack `ceil(cols/8)` consecutive B panels at once from a row-major `B` (element `(k, j)` at
 /// `src[k*rs + j]`), columns `j0..j0+cols`: panel `t` at `dst[t*k*8..]`. Each source value is
-/// read once, the rows in chunks of [`PACK_ROWS`] that stay in L1 while every panel takes its
+/// read once, the rows in chunks of `PACK_ROWS` (32) that stay in L1 while every panel takes its
 /// columns (what makes this faster than panel by panel over all rows on large tensors).
 pub fn pack_b_block(dst: &mut [f32], src: &[f32], k: usize, j0: usize, cols: usize, rs: usize) {
     let np = cols.div_ceil(NR);
