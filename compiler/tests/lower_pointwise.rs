@@ -302,8 +302,8 @@ fn batchnorm_fused_activation_matches_separate_passes() {
                 (0..n).map(|s| (g[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw].to_vec(), x[s * c * hw + ch * hw..s * c * hw + (ch + 1) * hw].to_vec())).collect()
             };
             let (raw, msk) = (pl(&d_out), pl(&masked));
-            let fused = batchnorm_grad_sums(raw.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], Some(ab[ch]), GradPlanes::Same);
-            let sep = batchnorm_grad_sums(msk.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], None, GradPlanes::Same);
+            let fused = batchnorm_grad_sums(raw.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], Some(ab[ch]));
+            let sep = batchnorm_grad_sums(msk.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], None);
             assert_eq!(fused, sep, "{n}x{c}x{hw} channel {ch}: gradient sums");
             assert_eq!(sep, batchnorm_channel_grad_sums(shape, ch, &masked, &x, saved.mean[ch], saved.rstd[ch]), "planes vs whole tensor");
             // Against f64 sums.
@@ -380,18 +380,15 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
         let gamma = rand_vec(&mut rng, c);
         let ab: Vec<(f32, f32)> = (0..c).map(|_| (rng.random_range(0.5f32..2.0), rng.random_range(-0.5f32..0.5))).collect();
         for relu in [None, Some(&ab[..])] {
-            let mut sums = Vec::new();
-            for ch in 0..c {
-                let plane = |v: &[f32], s: usize| v[(s * c + ch) * hw..(s * c + ch + 1) * hw].to_vec();
-                let (plain, flipped): (Vec<_>, Vec<_>) = (0..n).map(|s| ((plane(&d_out, s), plane(&x, s)), (plane(&d_out_t, s), plane(&x, s)))).unzip();
-                let r = relu.map(|r| r[ch]);
-                let want = batchnorm_grad_sums(plain.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r, GradPlanes::Same);
-                let got = batchnorm_grad_sums(flipped.iter().map(|(g, x)| (&g[..], &x[..])), saved.mean[ch], saved.rstd[ch], r, GradPlanes::Transposed(rows, cols));
-                assert_eq!(got, want, "{rows}x{cols} channel {ch}: sums");
-                sums.push(want);
-            }
-            // The same sums from each sample's terms (all channels, one sample at a time),
-            // added in sample order: bit for bit, either orientation.
+            // Each channel's sums over its planes in x's orientation; then the same sums from
+            // each sample's terms (all channels, one sample at a time), added in sample order:
+            // bit for bit, with d_out in either orientation.
+            let sums: Vec<(f32, f32)> = (0..c)
+                .map(|ch| {
+                    let planes = (0..n).map(|s| (&d_out[(s * c + ch) * hw..(s * c + ch + 1) * hw], &x[(s * c + ch) * hw..(s * c + ch + 1) * hw]));
+                    batchnorm_grad_sums(planes, saved.mean[ch], saved.rstd[ch], relu.map(|r| r[ch]))
+                })
+                .collect();
             for (d, layout) in [(&d_out, GradPlanes::Same), (&d_out_t, GradPlanes::Transposed(rows, cols))] {
                 let mut parts = vec![(f64::NAN, f64::NAN); n * c];
                 for (s, p) in parts.chunks_exact_mut(c).enumerate() {

@@ -460,30 +460,17 @@ pub fn batchnorm_channel_grad_sums(shape: BnShape, ch: usize, d_out: &[f32], x: 
         let p = s * c * hw + ch * hw;
         (&d_out[p..p + hw], &x[p..p + hw])
     });
-    batchnorm_grad_sums(planes, mean, rstd, None, GradPlanes::Same)
+    batchnorm_grad_sums(planes, mean, rstd, None)
 }
 
-/// Gradient sums of one channel from its `(d_out, x)` planes (one pair per sample, any layout):
-/// `(Σ g, Σ g*xhat)` with `xhat = (x - mean) * rstd`, in one pass (8 f32 lanes per [`BLOCK`],
-/// blocks added in f64, fixed order). `g = d_out`, or with `relu = Some((a, b))` (the
-/// forward's affine map of the channel, a ReLU after it) `g = [x*a + b > 0] d_out`: the
-/// gradient of the normalised value through the ReLU. With [`GradPlanes::Transposed`] each
-/// `d_out` plane is transposed into a buffer in cache first, then summed exactly as in
-/// [`GradPlanes::Same`] (the same values in the same order: the same sums).
-pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, rstd: f32, relu: Option<(f32, f32)>, layout: GradPlanes) -> (f32, f32) {
-    let mut t = match layout {
-        GradPlanes::Same => Vec::new(),
-        GradPlanes::Transposed(rows, cols) => vec![0.0f32; rows * cols],
-    };
+/// Gradient sums of one channel from its `(d_out, x)` planes (one pair per sample, in the
+/// same orientation): `(Σ g, Σ g*xhat)` with `xhat = (x - mean) * rstd`, in one pass (8 f32
+/// lanes per [`BLOCK`], blocks added in f64, fixed order). `g = d_out`, or with
+/// `relu = Some((a, b))` (the forward's affine map of the channel, a ReLU after it)
+/// `g = [x*a + b > 0] d_out`: the gradient of the normalised value through the ReLU.
+pub fn batchnorm_grad_sums<'a>(planes: impl Iterator<Item = (&'a [f32], &'a [f32])>, mean: f32, rstd: f32, relu: Option<(f32, f32)>) -> (f32, f32) {
     let (mut sg, mut sgx) = (0.0f64, 0.0f64);
     for (g, x) in planes {
-        let g = match layout {
-            GradPlanes::Same => g,
-            GradPlanes::Transposed(rows, cols) => {
-                transpose_plane(&mut t, g, (cols, rows), |v| v);
-                &t[..]
-            }
-        };
         let (pg, pgx) = plane_grad_sums(g, x, mean, relu);
         sg += pg;
         sgx += pgx;
@@ -509,20 +496,10 @@ fn plane_grad_sums(g: &[f32], x: &[f32], mean: f32, relu: Option<(f32, f32)>) ->
 /// the same sums bit for bit, from a pass that reads each sample's values in order (one plane
 /// after the next) rather than one channel's planes scattered over the batch.
 pub fn batchnorm_sample_grad_sums(out: &mut [(f64, f64)], d_out: &[f32], x: &[f32], hw: usize, mean: &[f32], relu: Option<&[(f32, f32)]>, layout: GradPlanes) {
-    let mut t = match layout {
-        GradPlanes::Same => Vec::new(),
-        GradPlanes::Transposed(rows, cols) => vec![0.0f32; rows * cols],
-    };
+    let mut t = layout.buffer();
     for (ch, o) in out.iter_mut().enumerate() {
-        let (g, xs) = (&d_out[ch * hw..(ch + 1) * hw], &x[ch * hw..(ch + 1) * hw]);
-        let g = match layout {
-            GradPlanes::Same => g,
-            GradPlanes::Transposed(rows, cols) => {
-                transpose_plane(&mut t, g, (cols, rows), |v| v);
-                &t[..]
-            }
-        };
-        *o = plane_grad_sums(g, xs, mean[ch], relu.map(|r| r[ch]));
+        let g = layout.oriented(&d_out[ch * hw..(ch + 1) * hw], &mut t);
+        *o = plane_grad_sums(g, &x[ch * hw..(ch + 1) * hw], mean[ch], relu.map(|r| r[ch]));
     }
 }
 
@@ -550,6 +527,28 @@ pub enum GradPlanes {
     /// Transposed: the input's planes are `rows x cols`, the output gradient's `cols x rows`
     /// (`passes::layout`).
     Transposed(usize, usize),
+}
+
+impl GradPlanes {
+    /// The buffer [`GradPlanes::oriented`] needs: one plane for `Transposed`, none for `Same`.
+    fn buffer(self) -> Vec<f32> {
+        match self {
+            GradPlanes::Same => Vec::new(),
+            GradPlanes::Transposed(rows, cols) => vec![0.0f32; rows * cols],
+        }
+    }
+
+    /// Output-gradient plane `g` in its input's orientation: `g` itself, or `g` transposed
+    /// into `t` (from [`GradPlanes::buffer`]), a buffer in cache.
+    fn oriented<'a>(self, g: &'a [f32], t: &'a mut [f32]) -> &'a [f32] {
+        match self {
+            GradPlanes::Same => g,
+            GradPlanes::Transposed(rows, cols) => {
+                transpose_plane(t, g, (cols, rows), |v| v);
+                t
+            }
+        }
+    }
 }
 
 /// `d_out`, masked by a ReLU after the affine map `(a, b)` when `RELU`: `[x*a + b > 0] d_out`.
@@ -622,23 +621,14 @@ pub fn batchnorm_backward_sample(
     relu: Option<&[(f32, f32)]>,
     write: GradWrite,
 ) {
-    let mut t = match layout {
-        GradPlanes::Same => Vec::new(),
-        GradPlanes::Transposed(rows, cols) => {
-            assert_eq!(rows * cols, hw, "batch norm backward: transposed planes of {rows}x{cols}, not {hw} values");
-            vec![0.0f32; hw]
-        }
-    };
+    if let GradPlanes::Transposed(rows, cols) = layout {
+        assert_eq!(rows * cols, hw, "batch norm backward: transposed planes of {rows}x{cols}, not {hw} values");
+    }
+    let mut t = layout.buffer();
     for (i, &(sg, sgx)) in sums.iter().enumerate() {
         let ch = first + i;
         let p = ch * hw;
-        let g = match layout {
-            GradPlanes::Same => &d_out[p..p + hw],
-            GradPlanes::Transposed(rows, cols) => {
-                transpose_plane(&mut t, &d_out[p..p + hw], (cols, rows), |v| v);
-                &t[..]
-            }
-        };
+        let g = layout.oriented(&d_out[p..p + hw], &mut t);
         batchnorm_backward_plane(&mut d_x[p..p + hw], g, &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]), write);
     }
 }
@@ -853,7 +843,7 @@ mod tests {
             let planes: Vec<(Vec<f32>, Vec<f32>)> =
                 (0..3).map(|_| ((0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect(), (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect())).collect();
             for relu in [None, Some((1.3f32, 0.2f32))] {
-                let got = batchnorm_grad_sums(planes.iter().map(|(g, x)| (&g[..], &x[..])), 0.1, 1.7, relu, GradPlanes::Same);
+                let got = batchnorm_grad_sums(planes.iter().map(|(g, x)| (&g[..], &x[..])), 0.1, 1.7, relu);
                 let want = grad_sums_spec(&planes, 0.1, 1.7, relu);
                 assert_eq!((got.0.to_bits(), got.1.to_bits()), (want.0.to_bits(), want.1.to_bits()), "grad sums, {len} values, relu {relu:?}");
             }
