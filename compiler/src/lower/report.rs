@@ -15,10 +15,11 @@ use crate::ir::{Conv2d, Padding};
 use crate::Result;
 use std::fmt::Write;
 
-/// One kernel row of [`conv_report`]: layer, op, mode, ms, GFLOP/s, fraction of `peak`, then
-/// `note`.
+/// One kernel row of [`conv_report`]: layer, op, mode, ms, GFLOP/s (`flops` in `secs`),
+/// fraction of `peak`, then `note`.
 #[allow(clippy::too_many_arguments)]
-fn row(r: &mut String, layer: &str, op: &str, mode: &str, secs: f64, gflops: f64, peak: f64, note: &str) {
+fn row(r: &mut String, layer: &str, op: &str, mode: &str, secs: f64, flops: f64, peak: f64, note: &str) {
+    let gflops = flops / secs / 1e9;
     let _ = writeln!(r, "{layer:<22} {op:<16} {mode:>8} {:>10.2} {gflops:>9.1} {:>8.2}{note}", secs * 1e3, gflops / peak);
 }
 
@@ -161,7 +162,7 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                 if let Some(e) = err.take() {
                     return Err(e);
                 }
-                row(&mut r, c.name, op, &format!("{mode:?}"), secs, flops / secs / 1e9, peak, "");
+                row(&mut r, c.name, op, &format!("{mode:?}"), secs, flops, peak, "");
             }
             if mode == Mode::Blocked {
                 // Backward data storing `d_x` (`=`) rather than adding to it: what the engine
@@ -172,7 +173,7 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                 let mut res = Ok(());
                 let secs = best_of(reps, || res = ko.backward_data(&mut dx, &out, &w));
                 res?;
-                row(&mut r, c.name, "backward-data =", "Blocked", secs, flops / secs / 1e9, peak, "");
+                row(&mut r, c.name, "backward-data =", "Blocked", secs, flops, peak, "");
                 // Winograd where the layer is eligible: effective GFLOP/s (direct FLOPs).
                 let opts = super::ConvOptions { winograd: true, ..Default::default() };
                 let kw = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
@@ -189,7 +190,7 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                         }
                     });
                     res?;
-                    row(&mut r, c.name, op, "Winograd", secs, flops / secs / 1e9, peak, "  (effective: direct-conv FLOPs / time)");
+                    row(&mut r, c.name, op, "Winograd", secs, flops, peak, "  (effective: direct-conv FLOPs / time)");
                 }
             }
             let ms = k.compile_time().as_secs_f64() * 1e3;
