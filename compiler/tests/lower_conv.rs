@@ -4,7 +4,7 @@
 #![cfg(feature = "jit")]
 
 use cnnc_compiler::ir::{Conv2d, Padding};
-use cnnc_compiler::lower::{ChannelSlice, ConvKernels, Epilogue, EpilogueArgs, FusedAct, Mode};
+use cnnc_compiler::lower::{ChannelSlice, ConvKernels, ConvOptions, Epilogue, EpilogueArgs, FusedAct, Mode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -421,6 +421,34 @@ fn bad_buffers_are_errors_not_panics() {
     assert!(ConvKernels::compile("c", &big, (3, 5, 5), Epilogue::default(), Mode::Blocked).is_err());
     let slice = Epilogue { concat: Some(ChannelSlice { total: 5, offset: 2 }), ..Default::default() };
     assert!(ConvKernels::compile("c", &g.conv(true), (3, 5, 5), slice, Mode::Blocked).is_err());
+}
+
+#[test]
+fn forward_only_kernels_run_forward_and_refuse_backward() {
+    let mut rng = StdRng::seed_from_u64(91);
+    // Winograd (3x3, 16 channels), 1-D Winograd (1x3, 48), direct 3x3, 1x1, strided.
+    for (g, algo) in [
+        (G { cin: 16, h: 7, w: 9, cout: 16, k: [3, 3], s: [1, 1], p: [1, 1, 1, 1], d: [1, 1], g: 1 }, "winograd"),
+        (G { cin: 48, h: 5, w: 8, cout: 48, k: [1, 3], s: [1, 1], p: [0, 0, 1, 1], d: [1, 1], g: 1 }, "winograd 1-D"),
+        (G { cin: 5, h: 7, w: 9, cout: 6, k: [3, 3], s: [1, 1], p: [1, 1, 1, 1], d: [1, 1], g: 1 }, "direct"),
+        (G { cin: 5, h: 7, w: 9, cout: 6, k: [1, 1], s: [1, 1], p: [0, 0, 0, 0], d: [1, 1], g: 1 }, "1x1"),
+        (G { cin: 5, h: 7, w: 9, cout: 6, k: [3, 3], s: [2, 2], p: [1, 1, 1, 1], d: [1, 1], g: 1 }, "strided"),
+    ] {
+        let opts = ConvOptions { forward_only: true, ..Default::default() };
+        let k = ConvKernels::compile_with("part", &g.conv(true), (g.cin, g.h, g.w), Epilogue::default(), Mode::Blocked, opts).unwrap();
+        let full = ConvKernels::compile("whole", &g.conv(true), (g.cin, g.h, g.w), Epilogue::default(), Mode::Blocked).unwrap();
+        assert!(k.kernel_count() < full.kernel_count(), "{algo}: {} kernels, the whole layer {}", k.kernel_count(), full.kernel_count());
+        let (x, w, b) = (rand_vec(&mut rng, 2 * g.in_n()), rand_vec(&mut rng, g.cout * g.cin * g.k[0] * g.k[1]), rand_vec(&mut rng, g.cout));
+        let mut out = vec![0.0; 2 * g.out_n()];
+        k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap();
+        close(&out, &ref_forward(&g, &x, &w, Some(&b), 2), algo);
+        let mut dx = vec![0.0; x.len()];
+        let e = k.backward_data(&mut dx, &out, &w).unwrap_err().to_string();
+        assert!(e.contains("part") && e.contains("forward only"), "{algo}: {e}");
+        let mut dw = vec![0.0; w.len()];
+        let e = k.backward_weight(&mut dw, None, &out, &x).unwrap_err().to_string();
+        assert!(e.contains("part") && e.contains("forward only"), "{algo}: {e}");
+    }
 }
 
 #[test]

@@ -360,6 +360,54 @@ fn activation_masks_in_backward_data_match_reference() {
     assert_eq!(JitEngine::new(&lenet(), Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap().masked_in_backward_data(), s(&["conv2"]));
 }
 
+/// Layers of 9 to 33 output channels (a batch smaller than the thread count splits their
+/// forward by output channels, in parts of unequal widths): a biased 3x3 with a ReLU, a
+/// 3x3 on Winograd between batch norms, an in-place concatenation of a 1x1 and a 1x3 (the
+/// parts write sub-slices of their slices), a 3x3 with a fused residual, a max pooling fused
+/// into its producer, a strided 3x3 and a 9-channel 1x1 (a last part of one channel).
+fn wide() -> Graph {
+    let mut g = Graph::new("wide");
+    let x = g.input("input", Shape::chw(3, 9, 11)).unwrap();
+    let y = g.add("conv1", Op::Conv2d(conv(20, 3).pad(Padding::uniform(1))), &[x]).unwrap();
+    let y = g.add("relu1", relu(), &[y]).unwrap();
+    let y = g.add("conv2", Op::Conv2d(conv(24, 3).pad(Padding::uniform(1)).bias(false)), &[y]).unwrap();
+    let y = g.add("bn2", bn(), &[y]).unwrap();
+    let y = g.add("relu2", relu(), &[y]).unwrap();
+    let a = g.add("b1", Op::Conv2d(conv(16, 1)), &[y]).unwrap();
+    let b = g.add("b2", Op::Conv2d(Conv2d::new(17, [1, 3]).pad(Padding::Explicit { top: 0, bottom: 0, left: 1, right: 1 })), &[y]).unwrap();
+    let cat = g.add("cat", Op::Concat, &[a, b]).unwrap();
+    let y = g.add("conv3", Op::Conv2d(conv(33, 3).pad(Padding::uniform(1))), &[cat]).unwrap();
+    let y = g.add("res", Op::Add, &[y, cat]).unwrap();
+    let y = g.add("relu3", relu(), &[y]).unwrap();
+    let y = g.add("pool", maxpool(2, 2), &[y]).unwrap();
+    let y = g.add("conv4", Op::Conv2d(conv(16, 3).stride(2).pad(Padding::uniform(1))), &[y]).unwrap();
+    let y = g.add("bn4", bn(), &[y]).unwrap();
+    let y = g.add("relu4", relu(), &[y]).unwrap();
+    let y = g.add("conv5", Op::Conv2d(conv(9, 1)), &[y]).unwrap();
+    let y = g.add("gap", Op::GlobalAvgPool, &[y]).unwrap();
+    g.add("fc", dense(5), &[y]).unwrap();
+    g
+}
+
+#[test]
+fn batches_smaller_than_the_thread_count_split_channels_and_match_reference() {
+    let g = wide();
+    let all: Vec<String> = ["conv1", "conv2", "b1", "b2", "conv3", "conv4", "conv5"].map(String::from).to_vec();
+    for (threads, compiled, batches) in [(2, 1, &[1][..]), (3, 2, &[2, 1][..])] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let e = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, compiled, Fusion::Full).unwrap();
+            assert_eq!(e.channel_split_layers(), [all.clone(), all.clone()], "{threads} threads, batch {compiled}");
+            for (i, &n) in batches.iter().enumerate() {
+                check(&g, Loss::SoftmaxCrossEntropy, compiled, n, 40 + i as u64);
+            }
+        });
+    }
+    // A batch as large as the thread count splits by samples: no channel parts compiled.
+    let e = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(|| JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap());
+    assert_eq!(e.channel_split_layers(), [Vec::<String>::new(), Vec::new()]);
+}
+
 #[test]
 fn lenet5_matches_reference() {
     check(&lenet(), Loss::SoftmaxCrossEntropy, 5, 5, 1);

@@ -721,6 +721,8 @@ pub struct ConvKernels {
     /// [`ConvOptions::overwrite_dx`] asked of a kernel that accumulates (col2im, naive):
     /// backward data zeroes each sample's `d_x` right before accumulating into it.
     zero_dx: bool,
+    /// Only the forward was compiled ([`ConvOptions::forward_only`]).
+    forward_only: bool,
     compile_time: Duration,
 }
 
@@ -742,12 +744,16 @@ pub struct ConvOptions {
     /// the strided (col2im) and naive ones zero each sample's `d_x` just before accumulating
     /// into it, while it is in cache.
     pub overwrite_dx: bool,
+    /// Compile the forward kernel only (a layer only ever run forward, such as the
+    /// output-channel parts of a batch-1 forward): [`ConvKernels::backward_data`] and
+    /// [`ConvKernels::backward_weight`] then return an error.
+    pub forward_only: bool,
 }
 
 impl Default for ConvOptions {
-    /// Winograd on (for eligible layers only), backward data accumulating.
+    /// Winograd on (for eligible layers only), backward data accumulating, all three passes.
     fn default() -> ConvOptions {
-        ConvOptions { winograd: true, overwrite_dx: false }
+        ConvOptions { winograd: true, overwrite_dx: false, forward_only: false }
     }
 }
 
@@ -848,7 +854,7 @@ impl ConvKernels {
                     } else {
                         None
                     };
-                    let db = if rows_fit_tiles(ihw.1) {
+                    let db = if rows_fit_tiles(ihw.1) && !opts.forward_only {
                         let top = (dk[0] - 1) as isize - g.pads[0] as isize;
                         let left = (dk[1] - 1) as isize - g.pads[2] as isize;
                         let pl = Planes::new(mg, ohw, ihw, dk, top, left);
@@ -865,8 +871,8 @@ impl ConvKernels {
                         pl = Planes { ph: 1, pw: p, plane: p, ..pl };
                     }
                     let taps = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)))).taps;
-                    let dw = DirectWPlan::define(&mut jit, pl, taps, cg, mg)?;
-                    (df, db, Some(dw))
+                    let dw = if opts.forward_only { None } else { Some(DirectWPlan::define(&mut jit, pl, taps, cg, mg)?) };
+                    (df, db, dw)
                 } else {
                     (None, None, None)
                 };
@@ -878,22 +884,26 @@ impl ConvKernels {
                     wino = Some(WinoFwdPlan::D2(WinoPlan::define(&mut jit, shape)?));
                     // Backward data as a Winograd convolution of d_out padded by 2 - pad (so
                     // only for pads <= 2 on the top and left; larger bottom/right pads crop).
-                    if g.pads[0] <= 2 && g.pads[2] <= 2 {
+                    if g.pads[0] <= 2 && g.pads[2] <= 2 && !opts.forward_only {
                         let shape =
                             WinoShape { cin: g.cout, cout: g.cin, h: g.oh, w: g.ow, pt: 2 - g.pads[0], pl: 2 - g.pads[2], oh: g.h, ow: g.w };
                         wino_bwd = Some(WinoFwdPlan::D2(WinoPlan::define(&mut jit, shape)?));
                     }
-                    wino_w = Some(WinoWPlan::D2(WinoWgradPlan::define(&mut jit, shape)?));
+                    if !opts.forward_only {
+                        wino_w = Some(WinoWPlan::D2(WinoWgradPlan::define(&mut jit, shape)?));
+                    }
                 } else if let Some(axis) = crate::algo::winograd_1d_axis(conv, in_shape).filter(|_| opts.winograd) {
                     let pad = g.pads[if axis == Axis::Rows { 0 } else { 2 }];
                     let m = WINOGRAD_1D_TILE;
                     let shape = Wino1dShape { axis, m, cin: g.cin, cout: g.cout, h: g.h, w: g.w, pad, oh: g.oh, ow: g.ow };
                     wino = Some(WinoFwdPlan::D1(Wino1dPlan::define(&mut jit, shape)?));
-                    if pad <= 2 {
+                    if pad <= 2 && !opts.forward_only {
                         let shape = Wino1dShape { cin: g.cout, cout: g.cin, h: g.oh, w: g.ow, pad: 2 - pad, oh: g.h, ow: g.w, ..shape };
                         wino_bwd = Some(WinoFwdPlan::D1(Wino1dPlan::define(&mut jit, shape)?));
                     }
-                    wino_w = Some(WinoWPlan::D1(Wino1dWgradPlan::define(&mut jit, shape)?));
+                    if !opts.forward_only {
+                        wino_w = Some(WinoWPlan::D1(Wino1dWgradPlan::define(&mut jit, shape)?));
+                    }
                 }
                 let dwgt = if wino_w.is_some() { None } else { dwgt };
                 let dbwd = if wino_bwd.is_some() { None } else { dbwd };
@@ -908,7 +918,7 @@ impl ConvKernels {
                     None
                 };
                 // Backward data: direct writes d_x (+=, ldc = H*W); else a Kc x 8 panel buffer.
-                let bd = if dbwd.is_some() || wino_bwd.is_some() {
+                let bd = if dbwd.is_some() || wino_bwd.is_some() || opts.forward_only {
                     None
                 } else if g.is_direct() {
                     Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), p, mg, p, !opts.overwrite_dx))?)
@@ -916,7 +926,7 @@ impl ConvKernels {
                     Some(GemmPlan::define(&mut jit, "conv_bwd_data", GemmSpec::plain(Some(kc), NR, mg, NR, false))?)
                 };
                 let kb = WGRAD_BLOCK.min(p);
-                let (bw, bwt) = if dwgt.is_some() || wino_w.is_some() {
+                let (bw, bwt) = if dwgt.is_some() || wino_w.is_some() || opts.forward_only {
                     (None, None)
                 } else {
                     let bw = GemmPlan::define(&mut jit, "conv_bwd_w", GemmSpec::plain(Some(mg), kc, kb, kc, true))?;
@@ -980,8 +990,17 @@ impl ConvKernels {
             ktab,
             overwrites_dx,
             zero_dx,
+            forward_only: opts.forward_only && mode == Mode::Blocked,
             compile_time: fin.compile_time,
         })
+    }
+
+    /// An error naming the layer where only its forward was compiled.
+    fn has_backward(&self, what: &str) -> Result<()> {
+        match self.forward_only {
+            true => Err(conv_err(&self.layer, format!("{what} of a convolution compiled for the forward only"))),
+            false => Ok(()),
+        }
     }
 
     /// The resolved geometry.
@@ -1277,6 +1296,7 @@ impl ConvKernels {
     }
 
     fn backward_data_impl(&self, d_x: &mut [f32], mut d_out: DOut<'_, '_>, w: &[f32]) -> Result<()> {
+        self.has_backward("input gradient")?;
         let g = &self.geom;
         let n = self.samples("input gradient", d_x.len(), g.in_numel())?;
         let cs = self.slice();
@@ -1403,6 +1423,7 @@ impl ConvKernels {
     /// Backward weight: `d_w += ∂L/∂W` and, for a layer with bias, `d_b += ∂L/∂b`
     /// (`d_b[co] = Σ_{n,p} d_out[n, co, p]`), summed over every sample in `x`.
     pub fn backward_weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> Result<()> {
+        self.has_backward("weight gradient")?;
         let g = &self.geom;
         let n = self.samples("input", x.len(), g.in_numel())?;
         let cs = self.slice();

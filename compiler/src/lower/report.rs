@@ -168,7 +168,7 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
                 // Backward data storing `d_x` (`=`) rather than adding to it: what the engine
                 // runs where the layer's input gradient starts (its input's only or first
                 // consumer in backward order, `ConvOptions::overwrite_dx`).
-                let opts = super::ConvOptions { winograd: false, overwrite_dx: true };
+                let opts = super::ConvOptions { winograd: false, overwrite_dx: true, ..Default::default() };
                 let ko = ConvKernels::compile_with(c.name, &c.conv, c.input, Epilogue::default(), mode, opts)?;
                 let mut res = Ok(());
                 let secs = best_of(reps, || res = ko.backward_data(&mut dx, &out, &w));

@@ -150,6 +150,13 @@ impl JitEngine {
         self.train.steps.iter().filter(|s| run::mask_in_backward_data(s, &ng).is_some()).map(|s| s.name.clone()).collect()
     }
 
+    /// The convolutions whose forward splits each sample's output channels across the threads
+    /// (batches smaller than the thread count: `program::ConvParts`), in plan order, for the
+    /// training and the inference program.
+    pub fn channel_split_layers(&self) -> [Vec<String>; 2] {
+        [&self.train, &self.infer].map(|p| p.steps.iter().filter(|s| matches!(s.kind, program::Kind::Conv { parts: Some(_), .. })).map(|s| s.name.clone()).collect())
+    }
+
     /// Turn per-group timing on or off (off by default): while on, every training step and
     /// inference records each fused group's wall time (one `Instant` per group and pass), read
     /// back with [`JitEngine::profile`].

@@ -80,7 +80,9 @@ pub(crate) enum Chain {
 pub(crate) enum Kind {
     /// `stats`: `[batch, Cout]` plane statistics the forward stores for a training batch norm
     /// reading the output (`Plan::stats_from`; empty otherwise).
-    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, stats: Vec<PlaneStats> },
+    /// `parts`: the forward split by output channels, for batches smaller than the thread
+    /// count ([`ConvParts`]; `None` where the program's batch fills every thread).
+    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, stats: Vec<PlaneStats>, parts: Option<ConvParts> },
     Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool },
     /// `stats_from`: the earlier convolution step whose forward computes this batch norm's
     /// plane statistics (`Plan::stats_from`).
@@ -104,6 +106,61 @@ pub(crate) enum Kind {
     Fallback { node: NodeId },
     /// In-place concatenation, or the graph's loss node (computed by the engine).
     Skip,
+}
+
+/// A convolution's forward split by output channels, so that a batch smaller than the thread
+/// count still keeps every thread busy: each sample's output planes are cut into
+/// [`Self::ranges`] of whole channels, run at once on the pool by kernels compiled for that
+/// many output channels (the same input, their rows of the weights, bias and folded
+/// batch-norm map, their planes of the residual and statistics), each storing its planes
+/// contiguously. The split layer computes the same sums as the whole one, but each part may
+/// block them differently (a narrower layer can even take a different algorithm), so results
+/// agree to rounding, not bit for bit.
+///
+/// Only for ungrouped layers of at least [`PART_MIN_CHANNELS`] output channels per part, and
+/// only where the program's batch is smaller than the thread count (a full batch splits by
+/// samples instead).
+pub(crate) struct ConvParts {
+    /// Output channels of each part, in order, and the index of its kernel in `kernels`.
+    pub ranges: Vec<(std::ops::Range<usize>, usize)>,
+    /// One kernel per distinct part width (at most two: the common width and the last).
+    pub kernels: Vec<ConvKernels>,
+}
+
+/// Fewest output channels per part of a [`ConvParts`] split: narrower parts cost more in
+/// per-call overhead and repeated input reads than a second thread saves.
+pub(crate) const PART_MIN_CHANNELS: usize = 8;
+
+impl ConvParts {
+    /// The split of `conv` (on per-sample input `in_shape`, forward epilogue `epi`) for
+    /// `threads` threads, or `None` where it would have fewer than two parts or the layer is
+    /// grouped. Parts are `ceil(Cout / threads)` channels rounded up to a multiple of
+    /// [`PART_MIN_CHANNELS`], the last taking the rest.
+    fn compile(name: &str, conv: &cnnc_compiler::ir::Conv2d, in_shape: (usize, usize, usize), epi: Epilogue, lmode: lower::Mode, opts: ConvOptions, threads: usize) -> Result<Option<ConvParts>, EngineError> {
+        let cout = conv.out_channels;
+        let width = cout.div_ceil(threads.max(1)).next_multiple_of(PART_MIN_CHANNELS);
+        if conv.groups != 1 || width >= cout {
+            return Ok(None);
+        }
+        // Each part stores its own planes contiguously: no concatenation slice.
+        let epi = Epilogue { concat: None, ..epi };
+        let opts = ConvOptions { forward_only: true, ..opts };
+        let mut kernels: Vec<(usize, ConvKernels)> = Vec::new();
+        let mut ranges = Vec::new();
+        for c0 in (0..cout).step_by(width) {
+            let w = width.min(cout - c0);
+            let ki = match kernels.iter().position(|(kw, _)| *kw == w) {
+                Some(i) => i,
+                None => {
+                    let sub = cnnc_compiler::ir::Conv2d { out_channels: w, ..*conv };
+                    kernels.push((w, ConvKernels::compile_with(name, &sub, in_shape, epi, lmode, opts).map_err(|e| eerr(e.to_string()))?));
+                    kernels.len() - 1
+                }
+            };
+            ranges.push((c0..c0 + w, ki));
+        }
+        Ok(Some(ConvParts { ranges, kernels: kernels.into_iter().map(|(_, k)| k).collect() }))
+    }
 }
 
 /// One fused group.
@@ -321,7 +378,8 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                     return Err(eerr(format!("layer `{name}`: batch-norm statistics planned after a convolution whose kernel does not store the batch norm's input")));
                 }
                 let stats = if feeds_stats[gi] { vec![PlaneStats::default(); batch * c.out_channels] } else { Vec::new() };
-                Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, stats }
+                let parts = if batch < threads { ConvParts::compile(&name, &c, in_shape, epi, lmode, opts, threads)? } else { None };
+                Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, stats, parts }
             }
             Op::Dense(d) => {
                 let mut act = FusedAct::None;

@@ -271,7 +271,7 @@ impl Program {
                 let vals = &mem;
                 let name = step.name.clone();
                 match &mut step.kind {
-                    Kind::Conv { k, x, layer, bias, residual, fold: fo, stats, .. } => {
+                    Kind::Conv { k, x, layer, bias, residual, fold: fo, stats, parts, .. } => {
                         let w = param(params, layer, "weight")?;
                         let b = if *bias { Some(param(params, layer, "bias")?) } else { None };
                         let aff = match fo {
@@ -293,18 +293,65 @@ impl Program {
                         };
                         let mut pool_chunks = FusedPool::chunks(fused_pool, ch, n);
                         let (c0, cs) = (ol.off, ol.ch);
-                        out.par_chunks_mut(ch * stride).zip(st_chunks.par_iter_mut()).zip(pool_chunks.par_iter_mut()).enumerate().try_for_each(|(i, ((oc, st), pc))| {
-                            let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
-                            // Each stored sample pooled while in cache.
-                            let mut pool = pc.as_mut().map(|pc| move |j: usize, planes: &[f32]| pc.sample(j, c0, cs, planes));
-                            let extra = EpilogueArgs {
-                                affine: aff.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice())),
-                                residual: res.map(|r| &r[s0 * rp..s1 * rp]),
-                                stats: st.take(),
-                                after_sample: pool.as_mut().map(|f| SampleHook(f as &mut dyn FnMut(usize, &[f32]) -> cnnc_compiler::Result<()>)),
-                            };
-                            k.forward(oc, &xin[s0 * inp..s1 * inp], w, b, extra)
-                        }).map_err(lerr)?;
+                        if let Some(parts) = parts.as_ref().filter(|_| n < threads) {
+                            // Fewer samples than threads: each sample's output channels split
+                            // across the pool (`ConvParts`), samples one after another.
+                            let p = ol.hw;
+                            let wrow = w.len() / cs;
+                            let mut st_rest = if per == 0 { None } else { Some(&mut stats[..n * per]) };
+                            for (s, (o, pc)) in out.chunks_mut(stride).zip(pool_chunks.iter_mut()).enumerate() {
+                                let xs = &xin[s * inp..(s + 1) * inp];
+                                let mut rest = &mut o[c0 * p..(c0 + cs) * p];
+                                let mut st_s = match st_rest.take() {
+                                    Some(st) => {
+                                        let (a, b) = st.split_at_mut(per);
+                                        st_rest = Some(b);
+                                        Some(a)
+                                    }
+                                    None => None,
+                                };
+                                let mut jobs = Vec::with_capacity(parts.ranges.len());
+                                for (r, ki) in &parts.ranges {
+                                    let (po, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * p);
+                                    rest = tail;
+                                    let pst = match st_s.take() {
+                                        Some(st) => {
+                                            let (a, b) = st.split_at_mut(r.len());
+                                            st_s = Some(b);
+                                            Some(a)
+                                        }
+                                        None => None,
+                                    };
+                                    jobs.push((r.clone(), &parts.kernels[*ki], po, pst));
+                                }
+                                jobs.into_par_iter().try_for_each(|(r, pk, po, pst)| {
+                                    let extra = EpilogueArgs {
+                                        affine: aff.as_ref().map(|(a, b)| (&a[r.clone()], &b[r.clone()])),
+                                        residual: res.map(|rv| &rv[s * rp + r.start * p..s * rp + r.end * p]),
+                                        stats: pst,
+                                        after_sample: None,
+                                    };
+                                    pk.forward(po, xs, &w[r.start * wrow..r.end * wrow], b.map(|b| &b[r.clone()]), extra)
+                                }).map_err(lerr)?;
+                                // The fused pooling, once the sample's planes are all stored.
+                                if let Some(pc) = pc {
+                                    pc.sample(0, c0, cs, &o[c0 * p..(c0 + cs) * p]).map_err(lerr)?;
+                                }
+                            }
+                        } else {
+                            out.par_chunks_mut(ch * stride).zip(st_chunks.par_iter_mut()).zip(pool_chunks.par_iter_mut()).enumerate().try_for_each(|(i, ((oc, st), pc))| {
+                                let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
+                                // Each stored sample pooled while in cache.
+                                let mut pool = pc.as_mut().map(|pc| move |j: usize, planes: &[f32]| pc.sample(j, c0, cs, planes));
+                                let extra = EpilogueArgs {
+                                    affine: aff.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice())),
+                                    residual: res.map(|r| &r[s0 * rp..s1 * rp]),
+                                    stats: st.take(),
+                                    after_sample: pool.as_mut().map(|f| SampleHook(f as &mut dyn FnMut(usize, &[f32]) -> cnnc_compiler::Result<()>)),
+                                };
+                                k.forward(oc, &xin[s0 * inp..s1 * inp], w, b, extra)
+                            }).map_err(lerr)?;
+                        }
                     }
                     Kind::Dense { k, x, layer, bias, .. } => {
                         let w = param(params, layer, "weight")?;
