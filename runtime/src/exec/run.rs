@@ -1072,13 +1072,30 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
     }
     let mask = mask.as_ref();
     let gr = &mut gr[..n * stride];
+    // With fewer samples than threads (one sample a chunk, threads to spare), each chunk's
+    // input gradient and weight gradient run at once on two threads; both read the final
+    // output gradient, so a fused activation's mask is then applied first, as a pass.
+    // (`partials` holds one buffer per thread.)
+    let overlap = n < partials.len() && trains;
     // Chunk `i`: its samples' output gradient `d` (masked per sample by backward data where
     // the group's activation is fused there), then the weight gradient from the final `d`.
-    let work = |i: usize, dx: Option<&mut [f32]>, d: &mut [f32], part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
+    let work = |i: usize, mut dx: Option<&mut [f32]>, d: &mut [f32], part: &mut Vec<f32>| -> cnnc_compiler::Result<()> {
         let part = &mut part[..wn + bn];
         part.fill(0.0);
         // (Chunks come from `gr[..n * stride]`: every one holds samples, `s0 < n`.)
         let s0 = i * ch;
+        let s1 = (s0 + ch).min(n);
+        if let (Some(dx), true) = (dx.as_deref_mut(), overlap) {
+            if let Some(m) = mask {
+                for (j, ds) in d.chunks_mut(stride).enumerate() {
+                    act_grad_inplace(m.act, &mut ds[m.range.clone()], &m.y[(s0 + j) * stride..][m.range.clone()]);
+                }
+            }
+            let (pw, pb) = part.split_at_mut(wn);
+            let d: &[f32] = d;
+            let (rd, rw) = rayon::join(|| k.data(dx, d, w), || k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp]));
+            return rd.and(rw);
+        }
         if let Some(dx) = dx {
             match mask {
                 Some(m) => {
@@ -1095,7 +1112,6 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
         if !trains {
             return Ok(());
         }
-        let s1 = (s0 + ch).min(n);
         let (pw, pb) = part.split_at_mut(wn);
         k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
     };
