@@ -189,6 +189,19 @@ fn batchnorm_train_and_inference() {
     let r = rand_vec(&mut rng, len);
     let (mut dx, mut dg, mut db) = (vec![0.0; len], vec![0.0; 5], vec![0.0; 5]);
     batchnorm_backward("bn", shape, 0..5, &mut dx, &mut dg, &mut db, &r, &x, &saved, &gamma).unwrap();
+    // Channels 1..4 alone: the same gradients on their planes and parameters, nothing else
+    // touched.
+    let (mut px, mut pg, mut pb) = (vec![0.0; len], vec![0.0; 5], vec![0.0; 5]);
+    batchnorm_backward("bn", shape, 1..4, &mut px, &mut pg, &mut pb, &r, &x, &saved, &gamma).unwrap();
+    for i in 0..len {
+        let ch = i % 35 / 7;
+        let want = if (1..4).contains(&ch) { dx[i] } else { 0.0 };
+        assert_eq!(px[i], want, "channels 1..4: d_x[{i}]");
+    }
+    for ch in 0..5 {
+        let (wg, wb) = if (1..4).contains(&ch) { (dg[ch], db[ch]) } else { (0.0, 0.0) };
+        assert_eq!((pg[ch], pb[ch]), (wg, wb), "channels 1..4: channel {ch}");
+    }
     let loss = |x: &[f32], g: &[f32], b: &[f32]| -> f64 {
         forward(x, g, b).0.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum()
     };
