@@ -117,9 +117,8 @@ pub(crate) enum Kind {
 /// block them differently (a narrower layer can even take a different algorithm), so results
 /// agree to rounding, not bit for bit.
 ///
-/// Only for ungrouped layers of at least [`PART_MIN_CHANNELS`] output channels per part, and
-/// only where the program's batch is smaller than the thread count (a full batch splits by
-/// samples instead).
+/// Only for ungrouped layers wider than one part, and only where the program's batch is
+/// smaller than the thread count (a full batch splits by samples instead).
 pub(crate) struct ConvParts {
     /// Output channels of each part, in order, and the index of its kernel in `kernels`.
     pub ranges: Vec<(std::ops::Range<usize>, usize)>,
@@ -127,18 +126,19 @@ pub(crate) struct ConvParts {
     pub kernels: Vec<ConvKernels>,
 }
 
-/// Fewest output channels per part of a [`ConvParts`] split: narrower parts cost more in
-/// per-call overhead and repeated input reads than a second thread saves.
-pub(crate) const PART_MIN_CHANNELS: usize = 8;
+/// [`ConvParts`] are whole multiples of this many output channels (but the last): two of the
+/// micro-kernel's 4-row panels of weights, so that no part but the last ends mid-panel. With
+/// many threads and a narrow layer that leaves fewer parts than threads.
+pub(crate) const PART_CHANNELS: usize = 8;
 
 impl ConvParts {
     /// The split of `conv` (on per-sample input `in_shape`, forward epilogue `epi`) for
     /// `threads` threads, or `None` where it would have fewer than two parts or the layer is
     /// grouped. Parts are `ceil(Cout / threads)` channels rounded up to a multiple of
-    /// [`PART_MIN_CHANNELS`], the last taking the rest.
+    /// [`PART_CHANNELS`], the last taking the rest.
     fn compile(name: &str, conv: &cnnc_compiler::ir::Conv2d, in_shape: (usize, usize, usize), epi: Epilogue, lmode: lower::Mode, opts: ConvOptions, threads: usize) -> Result<Option<ConvParts>, EngineError> {
         let cout = conv.out_channels;
-        let width = cout.div_ceil(threads.max(1)).next_multiple_of(PART_MIN_CHANNELS);
+        let width = cout.div_ceil(threads.max(1)).next_multiple_of(PART_CHANNELS);
         if conv.groups != 1 || width >= cout {
             return Ok(None);
         }

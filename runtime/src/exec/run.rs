@@ -301,30 +301,11 @@ impl Program {
                             let mut st_rest = if per == 0 { None } else { Some(&mut stats[..n * per]) };
                             for (s, (o, pc)) in out.chunks_mut(stride).zip(pool_chunks.iter_mut()).enumerate() {
                                 let xs = &xin[s * inp..(s + 1) * inp];
-                                let mut rest = &mut o[c0 * p..(c0 + cs) * p];
-                                let mut st_s = match st_rest.take() {
-                                    Some(st) => {
-                                        let (a, b) = st.split_at_mut(per);
-                                        st_rest = Some(b);
-                                        Some(a)
-                                    }
-                                    None => None,
-                                };
-                                let mut jobs = Vec::with_capacity(parts.ranges.len());
-                                for (r, ki) in &parts.ranges {
-                                    let (po, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * p);
-                                    rest = tail;
-                                    let pst = match st_s.take() {
-                                        Some(st) => {
-                                            let (a, b) = st.split_at_mut(r.len());
-                                            st_s = Some(b);
-                                            Some(a)
-                                        }
-                                        None => None,
-                                    };
-                                    jobs.push((r.clone(), &parts.kernels[*ki], po, pst));
-                                }
+                                let mut rest = Some(&mut o[c0 * p..(c0 + cs) * p]);
+                                let mut st_s = split_front(&mut st_rest, per);
+                                let jobs: Vec<_> = parts.ranges.iter().map(|(r, ki)| (r.clone(), &parts.kernels[*ki], split_front(&mut rest, r.len() * p), split_front(&mut st_s, r.len()))).collect();
                                 jobs.into_par_iter().try_for_each(|(r, pk, po, pst)| {
+                                    let po = po.ok_or_else(|| cnnc_compiler::Error::Codegen { layer: name.clone(), message: "channel parts past the output".into() })?;
                                     let extra = EpilogueArgs {
                                         affine: aff.as_ref().map(|(a, b)| (&a[r.clone()], &b[r.clone()])),
                                         residual: res.map(|rv| &rv[s * rp + r.start * p..s * rp + r.end * p]),
@@ -824,6 +805,13 @@ impl Program {
         }
         Ok(())
     }
+}
+
+/// The first `k` elements of `*s`, leaving the rest there (`None` stays `None`).
+fn split_front<'a, T>(s: &mut Option<&'a mut [T]>, k: usize) -> Option<&'a mut [T]> {
+    let (a, b) = s.take()?.split_at_mut(k);
+    *s = Some(b);
+    Some(a)
 }
 
 /// One sample of a training batch norm's normalise pass, `o = act(a*x + b)` per channel
