@@ -390,6 +390,14 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
                     flipped.join(", ")
                 ));
             }
+            let [split, _] = e.channel_split_layers();
+            if !split.is_empty() {
+                notes.push(format!(
+                    "batch {batch} < {} threads: each sample's forward of these layers split by output channels across the threads, their backward's input and weight gradients run at once: {}",
+                    e.threads(),
+                    split.join(", ")
+                ));
+            }
             conv_kernels = e.conv_kernels().into_iter().map(|(l, k)| (l, k.join("/"))).collect();
             fused_groups = plan.groups.iter().map(|g| g.nodes.iter().map(|&n| plan.graph.node(n).name.clone()).collect()).collect();
             fused_ops = plan.groups.iter().map(|g| plan.graph.node(g.anchor()).op.kind().to_string()).collect();

@@ -161,6 +161,31 @@ fn transposed_layers_are_named() {
     assert!(notes[0].ends_with(": b"), "{}", notes[0]);
 }
 
+/// A batch smaller than the thread count: the report names the layers whose forward splits
+/// by output channels; a batch as large as it names none.
+#[test]
+fn channel_split_layers_are_named() {
+    let _guard = lock();
+    let mut g = Graph::new("split");
+    let x = g.input("input", Shape::chw(3, 6, 5)).unwrap();
+    let a = g.add("a", Op::Conv2d(Conv2d::new(20, [3, 3]).pad(Padding::hw(1, 1))), &[x]).unwrap();
+    let a = g.add("a_relu", Op::Act(Activation::Relu), &[a]).unwrap();
+    let b = g.add("b", Op::Conv2d(Conv2d::new(4, [1, 1])), &[a]).unwrap();
+    let v = g.add("gap", Op::GlobalAvgPool, &[b]).unwrap();
+    g.add("fc", Op::Dense(Dense { out_features: 3, bias: true }), &[v]).unwrap();
+    for (batch, named) in [(1, true), (3, false)] {
+        let cfg = BenchConfig { batch, reps: 1, threads: Some(3), ..BenchConfig::default() };
+        let r = bench::run(&g, &cfg, &mut |_| {}).unwrap();
+        check_report(&g, &r, batch);
+        let notes: Vec<&String> = r.notes.iter().filter(|n| n.contains("split by output channels")).collect();
+        match named {
+            // `b`'s 4 channels make one part: not split.
+            true => assert!(notes.len() == 1 && notes[0].starts_with("batch 1 < 3 threads") && notes[0].ends_with(": a"), "{:?}", r.notes),
+            false => assert!(notes.is_empty(), "{:?}", r.notes),
+        }
+    }
+}
+
 #[test]
 fn json_round_trips_exactly() {
     let _guard = lock();
