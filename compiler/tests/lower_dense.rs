@@ -129,3 +129,78 @@ fn dense_backward_data_with_a_hook() {
         assert!(e.to_string().contains("hook failed"), "{e}");
     }
 }
+
+/// The weight gradient by output-row parts and the input gradient by input-column parts (how
+/// the engine splits a large layer across threads) equal the whole calls, for 1 to 5 parts,
+/// odd sizes and batches of 1 (a tail block padded to 8), 9 (8 + 1), 40 (32 + 8) and 70;
+/// rows and columns outside a part are left alone, and bad ranges are errors.
+#[test]
+fn row_and_column_parts_equal_the_whole() {
+    let mut rng = StdRng::seed_from_u64(22);
+    for &(i, o) in &[(37, 9), (64, 10), (21, 33)] {
+        for &n in &[1, 9, 40, 70] {
+            for mode in [Mode::Blocked, Mode::Naive] {
+                let what = format!("dense {i}->{o} batch {n} {mode:?}");
+                let k = DenseKernels::compile("fc", &Dense { out_features: o, bias: true }, i, FusedAct::None, mode).unwrap();
+                let (x, w, dout) = (rand_vec(&mut rng, n * i), rand_vec(&mut rng, o * i), rand_vec(&mut rng, n * o));
+                let mut want_dw = rand_vec(&mut rng, o * i);
+                let start_dw = want_dw.clone();
+                for oo in 0..o {
+                    for ii in 0..i {
+                        want_dw[oo * i + ii] += (0..n).map(|s| dout[s * o + oo] * x[s * i + ii]).sum::<f32>();
+                    }
+                }
+                let mut want_dx = rand_vec(&mut rng, n * i);
+                let start_dx = want_dx.clone();
+                for s in 0..n {
+                    for ii in 0..i {
+                        want_dx[s * i + ii] += (0..o).map(|oo| dout[s * o + oo] * w[oo * i + ii]).sum::<f32>();
+                    }
+                }
+                for threads in 1..=5 {
+                    let rows = k.weight_row_parts(threads);
+                    assert_eq!(rows.first().map(|r| r.start), Some(0), "{what}");
+                    assert!(rows.windows(2).all(|p| p[0].end == p[1].start) && rows.last().map(|r| r.end) == Some(o), "{what}: {rows:?}");
+                    let mut dw = start_dw.clone();
+                    for r in &rows {
+                        k.backward_weight_rows(&mut dw[r.start * i..r.end * i], r.clone(), &dout, &x).unwrap();
+                    }
+                    close(&dw, &want_dw, &format!("{what}: weight gradient in {} row parts", rows.len()));
+                    // (These layers are small: the engine would split their batch instead.)
+                    assert_eq!(k.data_col_parts(threads).as_slice(), std::slice::from_ref(&(0..i)), "{what}");
+                    let width = i.div_ceil(threads).next_multiple_of(8);
+                    let cols: Vec<_> = (0..i).step_by(width).map(|c| c..(c + width).min(i)).collect();
+                    let mut dx = start_dx.clone();
+                    for c in &cols {
+                        // Each part alone touches only its columns.
+                        let before = dx.clone();
+                        k.backward_data_cols(&mut dx, c.clone(), &dout, &w).unwrap();
+                        for (e, (a, b)) in dx.iter().zip(&before).enumerate() {
+                            assert!(c.contains(&(e % i)) || a == b, "{what}: column {} changed by part {c:?}", e % i);
+                        }
+                    }
+                    close(&dx, &want_dx, &format!("{what}: input gradient in {} column parts", cols.len()));
+                }
+                let mut dx = start_dx.clone();
+                assert!(k.backward_data_cols(&mut dx, 3..i, &dout, &w).is_err(), "{what}: a part not starting on a panel");
+                let mut dw = vec![0.0; o * i];
+                assert!(k.backward_weight_rows(&mut dw, 0..o + 1, &dout, &x).is_err(), "{what}: rows past the layer");
+            }
+        }
+    }
+}
+
+/// A layer of at least `DATA_SPLIT_MIN_WEIGHTS` weights splits its backward data into
+/// column parts of whole panels covering every input column once.
+#[test]
+fn large_layers_split_their_backward_data_by_columns() {
+    let (i, o) = (1030, 260);
+    assert!(i * o >= cnnc_compiler::lower::dense::DATA_SPLIT_MIN_WEIGHTS);
+    let k = DenseKernels::compile("fc", &Dense { out_features: o, bias: false }, i, FusedAct::None, Mode::Blocked).unwrap();
+    for threads in 2..=5 {
+        let cols = k.data_col_parts(threads);
+        assert!(cols.len() > 1 && cols.len() <= threads, "{threads} threads: {cols:?}");
+        assert!(cols.iter().all(|c| c.start % 8 == 0) && cols.windows(2).all(|p| p[0].end == p[1].start) && cols.last().map(|c| c.end) == Some(i), "{cols:?}");
+    }
+    assert_eq!(k.data_col_parts(1).as_slice(), std::slice::from_ref(&(0..i)));
+}

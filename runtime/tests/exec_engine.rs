@@ -11,6 +11,7 @@ use cnnc_compiler::ir::*;
 use common::*;
 use cnnc_compiler::plan::Fusion;
 use cnnc_runtime::engine::{Engine, ReferenceEngine};
+use cnnc_compiler::lower::{DenseKernels, FusedAct};
 use cnnc_runtime::exec::JitEngine;
 use cnnc_runtime::init::InitConfig;
 use cnnc_runtime::params::ParamStore;
@@ -406,6 +407,33 @@ fn batches_smaller_than_the_thread_count_split_channels_and_match_reference() {
     // A batch as large as the thread count splits by samples: no channel parts compiled.
     let e = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(|| JitEngine::new(&g, Loss::SoftmaxCrossEntropy, 2, Fusion::Full).unwrap());
     assert_eq!(e.channel_split_layers(), [Vec::<String>::new(), Vec::new()]);
+}
+
+/// A dense layer of 307,200 weights (past `DATA_SPLIT_MIN_WEIGHTS`: its backward data splits
+/// by input columns, its weight gradient by output rows) between a convolution and a small
+/// head, its input gradient shared with nothing.
+fn wide_dense() -> Graph {
+    let mut g = Graph::new("wide_dense");
+    let x = g.input("input", Shape::chw(3, 16, 16)).unwrap();
+    let y = g.add("conv", Op::Conv2d(conv(3, 3).pad(Padding::uniform(1))), &[x]).unwrap();
+    let y = g.add("flatten", Op::Flatten, &[y]).unwrap();
+    let y = g.add("fc1", dense(400), &[y]).unwrap();
+    let y = g.add("relu", relu(), &[y]).unwrap();
+    g.add("fc2", dense(7), &[y]).unwrap();
+    g
+}
+
+#[test]
+fn large_dense_layers_split_by_rows_and_columns_match_reference() {
+    let g = wide_dense();
+    let fc1 = DenseKernels::compile("fc1", &Dense { out_features: 400, bias: true }, 768, FusedAct::Relu, cnnc_compiler::lower::Mode::Blocked).unwrap();
+    assert!(fc1.data_col_parts(2).len() == 2 && fc1.data_col_parts(3).len() == 3);
+    for threads in [2, 3] {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+            check(&g, Loss::SoftmaxCrossEntropy, 5, 5, 50);
+            check(&g, Loss::SoftmaxCrossEntropy, 5, 2, 51);
+        });
+    }
 }
 
 #[test]

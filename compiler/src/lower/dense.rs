@@ -8,26 +8,44 @@
 //! - forward: `out[n, O] = act(x[n, I] · Wᵀ + b)` (bias and activation fused per column);
 //! - backward data: `d_x[n, I] += d_out[n, O] · W[O, I]`;
 //! - backward weight: `d_W[O, I] += d_outᵀ[O, n] · x[n, I]` (samples reduced in blocks of 32,
-//!   the last block zero-padded), `d_b[o] += Σ_n d_out[n, o]`.
+//!   the rest in blocks of 8, the last zero-padded), `d_b[o] += Σ_n d_out[n, o]`; any range of
+//!   output rows on its own ([`DenseKernels::backward_weight_rows`]), so that threads can split
+//!   a large layer's weight gradient by rows, each over the whole batch.
 //!
 //! `backward_*` take the gradient of the pre-activation result (`x·Wᵀ + b`).
 
 use super::entry::Kernel;
-use super::gemm::{pack_a, pack_b_panel, BiasKind, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, NR};
+use super::gemm::{pack_a, pack_b_block, pack_b_panel, BiasKind, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, MR, NR};
 use super::jit::Jit;
 use super::naive;
 use super::scratch::{self, grow};
 use super::Mode;
 use crate::ir::Dense;
 use crate::{Error, Result};
+use std::ops::Range;
 use std::time::Duration;
 
 /// Samples per block of the weight-gradient reduction.
 const WGRAD_BLOCK: usize = 32;
+/// Samples per block of the weight-gradient reduction's rest (fewer than [`WGRAD_BLOCK`]
+/// samples left): a batch of 1 to 8 pads to 8 rather than 32, a quarter of the arithmetic on
+/// the zero samples, where a large layer's weight gradient at a small batch is that padding.
+const WGRAD_TAIL: usize = 8;
+/// Row panels (of 4 rows) of the weight gradient per sweep across its columns.
+const WGRAD_ROW_PANELS: usize = 16;
+/// Input columns of the backward data's `B` (the weights) packed at a time.
+const DATA_COLS: usize = 64;
+/// Weights (1 MiB of them) from which [`DenseKernels::data_col_parts`] splits the backward
+/// data by input columns rather than leaving the batch split: LeNet-5's 120 KiB fc1 is
+/// below, AlexNet's fc6, fc7 and fc8 (151, 67 and 16 MB) far above.
+pub const DATA_SPLIT_MIN_WEIGHTS: usize = 256 << 10;
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer, built once: boxing would buy nothing
 enum Impl {
-    Blocked { fwd: Gemm, bwd_data: Gemm, bwd_w: Gemm },
+    /// `bwd_w`: the weight gradient over [`WGRAD_BLOCK`] samples; `bwd_w_tail` over
+    /// [`WGRAD_TAIL`]. Both for any number of rows.
+    Blocked { fwd: Gemm, bwd_data: Gemm, bwd_w: Gemm, bwd_w_tail: Gemm },
     Naive { fwd: Kernel, bwd_data: Kernel, bwd_w: Kernel },
 }
 
@@ -84,9 +102,10 @@ impl DenseKernels {
                 };
                 let f = GemmPlan::define(&mut jit, "dense_fwd", fs)?;
                 let d = GemmPlan::define(&mut jit, "dense_bwd_data", GemmSpec::plain(None, i, o, i, true))?;
-                let w = GemmPlan::define(&mut jit, "dense_bwd_w", GemmSpec::plain(Some(o), i, WGRAD_BLOCK, i, true))?;
+                let w = GemmPlan::define(&mut jit, "dense_bwd_w", GemmSpec::plain(None, i, WGRAD_BLOCK, i, true))?;
+                let wt = GemmPlan::define(&mut jit, "dense_bwd_w_tail", GemmSpec::plain(None, i, WGRAD_TAIL, i, true))?;
                 let fin = jit.finish()?;
-                (Impl::Blocked { fwd: f.resolve(&fin), bwd_data: d.resolve(&fin), bwd_w: w.resolve(&fin) }, fin.compile_time)
+                (Impl::Blocked { fwd: f.resolve(&fin), bwd_data: d.resolve(&fin), bwd_w: w.resolve(&fin), bwd_w_tail: wt.resolve(&fin) }, fin.compile_time)
             }
             Mode::Naive => {
                 let (f, d, w) = naive::define_dense(&mut jit, i, o, dense.bias)?;
@@ -177,7 +196,19 @@ impl DenseKernels {
 
     /// Backward data: `d_x += d_out · W`.
     pub fn backward_data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> Result<()> {
+        self.backward_data_cols(d_x, 0..self.in_f, d_out, w)
+    }
+
+    /// Columns `cols` of the backward data: `d_x[:, cols] += d_out · W[:, cols]` (`d_x`: the
+    /// whole `[n, I]` gradient, its other columns untouched), reading only those columns of
+    /// the weights: threads splitting a large layer by columns ([`Self::data_col_parts`])
+    /// read the weights once between them, where splitting the batch has each read all of
+    /// them. `cols` starts at a multiple of 8 and ends at one or at `I`.
+    pub fn backward_data_cols(&self, d_x: &mut [f32], cols: Range<usize>, d_out: &[f32], w: &[f32]) -> Result<()> {
         let (i, o) = (self.in_f, self.out_f);
+        if cols.start > cols.end || cols.end > i || !cols.start.is_multiple_of(NR) || !(cols.end == i || cols.end.is_multiple_of(NR)) {
+            return Err(self.err(format!("input columns {cols:?}: not within 0..{i} in whole {NR}-column panels")));
+        }
         let n = self.samples("input gradient", d_x.len(), i)?;
         self.check("output gradient", d_out.len(), n * o)?;
         self.check("weights", w.len(), o * i)?;
@@ -187,11 +218,26 @@ impl DenseKernels {
         match &self.imp {
             Impl::Blocked { bwd_data, .. } => scratch::with(&SCRATCH, |sc| {
                 pack_a(&mut sc.apack, d_out, n, o, o, 1);
-                bwd_data.run_strided_b(d_x, 0, n, &sc.apack, w, i, 1, &EpiArgs::default(), &mut sc.panel);
+                // B = W (`O x I`, row-major): [`DATA_COLS`] columns' panels at a time, packed
+                // from whole row segments (`pack_b_block`), not panel by panel down all `O`
+                // rows (a different page every row, on 4 KiB pages a TLB miss each).
+                let panel = grow(&mut sc.panel, o * DATA_COLS);
+                for j0 in cols.clone().step_by(DATA_COLS) {
+                    let cols = DATA_COLS.min(cols.end - j0);
+                    pack_b_block(panel, w, o, j0, cols, i);
+                    for (t, jt) in (j0..j0 + cols).step_by(NR).enumerate() {
+                        bwd_data.run_panel(d_x, jt, n, jt, &sc.apack, &panel[t * o * NR..], &EpiArgs::default());
+                    }
+                }
             }),
             Impl::Naive { bwd_data, .. } => {
+                // The naive kernel computes whole rows: each into a scratch row, the columns
+                // added from there.
+                let mut row = vec![0.0; i];
                 for s in 0..n {
-                    bwd_data.call(&mut d_x[s * i..(s + 1) * i], [&d_out[s * o..(s + 1) * o], w, &[], &[], &[], &[]]);
+                    row.fill(0.0);
+                    bwd_data.call(&mut row, [&d_out[s * o..(s + 1) * o], w, &[], &[], &[], &[]]);
+                    d_x[s * i..(s + 1) * i][cols.clone()].iter_mut().zip(&row[cols.clone()]).for_each(|(d, v)| *d += v);
                 }
             }
         }
@@ -215,50 +261,120 @@ impl DenseKernels {
 
     /// Backward weight: `d_w += d_outᵀ · x`, and `d_b += Σ_n d_out` for a layer with bias.
     pub fn backward_weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> Result<()> {
-        let (i, o) = (self.in_f, self.out_f);
-        let n = self.samples("input", x.len(), i)?;
-        self.check("output gradient", d_out.len(), n * o)?;
-        self.check("weight gradient", d_w.len(), o * i)?;
+        let o = self.out_f;
         match (self.bias, d_b) {
-            (true, Some(db)) => {
-                self.check("bias gradient", db.len(), o)?;
-                for s in 0..n {
-                    for (d, v) in db.iter_mut().zip(&d_out[s * o..(s + 1) * o]) {
-                        *d += v;
-                    }
-                }
-            }
+            (true, Some(db)) => self.backward_bias(db, d_out, 0..o)?,
             (false, None) => {}
             (true, None) => return Err(self.err("bias gradient missing".into())),
             (false, Some(_)) => return Err(self.err("bias gradient given to a layer without bias".into())),
         }
+        self.backward_weight_rows(d_w, 0..o, d_out, x)
+    }
+
+    /// `d_b[r] += Σ_n d_out[n, r]` for the output rows `r` in `rows` (`d_b`: those rows).
+    pub fn backward_bias(&self, d_b: &mut [f32], d_out: &[f32], rows: Range<usize>) -> Result<()> {
+        let o = self.out_f;
+        self.check_rows(&rows)?;
+        self.check("bias gradient", d_b.len(), rows.len())?;
+        if !d_out.len().is_multiple_of(o) {
+            return Err(self.err(format!("output gradient has {} elements, not a multiple of {o} per sample", d_out.len())));
+        }
+        for row in d_out.chunks_exact(o) {
+            d_b.iter_mut().zip(&row[rows.clone()]).for_each(|(d, v)| *d += v);
+        }
+        Ok(())
+    }
+
+    /// Rows `rows` of the weight gradient: `d_w += d_out[:, rows]ᵀ · x` (`d_w`: those rows of
+    /// `d_W`, `rows.len() x I`), over every sample. Disjoint row ranges write disjoint
+    /// memory and each reads the whole batch, so threads can split a layer this way
+    /// ([`Self::weight_row_parts`]); each element's sum runs over the same sample blocks in
+    /// the same order however the rows are split.
+    pub fn backward_weight_rows(&self, d_w: &mut [f32], rows: Range<usize>, d_out: &[f32], x: &[f32]) -> Result<()> {
+        let (i, o) = (self.in_f, self.out_f);
+        let n = self.samples("input", x.len(), i)?;
+        self.check("output gradient", d_out.len(), n * o)?;
+        self.check_rows(&rows)?;
+        self.check("weight gradient", d_w.len(), rows.len() * i)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
         match &self.imp {
-            Impl::Blocked { bwd_w, .. } => scratch::with(&SCRATCH, |sc| {
+            Impl::Blocked { bwd_w, bwd_w_tail, .. } => scratch::with(&SCRATCH, |sc| {
                 let DenseScratch { apack, panel, dpad, xpad } = sc;
-                for s0 in (0..n).step_by(WGRAD_BLOCK) {
-                    let kb = WGRAD_BLOCK.min(n - s0);
-                    let (db, xb): (&[f32], &[f32]) = if kb == WGRAD_BLOCK {
+                let mut s0 = 0;
+                while s0 < n {
+                    let (kern, kb) = if n - s0 >= WGRAD_BLOCK { (bwd_w, WGRAD_BLOCK) } else { (bwd_w_tail, WGRAD_TAIL) };
+                    let real = kb.min(n - s0);
+                    let (db, xb): (&[f32], &[f32]) = if real == kb {
                         (&d_out[s0 * o..], &x[s0 * i..])
                     } else {
                         // Zero-pad the last block: zero samples add nothing.
                         dpad.clear();
-                        dpad.extend_from_slice(&d_out[s0 * o..(s0 + kb) * o]);
-                        dpad.resize(WGRAD_BLOCK * o, 0.0);
+                        dpad.extend_from_slice(&d_out[s0 * o..(s0 + real) * o]);
+                        dpad.resize(kb * o, 0.0);
                         xpad.clear();
-                        xpad.extend_from_slice(&x[s0 * i..(s0 + kb) * i]);
-                        xpad.resize(WGRAD_BLOCK * i, 0.0);
+                        xpad.extend_from_slice(&x[s0 * i..(s0 + real) * i]);
+                        xpad.resize(kb * i, 0.0);
                         (dpad, xpad)
                     };
-                    // A = d_outᵀ: element (o, s) at s*O + o. B = x: element (s, i) at s*I + i.
-                    pack_a(apack, db, o, WGRAD_BLOCK, 1, o);
-                    bwd_w.run_strided_b(d_w, 0, o, apack, xb, i, 1, &EpiArgs::default(), panel);
+                    // A = d_out[:, rows]ᵀ: element (r, s) at s*O + rows.start + r. B = x:
+                    // element (s, i) at s*I + i, all its panels packed at once (`kb` rows).
+                    pack_a(apack, &db[rows.start..], rows.len(), kb, 1, o);
+                    let bp = grow(panel, kb * i.next_multiple_of(NR));
+                    pack_b_block(bp, xb, kb, 0, i, i);
+                    // Blocks of row panels, each swept across every column: `d_w` is written
+                    // [`WGRAD_ROW_PANELS`] rows at a time, row by row in order (column panel
+                    // by column panel over all rows, each 4 x 8 tile was on 4 pages).
+                    let panels = rows.len().div_ceil(MR);
+                    for p0 in (0..panels).step_by(WGRAD_ROW_PANELS) {
+                        let ps = p0..(p0 + WGRAD_ROW_PANELS).min(panels);
+                        for (t, j0) in (0..i).step_by(NR).enumerate() {
+                            kern.run_panels(d_w, j0, rows.len(), ps.clone(), j0, NR.min(i - j0), apack, &bp[t * kb * NR..], &EpiArgs::default());
+                        }
+                    }
+                    s0 += real;
                 }
             }),
             Impl::Naive { bwd_w, .. } => {
+                // The naive kernel computes every row: into a scratch gradient, rows copied out.
+                let mut full = vec![0.0; o * i];
                 for s in 0..n {
-                    bwd_w.call(d_w, [&d_out[s * o..(s + 1) * o], &x[s * i..(s + 1) * i], &[], &[], &[], &[]]);
+                    bwd_w.call(&mut full, [&d_out[s * o..(s + 1) * o], &x[s * i..(s + 1) * i], &[], &[], &[], &[]]);
                 }
+                d_w.iter_mut().zip(&full[rows.start * i..rows.end * i]).for_each(|(d, v)| *d += v);
             }
+        }
+        Ok(())
+    }
+
+    /// Output-row ranges splitting this layer's weight gradient across `threads` threads
+    /// ([`Self::backward_weight_rows`]): about `O / threads` rows each, in whole 4-row panels of
+    /// the GEMM (the last may be shorter); fewer ranges where the layer has fewer panels.
+    /// Input-column ranges splitting this layer's backward data across `threads` threads
+    /// ([`Self::backward_data_cols`]): about `I / threads` columns each, in whole 8-column
+    /// panels (the last may be shorter). One range for the naive kernels, and for weights
+    /// under [`DATA_SPLIT_MIN_WEIGHTS`] (threads splitting the batch then read them from
+    /// cache).
+    pub fn data_col_parts(&self, threads: usize) -> Vec<Range<usize>> {
+        let i = self.in_f;
+        let small = self.in_f * self.out_f < DATA_SPLIT_MIN_WEIGHTS;
+        let threads = if matches!(self.imp, Impl::Naive { .. }) || small { 1 } else { threads.max(1) };
+        let width = i.div_ceil(threads).next_multiple_of(NR);
+        (0..i).step_by(width).map(|c| c..(c + width).min(i)).collect()
+    }
+
+    /// The naive kernels compute all rows at once: one range.
+    pub fn weight_row_parts(&self, threads: usize) -> Vec<Range<usize>> {
+        let o = self.out_f;
+        let threads = if matches!(self.imp, Impl::Naive { .. }) { 1 } else { threads.max(1) };
+        let width = o.div_ceil(threads).next_multiple_of(MR);
+        (0..o).step_by(width).map(|r| r..(r + width).min(o)).collect()
+    }
+
+    fn check_rows(&self, rows: &Range<usize>) -> Result<()> {
+        if rows.start > rows.end || rows.end > self.out_f {
+            return Err(self.err(format!("output rows {rows:?} outside 0..{}", self.out_f)));
         }
         Ok(())
     }

@@ -197,9 +197,10 @@ pub(crate) struct Program {
     pub batch: usize,
     pub threads: usize,
     pub compile_time: Duration,
-    /// Per-thread-chunk weight (and bias) gradient partials, shared by every convolution and
-    /// dense layer (one layer's backward runs at a time), sized for the largest; empty for
-    /// inference programs.
+    /// Per-thread-chunk weight (and bias) gradient partials, shared by every convolution (one
+    /// layer's backward runs at a time), sized for the largest; empty for inference programs.
+    /// A dense layer's backward data uses them for its column parts' input gradients
+    /// (`run::dense_layer_backward`).
     pub partials: Vec<Vec<f32>>,
     /// The training batch norms' per-sample gradient-sum terms (`[sample][channel]`, see
     /// `pointwise::batchnorm_sample_grad_sums`), shared by all of them and sized for the
@@ -393,7 +394,11 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                     return Err(eerr(format!("layer `{name}`: a dense layer writing into a concat slice is not supported")));
                 }
                 let inf = g.node(ops[0]).shape.numel();
-                partial_len = partial_len.max(d.out_features * (inf + 1));
+                // No weight-gradient partials (a dense layer's weight gradient goes straight
+                // into the parameter gradients, split by rows); its backward data split by
+                // input columns uses them for each part's `[batch, I]` input gradient
+                // (`run::dense_layer_backward`).
+                partial_len = partial_len.max(batch * inf);
                 let k = DenseKernels::compile(&name, &d, inf, act, lmode).map_err(|e| eerr(e.to_string()))?;
                 Kind::Dense { k, x: ops[0], layer: name.clone(), bias: d.bias }
             }

@@ -632,7 +632,7 @@ impl Program {
                         gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask, stride, n, ch })?;
                     }
                     Kind::Dense { k, x, layer, bias } => {
-                        gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask: None, stride, n, ch })?;
+                        dense_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask: None, stride, n, ch })?;
                     }
                     Kind::BnTrain { x, layer, saved, flip, .. } => {
                         let dx = if ng[x.index()] { Some(take(&mut mem, locs, g, *x, true)?.1) } else { None };
@@ -956,9 +956,8 @@ fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R
     Ok(())
 }
 
-/// Sum the per-chunk partial weight (and bias) gradients in chunk order.
-/// The backward entry points shared by the two GEMM-backed layers, so one sample-parallel
-/// driver ([`gemm_layer_backward`]) serves convolutions and dense layers alike.
+/// A convolution's backward entry points, as the sample-parallel driver
+/// ([`gemm_layer_backward`]) calls them.
 trait GemmBackward: Sync {
     fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()>;
     /// `data` with `hook` finishing each sample's `d_out` in place right before it is read.
@@ -978,16 +977,73 @@ impl GemmBackward for ConvKernels {
     }
 }
 
-impl GemmBackward for DenseKernels {
-    fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()> {
-        self.backward_data(d_x, d_out, w)
+/// Backward of a dense layer: the input gradient per sample chunk on all threads, as a
+/// convolution's; the weight gradient split by output rows across the threads
+/// (`DenseKernels::weight_row_parts`), each part over the whole batch and added straight into
+/// the parameter gradient, then the bias gradient. A per-chunk partial of the weights, zeroed
+/// and summed every step, was most of a large layer's backward: AlexNet's fc6 has 37.7M
+/// weights (151 MB a partial, on 4 KiB pages).
+fn dense_layer_backward(k: &DenseKernels, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_, '_>) -> R {
+    let GemmCtx { params, pgrads, mem, locs, g, need_dx, trains, gr, mask, stride, n, ch } = c;
+    if mask.is_some() {
+        return Err(eerr(format!("layer `{layer}`: an activation mask fused into a dense layer's backward")));
     }
-    fn data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], hook: GradHook<'_>) -> cnnc_compiler::Result<()> {
-        self.backward_data_with(d_x, d_out, w, hook)
+    let w = param(params, layer, "weight")?;
+    let dx = if need_dx { Some(take(mem, locs, g, x, true)?.1) } else { None };
+    // The input, read by the weight gradient only: a frozen layer's is not kept for backward.
+    let xin: &[f32] = if trains { whole(mem, locs, g, x, n)? } else { &[] };
+    let inp = loc_of(locs, g, x)?.numel();
+    let gr: &[f32] = &gr[..n * stride];
+    // (`partials` holds one buffer per thread.)
+    let threads = partials.len();
+    if let Some(dx) = dx {
+        let dx = &mut dx[..n * inp];
+        let cols = k.data_col_parts(threads);
+        if cols.len() > 1 && partials.iter().all(|p| p.len() >= n * inp) {
+            // By input columns, each part into its thread's buffer (zeroed on its columns),
+            // then added into `d_x`: the weights read once between the threads.
+            partials
+                .par_iter_mut()
+                .zip(cols.par_iter())
+                .try_for_each(|(t, c)| {
+                    let t = &mut t[..n * inp];
+                    t.chunks_exact_mut(inp).for_each(|row| row[c.clone()].fill(0.0));
+                    k.backward_data_cols(t, c.clone(), gr, w)
+                })
+                .map_err(lerr)?;
+            let parts = &partials[..cols.len()];
+            dx.par_chunks_mut(inp).enumerate().for_each(|(s, d)| {
+                for (t, c) in parts.iter().zip(&cols) {
+                    d[c.clone()].iter_mut().zip(&t[s * inp..][c.clone()]).for_each(|(a, &b)| *a += b);
+                }
+            });
+        } else {
+            dx.par_chunks_mut(ch * inp).zip(gr.par_chunks(ch * stride)).try_for_each(|(dxc, d)| k.backward_data(dxc, d, w)).map_err(lerr)?;
+        }
     }
-    fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()> {
-        self.backward_weight(d_w, d_b, d_out, x)
+    if !trains {
+        return Ok(());
     }
+    let name = format!("{layer}.weight");
+    let dw = pgrads.slice_mut(&name).ok_or_else(|| eerr(format!("missing gradient `{name}`")))?;
+    if dw.len() != w.len() {
+        return Err(eerr(format!("gradient `{name}` has {} elements, expected {}", dw.len(), w.len())));
+    }
+    let mut rest = Some(dw);
+    let jobs: Vec<_> = k.weight_row_parts(threads).into_iter().map(|r| (split_front(&mut rest, r.len() * inp), r)).collect();
+    jobs.into_par_iter()
+        .try_for_each(|(d, r)| match d {
+            Some(d) => k.backward_weight_rows(d, r, gr, xin),
+            None => Err(cnnc_compiler::Error::Codegen { layer: layer.to_string(), message: "weight-gradient rows past the weights".into() }),
+        })
+        .map_err(lerr)?;
+    if bias {
+        let name = format!("{layer}.bias");
+        let db = pgrads.slice_mut(&name).ok_or_else(|| eerr(format!("missing gradient `{name}`")))?;
+        let o = db.len();
+        k.backward_bias(db, gr, 0..o).map_err(lerr)?;
+    }
+    Ok(())
 }
 
 /// What [`gemm_layer_backward`] reads and writes besides the layer itself.
@@ -1036,7 +1092,7 @@ struct ActMask<'a> {
     range: std::ops::Range<usize>,
 }
 
-/// Backward of a convolution or dense layer over `n` samples in fixed chunks of `ch`: the
+/// Backward of a convolution over `n` samples in fixed chunks of `ch`: the
 /// input gradient (only when the operand needs one) straight into its buffer, the weight and bias
 /// gradients into one partial buffer per chunk, then summed in chunk order into `pgrads`
 /// (deterministic for a thread count).
