@@ -393,7 +393,7 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
             let [split, _] = e.channel_split_layers();
             if !split.is_empty() {
                 notes.push(format!(
-                    "batch {batch} < {} threads: each sample's forward of these layers split by output channels across the threads, their backward's input and weight gradients run at once: {}",
+                    "batch {batch} < {} threads: each sample's forward of these layers split by output channels (features) across the threads: {}",
                     e.threads(),
                     split.join(", ")
                 ));

@@ -432,6 +432,12 @@ fn large_dense_layers_split_by_rows_and_columns_match_reference() {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
             check(&g, Loss::SoftmaxCrossEntropy, 5, 5, 50);
             check(&g, Loss::SoftmaxCrossEntropy, 5, 2, 51);
+            // Fewer samples than threads: fc1's forward splits by output features too (the
+            // 3-channel convolution and the 7-feature head are one part each).
+            let e = JitEngine::new(&g, Loss::SoftmaxCrossEntropy, threads - 1, Fusion::Full).unwrap();
+            let fc1 = vec!["fc1".to_string()];
+            assert_eq!(e.channel_split_layers(), [fc1.clone(), fc1]);
+            check(&g, Loss::SoftmaxCrossEntropy, threads - 1, 1, 52);
         });
     }
 }

@@ -35,9 +35,10 @@
 //! A batch smaller than the thread count (a single image to classify, explain or attack)
 //! leaves threads without samples, so the engine splits within samples instead:
 //! - a convolution's forward splits each sample's output channels into parts run at once
-//!   (`program::ConvParts`: kernels compiled forward-only for the parts' widths when the
+//!   (`program::Parts`: kernels compiled forward-only for the parts' widths when the
 //!   engine is built for fewer samples than threads; [`JitEngine::channel_split_layers`]
-//!   names them). The parts sum as the whole layer does but may block differently, so
+//!   names them), and so does a large dense layer's (256K weights or more) by output
+//!   features. The parts sum as the whole layer does but may block differently, so
 //!   results agree with the unsplit layer to rounding, not bit for bit;
 //! - a convolution's or dense layer's backward runs its input gradient and its weight
 //!   gradient at once, each sample chunk on two threads.
@@ -46,7 +47,7 @@
 //! ResNet18 -b 1 --no-naive --no-reference -j 1` against `-j 2`): inference 84-86 ms on one
 //! thread and 45-47 ms on two, where two threads had run no faster than one (86 ms); the
 //! training step 313-316 ms against 184-188 ms (was 302-338 ms). At such a batch, batch norms,
-//! poolings and a dense layer's forward still run on one thread.
+//! poolings and a small dense layer's forward still run on one thread.
 //!
 //! ## Frozen layers
 //! The training program runs only the backward work [`Graph::needs_grad`] leaves (the rule
@@ -166,11 +167,12 @@ impl JitEngine {
         self.train.steps.iter().filter(|s| run::mask_in_backward_data(s, &ng).is_some()).map(|s| s.name.clone()).collect()
     }
 
-    /// The convolutions whose forward splits each sample's output channels across the threads
-    /// (batches smaller than the thread count: `program::ConvParts`), in plan order, for the
-    /// training and the inference program.
+    /// The convolutions and dense layers whose forward splits each sample's output channels
+    /// or features across the threads (batches smaller than the thread count:
+    /// `program::Parts`), in plan order, for the training and the inference program.
     pub fn channel_split_layers(&self) -> [Vec<String>; 2] {
-        [&self.train, &self.infer].map(|p| p.steps.iter().filter(|s| matches!(s.kind, program::Kind::Conv { parts: Some(_), .. })).map(|s| s.name.clone()).collect())
+        let split = |k: &program::Kind| matches!(k, program::Kind::Conv { parts: Some(_), .. } | program::Kind::Dense { parts: Some(_), .. });
+        [&self.train, &self.infer].map(|p| p.steps.iter().filter(|s| split(&s.kind)).map(|s| s.name.clone()).collect())
     }
 
     /// Turn per-group timing on or off (off by default): while on, every training step and

@@ -10,10 +10,11 @@
 //! hands its gradient to its other operands.
 
 use crate::engine::EngineError;
-use cnnc_compiler::ir::{Activation, Graph, Loss, NodeId, Op, PoolKind, Shape};
+use cnnc_compiler::ir::{Activation, Dense, Graph, Loss, NodeId, Op, PoolKind, Shape};
 use cnnc_compiler::lower::pointwise::{BnSaved, PlaneStats};
 use cnnc_compiler::lower::hugebuf::HugeBuf;
 use cnnc_compiler::lower::pool::PoolKernels;
+use cnnc_compiler::lower::dense::DATA_SPLIT_MIN_WEIGHTS;
 use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, ConvOptions, DenseKernels, Epilogue, FusedAct};
 use cnnc_compiler::passes::memplan;
 use cnnc_compiler::pipeline;
@@ -81,9 +82,10 @@ pub(crate) enum Kind {
     /// `stats`: `[batch, Cout]` plane statistics the forward stores for a training batch norm
     /// reading the output (`Plan::stats_from`; empty otherwise).
     /// `parts`: the forward split by output channels, for batches smaller than the thread
-    /// count ([`ConvParts`]; `None` where the program's batch fills every thread).
-    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, stats: Vec<PlaneStats>, parts: Option<ConvParts> },
-    Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool },
+    /// count ([`Parts`]; `None` where the program's batch fills every thread).
+    Conv { k: Box<ConvKernels>, x: NodeId, layer: String, bias: bool, residual: Option<NodeId>, fold: Option<(String, f32)>, stats: Vec<PlaneStats>, parts: Option<Parts<ConvKernels>> },
+    /// `parts`: the forward split by output features, as a convolution's.
+    Dense { k: DenseKernels, x: NodeId, layer: String, bias: bool, parts: Option<Parts<DenseKernels>> },
     /// `stats_from`: the earlier convolution step whose forward computes this batch norm's
     /// plane statistics (`Plan::stats_from`).
     /// `flip`: the output's planes are the input's transposed (`passes::layout`), the input
@@ -108,59 +110,71 @@ pub(crate) enum Kind {
     Skip,
 }
 
-/// A convolution's forward split by output channels, so that a batch smaller than the thread
-/// count still keeps every thread busy: each sample's output planes are cut into
-/// [`Self::ranges`] of whole channels, run at once on the pool by kernels compiled for that
-/// many output channels (the same input, their rows of the weights, bias and folded
-/// batch-norm map, their planes of the residual and statistics), each storing its planes
+/// A layer's forward split by output channels (a convolution's) or features (a dense
+/// layer's), so that a batch smaller than the thread count still keeps every thread busy:
+/// each sample's outputs are cut into [`Self::ranges`], run at once on the pool by kernels
+/// compiled for that many outputs (the same input, their rows of the weights, bias and folded
+/// batch-norm map, their planes of the residual and statistics), each storing its outputs
 /// contiguously. The split layer computes the same sums as the whole one, but each part may
-/// block them differently (a narrower layer can even take a different algorithm), so results
-/// agree to rounding, not bit for bit.
+/// block them differently (a narrower convolution can even take a different algorithm), so
+/// results agree to rounding, not bit for bit.
 ///
-/// Only for ungrouped layers wider than one part, and only where the program's batch is
-/// smaller than the thread count (a full batch splits by samples instead).
-pub(crate) struct ConvParts {
-    /// Output channels of each part, in order, and the index of its kernel in `kernels`.
+/// Only for layers wider than one part (ungrouped convolutions; dense layers of at least
+/// [`DATA_SPLIT_MIN_WEIGHTS`] weights, smaller ones being cheap next to a fork and join),
+/// and only where the program's batch is smaller than the thread count (a full batch splits
+/// by samples instead).
+pub(crate) struct Parts<K> {
+    /// Outputs of each part, in order, and the index of its kernel in `kernels`.
     pub ranges: Vec<(std::ops::Range<usize>, usize)>,
     /// One kernel per distinct part width (at most two: the common width and the last).
-    pub kernels: Vec<ConvKernels>,
+    pub kernels: Vec<K>,
 }
 
-/// [`ConvParts`] are whole multiples of this many output channels (but the last): two of the
-/// micro-kernel's 4-row panels of weights, so that no part but the last ends mid-panel. With
-/// many threads and a narrow layer that leaves fewer parts than threads.
+/// [`Parts`] are whole multiples of this many outputs (but the last): for a convolution, two
+/// of the micro-kernel's 4-row panels of weights, so that no part but the last ends mid-panel;
+/// for a dense layer, one 8-column panel. With many threads and a narrow layer that leaves
+/// fewer parts than threads.
 pub(crate) const PART_CHANNELS: usize = 8;
 
-impl ConvParts {
-    /// The split of `conv` (on per-sample input `in_shape`, forward epilogue `epi`) for
-    /// `threads` threads, or `None` where it would have fewer than two parts or the layer is
-    /// grouped. Parts are `ceil(Cout / threads)` channels rounded up to a multiple of
-    /// [`PART_CHANNELS`], the last taking the rest.
-    fn compile(name: &str, conv: &cnnc_compiler::ir::Conv2d, in_shape: (usize, usize, usize), epi: Epilogue, lmode: lower::Mode, opts: ConvOptions, threads: usize) -> Result<Option<ConvParts>, EngineError> {
-        let cout = conv.out_channels;
-        let width = cout.div_ceil(threads.max(1)).next_multiple_of(PART_CHANNELS);
-        if conv.groups != 1 || width >= cout {
+impl<K> Parts<K> {
+    /// The split of `total` outputs for `threads` threads, `compile` building the kernel of
+    /// a part of the width given, or `None` where it would have fewer than two parts. Parts
+    /// are `ceil(total / threads)` outputs rounded up to a multiple of [`PART_CHANNELS`], the
+    /// last taking the rest.
+    fn build(total: usize, threads: usize, mut compile: impl FnMut(usize) -> Result<K, EngineError>) -> Result<Option<Parts<K>>, EngineError> {
+        let width = total.div_ceil(threads.max(1)).next_multiple_of(PART_CHANNELS);
+        if width >= total {
             return Ok(None);
         }
-        // Each part stores its own planes contiguously: no concatenation slice.
-        let epi = Epilogue { concat: None, ..epi };
-        let opts = ConvOptions { forward_only: true, ..opts };
-        let mut kernels: Vec<(usize, ConvKernels)> = Vec::new();
+        let mut kernels: Vec<(usize, K)> = Vec::new();
         let mut ranges = Vec::new();
-        for c0 in (0..cout).step_by(width) {
-            let w = width.min(cout - c0);
+        for c0 in (0..total).step_by(width) {
+            let w = width.min(total - c0);
             let ki = match kernels.iter().position(|(kw, _)| *kw == w) {
                 Some(i) => i,
                 None => {
-                    let sub = cnnc_compiler::ir::Conv2d { out_channels: w, ..*conv };
-                    kernels.push((w, ConvKernels::compile_with(name, &sub, in_shape, epi, lmode, opts).map_err(|e| eerr(e.to_string()))?));
+                    kernels.push((w, compile(w)?));
                     kernels.len() - 1
                 }
             };
             ranges.push((c0..c0 + w, ki));
         }
-        Ok(Some(ConvParts { ranges, kernels: kernels.into_iter().map(|(_, k)| k).collect() }))
+        Ok(Some(Parts { ranges, kernels: kernels.into_iter().map(|(_, k)| k).collect() }))
     }
+}
+
+/// [`Parts`] of a convolution: forward-only kernels, each storing its planes contiguously
+/// (no concatenation slice); `None` for a grouped layer.
+fn conv_parts(name: &str, conv: &cnnc_compiler::ir::Conv2d, in_shape: (usize, usize, usize), epi: Epilogue, lmode: lower::Mode, opts: ConvOptions, threads: usize) -> Result<Option<Parts<ConvKernels>>, EngineError> {
+    if conv.groups != 1 {
+        return Ok(None);
+    }
+    let epi = Epilogue { concat: None, ..epi };
+    let opts = ConvOptions { forward_only: true, ..opts };
+    Parts::build(conv.out_channels, threads, |w| {
+        let sub = cnnc_compiler::ir::Conv2d { out_channels: w, ..*conv };
+        ConvKernels::compile_with(name, &sub, in_shape, epi, lmode, opts).map_err(|e| eerr(e.to_string()))
+    })
 }
 
 /// One fused group.
@@ -379,7 +393,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                     return Err(eerr(format!("layer `{name}`: batch-norm statistics planned after a convolution whose kernel does not store the batch norm's input")));
                 }
                 let stats = if feeds_stats[gi] { vec![PlaneStats::default(); batch * c.out_channels] } else { Vec::new() };
-                let parts = if batch < threads { ConvParts::compile(&name, &c, in_shape, epi, lmode, opts, threads)? } else { None };
+                let parts = if batch < threads { conv_parts(&name, &c, in_shape, epi, lmode, opts, threads)? } else { None };
                 Kind::Conv { k: Box::new(k), x: ops[0], layer: name.clone(), bias: c.bias, residual, fold, stats, parts }
             }
             Op::Dense(d) => {
@@ -400,7 +414,12 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                 // (`run::dense_layer_backward`).
                 partial_len = partial_len.max(batch * inf);
                 let k = DenseKernels::compile(&name, &d, inf, act, lmode).map_err(|e| eerr(e.to_string()))?;
-                Kind::Dense { k, x: ops[0], layer: name.clone(), bias: d.bias }
+                let parts = if batch < threads && inf * d.out_features >= DATA_SPLIT_MIN_WEIGHTS {
+                    Parts::build(d.out_features, threads, |w| DenseKernels::compile(&name, &Dense { out_features: w, ..d }, inf, act, lmode).map_err(|e| eerr(e.to_string())))?
+                } else {
+                    None
+                };
+                Kind::Dense { k, x: ops[0], layer: name.clone(), bias: d.bias, parts }
             }
             Op::BatchNorm(bn) if train => Kind::BnTrain {
                 x: ops[0],

@@ -295,7 +295,7 @@ impl Program {
                         let (c0, cs) = (ol.off, ol.ch);
                         if let Some(parts) = parts.as_ref().filter(|_| n < threads) {
                             // Fewer samples than threads: each sample's output channels split
-                            // across the pool (`ConvParts`), samples one after another.
+                            // across the pool (`Parts`), samples one after another.
                             let p = ol.hw;
                             let wrow = w.len() / cs;
                             let mut st_rest = if per == 0 { None } else { Some(&mut stats[..n * per]) };
@@ -334,15 +334,31 @@ impl Program {
                             }).map_err(lerr)?;
                         }
                     }
-                    Kind::Dense { k, x, layer, bias, .. } => {
+                    Kind::Dense { k, x, layer, bias, parts } => {
                         let w = param(params, layer, "weight")?;
                         let b = if *bias { Some(param(params, layer, "bias")?) } else { None };
                         let xin = whole(vals, locs, g, *x, n)?;
                         let inp = xin.len() / n;
-                        out.par_chunks_mut(ch * stride).enumerate().try_for_each(|(i, oc)| {
-                            let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
-                            k.forward(oc, &xin[s0 * inp..s1 * inp], w, b)
-                        }).map_err(lerr)?;
+                        if let Some(parts) = parts.as_ref().filter(|_| n < threads) {
+                            // Fewer samples than threads: each sample's output features split
+                            // across the pool (`Parts`), samples one after another.
+                            for (s, o) in out.chunks_mut(stride).enumerate() {
+                                let xs = &xin[s * inp..(s + 1) * inp];
+                                let mut rest = Some(&mut o[..]);
+                                let jobs: Vec<_> = parts.ranges.iter().map(|(r, ki)| (r.clone(), &parts.kernels[*ki], split_front(&mut rest, r.len()))).collect();
+                                jobs.into_par_iter()
+                                    .try_for_each(|(r, pk, po)| match po {
+                                        Some(po) => pk.forward(po, xs, &w[r.start * inp..r.end * inp], b.map(|b| &b[r])),
+                                        None => Err(cnnc_compiler::Error::Codegen { layer: name.clone(), message: "feature parts past the output".into() }),
+                                    })
+                                    .map_err(lerr)?;
+                            }
+                        } else {
+                            out.par_chunks_mut(ch * stride).enumerate().try_for_each(|(i, oc)| {
+                                let (s0, s1) = (i * ch, i * ch + oc.len() / stride);
+                                k.forward(oc, &xin[s0 * inp..s1 * inp], w, b)
+                            }).map_err(lerr)?;
+                        }
                     }
                     Kind::BnTrain { x, layer, eps, momentum, saved, new_rm, new_rv, stats_from, flip } => {
                         let xin = whole(vals, locs, g, *x, n)?;
@@ -631,7 +647,7 @@ impl Program {
                         };
                         gemm_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask, stride, n, ch })?;
                     }
-                    Kind::Dense { k, x, layer, bias } => {
+                    Kind::Dense { k, x, layer, bias, .. } => {
                         dense_layer_backward(k, *x, layer, *bias, partials, GemmCtx { params, pgrads, mem: &mut mem, locs, g, need_dx: ng[x.index()], trains: trains(g, layer), gr, mask: None, stride, n, ch })?;
                     }
                     Kind::BnTrain { x, layer, saved, flip, .. } => {
