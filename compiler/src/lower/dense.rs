@@ -56,7 +56,8 @@ enum Impl {
 struct DenseScratch {
     /// The packed `A` operand (the batch's inputs or output gradients).
     apack: Vec<f32>,
-    /// One packed `B` panel.
+    /// Packed `B` panels: one (forward), a block of the weights' columns (backward data), or
+    /// all of a sample block's inputs (weight gradient).
     panel: Vec<f32>,
     /// The weight gradient's last block of output gradients and inputs, zero-padded to a
     /// whole block.
@@ -262,13 +263,21 @@ impl DenseKernels {
     /// Backward weight: `d_w += d_outᵀ · x`, and `d_b += Σ_n d_out` for a layer with bias.
     pub fn backward_weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> Result<()> {
         let o = self.out_f;
-        match (self.bias, d_b) {
-            (true, Some(db)) => self.backward_bias(db, d_out, 0..o)?,
-            (false, None) => {}
+        // Every check before anything is written.
+        let db = match (self.bias, d_b) {
+            (true, Some(db)) => {
+                self.check("bias gradient", db.len(), o)?;
+                Some(db)
+            }
+            (false, None) => None,
             (true, None) => return Err(self.err("bias gradient missing".into())),
             (false, Some(_)) => return Err(self.err("bias gradient given to a layer without bias".into())),
+        };
+        self.backward_weight_rows(d_w, 0..o, d_out, x)?;
+        match db {
+            Some(db) => self.backward_bias(db, d_out, 0..o),
+            None => Ok(()),
         }
-        self.backward_weight_rows(d_w, 0..o, d_out, x)
     }
 
     /// `d_b[r] += Σ_n d_out[n, r]` for the output rows `r` in `rows` (`d_b`: those rows).
