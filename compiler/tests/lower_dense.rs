@@ -93,9 +93,9 @@ fn dense_bad_buffers_are_errors() {
     let mut dw = vec![0.0; 24];
     assert!(k.backward_weight(&mut dw, None, &out, &x).is_err());
     // A bad input is found before anything is written (the bias gradient included).
-    let mut db = vec![0.0; 4];
-    assert!(k.backward_weight(&mut dw, Some(&mut db), &out, &x[1..]).is_err());
-    assert!(k.backward_weight(&mut dw[1..], Some(&mut db), &out, &x).is_err());
+    let (mut db, ones) = (vec![0.0; 4], vec![1.0; 8]);
+    assert!(k.backward_weight(&mut dw, Some(&mut db), &ones, &x[1..]).is_err());
+    assert!(k.backward_weight(&mut dw[1..], Some(&mut db), &ones, &x).is_err());
     assert_eq!((dw.iter().sum::<f32>(), db.iter().sum::<f32>()), (0.0, 0.0));
     assert!(DenseKernels::compile("fc", &Dense { out_features: 0, bias: true }, 6, FusedAct::None, Mode::Blocked).is_err());
 }
