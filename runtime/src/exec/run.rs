@@ -972,27 +972,6 @@ fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R
     Ok(())
 }
 
-/// A convolution's backward entry points, as the sample-parallel driver
-/// ([`gemm_layer_backward`]) calls them.
-trait GemmBackward: Sync {
-    fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()>;
-    /// `data` with `hook` finishing each sample's `d_out` in place right before it is read.
-    fn data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], hook: GradHook<'_>) -> cnnc_compiler::Result<()>;
-    fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()>;
-}
-
-impl GemmBackward for ConvKernels {
-    fn data(&self, d_x: &mut [f32], d_out: &[f32], w: &[f32]) -> cnnc_compiler::Result<()> {
-        self.backward_data(d_x, d_out, w)
-    }
-    fn data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], hook: GradHook<'_>) -> cnnc_compiler::Result<()> {
-        self.backward_data_with(d_x, d_out, w, hook)
-    }
-    fn weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> cnnc_compiler::Result<()> {
-        self.backward_weight(d_w, d_b, d_out, x)
-    }
-}
-
 /// Backward of a dense layer: the input gradient per sample chunk on all threads, as a
 /// convolution's; the weight gradient split by output rows across the threads
 /// (`DenseKernels::weight_row_parts`), each part over the whole batch and added straight into
@@ -1112,7 +1091,7 @@ struct ActMask<'a> {
 /// input gradient (only when the operand needs one) straight into its buffer, the weight and bias
 /// gradients into one partial buffer per chunk, then summed in chunk order into `pgrads`
 /// (deterministic for a thread count).
-fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_, '_>) -> R {
+fn gemm_layer_backward(k: &ConvKernels, x: NodeId, layer: &str, bias: bool, partials: &mut [Vec<f32>], c: GemmCtx<'_, '_>) -> R {
     let GemmCtx { params, pgrads, mem, locs, g, need_dx, trains, gr, mask, stride, n, ch } = c;
     if !need_dx && !trains {
         return Ok(());
@@ -1153,7 +1132,7 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
             }
             let (pw, pb) = part.split_at_mut(wn);
             let d: &[f32] = d;
-            let (rd, rw) = rayon::join(|| k.data(dx, d, w), || k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp]));
+            let (rd, rw) = rayon::join(|| k.backward_data(dx, d, w), || k.backward_weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp]));
             return rd.and(rw);
         }
         if let Some(dx) = dx {
@@ -1164,16 +1143,16 @@ fn gemm_layer_backward(k: &dyn GemmBackward, x: NodeId, layer: &str, bias: bool,
                         act_grad_inplace(m.act, ds, &m.y[(s0 + s) * stride..][m.range.clone()]);
                         Ok(())
                     };
-                    k.data_with(dx, d, w, GradHook(&mut hook))?
+                    k.backward_data_with(dx, d, w, GradHook(&mut hook))?
                 }
-                None => k.data(dx, d, w)?,
+                None => k.backward_data(dx, d, w)?,
             }
         }
         if !trains {
             return Ok(());
         }
         let (pw, pb) = part.split_at_mut(wn);
-        k.weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
+        k.backward_weight(pw, bias.then_some(pb), d, &xin[s0 * inp..s1 * inp])
     };
     if let Some(dx) = dx {
         let dx = &mut dx[..n * inp];
