@@ -367,10 +367,15 @@ impl DenseKernels {
     /// cache).
     pub fn data_col_parts(&self, threads: usize) -> Vec<Range<usize>> {
         let i = self.in_f;
-        let small = self.in_f * self.out_f < DATA_SPLIT_MIN_WEIGHTS;
-        let threads = if matches!(self.imp, Impl::Naive { .. }) || small { 1 } else { threads.max(1) };
+        let threads = if matches!(self.imp, Impl::Naive { .. }) || !self.is_large() { 1 } else { threads.max(1) };
         let width = i.div_ceil(threads).next_multiple_of(NR);
         (0..i).step_by(width).map(|c| c..(c + width).min(i)).collect()
+    }
+
+    /// Whether the layer has at least [`DATA_SPLIT_MIN_WEIGHTS`] weights: large enough that
+    /// threads should split it by its columns or features rather than by samples.
+    pub fn is_large(&self) -> bool {
+        self.in_f * self.out_f >= DATA_SPLIT_MIN_WEIGHTS
     }
 
     /// The naive kernels compute all rows at once: one range.

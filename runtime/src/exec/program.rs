@@ -14,7 +14,6 @@ use cnnc_compiler::ir::{Activation, Dense, Graph, Loss, NodeId, Op, PoolKind, Sh
 use cnnc_compiler::lower::pointwise::{BnSaved, PlaneStats};
 use cnnc_compiler::lower::hugebuf::HugeBuf;
 use cnnc_compiler::lower::pool::PoolKernels;
-use cnnc_compiler::lower::dense::DATA_SPLIT_MIN_WEIGHTS;
 use cnnc_compiler::lower::{self, ChannelSlice, ConvKernels, ConvOptions, DenseKernels, Epilogue, FusedAct};
 use cnnc_compiler::passes::memplan;
 use cnnc_compiler::pipeline;
@@ -119,8 +118,8 @@ pub(crate) enum Kind {
 /// block them differently (a narrower convolution can even take a different algorithm), so
 /// results agree to rounding, not bit for bit.
 ///
-/// Only for layers wider than one part (ungrouped convolutions; dense layers of at least
-/// [`DATA_SPLIT_MIN_WEIGHTS`] weights, smaller ones being cheap next to a fork and join),
+/// Only for layers wider than one part (ungrouped convolutions; dense layers large enough,
+/// `DenseKernels::is_large`, smaller ones being cheap next to a fork and join),
 /// and only where the program's batch is smaller than the thread count (a full batch splits
 /// by samples instead).
 pub(crate) struct Parts<K> {
@@ -408,13 +407,15 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                     return Err(eerr(format!("layer `{name}`: a dense layer writing into a concat slice is not supported")));
                 }
                 let inf = g.node(ops[0]).shape.numel();
-                // No weight-gradient partials (a dense layer's weight gradient goes straight
-                // into the parameter gradients, split by rows); its backward data split by
-                // input columns uses them for each part's `[batch, I]` input gradient
-                // (`run::dense_layer_backward`).
-                partial_len = partial_len.max(batch * inf);
                 let k = DenseKernels::compile(&name, &d, inf, act, lmode).map_err(|e| eerr(e.to_string()))?;
-                let parts = if batch < threads && inf * d.out_features >= DATA_SPLIT_MIN_WEIGHTS {
+                // No weight-gradient partials (a dense layer's weight gradient goes straight
+                // into the parameter gradients, split by rows); a large layer's backward data,
+                // split by input columns, uses them for each part's `[batch, I]` input
+                // gradient (`run::dense_layer_backward`).
+                if k.is_large() {
+                    partial_len = partial_len.max(batch * inf);
+                }
+                let parts = if batch < threads && k.is_large() {
                     Parts::build(d.out_features, threads, |w| DenseKernels::compile(&name, &Dense { out_features: w, ..d }, inf, act, lmode).map_err(|e| eerr(e.to_string())))?
                 } else {
                     None
