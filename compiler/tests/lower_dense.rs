@@ -171,6 +171,14 @@ fn row_and_column_parts_equal_the_whole() {
                         k.backward_weight_rows(&mut dw[r.start * i..r.end * i], r.clone(), &dout, &x).unwrap();
                     }
                     close(&dw, &want_dw, &format!("{what}: weight gradient in {} row parts", rows.len()));
+                    // Any row split (the naive kernels' parts are whole: this covers their
+                    // sub-ranges too).
+                    let width = o.div_ceil(threads);
+                    let mut dw = start_dw.clone();
+                    for r in (0..o).step_by(width).map(|r| r..(r + width).min(o)) {
+                        k.backward_weight_rows(&mut dw[r.start * i..r.end * i], r, &dout, &x).unwrap();
+                    }
+                    close(&dw, &want_dw, &format!("{what}: weight gradient in rows of {width}"));
                     // (These layers are small: the engine would split their batch instead.)
                     assert_eq!(k.data_col_parts(threads).as_slice(), std::slice::from_ref(&(0..i)), "{what}");
                     let width = i.div_ceil(threads).next_multiple_of(8);

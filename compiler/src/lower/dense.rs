@@ -232,13 +232,20 @@ impl DenseKernels {
                 }
             }),
             Impl::Naive { bwd_data, .. } => {
-                // The naive kernel computes whole rows: each into a scratch row, the columns
-                // added from there.
-                let mut row = vec![0.0; i];
+                // The naive kernel computes whole rows, adding into them: straight into `d_x`
+                // for all columns (what the engine asks of it, `data_col_parts`), else each
+                // into a scratch row whose columns are added from there.
+                let whole = cols == (0..i);
+                let mut row = if whole { Vec::new() } else { vec![0.0; i] };
                 for s in 0..n {
-                    row.fill(0.0);
-                    bwd_data.call(&mut row, [&d_out[s * o..(s + 1) * o], w, &[], &[], &[], &[]]);
-                    d_x[s * i..(s + 1) * i][cols.clone()].iter_mut().zip(&row[cols.clone()]).for_each(|(d, v)| *d += v);
+                    let args = [&d_out[s * o..(s + 1) * o], w, &[][..], &[], &[], &[]];
+                    if whole {
+                        bwd_data.call(&mut d_x[s * i..(s + 1) * i], args);
+                    } else {
+                        row.fill(0.0);
+                        bwd_data.call(&mut row, args);
+                        d_x[s * i..(s + 1) * i][cols.clone()].iter_mut().zip(&row[cols.clone()]).for_each(|(d, v)| *d += v);
+                    }
                 }
             }
         }
@@ -346,12 +353,17 @@ impl DenseKernels {
                 }
             }),
             Impl::Naive { bwd_w, .. } => {
-                // The naive kernel computes every row: into a scratch gradient, rows copied out.
-                let mut full = vec![0.0; o * i];
-                for s in 0..n {
-                    bwd_w.call(&mut full, [&d_out[s * o..(s + 1) * o], &x[s * i..(s + 1) * i], &[], &[], &[], &[]]);
+                // The naive kernel computes every row, adding into its gradient: straight into
+                // `d_w` for all rows (what the engine asks of it, `weight_row_parts`), else
+                // into a scratch gradient whose rows are added from there.
+                let call = |g: &mut [f32]| (0..n).for_each(|s| bwd_w.call(g, [&d_out[s * o..(s + 1) * o], &x[s * i..(s + 1) * i], &[], &[], &[], &[]]));
+                if rows == (0..o) {
+                    call(d_w);
+                } else {
+                    let mut full = vec![0.0; o * i];
+                    call(&mut full);
+                    d_w.iter_mut().zip(&full[rows.start * i..rows.end * i]).for_each(|(d, v)| *d += v);
                 }
-                d_w.iter_mut().zip(&full[rows.start * i..rows.end * i]).for_each(|(d, v)| *d += v);
             }
         }
         Ok(())
