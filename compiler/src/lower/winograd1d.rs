@@ -249,30 +249,45 @@ lanes!(LBt2 = bt2: 4 -> 4, LBt4 = bt4: 6 -> 6, LAt2 = at2: 4 -> 2, LAt4 = at4: 6
 ///
 /// The transform is a type ([`Lanes`]) rather than a closure or function value: called
 /// through `Fn`, LLVM left some instances out of line, passing the lanes through a 192-byte
-/// `memcpy` per call.
+/// `memcpy` per call. Whole groups of eight and the tail are separate loops: with one loop
+/// choosing per group between a whole and a partial store, LLVM merged the two into a
+/// `memcpy` call of a selected length for every group, whose wide loads then waited on the
+/// narrower stores that had just put the lanes on the stack (16-21% of a 1x3 layer's time).
 #[inline(always)]
 fn apply<T: Lanes<I, O>, const I: usize, const O: usize>(src: &[f32], sld: usize, dst: &mut [f32], (dld, dq): (usize, usize), n: usize) {
-    for q in 0..n.div_ceil(8) {
-        let len = 8.min(n - 8 * q);
-        let x: [L; I] = std::array::from_fn(|j| {
-            let s = &src[j * sld + 8 * q..][..len];
-            match <&L>::try_from(s) {
-                Ok(a) => *a,
-                Err(_) => {
-                    let mut a = [0.0; 8];
-                    a[..len].copy_from_slice(s);
-                    a
-                }
-            }
-        });
+    let whole = n / 8;
+    for q in 0..whole {
+        let x: [L; I] = std::array::from_fn(|j| lanes8(&src[j * sld + 8 * q..]));
         for (o, y) in T::map(&x).iter().enumerate() {
-            let d = &mut dst[o * dld + dq * q..][..len];
-            match <&mut L>::try_from(&mut *d) {
-                Ok(d) => *d = *y,
-                Err(_) => d.copy_from_slice(&y[..len]),
-            }
+            store8(&mut dst[o * dld + dq * q..], y);
         }
     }
+    let len = n - 8 * whole;
+    if len > 0 {
+        let q = whole;
+        let x: [L; I] = std::array::from_fn(|j| {
+            let mut a = [0.0; 8];
+            a[..len].copy_from_slice(&src[j * sld + 8 * q..][..len]);
+            a
+        });
+        for (o, y) in T::map(&x).iter().enumerate() {
+            dst[o * dld + dq * q..][..len].copy_from_slice(&y[..len]);
+        }
+    }
+}
+
+/// The first eight values of `s` as lanes.
+#[inline(always)]
+fn lanes8(s: &[f32]) -> L {
+    let (c, _) = s.as_chunks::<8>();
+    c[0]
+}
+
+/// `d[..8] = y`.
+#[inline(always)]
+fn store8(d: &mut [f32], y: &L) {
+    let (c, _) = d.as_chunks_mut::<8>();
+    c[0] = *y;
 }
 
 /// How one channel's plane (`src_h x src_w`) maps onto units of tiles: [`Self::gather`].
@@ -287,15 +302,26 @@ struct Lay {
     tpu: usize,
 }
 
-/// `dst[j·ld + tx] = rp[M tx + j]` for the `R` runs `j` and `tx < tpu`, in one pass over the
-/// padded row `rp` (run `j >= M` is run `j - M` one tile on).
-fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize, rp: &[f32]) {
+/// `dst[j·ld + tx] = xpad[M tx + j]` for the `R` runs `j` and `tx < tpu`, in one pass over
+/// the row `row` padded by `pad` zeros before it (and zeros past its end): the tiles whose
+/// patch lies inside the row read it in place, the others (at its ends) test each position.
+/// (Copying the row into a zeroed buffer first cost a `memcpy` call per row, 128 bytes for the
+/// CIFAR net's 32-wide rows: a third of the gather's time.)
+fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize, row: &[f32], pad: usize) {
     let mut rows = dst.chunks_mut(ld);
     let mut d: [&mut [f32]; R] = std::array::from_fn(|_| &mut rows.next().expect("run")[..tpu]);
-    let (ch, _) = rp.as_chunks::<M>();
-    for (tx, w) in ch[..tpu + 1].windows(2).enumerate() {
-        for (j, d) in d.iter_mut().enumerate() {
-            d[tx] = if j < M { w[0][j] } else { w[1][j - M] };
+    for tx in 0..tpu {
+        match (M * tx).checked_sub(pad).and_then(|b| row.get(b..b + R)) {
+            Some(w) => {
+                for (d, &v) in d.iter_mut().zip(w) {
+                    d[tx] = v;
+                }
+            }
+            None => {
+                for (j, d) in d.iter_mut().enumerate() {
+                    d[tx] = (M * tx + j).checked_sub(pad).and_then(|i| row.get(i)).copied().unwrap_or(0.0);
+                }
+            }
         }
     }
 }
@@ -318,7 +344,7 @@ impl Lay {
     /// in place unit by unit where [`Self::rows_in_place`] (a unit reaching into the padding
     /// gathered alone into `g`), else gathered into `g` (`[I][gld]`) first.
     #[allow(clippy::too_many_arguments)]
-    fn transform<T: Lanes<I, O>, const I: usize, const O: usize>(&self, t: &mut [f32], ld: (usize, usize), g: &mut [f32], gld: usize, src: &[f32], (u0, rows): (usize, usize), n: usize, rp: &mut [f32]) {
+    fn transform<T: Lanes<I, O>, const I: usize, const O: usize>(&self, t: &mut [f32], ld: (usize, usize), g: &mut [f32], gld: usize, src: &[f32], (u0, rows): (usize, usize), n: usize) {
         if let Some(w) = self.rows_in_place() {
             for r in 0..rows {
                 // Tile r·TPU onwards, a whole number of eight-tile groups in.
@@ -326,29 +352,21 @@ impl Lay {
                 match self.unit_rows(u0 + r, I) {
                     Some(y0) => apply::<T, I, O>(&src[y0 * w..], w, t, ld, w),
                     None => {
-                        self.gather(g, w, I, src, u0 + r, 1, rp);
+                        self.gather(g, w, I, src, u0 + r, 1);
                         apply::<T, I, O>(g, w, t, ld, w);
                     }
                 }
             }
             return;
         }
-        self.gather(g, gld, I, src, u0, rows, rp);
+        self.gather(g, gld, I, src, u0, rows);
         apply::<T, I, O>(g, gld, t, ld, n);
-    }
-
-    /// Length of the padded row buffer [`Self::gather`] needs (1x3): every patch, `M (TPU +
-    /// 1)`, and one more `M` so each phase's last chunk is whole.
-    fn row_len(&self) -> usize {
-        self.m * (self.tpu + 2)
     }
 
     /// `dst[j·ld + r·TPU + k] = src` at position `m t + j - pad` along the axis, for `j <
     /// runs`, the units `u0 .. u0 + rows` (`r` counted from `u0`) and their tiles `k` (zero
-    /// outside the plane). `rp` ([`Self::row_len`] long, zero but for what this writes) holds
-    /// a padded row (1x3).
-    #[allow(clippy::too_many_arguments)]
-    fn gather(&self, dst: &mut [f32], ld: usize, runs: usize, src: &[f32], u0: usize, rows: usize, rp: &mut [f32]) {
+    /// outside the plane).
+    fn gather(&self, dst: &mut [f32], ld: usize, runs: usize, src: &[f32], u0: usize, rows: usize) {
         let (m, tpu, w) = (self.m, self.tpu, self.src_w);
         match self.axis {
             Axis::Rows => {
@@ -364,19 +382,14 @@ impl Lay {
                 }
             }
             Axis::Cols => {
-                // The row at `pad` in the zero row buffer (cropped past the last patch), then
-                // its phases.
-                let rp = &mut rp[..self.row_len()];
-                rp.fill(0.0);
-                let len = w.min((m * (tpu + 1)).saturating_sub(self.pad));
                 for r in 0..rows {
-                    rp[self.pad..self.pad + len].copy_from_slice(&src[(u0 + r) * w..][..len]);
+                    let row = &src[(u0 + r) * w..][..w];
                     let d = &mut dst[r * tpu..];
                     match (m, runs) {
-                        (4, 6) => phases::<4, 6>(d, ld, tpu, rp),
-                        (4, _) => phases::<4, 4>(d, ld, tpu, rp),
-                        (_, 4) => phases::<2, 4>(d, ld, tpu, rp),
-                        _ => phases::<2, 2>(d, ld, tpu, rp),
+                        (4, 6) => phases::<4, 6>(d, ld, tpu, row, self.pad),
+                        (4, _) => phases::<4, 4>(d, ld, tpu, row, self.pad),
+                        (_, 4) => phases::<2, 4>(d, ld, tpu, row, self.pad),
+                        _ => phases::<2, 2>(d, ld, tpu, row, self.pad),
                     }
                 }
             }
@@ -415,9 +428,9 @@ impl Wino1dShape {
         (rows, (rows * tpu).next_multiple_of(NR))
     }
 
-    /// Scratch for [`Self::input_transform`]'s gathered runs and row buffer.
+    /// Scratch for [`Self::input_transform`]'s gathered runs.
     fn gather_len(&self) -> usize {
-        self.alpha() * self.block().1 + self.input_lay().row_len().max(self.grad_lay().row_len())
+        self.alpha() * self.block().1
     }
 
     /// The input's layout.
@@ -449,7 +462,7 @@ impl Wino1dShape {
     }
 
     /// `V_ξ` of channel plane `src` for the block's units `u0 .. u0 + rows`: the `α` runs
-    /// gathered into `g` (`[α][TB]`, then the padded row buffer), transformed into
+    /// gathered into `g` (`[α][TB]`), transformed into
     /// `t[ξ·ld + (tile / 8)·dq + tile % 8]` over `n` tiles ([`apply`]).
     ///
     /// A 3x1 layer whose units hold whole groups of eight tiles (`TPU = W` a multiple of 8)
@@ -457,13 +470,12 @@ impl Wino1dShape {
     /// only the units reaching into the padding rows are gathered first.
     #[allow(clippy::too_many_arguments)]
     fn input_transform(&self, t: &mut [f32], ld: (usize, usize), g: &mut [f32], src: &[f32], u0: usize, rows: usize, n: usize) {
-        let (a, tb) = (self.alpha(), self.block().1);
-        let (g, rp) = g.split_at_mut(a * tb);
+        let tb = self.block().1;
         let lay = self.input_lay();
         if self.m == 4 {
-            lay.transform::<LBt4, 6, 6>(t, ld, g, tb, src, (u0, rows), n, rp);
+            lay.transform::<LBt4, 6, 6>(t, ld, g, tb, src, (u0, rows), n);
         } else {
-            lay.transform::<LBt2, 4, 4>(t, ld, g, tb, src, (u0, rows), n, rp);
+            lay.transform::<LBt2, 4, 4>(t, ld, g, tb, src, (u0, rows), n);
         }
     }
 }
@@ -752,7 +764,7 @@ impl Winograd1dWgrad {
         let kb = rows_per_block * tpu;
         let (plane, oplane) = (sh.h * sh.w, sh.oh * sh.ow);
         let np = cout.div_ceil(NR);
-        let (glay, tb) = (sh.grad_lay(), sh.block().1);
+        let glay = sh.grad_lay();
         for u0 in (0..units).step_by(rows_per_block) {
             let rows = rows_per_block.min(units - u0);
             let nt = rows * tpu;
@@ -766,13 +778,12 @@ impl Winograd1dWgrad {
             for jp in 0..np {
                 for c in 0..NR.min(cout - jp * NR) {
                     let co = jp * NR + c;
-                    let (g, rp) = s.g.split_at_mut(a * tb);
                     let dyc = &dy[co * oplane..][..oplane];
                     let d = &mut s.dy[c * nt..];
                     if m == 4 {
-                        glay.transform::<LA4, 4, 6>(d, (NR * nt, NR), g, kb, dyc, (u0, rows), nt, rp);
+                        glay.transform::<LA4, 4, 6>(d, (NR * nt, NR), &mut s.g, kb, dyc, (u0, rows), nt);
                     } else {
-                        glay.transform::<LA2, 2, 4>(d, (NR * nt, NR), g, kb, dyc, (u0, rows), nt, rp);
+                        glay.transform::<LA2, 2, 4>(d, (NR * nt, NR), &mut s.g, kb, dyc, (u0, rows), nt);
                     }
                 }
                 pack_dy(&mut s.b, &s.dy, a, (np, jp), nt);
