@@ -25,7 +25,7 @@ const C: usize = WINOGRAD_1D_MIN_CHANNELS;
 /// 3x1 and 1x3 layers: odd sizes, pads 0, 1, 2 and asymmetric, several blocks of units (the
 /// last shorter), channels at and above the threshold, rows of whole lane groups (3x1) and of
 /// whole tiles (1x3) as well as partial ones.
-const CASES: [Case; 13] = [
+const CASES: [Case; 15] = [
     (C, C, (7, 9), [3, 1], [1, 1, 0, 0]),
     (C, C, (7, 9), [1, 3], [0, 0, 1, 1]),
     (C + 1, C + 9, (13, 5), [3, 1], [0, 0, 0, 0]),
@@ -40,6 +40,10 @@ const CASES: [Case; 13] = [
     (C, C + 3, (13, 16), [3, 1], [0, 2, 0, 0]),
     (C, C + 2, (6, 300), [3, 1], [1, 1, 0, 0]),
     (C + 2, C, (300, 6), [1, 3], [0, 0, 1, 0]),
+    // 1x3 rows of whole groups of four tiles and a partial group after them (F(4, 3) splits
+    // and interleaves four tiles at a time): 6 and 10 tiles, pads 2 / 1 and 1 / 1.
+    (C + 2, C + 1, (5, 23), [1, 3], [0, 0, 2, 1]),
+    (C, C, (3, 37), [1, 3], [0, 0, 1, 1]),
 ];
 
 /// Output size of a layer.

@@ -62,6 +62,7 @@
 //! The maths is exact in real arithmetic; in f32 `F(4, 3)`'s larger coefficients give errors
 //! of a few 1e-6 of the output scale (`F(2, 3)`: ~1e-7), the weight gradient a few times that.
 
+use super::entry;
 use super::gemm::{Gemm, GemmPlan, Wgrad, WgradPlan, NR};
 use super::jit::{Finished, Jit};
 use super::winograd::{
@@ -326,6 +327,64 @@ fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize
     }
 }
 
+/// [`phases`] for `M = 4` (`F(4, 3)`), four tiles at a time: the four 4-value chunks
+/// `xpad[4t .. 4t + 4]` of tiles `t0 .. t0 + 4`, transposed in registers, are runs 0-3 of those
+/// tiles, and the chunks of tiles `t0 + 1 .. t0 + 5` likewise give runs 4 and 5 (`xpad[4t + 4
+/// + j]`); a chunk at an end of the row is assembled value by value (zeros outside). Tiles
+/// past the last whole group of four go through [`phases`].
+fn phases4<const R: usize>(dst: &mut [f32], ld: usize, tpu: usize, row: &[f32], pad: usize) {
+    // Chunk `t`: `xpad[4t + k]`, `k < 4`.
+    let chunk = |t: usize| -> [f32; 4] {
+        match (4 * t).checked_sub(pad).and_then(|b| row.get(b..b + 4)) {
+            Some(c) => [c[0], c[1], c[2], c[3]],
+            None => std::array::from_fn(|k| (4 * t + k).checked_sub(pad).and_then(|i| row.get(i)).copied().unwrap_or(0.0)),
+        }
+    };
+    let groups = tpu / 4;
+    for gi in 0..groups {
+        let t0 = 4 * gi;
+        let c: [[f32; 4]; 5] = std::array::from_fn(|i| chunk(t0 + i));
+        let v = entry::transpose4([c[0], c[1], c[2], c[3]]);
+        for (j, vj) in v.iter().enumerate().take(R.min(4)) {
+            dst[j * ld + t0..][..4].copy_from_slice(vj);
+        }
+        if R > 4 {
+            let u = entry::transpose4([c[1], c[2], c[3], c[4]]);
+            for (j, uj) in u.iter().enumerate().take(R - 4) {
+                dst[(4 + j) * ld + t0..][..4].copy_from_slice(uj);
+            }
+        }
+    }
+    if groups * 4 < tpu {
+        // The remaining tiles: the row as seen from tile `4 · groups` on.
+        let t0 = 4 * groups;
+        let (skip, pad0) = match (4 * t0).checked_sub(pad) {
+            Some(b) => (b.min(row.len()), 0),
+            None => (0, pad - 4 * t0),
+        };
+        phases::<4, R>(&mut dst[t0..], ld, tpu - t0, &row[skip..], pad0);
+    }
+}
+
+/// [`interleave`] for `M = 4`, four tiles at a time: the four outputs of tiles `tx .. tx + 4`
+/// (`ys[i·ld + tx ..]`), transposed in registers, are the row's next 16 values.
+fn interleave4(row: &mut [f32], ys: &[f32], ld: usize) {
+    let tiles = row.len() / 4;
+    let groups = tiles / 4;
+    for gi in 0..groups {
+        let tx = 4 * gi;
+        let y: [[f32; 4]; 4] = std::array::from_fn(|i| {
+            let c = &ys[i * ld + tx..][..4];
+            [c[0], c[1], c[2], c[3]]
+        });
+        for (k, ck) in entry::transpose4(y).iter().enumerate() {
+            row[16 * gi + 4 * k..][..4].copy_from_slice(ck);
+        }
+    }
+    let t0 = 4 * groups;
+    interleave::<4>(&mut row[4 * t0..4 * tiles], &ys[t0..], ld);
+}
+
 impl Lay {
     /// `W` where every unit's runs can be read in place (3x1: a unit's run `j` is the whole
     /// row `m ty + j - pad`) and a unit holds whole groups of eight tiles, else `None`.
@@ -386,8 +445,8 @@ impl Lay {
                     let row = &src[(u0 + r) * w..][..w];
                     let d = &mut dst[r * tpu..];
                     match (m, runs) {
-                        (4, 6) => phases::<4, 6>(d, ld, tpu, row, self.pad),
-                        (4, _) => phases::<4, 4>(d, ld, tpu, row, self.pad),
+                        (4, 6) => phases4::<6>(d, ld, tpu, row, self.pad),
+                        (4, _) => phases4::<4>(d, ld, tpu, row, self.pad),
                         (_, 4) => phases::<2, 4>(d, ld, tpu, row, self.pad),
                         _ => phases::<2, 2>(d, ld, tpu, row, self.pad),
                     }
@@ -648,7 +707,7 @@ impl Winograd1d {
                         let ys = &yv[r * tpu..];
                         let interleave = |row: &mut [f32]| {
                             if m == 4 {
-                                interleave::<4>(row, ys, tb);
+                                interleave4(row, ys, tb);
                             } else {
                                 interleave::<2>(row, ys, tb);
                             }
