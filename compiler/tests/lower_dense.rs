@@ -217,3 +217,27 @@ fn large_layers_split_their_backward_data_by_columns() {
     }
     assert_eq!(k.data_col_parts(1).as_slice(), std::slice::from_ref(&(0..i)));
 }
+
+#[test]
+fn forward_only_kernels_run_forward_and_refuse_backward() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let (i, o, n) = (37, 13, 3);
+    for mode in [Mode::Blocked, Mode::Naive] {
+        let d = Dense { out_features: o, bias: true };
+        let part = DenseKernels::compile_forward("fc6_part", &d, i, FusedAct::Relu, mode).unwrap();
+        let whole = DenseKernels::compile("fc6", &d, i, FusedAct::Relu, mode).unwrap();
+        let (x, w, b) = (rand_vec(&mut rng, n * i), rand_vec(&mut rng, o * i), rand_vec(&mut rng, o));
+        let (mut got, mut want) = (rand_vec(&mut rng, n * o), vec![0.0; n * o]);
+        part.forward(&mut got, &x, &w, Some(&b)).unwrap();
+        whole.forward(&mut want, &x, &w, Some(&b)).unwrap();
+        assert_eq!(got, want, "{mode:?}: the forward-only kernel computes what the whole one does");
+        let dout = rand_vec(&mut rng, n * o);
+        let mut dx = vec![0.0; n * i];
+        let e = part.backward_data(&mut dx, &dout, &w).unwrap_err().to_string();
+        assert!(e.contains("fc6_part") && e.contains("forward only"), "{mode:?}: {e}");
+        let (mut dw, mut db) = (vec![0.0; o * i], vec![0.0; o]);
+        let e = part.backward_weight(&mut dw, Some(&mut db), &dout, &x).unwrap_err().to_string();
+        assert!(e.contains("fc6_part") && e.contains("forward only"), "{mode:?}: {e}");
+        assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 0.0), "{mode:?}: nothing written on error");
+    }
+}

@@ -43,10 +43,20 @@ pub const DATA_SPLIT_MIN_WEIGHTS: usize = 256 << 10;
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per layer, built once: boxing would buy nothing
 enum Impl {
-    /// `bwd_w`: the weight gradient over [`WGRAD_BLOCK`] samples; `bwd_w_tail` over
-    /// [`WGRAD_TAIL`]. Both for any number of rows.
-    Blocked { fwd: Gemm, bwd_data: Gemm, bwd_w: Gemm, bwd_w_tail: Gemm },
-    Naive { fwd: Kernel, bwd_data: Kernel, bwd_w: Kernel },
+    /// `bwd`: `None` when compiled forward only ([`DenseKernels::compile_forward`]).
+    Blocked { fwd: Gemm, bwd: Option<BlockedBwd> },
+    /// `bwd`: the backward data and weight-gradient kernels, `None` when compiled forward
+    /// only.
+    Naive { fwd: Kernel, bwd: Option<(Kernel, Kernel)> },
+}
+
+/// The blocked backward kernels: `w`, the weight gradient over [`WGRAD_BLOCK`] samples;
+/// `w_tail` over [`WGRAD_TAIL`]. Both for any number of rows.
+#[derive(Debug)]
+struct BlockedBwd {
+    data: Gemm,
+    w: Gemm,
+    w_tail: Gemm,
 }
 
 /// The blocked drivers' buffers, one holder per thread ([`SCRATCH`]) shared by every dense
@@ -86,6 +96,17 @@ impl DenseKernels {
     /// Compile `dense` (named `layer` in errors) on `in_features` inputs, with a fused
     /// activation on the forward pass (`FusedAct::None` for none).
     pub fn compile(layer: &str, dense: &Dense, in_features: usize, act: FusedAct, mode: Mode) -> Result<DenseKernels> {
+        Self::compile_impl(layer, dense, in_features, act, mode, false)
+    }
+
+    /// [`compile`](Self::compile) the forward kernel only: the backward methods then return
+    /// an error naming the layer (a part of a layer whose forward threads split by output
+    /// features, which never runs a backward of its own).
+    pub fn compile_forward(layer: &str, dense: &Dense, in_features: usize, act: FusedAct, mode: Mode) -> Result<DenseKernels> {
+        Self::compile_impl(layer, dense, in_features, act, mode, true)
+    }
+
+    fn compile_impl(layer: &str, dense: &Dense, in_features: usize, act: FusedAct, mode: Mode, forward_only: bool) -> Result<DenseKernels> {
         let (i, o) = (in_features, dense.out_features);
         if i == 0 || o == 0 {
             return Err(Error::Codegen {
@@ -102,17 +123,28 @@ impl DenseKernels {
                     ..GemmSpec::plain(None, o, i, o, false)
                 };
                 let f = GemmPlan::define(&mut jit, "dense_fwd", fs)?;
-                let d = GemmPlan::define(&mut jit, "dense_bwd_data", GemmSpec::plain(None, i, o, i, true))?;
-                let w = GemmPlan::define(&mut jit, "dense_bwd_w", GemmSpec::plain(None, i, WGRAD_BLOCK, i, true))?;
-                let wt = GemmPlan::define(&mut jit, "dense_bwd_w_tail", GemmSpec::plain(None, i, WGRAD_TAIL, i, true))?;
+                let bwd = if forward_only {
+                    None
+                } else {
+                    let d = GemmPlan::define(&mut jit, "dense_bwd_data", GemmSpec::plain(None, i, o, i, true))?;
+                    let w = GemmPlan::define(&mut jit, "dense_bwd_w", GemmSpec::plain(None, i, WGRAD_BLOCK, i, true))?;
+                    let wt = GemmPlan::define(&mut jit, "dense_bwd_w_tail", GemmSpec::plain(None, i, WGRAD_TAIL, i, true))?;
+                    Some((d, w, wt))
+                };
                 let fin = jit.finish()?;
-                (Impl::Blocked { fwd: f.resolve(&fin), bwd_data: d.resolve(&fin), bwd_w: w.resolve(&fin), bwd_w_tail: wt.resolve(&fin) }, fin.compile_time)
+                let bwd = bwd.map(|(d, w, wt)| BlockedBwd { data: d.resolve(&fin), w: w.resolve(&fin), w_tail: wt.resolve(&fin) });
+                (Impl::Blocked { fwd: f.resolve(&fin), bwd }, fin.compile_time)
             }
             Mode::Naive => {
-                let (f, d, w) = naive::define_dense(&mut jit, i, o, dense.bias)?;
+                let (f, bwd) = if forward_only {
+                    (naive::define_dense_forward(&mut jit, i, o, dense.bias)?, None)
+                } else {
+                    let (f, d, w) = naive::define_dense(&mut jit, i, o, dense.bias)?;
+                    (f, Some((d, w)))
+                };
                 let fin = jit.finish()?;
                 let k = |id: super::jit::KernelId| fin.kernels[id.0].clone();
-                (Impl::Naive { fwd: k(f), bwd_data: k(d), bwd_w: k(w) }, fin.compile_time)
+                (Impl::Naive { fwd: k(f), bwd: bwd.map(|(d, w)| (k(d), k(w))) }, fin.compile_time)
             }
         };
         Ok(DenseKernels {
@@ -129,6 +161,11 @@ impl DenseKernels {
     /// Time spent in Cranelift for this layer.
     pub fn compile_time(&self) -> Duration {
         self.compile_time
+    }
+
+    /// The error of a backward asked of kernels compiled forward only.
+    fn forward_only(&self, what: &str) -> Error {
+        self.err(format!("{what} asked of kernels compiled for the forward only"))
     }
 
     fn err(&self, m: String) -> Error {
@@ -217,7 +254,8 @@ impl DenseKernels {
             return Ok(());
         }
         match &self.imp {
-            Impl::Blocked { bwd_data, .. } => scratch::with(&SCRATCH, |sc| {
+            Impl::Blocked { bwd: None, .. } | Impl::Naive { bwd: None, .. } => return Err(self.forward_only("input gradient")),
+            Impl::Blocked { bwd: Some(BlockedBwd { data: bwd_data, .. }), .. } => scratch::with(&SCRATCH, |sc| {
                 pack_a(&mut sc.apack, d_out, n, o, o, 1);
                 // B = W (`O x I`, row-major): [`DATA_COLS`] columns' panels at a time, packed
                 // from whole row segments (`pack_b_block`), not panel by panel down all `O`
@@ -231,7 +269,7 @@ impl DenseKernels {
                     }
                 }
             }),
-            Impl::Naive { bwd_data, .. } => {
+            Impl::Naive { bwd: Some((bwd_data, _)), .. } => {
                 // The naive kernel computes whole rows, adding into them: straight into `d_x`
                 // for all columns (what the engine asks of it, `data_col_parts`), else each
                 // into a scratch row whose columns are added from there.
@@ -316,7 +354,8 @@ impl DenseKernels {
             return Ok(());
         }
         match &self.imp {
-            Impl::Blocked { bwd_w, bwd_w_tail, .. } => scratch::with(&SCRATCH, |sc| {
+            Impl::Blocked { bwd: None, .. } | Impl::Naive { bwd: None, .. } => return Err(self.forward_only("weight gradient")),
+            Impl::Blocked { bwd: Some(BlockedBwd { w: bwd_w, w_tail: bwd_w_tail, .. }), .. } => scratch::with(&SCRATCH, |sc| {
                 let DenseScratch { apack, panel, dpad, xpad } = sc;
                 let mut s0 = 0;
                 while s0 < n {
@@ -352,7 +391,7 @@ impl DenseKernels {
                     s0 += real;
                 }
             }),
-            Impl::Naive { bwd_w, .. } => {
+            Impl::Naive { bwd: Some((_, bwd_w)), .. } => {
                 // The naive kernel computes every row, adding into its gradient: straight into
                 // `d_w` for all rows (what the engine asks of it, `weight_row_parts`), else
                 // into a scratch gradient whose rows are added from there.
@@ -369,9 +408,6 @@ impl DenseKernels {
         Ok(())
     }
 
-    /// Output-row ranges splitting this layer's weight gradient across `threads` threads
-    /// ([`Self::backward_weight_rows`]): about `O / threads` rows each, in whole 4-row panels of
-    /// the GEMM (the last may be shorter); fewer ranges where the layer has fewer panels.
     /// Input-column ranges splitting this layer's backward data across `threads` threads
     /// ([`Self::backward_data_cols`]): about `I / threads` columns each, in whole 8-column
     /// panels (the last may be shorter). One range for the naive kernels, and for weights
@@ -390,7 +426,10 @@ impl DenseKernels {
         self.in_f * self.out_f >= DATA_SPLIT_MIN_WEIGHTS
     }
 
-    /// The naive kernels compute all rows at once: one range.
+    /// Output-row ranges splitting this layer's weight gradient across `threads` threads
+    /// ([`Self::backward_weight_rows`]): about `O / threads` rows each, in whole 4-row panels of
+    /// the GEMM (the last may be shorter); fewer ranges where the layer has fewer panels. The
+    /// naive kernels compute all rows at once: one range.
     pub fn weight_row_parts(&self, threads: usize) -> Vec<Range<usize>> {
         let o = self.out_f;
         let threads = if matches!(self.imp, Impl::Naive { .. }) { 1 } else { threads.max(1) };

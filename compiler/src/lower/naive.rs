@@ -198,10 +198,10 @@ pub fn define_conv(jit: &mut Jit, g: &ConvGeometry, bias: bool) -> Result<(Kerne
     Ok((f, d, w))
 }
 
-/// Define the three naive dense kernels for `in_f -> out_f` (one sample each).
-pub fn define_dense(jit: &mut Jit, in_f: usize, out_f: usize, bias: bool) -> Result<(KernelId, KernelId, KernelId)> {
+/// Define the naive dense forward kernel for `in_f -> out_f` (one sample).
+pub fn define_dense_forward(jit: &mut Jit, in_f: usize, out_f: usize, bias: bool) -> Result<KernelId> {
     let wn = in_f * out_f;
-    let f = jit.define("dense_fwd_naive", [out_f, in_f, wn, if bias { out_f } else { 0 }, 0, 0, 0], move |b, a| {
+    jit.define("dense_fwd_naive", [out_f, in_f, wn, if bias { out_f } else { 0 }, 0, 0, 0], move |b, a| {
         let acc = b.declare_var(F32);
         emit::for_n(b, out_f, |b, o| {
             let init = if bias { load_at(b, a[3], o) } else { emit::f32c(b, 0.0) };
@@ -218,7 +218,14 @@ pub fn define_dense(jit: &mut Jit, in_f: usize, out_f: usize, bias: bool) -> Res
             store_at(b, v, a[0], o);
         });
         b.ins().return_(&[]);
-    })?;
+    })
+}
+
+/// Define the three naive dense kernels for `in_f -> out_f` (one sample each): forward,
+/// backward data, weight gradient.
+pub fn define_dense(jit: &mut Jit, in_f: usize, out_f: usize, bias: bool) -> Result<(KernelId, KernelId, KernelId)> {
+    let wn = in_f * out_f;
+    let f = define_dense_forward(jit, in_f, out_f, bias)?;
     // d_x[i] += Σ_o d_out[o] w[o][i]; d_w[o][i] += d_out[o] x[i].
     let d = jit.define("dense_bwd_data_naive", [in_f, out_f, wn, 0, 0, 0, 0], move |b, a| {
         emit::for_n(b, out_f, |b, o| {

@@ -416,7 +416,7 @@ pub(crate) fn compile(g: &Graph, loss: Loss, mode: PlanMode, fusion: Fusion, bat
                     partial_len = partial_len.max(batch * inf);
                 }
                 let parts = if batch < threads && k.is_large() {
-                    Parts::build(d.out_features, threads, |w| DenseKernels::compile(&name, &Dense { out_features: w, ..d }, inf, act, lmode).map_err(|e| eerr(e.to_string())))?
+                    Parts::build(d.out_features, threads, |w| DenseKernels::compile_forward(&name, &Dense { out_features: w, ..d }, inf, act, lmode).map_err(|e| eerr(e.to_string())))?
                 } else {
                     None
                 };
