@@ -100,41 +100,6 @@ fn dense_bad_buffers_are_errors() {
     assert!(DenseKernels::compile("fc", &Dense { out_features: 0, bias: true }, 6, FusedAct::None, Mode::Blocked).is_err());
 }
 
-/// `backward_data_with` (the contract of `ConvKernels::backward_data_with`): the hook sees each
-/// sample's `d_out` row once, in order; the input gradient is bit for bit plain backward data
-/// on the rows the hook finished, which stay in `d_out`; a hook's error is the call's.
-#[test]
-fn dense_backward_data_with_a_hook() {
-    use cnnc_compiler::lower::GradHook;
-    let mut rng = StdRng::seed_from_u64(23);
-    for mode in [Mode::Blocked, Mode::Naive] {
-        let (i, o, n) = (13, 9, 5);
-        let k = DenseKernels::compile("fc", &Dense { out_features: o, bias: true }, i, FusedAct::Relu, mode).unwrap();
-        let w = rand_vec(&mut rng, o * i);
-        let d0 = rand_vec(&mut rng, n * o);
-        let y = rand_vec(&mut rng, n * o);
-        let masked: Vec<f32> = d0.iter().zip(&y).map(|(&d, &y)| if y > 0.0 { d } else { 0.0 }).collect();
-        let mut want = rand_vec(&mut rng, n * i);
-        let mut got = want.clone();
-        k.backward_data(&mut want, &masked, &w).unwrap();
-        let mut d = d0.clone();
-        let mut seen = Vec::new();
-        let mut hook = |s: usize, row: &mut [f32]| {
-            assert_eq!(row, &d0[s * o..(s + 1) * o], "{mode:?}: sample {s}'s row");
-            row.iter_mut().zip(&y[s * o..]).for_each(|(v, &y)| *v = if y > 0.0 { *v } else { 0.0 });
-            seen.push(s);
-            Ok(())
-        };
-        k.backward_data_with(&mut got, &mut d, &w, GradHook(&mut hook)).unwrap();
-        assert_eq!(seen, (0..n).collect::<Vec<_>>(), "{mode:?}");
-        assert_eq!(got, want, "{mode:?}: input gradient");
-        assert_eq!(d, masked, "{mode:?}: finished rows left in d_out");
-        let mut fail = |s: usize, _: &mut [f32]| if s == 2 { Err(cnnc_compiler::Error::Codegen { layer: "fc".into(), message: "hook failed".into() }) } else { Ok(()) };
-        let e = k.backward_data_with(&mut got, &mut d, &w, GradHook(&mut fail)).unwrap_err();
-        assert!(e.to_string().contains("hook failed"), "{e}");
-    }
-}
-
 /// The weight gradient by output-row parts and the input gradient by input-column parts (how
 /// the engine splits a large layer across threads) equal the whole calls, for 1 to 5 parts,
 /// odd sizes and batches of 1 (a tail block padded to 8), 9 (8 + 1), 40 (32 + 8) and 70;

@@ -290,21 +290,6 @@ impl DenseKernels {
         Ok(())
     }
 
-    /// [`backward_data`](Self::backward_data) with `before_sample` run on each sample's
-    /// `d_out` row in place first, the contract of
-    /// [`ConvKernels::backward_data_with`](super::ConvKernels::backward_data_with). The dense
-    /// GEMM reads the whole batch at once, so here the hook runs over every row before it
-    /// (a pass of its own, not fused).
-    pub fn backward_data_with(&self, d_x: &mut [f32], d_out: &mut [f32], w: &[f32], before_sample: super::GradHook<'_>) -> Result<()> {
-        let n = self.samples("input gradient", d_x.len(), self.in_f)?;
-        self.check("output gradient", d_out.len(), n * self.out_f)?;
-        let super::GradHook(h) = before_sample;
-        for (s, row) in d_out.chunks_exact_mut(self.out_f).enumerate() {
-            h(s, row)?;
-        }
-        self.backward_data(d_x, d_out, w)
-    }
-
     /// Backward weight: `d_w += d_outᵀ · x`, and `d_b += Σ_n d_out` for a layer with bias.
     pub fn backward_weight(&self, d_w: &mut [f32], d_b: Option<&mut [f32]>, d_out: &[f32], x: &[f32]) -> Result<()> {
         let o = self.out_f;
