@@ -253,7 +253,8 @@ lanes!(LBt2 = bt2: 4 -> 4, LBt4 = bt4: 6 -> 6, LAt2 = at2: 4 -> 2, LAt4 = at4: 6
 /// `memcpy` per call. Whole groups of eight and the tail are separate loops: with one loop
 /// choosing per group between a whole and a partial store, LLVM merged the two into a
 /// `memcpy` call of a selected length for every group, whose wide loads then waited on the
-/// narrower stores that had just put the lanes on the stack (16-21% of a 1x3 layer's time).
+/// narrower stores that had just put the lanes on the stack (perf: 4-12% of a 1x3 layer's time
+/// in `memmove`, 5% of a 3x1's).
 #[inline(always)]
 fn apply<T: Lanes<I, O>, const I: usize, const O: usize>(src: &[f32], sld: usize, dst: &mut [f32], (dld, dq): (usize, usize), n: usize) {
     let whole = n / 8;
@@ -307,7 +308,7 @@ struct Lay {
 /// the row `row` padded by `pad` zeros before it (and zeros past its end): the tiles whose
 /// patch lies inside the row read it in place, the others (at its ends) test each position.
 /// (Copying the row into a zeroed buffer first cost a `memcpy` call per row, 128 bytes for the
-/// CIFAR net's 32-wide rows: a third of the gather's time.)
+/// CIFAR net's 32-wide rows: perf put 8-14% of a 1x3 layer's time in `memmove`.)
 fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize, row: &[f32], pad: usize) {
     let mut rows = dst.chunks_mut(ld);
     let mut d: [&mut [f32]; R] = std::array::from_fn(|_| &mut rows.next().expect("run")[..tpu]);
