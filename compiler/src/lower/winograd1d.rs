@@ -252,9 +252,8 @@ lanes!(LBt2 = bt2: 4 -> 4, LBt4 = bt4: 6 -> 6, LAt2 = at2: 4 -> 2, LAt4 = at4: 6
 /// through `Fn`, LLVM left some instances out of line, passing the lanes through a 192-byte
 /// `memcpy` per call. Whole groups of eight and the tail are separate loops: with one loop
 /// choosing per group between a whole and a partial store, LLVM merged the two into a
-/// `memcpy` call of a selected length for every group, whose wide loads then waited on the
-/// narrower stores that had just put the lanes on the stack (perf: 4-12% of a 1x3 layer's time
-/// in `memmove`, 5% of a 3x1's).
+/// `memcpy` call of a selected length for every group, copying lanes it had just stored on
+/// the stack (perf: 4-12% of a 1x3 layer's time in `memmove`, 5% of a 3x1's).
 #[inline(always)]
 fn apply<T: Lanes<I, O>, const I: usize, const O: usize>(src: &[f32], sld: usize, dst: &mut [f32], (dld, dq): (usize, usize), n: usize) {
     let whole = n / 8;
