@@ -25,7 +25,7 @@ const C: usize = WINOGRAD_1D_MIN_CHANNELS;
 /// 3x1 and 1x3 layers: odd sizes, pads 0, 1, 2 and asymmetric, several blocks of units (the
 /// last shorter), channels at and above the threshold, rows of whole lane groups (3x1) and of
 /// whole tiles (1x3) as well as partial ones.
-const CASES: [Case; 15] = [
+const CASES: [Case; 16] = [
     (C, C, (7, 9), [3, 1], [1, 1, 0, 0]),
     (C, C, (7, 9), [1, 3], [0, 0, 1, 1]),
     (C + 1, C + 9, (13, 5), [3, 1], [0, 0, 0, 0]),
@@ -44,6 +44,8 @@ const CASES: [Case; 15] = [
     // and interleaves four tiles at a time): 6 and 10 tiles, pads 2 / 1 and 1 / 1.
     (C + 2, C + 1, (5, 23), [1, 3], [0, 0, 2, 1]),
     (C, C, (3, 37), [1, 3], [0, 0, 1, 1]),
+    // ... and unpadded: one whole group of four tiles (16 outputs from 18 inputs).
+    (C + 1, C, (4, 18), [1, 3], [0, 0, 0, 0]),
 ];
 
 /// Output size of a layer.
