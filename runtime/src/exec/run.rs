@@ -962,13 +962,18 @@ fn trains(g: &Graph, layer: &str) -> bool {
     g.find(layer).is_ok_and(|id| g.node(id).trainable)
 }
 
-fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R {
+/// The gradient of parameter `{layer}.{suffix}`, checked to hold `len` elements.
+fn grad_mut<'a>(pgrads: &'a mut ParamStore, layer: &str, suffix: &str, len: usize) -> R<&'a mut [f32]> {
     let name = format!("{layer}.{suffix}");
     let d = pgrads.slice_mut(&name).ok_or_else(|| eerr(format!("missing gradient `{name}`")))?;
-    if d.len() != v.len() {
-        return Err(eerr(format!("gradient `{name}` has {} elements, expected {}", d.len(), v.len())));
+    if d.len() != len {
+        return Err(eerr(format!("gradient `{name}` has {} elements, expected {len}", d.len())));
     }
-    d.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
+    Ok(d)
+}
+
+fn add_param(pgrads: &mut ParamStore, layer: &str, suffix: &str, v: &[f32]) -> R {
+    grad_mut(pgrads, layer, suffix, v.len())?.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
     Ok(())
 }
 
@@ -1019,12 +1024,7 @@ fn dense_layer_backward(k: &DenseKernels, x: NodeId, layer: &str, bias: bool, pa
     if !trains {
         return Ok(());
     }
-    let name = format!("{layer}.weight");
-    let dw = pgrads.slice_mut(&name).ok_or_else(|| eerr(format!("missing gradient `{name}`")))?;
-    if dw.len() != w.len() {
-        return Err(eerr(format!("gradient `{name}` has {} elements, expected {}", dw.len(), w.len())));
-    }
-    let mut rest = Some(dw);
+    let mut rest = Some(grad_mut(pgrads, layer, "weight", w.len())?);
     let jobs: Vec<_> = k.weight_row_parts(threads).into_iter().map(|r| (split_front(&mut rest, r.len() * inp), r)).collect();
     jobs.into_par_iter()
         .try_for_each(|(d, r)| match d {
@@ -1033,10 +1033,8 @@ fn dense_layer_backward(k: &DenseKernels, x: NodeId, layer: &str, bias: bool, pa
         })
         .map_err(lerr)?;
     if bias {
-        let name = format!("{layer}.bias");
-        let db = pgrads.slice_mut(&name).ok_or_else(|| eerr(format!("missing gradient `{name}`")))?;
-        let o = db.len();
-        k.backward_bias(db, gr, 0..o).map_err(lerr)?;
+        let o = param(params, layer, "bias")?.len();
+        k.backward_bias(grad_mut(pgrads, layer, "bias", o)?, gr, 0..o).map_err(lerr)?;
     }
     Ok(())
 }
