@@ -32,6 +32,12 @@
 //! is built); weight gradients are accumulated per chunk and summed in chunk order, so a given
 //! thread count gives bit-identical results run to run.
 //!
+//! A step runs on the pool: called from another thread, [`Engine::train_step`] and
+//! [`Engine::infer`] move onto one of the pool's threads for the whole step, and while it
+//! runs the pool's other threads keep polling for work instead of going to sleep between its
+//! parallel loops (`KeepHot`). Same chunks in the same order, so the results do not depend on
+//! the calling thread.
+//!
 //! A batch smaller than the thread count (a single image to classify, explain or attack)
 //! leaves threads without samples, so the engine splits within samples instead:
 //! - a convolution's forward splits each sample's output channels into parts run at once
@@ -269,6 +275,103 @@ impl Engine for JitEngine {
     }
 
     fn train_step(&mut self, params: &mut ParamStore, grads: &mut ParamStore, x: &[f32], labels: &[usize], seed: u64) -> Result<BatchStats, EngineError> {
+        on_pool(|| self.train_step_here(params, grads, x, labels, seed))
+    }
+
+    fn set_loss_weights(&mut self, weights: &[f32]) -> Result<(), EngineError> {
+        self.loss_weights = check_loss_weights(&self.train.graph, weights)?;
+        Ok(())
+    }
+
+    fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        on_pool(|| self.infer_here(params, x, batch))
+    }
+}
+
+/// Run `f` on a thread of the current rayon pool (directly where this is one already).
+///
+/// From a thread outside the pool (a program's main thread), each of a step's parallel loops
+/// (several per layer) would hand all of its work to the pool's threads and sleep until they
+/// finished: a wake-up on each side of every loop, and one core idle while the caller's thread
+/// waits. On a pool thread the caller takes its share of each loop itself. Same chunks, same
+/// order: the results are bit for bit those of a call from outside.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let run = || {
+        let _hot = KeepHot::start();
+        f()
+    };
+    if rayon::current_thread_index().is_some() {
+        run()
+    } else {
+        rayon::scope(|_| run())
+    }
+}
+
+/// Keeps the pool's other threads looking for work (`rayon::yield_now` in a loop) from its
+/// start until it is dropped, so that each parallel loop of a step finds them awake.
+///
+/// Left alone, a rayon worker that finds nothing to do yields 32 times (tens of
+/// microseconds) and then sleeps; the next loop's work then waits for a wake-up through
+/// the kernel. A step runs several loops per layer, and one thread's share of a loop often
+/// ends more than those microseconds before the other's, so the idle thread slept and was
+/// woken again at nearly every loop. Between steps the threads go back to rayon's own
+/// idling (and sleep).
+///
+/// Each of the other threads runs one broadcast job that polls for work until the flag
+/// drops; the calling thread's own copy returns at once (it must not spin: it is running
+/// the step, and may pick the job up while it waits inside a parallel loop).
+///
+/// A poller also stops after [`KeepHot::MAX_IDLE`] without finding work, which is what keeps
+/// this deadlock-free. A thread waiting inside a parallel loop runs whatever queued job it
+/// finds, a poller included, so a poller may run on top of that thread's unfinished work.
+/// Where another step then waits for that work (engines stepping at once on a shared pool,
+/// each queueing pollers for the other's threads), the poller finds nothing it can do, stops
+/// within `MAX_IDLE`, and the thread goes back to the work below it: a delay, not a hang.
+struct KeepHot(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl KeepHot {
+    /// The longest a poller goes without finding work before it stops (then the thread
+    /// idles, and sleeps, as rayon's threads do).
+    const MAX_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
+
+    /// Start polling on the current pool's other threads; `None` off a pool or on a pool of
+    /// one thread.
+    fn start() -> Option<KeepHot> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let owner = rayon::current_thread_index()?;
+        if rayon::current_num_threads() < 2 {
+            return None;
+        }
+        let on = std::sync::Arc::new(AtomicBool::new(true));
+        let flag = on.clone();
+        rayon::spawn_broadcast(move |ctx| {
+            if ctx.index() == owner {
+                return;
+            }
+            let mut idle_since = None;
+            while flag.load(Ordering::Acquire) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle_since = None;
+                } else if idle_since.get_or_insert_with(std::time::Instant::now).elapsed() > KeepHot::MAX_IDLE {
+                    break;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        Some(KeepHot(on))
+    }
+}
+
+impl Drop for KeepHot {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl JitEngine {
+    /// [`Engine::train_step`] on the calling thread.
+    fn train_step_here(&mut self, params: &mut ParamStore, grads: &mut ParamStore, x: &[f32], labels: &[usize], seed: u64) -> Result<BatchStats, EngineError> {
         if grads.flat().len() != params.flat().len() || grads.len() != params.len() {
             return Err(eerr("the gradient store does not have the parameter store's layout"));
         }
@@ -330,12 +433,8 @@ impl Engine for JitEngine {
         Ok(stats)
     }
 
-    fn set_loss_weights(&mut self, weights: &[f32]) -> Result<(), EngineError> {
-        self.loss_weights = check_loss_weights(&self.train.graph, weights)?;
-        Ok(())
-    }
-
-    fn infer(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+    /// [`Engine::infer`] on the calling thread.
+    fn infer_here(&mut self, params: &ParamStore, x: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
         let swap = |e: &mut JitEngine| {
             if e.lent {
                 std::mem::swap(&mut e.infer.arena, &mut e.train.arena);
