@@ -93,33 +93,20 @@ fn assert_same(what: &str, a: &Trace, b: &Trace) {
 }
 
 #[test]
-fn engine_gives_the_same_results_from_any_thread() {
+fn engines_give_the_same_results_from_any_thread_and_stepping_at_once() {
     let g = net();
     // From a thread outside the pool (the step moves onto it).
-    let alone = within_a_minute("one engine", {
+    let alone = {
         let g = g.clone();
-        move || run(&g)
-    });
-    // From a pool thread (runs where it is).
-    let on_pool = within_a_minute("one engine on a pool thread", {
-        let g = g.clone();
-        move || rayon::scope(|_| run(&g))
-    });
-    assert_same("called from a pool thread", &on_pool, &alone);
-}
-
-#[test]
-fn engines_stepping_at_once_on_a_shared_pool_finish_with_the_same_results() {
-    let g = net();
-    let alone = within_a_minute("one engine", {
-        let g = g.clone();
-        move || run(&g)
-    });
-    // Eight engines at once from their own threads, and eight from inside a parallel loop on
-    // the pool's threads: their steps interleave, each keeping the other threads polling.
+        within_a_minute("one engine", move || run(&g))
+    };
+    // From a pool thread (runs where it is); then eight engines at once from their own
+    // threads and eight from inside a parallel loop on the pool's threads: their steps
+    // interleave, each keeping the other threads polling.
     let traces = within_a_minute("sixteen engines at once", {
         let g = g.clone();
         move || {
+            let mut all = vec![rayon::scope(|_| run(&g))];
             let outside: Vec<_> = (0..8)
                 .map(|_| {
                     let g = g.clone();
@@ -128,13 +115,14 @@ fn engines_stepping_at_once_on_a_shared_pool_finish_with_the_same_results() {
                 .collect();
             use rayon::prelude::*;
             let inside: Vec<Trace> = (0..8).into_par_iter().map(|_| run(&g)).collect();
-            let mut all: Vec<Trace> = outside.into_iter().map(|h| h.join().unwrap()).collect();
+            all.extend(outside.into_iter().map(|h| h.join().unwrap()));
             all.extend(inside);
             all
         }
     });
-    assert_eq!(traces.len(), 16);
-    for (i, t) in traces.iter().enumerate() {
+    assert_eq!(traces.len(), 17);
+    assert_same("called from a pool thread", &traces[0], &alone);
+    for (i, t) in traces[1..].iter().enumerate() {
         assert_same(&format!("engine {i} of sixteen at once"), t, &alone);
     }
 }
