@@ -1,8 +1,9 @@
 //! Optimiser-update benchmark: the Rust reference loops (`OptimizerConfig::step`) against the
-//! JIT-compiled fused kernels (`OptimizerConfig::step_jit`, `cnnc_compiler::lower::optim`), one
-//! thread, per rule, on one parameter buffer of LeNet-5's size (61,706 values, cache-resident)
-//! and one of 4M values (64 MiB of parameter+gradient+state traffic per Adam step,
-//! memory-bound). The two are timed alternately, step after step, and the table shows the
+//! JIT-compiled fused kernels (`OptimizerConfig::step_jit`, `cnnc_compiler::lower::optim`), per
+//! rule, on one parameter buffer of LeNet-5's size (61,706 values, cache-resident) and one of
+//! 4M values (64 MiB of parameter+gradient+state traffic per Adam step, memory-bound). The
+//! reference loop runs on one thread; the JIT update of a tensor larger than one piece
+//! (64Ki values) runs its pieces on the rayon pool (`RAYON_NUM_THREADS=1` for one thread). The two are timed alternately, step after step, and the table shows the
 //! medians and their ratio (taken within the run, so a busy machine affects both alike).
 //!
 //! Run: `cargo bench --bench optim` (`OPTIM_BENCH_REPS=n` changes the number of timed steps
@@ -33,7 +34,10 @@ fn main() {
         ("adam", OptimizerConfig::adam(1e-3)),
         ("adamw", OptimizerConfig::adamw(1e-3, 0.01)),
     ];
-    println!("optimiser update, one thread, medians of {reps} steps (Rust reference loop vs JIT kernel)");
+    println!(
+        "optimiser update, medians of {reps} steps (Rust reference loop, one thread, vs JIT kernel, {} thread(s) on tensors of more than 64Ki values)",
+        rayon::current_num_threads()
+    );
     println!("{:<22} {:>10} {:>12} {:>12} {:>9} {:>12}", "rule", "values", "rust", "jit", "speedup", "jit GB/s");
     for n in [61_706usize, 4 << 20] {
         for (name, cfg) in &rules {

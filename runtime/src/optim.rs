@@ -43,6 +43,10 @@ use std::collections::BTreeMap;
 #[error("{0}")]
 pub struct OptimError(pub String);
 
+/// Values per piece of a compiled update run on its own (on all threads, a large tensor's
+/// update being memory-bound): 64Ki values, 256 KiB per buffer.
+const UPDATE_PIECE: usize = 1 << 16;
+
 fn err<T>(msg: String) -> Result<T, OptimError> {
     Err(OptimError(msg))
 }
@@ -309,17 +313,35 @@ impl OptimizerConfig {
     }
 
     /// [`step`](Self::step) with a compiled kernel for [`update_rule(t)`](Self::update_rule):
-    /// the same checks, the same coefficients, bit-identical results.
+    /// the same checks, the same coefficients, bit-identical results. A tensor of more than
+    /// [`UPDATE_PIECE`] values is updated in pieces at once on the current rayon pool.
     pub fn step_jit(&self, kernel: &UpdateKernel, param: &mut [f32], grad: &[f32], state: &mut State, t: u64, lr: f32) -> Result<(), OptimError> {
         self.prepare(param, grad, state, t, lr)?;
         if kernel.rule() != self.update_rule(t) {
             return err(format!("{}: kernel for {} used for {}", self.name(), kernel.rule().name(), self.update_rule(t).name()));
         }
         let scalars = self.scalars(t, lr);
-        let mut it = state.buffers.iter_mut().map(|(_, b)| b.as_mut_slice());
-        let mut bufs: [&mut [f32]; 3] = [it.next().unwrap_or(&mut []), it.next().unwrap_or(&mut []), it.next().unwrap_or(&mut [])];
         let k = kernel.rule().state_buffers();
-        kernel.run(&scalars, param, grad, &mut bufs[..k]).map_err(|e| OptimError(format!("{}: {e}", self.name())))
+        let fail = |e: cnnc_compiler::Error| OptimError(format!("{}: {e}", self.name()));
+        // Every value's update reads and writes only that value's own slots, so pieces run
+        // at once give the same bits as one call over the whole tensor.
+        let mut states = state.buffers.iter_mut().map(|(_, b)| b.chunks_mut(UPDATE_PIECE));
+        let mut pieces: [_; 3] = std::array::from_fn(|_| states.next());
+        let jobs: Vec<_> = param
+            .chunks_mut(UPDATE_PIECE)
+            .zip(grad.chunks(UPDATE_PIECE))
+            .map(|(p, g)| {
+                let bufs: [&mut [f32]; 3] = std::array::from_fn(|i| pieces[i].as_mut().and_then(Iterator::next).unwrap_or(&mut []));
+                (p, g, bufs)
+            })
+            .collect();
+        let run = |(p, g, mut bufs): (&mut [f32], &[f32], [&mut [f32]; 3])| kernel.run(&scalars, p, g, &mut bufs[..k]);
+        if jobs.len() > 1 {
+            use rayon::prelude::*;
+            jobs.into_par_iter().try_for_each(run).map_err(fail)
+        } else {
+            jobs.into_iter().try_for_each(run).map_err(fail)
+        }
     }
 
     /// Updates `param` in place from `grad` at step `t` (1-based) with learning rate `lr`.

@@ -1,7 +1,7 @@
 //! The JIT-compiled optimiser updates (`cnnc_compiler::lower::optim`) against the Rust
 //! reference (`OptimizerConfig::step`): every rule, random parameters/gradients/learning rates
-//! (never zeros), odd lengths that exercise the `f32x4` body and the scalar tail, several steps
-//! so the state feeds back. The kernels do the reference's operations in the same order, so
+//! (never zeros), odd lengths that exercise the `f32x4` body and the scalar tail, a length of
+//! several pieces updated on all threads, several steps so the state feeds back. The kernels do the reference's operations in the same order, so
 //! the results must be bit-identical, not merely close.
 
 use cnnc_runtime::optim::*;
@@ -56,7 +56,9 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 #[test]
 fn jit_updates_are_bit_identical_to_the_reference() {
     let mut rng = StdRng::seed_from_u64(0x5eed);
-    let lens = [1usize, 3, 4, 5, 7, 8, 33, 1027];
+    // The last spans three 64Ki-value pieces and a partial one, updated at once on the pool's
+    // threads (`optim::UPDATE_PIECE`).
+    let lens = [1usize, 3, 4, 5, 7, 8, 33, 1027, 3 * (1 << 16) + 1027];
     for (what, cfg) in configs() {
         let mut reference = Optimizer::with_backend(cfg.clone(), UpdateBackend::Reference).unwrap();
         let mut jit = Optimizer::with_backend(cfg.clone(), UpdateBackend::Jit).unwrap();
