@@ -314,7 +314,7 @@ impl OptimizerConfig {
 
     /// [`step`](Self::step) with a compiled kernel for [`update_rule(t)`](Self::update_rule):
     /// the same checks, the same coefficients, bit-identical results. A tensor of more than
-    /// [`UPDATE_PIECE`] values is updated in pieces at once on the current rayon pool.
+    /// 64Ki values is updated in pieces at once on the current rayon pool.
     pub fn step_jit(&self, kernel: &UpdateKernel, param: &mut [f32], grad: &[f32], state: &mut State, t: u64, lr: f32) -> Result<(), OptimError> {
         self.prepare(param, grad, state, t, lr)?;
         if kernel.rule() != self.update_rule(t) {
