@@ -303,6 +303,17 @@ struct Lay {
     tpu: usize,
 }
 
+/// `xpad[start .. start + n]`, `row` padded by `pad` zeros before it, where that lies inside
+/// the row (`None` where it reaches into the padding on either side).
+fn inside(row: &[f32], pad: usize, start: usize, n: usize) -> Option<&[f32]> {
+    start.checked_sub(pad).and_then(|b| row.get(b..b + n))
+}
+
+/// `xpad[i]`: `row[i - pad]`, zero outside the row.
+fn padded(row: &[f32], pad: usize, i: usize) -> f32 {
+    i.checked_sub(pad).and_then(|i| row.get(i)).copied().unwrap_or(0.0)
+}
+
 /// `dst[j·ld + tx] = xpad[M tx + j]` for the `R` runs `j` and `tx < tpu`, in one pass over
 /// the row `row` padded by `pad` zeros before it (and zeros past its end): the tiles whose
 /// patch lies inside the row read it in place, the others (at its ends) test each position.
@@ -312,7 +323,7 @@ fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize
     let mut rows = dst.chunks_mut(ld);
     let mut d: [&mut [f32]; R] = std::array::from_fn(|_| &mut rows.next().expect("run")[..tpu]);
     for tx in 0..tpu {
-        match (M * tx).checked_sub(pad).and_then(|b| row.get(b..b + R)) {
+        match inside(row, pad, M * tx, R) {
             Some(w) => {
                 for (d, &v) in d.iter_mut().zip(w) {
                     d[tx] = v;
@@ -320,7 +331,7 @@ fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize
             }
             None => {
                 for (j, d) in d.iter_mut().enumerate() {
-                    d[tx] = (M * tx + j).checked_sub(pad).and_then(|i| row.get(i)).copied().unwrap_or(0.0);
+                    d[tx] = padded(row, pad, M * tx + j);
                 }
             }
         }
@@ -335,9 +346,9 @@ fn phases<const M: usize, const R: usize>(dst: &mut [f32], ld: usize, tpu: usize
 fn phases4<const R: usize>(dst: &mut [f32], ld: usize, tpu: usize, row: &[f32], pad: usize) {
     // Chunk `t`: `xpad[4t + k]`, `k < 4`.
     let chunk = |t: usize| -> [f32; 4] {
-        match (4 * t).checked_sub(pad).and_then(|b| row.get(b..b + 4)) {
+        match inside(row, pad, 4 * t, 4) {
             Some(c) => [c[0], c[1], c[2], c[3]],
-            None => std::array::from_fn(|k| (4 * t + k).checked_sub(pad).and_then(|i| row.get(i)).copied().unwrap_or(0.0)),
+            None => std::array::from_fn(|k| padded(row, pad, 4 * t + k)),
         }
     };
     let groups = tpu / 4;
