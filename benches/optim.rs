@@ -3,8 +3,9 @@
 //! rule, on one parameter buffer of LeNet-5's size (61,706 values, cache-resident) and one of
 //! 4M values (64 MiB of parameter+gradient+state traffic per Adam step, memory-bound). The
 //! reference loop runs on one thread; the JIT update of a tensor larger than one piece
-//! (64Ki values) runs its pieces on the rayon pool (`RAYON_NUM_THREADS=1` for one thread). The two are timed alternately, step after step, and the table shows the
-//! medians and their ratio (taken within the run, so a busy machine affects both alike).
+//! (64Ki values) runs its pieces on the rayon pool (`RAYON_NUM_THREADS=1` for one thread).
+//! The two are timed alternately, step after step, and the table shows the medians and their
+//! ratio (taken within the run, so a busy machine affects both alike).
 //!
 //! Run: `cargo bench --bench optim` (`OPTIM_BENCH_REPS=n` changes the number of timed steps
 //! per size, default 41).

@@ -320,8 +320,8 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// Each of the other threads runs one broadcast job that polls for work until the flag
 /// drops, yielding its core to the operating system between polls (a spin without the yield
 /// made LeNet-5's step 25% slower than no polling at all while another process kept one of
-/// the two cores busy); the calling thread's own copy returns at once (it must not spin: it is running
-/// the step, and may pick the job up while it waits inside a parallel loop).
+/// the two cores busy). The calling thread's own copy returns at once: it must not spin, as
+/// it is running the step and may pick the job up while it waits inside a parallel loop.
 ///
 /// A poller also stops after [`KeepHot::MAX_IDLE`] without finding work, which is what keeps
 /// this deadlock-free. A thread waiting inside a parallel loop runs whatever queued job it
