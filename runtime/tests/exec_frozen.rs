@@ -39,12 +39,8 @@ fn lenet() -> Graph {
 fn vgg() -> Graph {
     let mut g = Graph::new("vgg");
     let x = g.input("input", Shape::chw(3, 9, 11)).unwrap();
-    let c1 = g.add("conv1", Op::Conv2d(conv(8, 3).pad(Padding::uniform(1)).bias(false)), &[x]).unwrap();
-    let b1 = g.add("bn1", bn(), &[c1]).unwrap();
-    let r1 = g.add("relu1", relu(), &[b1]).unwrap();
-    let c2 = g.add("conv2", Op::Conv2d(conv(12, 3).stride(2)), &[r1]).unwrap();
-    let b2 = g.add("bn2", bn(), &[c2]).unwrap();
-    let r2 = g.add("relu2", relu(), &[b2]).unwrap();
+    let r1 = conv_bn_relu(&mut g, 1, conv(8, 3).pad(Padding::uniform(1)).bias(false), x);
+    let r2 = conv_bn_relu(&mut g, 2, conv(12, 3).stride(2), r1);
     let mut ap = Pool2d::new(PoolKind::Avg, 2, 1);
     ap.padding = Padding::uniform(1);
     let p2 = g.add("pool2", Op::Pool(ap), &[r2]).unwrap();

@@ -22,12 +22,8 @@ use std::time::Duration;
 fn net() -> Graph {
     let mut g = Graph::new("threads");
     let x = g.input("input", Shape::chw(3, 13, 11)).unwrap();
-    let c1 = g.add("conv1", Op::Conv2d(conv(8, 3).pad(Padding::uniform(1)).bias(false)), &[x]).unwrap();
-    let b1 = g.add("bn1", bn(), &[c1]).unwrap();
-    let r1 = g.add("relu1", relu(), &[b1]).unwrap();
-    let c2 = g.add("conv2", Op::Conv2d(conv(16, 3).pad(Padding::uniform(1)).bias(false)), &[r1]).unwrap();
-    let b2 = g.add("bn2", bn(), &[c2]).unwrap();
-    let r2 = g.add("relu2", relu(), &[b2]).unwrap();
+    let r1 = conv_bn_relu(&mut g, 1, conv(8, 3).pad(Padding::uniform(1)).bias(false), x);
+    let r2 = conv_bn_relu(&mut g, 2, conv(16, 3).pad(Padding::uniform(1)).bias(false), r1);
     let p = g.add("pool", maxpool(2, 2), &[r2]).unwrap();
     let f = g.add("flatten", Op::Flatten, &[p]).unwrap();
     g.add("fc", dense(10), &[f]).unwrap();

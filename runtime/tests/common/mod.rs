@@ -25,6 +25,13 @@ pub fn dense(n: usize) -> Op {
     Op::Dense(Dense { out_features: n, bias: true })
 }
 
+/// `conv{i}` -> `bn{i}` -> `relu{i}` on `x`: the conv-bn-relu unit of the test networks.
+pub fn conv_bn_relu(g: &mut Graph, i: usize, c: Conv2d, x: NodeId) -> NodeId {
+    let c = g.add(format!("conv{i}"), Op::Conv2d(c), &[x]).unwrap();
+    let b = g.add(format!("bn{i}"), bn(), &[c]).unwrap();
+    g.add(format!("relu{i}"), relu(), &[b]).unwrap()
+}
+
 pub fn maxpool(k: usize, s: usize) -> Op {
     Op::Pool(Pool2d::new(PoolKind::Max, k, s))
 }
