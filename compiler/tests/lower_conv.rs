@@ -516,3 +516,49 @@ fn transposed_convolutions_compute_transposed_outputs() {
         close(&yb, &tr(&ya, (ga.oh, ga.ow)), &format!("{conv:?}"));
     }
 }
+
+/// Both GEMM broadcast variants (`ConvOptions::broadcast`) compute every pass of every
+/// geometry above, and of layers on the 2-D and 1-D Winograd paths, to the same bits: the
+/// host picks either by speed alone.
+#[test]
+fn broadcast_variants_agree_bit_for_bit() {
+    use cnnc_compiler::lower::gemm::Broadcast;
+    let g = |cin, h, w, cout, k, p| G { cin, h, w, cout, k, s: [1, 1], p, d: [1, 1], g: 1 };
+    let mut all = geometries();
+    all.push(g(16, 10, 12, 20, [3, 3], [1, 1, 1, 1]));
+    all.push(g(48, 6, 13, 52, [1, 3], [0, 0, 1, 1]));
+    all.push(g(48, 13, 6, 50, [3, 1], [1, 1, 0, 0]));
+    let mut rng = StdRng::seed_from_u64(17);
+    let n = 3;
+    for (gi, g) in all.iter().enumerate() {
+        let x = rand_vec(&mut rng, n * g.in_n());
+        let w = rand_vec(&mut rng, g.cout * g.cin / g.g * g.k[0] * g.k[1]);
+        let b = rand_vec(&mut rng, g.cout);
+        let dout = rand_vec(&mut rng, n * g.out_n());
+        // Per variant: output, input gradient, weight gradient, bias gradient (then the paths).
+        let runs: Vec<([Vec<f32>; 4], String)> = [Broadcast::Folded, Broadcast::Lanes]
+            .into_iter()
+            .map(|bc| {
+                let opts = ConvOptions { broadcast: Some(bc), ..Default::default() };
+                let k = ConvKernels::compile_with("c", &g.conv(true), (g.cin, g.h, g.w), Epilogue::default(), Mode::Blocked, opts).unwrap();
+                let mut out = vec![0.0; n * g.out_n()];
+                k.forward(&mut out, &x, &w, Some(&b), EpilogueArgs::default()).unwrap();
+                let mut dx = vec![0.5; x.len()];
+                k.backward_data(&mut dx, &dout, &w).unwrap();
+                let (mut dw, mut db) = (vec![0.25; w.len()], vec![0.0; g.cout]);
+                k.backward_weight(&mut dw, Some(&mut db), &dout, &x).unwrap();
+                ([out, dx, dw, db], k.algorithms().join("/"))
+            })
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (f, l) = (&runs[0], &runs[1]);
+        let what = format!("geometry {gi} {g:?} ({})", f.1);
+        if gi >= all.len() - 3 {
+            assert!(f.1.starts_with("winograd"), "{what}: expected the Winograd paths");
+        }
+        close(&l.0[0], &ref_forward(g, &x, &w, Some(&b), n), &format!("{what}: forward (lanes)"));
+        for (i, pass) in ["forward", "backward data", "weight gradient", "bias gradient"].iter().enumerate() {
+            assert!(bits(&f.0[i]) == bits(&l.0[i]), "{what}: {pass} differs");
+        }
+    }
+}

@@ -1,7 +1,8 @@
-//! The JIT GEMM micro-kernels and epilogues against a nested-loop reference.
+//! The JIT GEMM micro-kernels and epilogues against a nested-loop reference, each generated
+//! with both `Broadcast` variants, which must also agree with each other bit for bit.
 #![cfg(feature = "jit")]
 
-use cnnc_compiler::lower::gemm::{pack_a, BiasKind, EpiArgs, FusedAct, GemmPlan, GemmSpec, NR};
+use cnnc_compiler::lower::gemm::{pack_a, BiasKind, Broadcast, EpiArgs, FusedAct, GemmPlan, GemmSpec, NR};
 use cnnc_compiler::lower::jit::Jit;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -16,6 +17,16 @@ fn close(got: &[f32], want: &[f32], what: &str) {
         let tol = 1e-4 * (1.0 + w.abs());
         assert!((g - w).abs() <= tol, "{what}: element {i}: got {g}, want {w}");
     }
+}
+
+/// `run` with each broadcast variant: every result close to `want`, and the two the same bits.
+fn both(want: &[f32], what: &str, mut run: impl FnMut(Broadcast) -> Vec<f32>) {
+    let folded = run(Broadcast::Folded);
+    let lanes = run(Broadcast::Lanes);
+    close(&folded, want, &format!("{what} (folded)"));
+    close(&lanes, want, &format!("{what} (lanes)"));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&folded) == bits(&lanes), "{what}: the broadcast variants differ");
 }
 
 struct Case {
@@ -62,17 +73,19 @@ fn check(case: Case, rng: &mut StdRng) {
         }
     }
 
-    let mut jit = Jit::new("gemm_test").unwrap();
-    let plan = GemmPlan::define(&mut jit, "g", spec).unwrap();
-    let fin = jit.finish().unwrap();
-    let g = plan.resolve(&fin);
     let mut ap = Vec::new();
     pack_a(&mut ap, &a, m, k, k, 1);
-    let mut got = c0.clone();
-    let epi = EpiArgs { bias: &bias, scale: &scale, shift: &shift, residual: &res };
-    let mut scratch = Vec::new();
-    g.run_strided_b(&mut got, coff, m, &ap, &b, n, 1, &epi, &mut scratch);
-    close(&got, &want, &format!("gemm {m}x{n}x{k} {spec:?}"));
+    both(&want, &format!("gemm {m}x{n}x{k} {spec:?}"), |bc| {
+        let mut jit = Jit::with_broadcast("gemm_test", bc).unwrap();
+        let plan = GemmPlan::define(&mut jit, "g", spec).unwrap();
+        let fin = jit.finish().unwrap();
+        let g = plan.resolve(&fin);
+        let mut got = c0.clone();
+        let epi = EpiArgs { bias: &bias, scale: &scale, shift: &shift, residual: &res };
+        let mut scratch = Vec::new();
+        g.run_strided_b(&mut got, coff, m, &ap, &b, n, 1, &epi, &mut scratch);
+        got
+    });
 }
 
 #[test]
@@ -147,26 +160,29 @@ fn direct_b_edges() {
         let rich = reps > 1;
         let spec = GemmSpec { bias: BiasKind::Row, ..GemmSpec::plain(Some(m), n, k, n, false) };
         let spec = if rich { GemmSpec { residual: true, ldr, act: FusedAct::Relu, accumulate: true, ..spec } } else { spec };
-        let mut jit = Jit::new("direct_test").unwrap();
-        let plan = GemmPlan::define_direct(&mut jit, "d", spec, &d).unwrap();
-        let fin = jit.finish().unwrap();
-        let g = plan.resolve(&fin);
-        assert_eq!(g.row_reps(), reps, "row kernels compiled");
         let mut ap = Vec::new();
         pack_a(&mut ap, &a, m, k, k, 1);
         let c0 = rand_vec(&mut rng, m * n);
-        let mut got = c0.clone();
-        let epi = EpiArgs { bias: &bias, residual: if rich { &res } else { &[] }, ..EpiArgs::default() };
-        let mut j0 = 0;
-        while j0 < n {
-            if reps > 1 && j0 + NR * reps <= n {
-                g.run_row_panels(&mut got, j0, m, 0..m.div_ceil(4), j0, &ap, &x[j0..], &epi);
-                j0 += NR * reps;
-            } else {
-                g.run_cols(&mut got, j0, m, j0, NR.min(n - j0), &ap, &x[j0..], &epi);
-                j0 += NR;
+        let run = |bc| {
+            let mut jit = Jit::with_broadcast("direct_test", bc).unwrap();
+            let plan = GemmPlan::define_direct(&mut jit, "d", spec, &d).unwrap();
+            let fin = jit.finish().unwrap();
+            let g = plan.resolve(&fin);
+            assert_eq!(g.row_reps(), reps, "row kernels compiled");
+            let mut got = c0.clone();
+            let epi = EpiArgs { bias: &bias, residual: if rich { &res } else { &[] }, ..EpiArgs::default() };
+            let mut j0 = 0;
+            while j0 < n {
+                if reps > 1 && j0 + NR * reps <= n {
+                    g.run_row_panels(&mut got, j0, m, 0..m.div_ceil(4), j0, &ap, &x[j0..], &epi);
+                    j0 += NR * reps;
+                } else {
+                    g.run_cols(&mut got, j0, m, j0, NR.min(n - j0), &ap, &x[j0..], &epi);
+                    j0 += NR;
+                }
             }
-        }
+            got
+        };
         let mut want = c0.clone();
         for i in 0..m {
             for j in 0..n {
@@ -183,17 +199,17 @@ fn direct_b_edges() {
                 }
             }
         }
-        close(&got, &want, &format!("direct {m}x{n} chans {chans} taps {taps:?} reps {reps}"));
+        both(&want, &format!("direct {m}x{n} chans {chans} taps {taps:?} reps {reps}"), run);
     }
 }
 
 /// Weight-gradient tiles: every `mr x nr` variant, blocks with a width that is not a multiple
-/// of the unroll (and shorter than it), one or several rows.
+/// of the unroll (and shorter than it), one or several rows, row starts not 4-aligned.
 #[test]
 fn wgrad_tiles() {
     use cnnc_compiler::lower::gemm::{WgradPlan, WgradSpec, MR};
     let mut rng = StdRng::seed_from_u64(5);
-    for &(rows, width) in &[(1, 1), (1, 3), (2, 7), (3, 8), (1, 13)] {
+    for &(rows, width) in &[(1, 1), (1, 3), (2, 7), (3, 8), (1, 13), (2, 17)] {
         let pw = width + 2;
         let plane = rows * pw + 5;
         let row_off: [usize; MR] = std::array::from_fn(|r| r * plane);
@@ -201,18 +217,26 @@ fn wgrad_tiles() {
         let spec = WgradSpec { rows, width, pw, row_off, ldc };
         let mrs: Vec<usize> = (1..=MR).collect();
         let nrs: Vec<usize> = (1..=NR).collect();
-        let mut jit = Jit::new("wgrad_test").unwrap();
-        let plan = WgradPlan::define(&mut jit, "w", spec, &mrs, &nrs).unwrap();
-        let fin = jit.finish().unwrap();
-        let wg = plan.resolve(&fin);
+        let plans: Vec<_> = [Broadcast::Folded, Broadcast::Lanes]
+            .into_iter()
+            .map(|bc| {
+                let mut jit = Jit::with_broadcast("wgrad_test", bc).unwrap();
+                let plan = WgradPlan::define(&mut jit, "w", spec, &mrs, &nrs).unwrap();
+                (bc, plan, jit.finish().unwrap())
+            })
+            .collect();
         let a = rand_vec(&mut rng, MR * plane);
         let kb = rows * width;
         let b = rand_vec(&mut rng, kb * NR);
         for &mr in &mrs {
             for &nr in &nrs {
                 let c0 = rand_vec(&mut rng, MR * ldc);
-                let mut got = c0.clone();
-                wg.run(&mut got, mr, nr, &a, &b);
+                let run = |bc| {
+                    let (_, plan, fin) = plans.iter().find(|p| p.0 == bc).unwrap();
+                    let mut got = c0.clone();
+                    plan.resolve(fin).run(&mut got, mr, nr, &a, &b);
+                    got
+                };
                 let mut want = c0.clone();
                 for r in 0..mr {
                     for t in 0..nr {
@@ -223,7 +247,7 @@ fn wgrad_tiles() {
                         }
                     }
                 }
-                close(&got, &want, &format!("wgrad {rows}x{width} tile {mr}x{nr}"));
+                both(&want, &format!("wgrad {rows}x{width} tile {mr}x{nr}"), run);
             }
         }
     }

@@ -80,6 +80,9 @@ pub fn run(a: Args) -> Result<(), CliError> {
         }
         reports.push(r);
     }
+    if matches!(a.format, BenchFormat::Table) {
+        println!("note: {}", cnnc_compiler::lower::gemm::Broadcast::host_summary());
+    }
     if matches!(a.format, BenchFormat::Json) {
         let v = match reports.as_slice() {
             [one] => one.to_json(),

@@ -63,7 +63,7 @@
 //! backward data ([`ConvKernels::backward_data_with`] and its [`GradHook`], which leaves the
 //! finished gradient in `d_out` for the weight gradient).
 
-use super::gemm::{self, pack_a, BiasKind, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
+use super::gemm::{self, pack_a, BiasKind, Broadcast, DirectB, EpiArgs, FusedAct, Gemm, GemmPlan, GemmSpec, Wgrad, WgradPlan, WgradSpec, MR, NR};
 use super::entry;
 use super::jit::{Jit, KernelId};
 use super::winograd::{self, WinoEpi, WinoPlan, WinoShape, WinoWgrad, WinoWgradPlan, Winograd};
@@ -748,12 +748,16 @@ pub struct ConvOptions {
     /// output-channel parts of a batch-1 forward): [`ConvKernels::backward_data`] and
     /// [`ConvKernels::backward_weight`] then return an error.
     pub forward_only: bool,
+    /// The GEMM tiles' [`Broadcast`] variant; `None` for the host's ([`Broadcast::host`]).
+    /// Either gives the same results bit for bit.
+    pub broadcast: Option<Broadcast>,
 }
 
 impl Default for ConvOptions {
-    /// Winograd on (for eligible layers only), backward data accumulating, all three passes.
+    /// Winograd on (for eligible layers only), backward data accumulating, all three passes,
+    /// the host's broadcast variant.
     fn default() -> ConvOptions {
-        ConvOptions { winograd: true, overwrite_dx: false, forward_only: false }
+        ConvOptions { winograd: true, overwrite_dx: false, forward_only: false, broadcast: None }
     }
 }
 
@@ -807,6 +811,9 @@ impl ConvKernels {
         let mg = g.cout / g.groups;
         let kc = g.kc();
         let mut jit = Jit::new(layer)?;
+        if let Some(bc) = opts.broadcast {
+            jit.set_broadcast(bc);
+        }
         #[allow(clippy::large_enum_variant)]
         enum Plan {
             Blocked(

@@ -2,6 +2,10 @@
 //! accumulators, `K` loop unrolled by 8, `fma` per step) with a fused epilogue, plus the packing
 //! routines and the panel driver that every convolution and dense kernel runs on.
 //!
+//! Each step broadcasts four `A` values across vectors, in one of two instruction sequences
+//! ([`Broadcast`]) that feed the same `fma`s in the same order; the host's is picked once per
+//! process by timing both ([`Broadcast::host`]).
+//!
 //! ## Computation
 //! For one GEMM `C[M, N] (=|+=) epi(A[M, K] · B[K, N])`, with `A` and `B` packed:
 //! - **packed A** (see [`pack_a`]): `ceil(M/4)` panels, panel `i` is `K x 4` row-major —
@@ -55,8 +59,109 @@ const KU_DIRECT: usize = 4;
 /// 4; 16: 17.6-17.8 ms), its forward on 32x32 planes 2-4% faster. More steps per iteration
 /// did not help the multi-tap kernels (3x3 and 1x3 within 10% either way).
 const KU_ONE_TAP: usize = 64;
-/// Unroll factor of the weight-gradient tile's pixel loop (8 measured no better).
+/// Unroll factor of the weight-gradient tile's pixel loop (8 measured no better). A multiple
+/// of 4: with [`Broadcast::Lanes`] each `A` row is loaded four pixels at a time.
 const KU_WGRAD: usize = 4;
+const _: () = assert!(KU_WGRAD.is_multiple_of(4));
+
+/// How a tile spreads its `A` values (one per row and reduction step) across `f32x4` lanes for
+/// the `fma`s. Both feed the same `fma`s, with the same operands in the same order, so they
+/// give the same results bit for bit; they differ in the instructions around them, and which
+/// is faster depends on the machine's load ports ([`Broadcast::host`] times both).
+///
+/// Per reduction step of a `4 x 8` tile (eight `fma`s):
+/// - [`Folded`](Broadcast::Folded): ten loads, the two `B` vectors and a `vbroadcastss` from
+///   memory for every `fma` (one per `fma`, since Cranelift's `vfmadd213ps` overwrites its
+///   multiplicand). Suits cores that issue three vector loads a cycle (Intel's Golden Cove:
+///   0.92 of the FMA peak for the bare micro-kernel at `K` = 576).
+/// - [`Lanes`](Broadcast::Lanes): three loads, the two `B` vectors and the step's four `A`
+///   values as one vector (a packed `A` panel holds them side by side; a weight-gradient tile
+///   loads four pixels of each row at once), each lane then broadcast in registers
+///   (`pshufd`) and shared by its row's two `fma`s. Suits cores that issue two vector loads a
+///   cycle, where ten loads take five cycles against the `fma`s' four (AMD Zen 3: the bare
+///   micro-kernel 0.77 -> 0.84 of peak, the convolution kernels 5-20% faster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broadcast {
+    /// A `vbroadcastss` from memory per `fma`.
+    Folded,
+    /// One vector load of four `A` values per step, lanes broadcast in registers.
+    Lanes,
+}
+
+/// [`Broadcast::host`]'s choice, with the GFLOP/s of each variant where it timed them (`None`
+/// when `CNNC_BROADCAST` chose), or what was wrong with the variable.
+type HostChoice = std::result::Result<(Broadcast, Option<[f64; 2]>), String>;
+
+impl Broadcast {
+    /// The variant for this process's kernels: `CNNC_BROADCAST=folded` or `lanes` if set,
+    /// otherwise the faster of the two on this machine, timed once per process (about 2 ms:
+    /// the bare `4 x 8` micro-kernel at `K` = 256, seven alternated trials of each, thread
+    /// CPU time, [`Lanes`](Broadcast::Lanes) chosen when at least 3% faster). Errors on any
+    /// other value of the variable.
+    pub fn host() -> std::result::Result<Broadcast, String> {
+        Self::host_choice().as_ref().map(|&(b, _)| b).map_err(String::clone)
+    }
+
+    /// One line saying which variant [`Broadcast::host`] chose and why (for benchmark headers).
+    pub fn host_summary() -> String {
+        match Self::host_choice() {
+            Ok((b, Some([f, l]))) => format!("GEMM broadcast: {b:?} (timed here: folded {f:.1}, lanes {l:.1} GFLOP/s)"),
+            Ok((b, None)) => format!("GEMM broadcast: {b:?} (set by CNNC_BROADCAST)"),
+            Err(e) => format!("GEMM broadcast: {e}"),
+        }
+    }
+
+    /// The process-wide choice and the timings behind it (`None` when set by the variable).
+    fn host_choice() -> &'static HostChoice {
+        static HOST: std::sync::OnceLock<HostChoice> = std::sync::OnceLock::new();
+        HOST.get_or_init(Self::choose)
+    }
+
+    fn choose() -> HostChoice {
+        match std::env::var("CNNC_BROADCAST") {
+            Ok(v) => match v.as_str() {
+                "folded" => Ok((Broadcast::Folded, None)),
+                "lanes" => Ok((Broadcast::Lanes, None)),
+                _ => Err(format!("CNNC_BROADCAST={v:?}: expected \"folded\" or \"lanes\"")),
+            },
+            Err(_) => Self::calibrate().map_err(|e| format!("timing the GEMM broadcast variants: {e}")),
+        }
+    }
+
+    /// Time both variants on the bare micro-kernel (see [`Broadcast::host`]); GFLOP/s of each.
+    fn calibrate() -> Result<(Broadcast, Option<[f64; 2]>)> {
+        const K: usize = 256;
+        const PANELS: usize = 16;
+        let kernel = |bc: Broadcast| -> Result<_> {
+            let mut jit = Jit::with_broadcast("GEMM broadcast timing", bc)?;
+            let plan = GemmPlan::define(&mut jit, "calibrate", GemmSpec::plain(Some(MR), NR * PANELS, K, NR * PANELS, false))?;
+            let fin = jit.finish()?;
+            Ok((plan, fin))
+        };
+        let (kf, kl) = (kernel(Broadcast::Folded)?, kernel(Broadcast::Lanes)?);
+        let (gf, gl) = (kf.0.resolve(&kf.1), kl.0.resolve(&kl.1));
+        let mut a = Vec::new();
+        let vals: Vec<f32> = (0..MR * K).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+        pack_a(&mut a, &vals, MR, K, K, 1);
+        let b: Vec<f32> = (0..K * NR).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+        let mut c = vec![0.0f32; MR * NR * PANELS];
+        let run = |g: &Gemm, c: &mut [f32]| {
+            for _ in 0..8 {
+                for j in 0..PANELS {
+                    g.run_panel(c, j * NR, MR, j * NR, &a, &b, &EpiArgs::default());
+                }
+            }
+        };
+        let (mut tf, mut tl) = (f64::MAX, f64::MAX);
+        for _ in 0..7 {
+            tf = tf.min(super::peak::best_of(1, || run(&gf, &mut c)));
+            tl = tl.min(super::peak::best_of(1, || run(&gl, &mut c)));
+        }
+        let flops = 2.0 * (8 * MR * K * NR * PANELS) as f64 / 1e9;
+        let pick = if tl <= 0.97 * tf { Broadcast::Lanes } else { Broadcast::Folded };
+        Ok((pick, Some([flops / tf, flops / tl])))
+    }
+}
 
 /// An activation that can be fused into a GEMM epilogue (the ones without `exp`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -215,6 +320,7 @@ pub struct EpiArgs<'a> {
 /// packed panels `k*8` apart.
 fn define_rows(jit: &mut Jit, name: &str, spec: &GemmSpec, mrs: &[usize], direct: Option<&DirectB>, reps: usize) -> Result<Vec<(usize, KernelId)>> {
     let more = NR * (reps - 1);
+    let bc = jit.broadcast();
     mrs.iter()
         .map(|&mr| {
             let mut ext = tile_extents(spec, mr, NR);
@@ -223,7 +329,7 @@ fn define_rows(jit: &mut Jit, name: &str, spec: &GemmSpec, mrs: &[usize], direct
             if spec.residual {
                 ext[6] += more;
             }
-            let id = jit.define(&format!("{name}_row{mr}x{}_k{}", NR * reps, spec.k), ext, |b, args| gen_tile(b, args, spec, mr, NR, direct, reps))?;
+            let id = jit.define(&format!("{name}_row{mr}x{}_k{}", NR * reps, spec.k), ext, |b, args| gen_tile(b, args, spec, (mr, NR), direct, reps, bc))?;
             Ok((mr, id))
         })
         .collect()
@@ -270,6 +376,7 @@ impl GemmPlan {
             nrs.push(spec.n % NR);
         }
         let mut ids = Vec::new();
+        let bc = jit.broadcast();
         for &mr in &mrs {
             for &nr in &nrs {
                 let mut ext = tile_extents(&spec, mr, nr);
@@ -277,7 +384,7 @@ impl GemmPlan {
                     ext[2] = d.extent();
                 }
                 let id = jit.define(&format!("{name}_tile{mr}x{nr}_k{}", spec.k), ext, |b, args| {
-                    gen_tile(b, args, &spec, mr, nr, direct, 1)
+                    gen_tile(b, args, &spec, (mr, nr), direct, 1, bc)
                 })?;
                 ids.push(((mr, nr), id));
             }
@@ -334,6 +441,11 @@ fn tile_extents(s: &GemmSpec, mr: usize, nr: usize) -> Extents {
 fn fma_bcast(b: &mut FunctionBuilder, acc: cranelift_frontend::Variable, p: ir::Value, off: i64, bv: ir::Value) {
     let x = emit::ld(b, p, off);
     let xs = b.ins().splat(F32X4, x);
+    fma_acc(b, acc, xs, bv);
+}
+
+/// `acc += xs * bv`, operands in the order every variant uses (so that they agree bit for bit).
+fn fma_acc(b: &mut FunctionBuilder, acc: cranelift_frontend::Variable, xs: ir::Value, bv: ir::Value) {
     let old = b.use_var(acc);
     let new = b.ins().fma(xs, bv, old);
     b.def_var(acc, new);
@@ -341,7 +453,7 @@ fn fma_bcast(b: &mut FunctionBuilder, acc: cranelift_frontend::Variable, p: ir::
 
 /// Emit one `mr x nr` tile: `args = [c, a, b, bias, scale, shift, residual]`; `B` packed, or
 /// read in place from padded planes when `direct` is given.
-fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: usize, nr: usize, direct: Option<&DirectB>, reps: usize) {
+fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, (mr, nr): (usize, usize), direct: Option<&DirectB>, reps: usize, bc: Broadcast) {
     let [c, a, bp, bias, scale, shift, res] = *args;
     // `reps > 1`: loop over `reps` tiles side by side, `C`, `B` and the residual advancing 8
     // columns per tile (`A` and the per-row operands stay).
@@ -373,12 +485,20 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
     // many planes, where the extra loads slowed the 1x1 256->64 forward by 4-9% (its B loads
     // each touch a different page; measured with the kernels bench) while the folded form made
     // the 64-plane backward-data 4% faster.
+    // With `Broadcast::Lanes` the step's four `A` values (a packed panel's `K x 4` row, rows
+    // past `M` zero) are one vector load and every row's lane is broadcast in registers.
     let fold = direct.is_none_or(|d| d.chans <= 64);
     let halves = nr.div_ceil(4);
     let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, aoff: i64, boff: i64| {
         let bv: Vec<ir::Value> = (0..halves).map(|h| emit::ld4(b, pb, boff + 4 * h as i64)).collect();
+        let av = (bc == Broadcast::Lanes).then(|| emit::ld4(b, pa, aoff));
         for r in 0..mr {
-            if fold {
+            if let Some(av) = av {
+                let xs = emit::lane(b, av, r);
+                for (h, &bv) in bv.iter().enumerate() {
+                    fma_acc(b, acc[r * 2 + h], xs, bv);
+                }
+            } else if fold {
                 for (h, &bv) in bv.iter().enumerate() {
                     fma_bcast(b, acc[r * 2 + h], pa, aoff + r as i64, bv);
                 }
@@ -386,10 +506,7 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, mr: us
                 let x = emit::ld(b, pa, aoff + r as i64);
                 let xs = b.ins().splat(F32X4, x);
                 for (h, &bv) in bv.iter().enumerate() {
-                    let v = acc[r * 2 + h];
-                    let old = b.use_var(v);
-                    let new = b.ins().fma(xs, bv, old);
-                    b.def_var(v, new);
+                    fma_acc(b, acc[r * 2 + h], xs, bv);
                 }
             }
         }
@@ -851,8 +968,9 @@ impl WgradPlan {
         let mut ids = Vec::new();
         for &mr in mrs {
             for &nr in nrs {
+                let bc = jit.broadcast();
                 let id = jit.define(&format!("{name}_{mr}x{nr}_{}x{}", spec.rows, spec.width), spec.extents(mr, nr), |b, args| {
-                    gen_wgrad_tile(b, args, &spec, mr, nr)
+                    gen_wgrad_tile(b, args, &spec, (mr, nr), bc)
                 })?;
                 ids.push(((mr, nr), id));
             }
@@ -884,7 +1002,7 @@ impl Wgrad {
     }
 }
 
-fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec, mr: usize, nr: usize) {
+fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec, (mr, nr): (usize, usize), bc: Broadcast) {
     use cranelift_codegen::ir::condcodes::IntCC;
     let [c, a, bp, ..] = *args;
     let ptr_ty = b.func.dfg.value_type(a);
@@ -901,11 +1019,17 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
     let vb = b.declare_var(ptr_ty);
     let vcnt = b.declare_var(ptr_ty);
     let halves = nr.div_ceil(4);
-    let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, u: usize| {
+    // Pixel `u`'s step: `A[r][u]` broadcast, folded into loads ([`fma_bcast`]) or, with
+    // `Broadcast::Lanes`, lane `u % 4` of `rows[r]`, the row's four pixels from `u - u % 4`.
+    let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, u: usize, rows: Option<&[ir::Value]>| {
         let bv: Vec<ir::Value> = (0..halves).map(|h| emit::ld4(b, pb, (u * NR + 4 * h) as i64)).collect();
         for r in 0..mr {
+            let xs = rows.map(|rows| emit::lane(b, rows[r], u % 4));
             for (h, &bv) in bv.iter().enumerate() {
-                fma_bcast(b, acc[r * 2 + h], pa, (s.row_off[r] + u) as i64, bv);
+                match xs {
+                    Some(xs) => fma_acc(b, acc[r * 2 + h], xs, bv),
+                    None => fma_bcast(b, acc[r * 2 + h], pa, (s.row_off[r] + u) as i64, bv),
+                }
             }
         }
     };
@@ -940,8 +1064,13 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
         b.switch_to_block(body);
         b.seal_block(body);
         let lb = b.use_var(vb);
+        let lanes = bc == Broadcast::Lanes;
+        let mut rows = Vec::new();
         for u in 0..KU_WGRAD {
-            step(b, la, lb, u);
+            if lanes && u % 4 == 0 {
+                rows = (0..mr).map(|r| emit::ld4(b, la, (s.row_off[r] + u) as i64)).collect();
+            }
+            step(b, la, lb, u, lanes.then_some(rows.as_slice()));
         }
         let na = emit::offset(b, la, KU_WGRAD as i64);
         let nb = emit::offset(b, lb, (KU_WGRAD * NR) as i64);
@@ -957,7 +1086,7 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
         let la = b.use_var(va);
         let lb = b.use_var(vb);
         for u in 0..rem {
-            step(b, la, lb, u);
+            step(b, la, lb, u, None);
         }
         let nb = emit::offset(b, lb, (rem * NR) as i64);
         b.def_var(vb, nb);

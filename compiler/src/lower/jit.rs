@@ -21,6 +21,7 @@
 //! verifier only in debug builds.
 
 use super::entry::{CodeOwner, Kernel, StreamKernel, STREAM_WRITES};
+use super::gemm::Broadcast;
 use crate::{Error, Result};
 use cranelift_codegen::ir::{self, AbiParam, InstBuilder};
 use cranelift_codegen::settings::{self, Configurable};
@@ -47,6 +48,7 @@ pub struct Jit {
     defined: Vec<(FuncId, Extents)>,
     streams: Vec<(FuncId, usize, usize)>,
     compile_time: Duration,
+    broadcast: Broadcast,
 }
 
 /// The finalized kernels of a [`Jit`], in definition order.
@@ -72,8 +74,15 @@ fn codegen_err(layer: &str, what: impl std::fmt::Display) -> Error {
 }
 
 impl Jit {
-    /// A fresh module for the host machine; `layer` names the layer in error messages.
+    /// A fresh module for the host machine; `layer` names the layer in error messages. Its GEMM
+    /// tiles use the host's [`Broadcast`] variant ([`Broadcast::host`]).
     pub fn new(layer: &str) -> Result<Jit> {
+        let broadcast = Broadcast::host().map_err(|e| codegen_err(layer, e))?;
+        Self::with_broadcast(layer, broadcast)
+    }
+
+    /// [`Jit::new`] with the GEMM tiles' [`Broadcast`] variant given.
+    pub fn with_broadcast(layer: &str, broadcast: Broadcast) -> Result<Jit> {
         let mut flags = settings::builder();
         let set = |f: &mut settings::Builder, k: &str, v: &str| {
             f.set(k, v).map_err(|e| codegen_err(layer, format!("setting {k}={v}: {e}")))
@@ -98,7 +107,18 @@ impl Jit {
             defined: Vec::new(),
             streams: Vec::new(),
             compile_time: Duration::ZERO,
+            broadcast,
         })
+    }
+
+    /// The [`Broadcast`] variant this module's GEMM tiles are generated with.
+    pub fn broadcast(&self) -> Broadcast {
+        self.broadcast
+    }
+
+    /// Generate this module's GEMM tiles from now on with `broadcast`.
+    pub fn set_broadcast(&mut self, broadcast: Broadcast) {
+        self.broadcast = broadcast;
     }
 
     /// The layer name given to [`Jit::new`].
@@ -223,7 +243,7 @@ impl Jit {
 pub mod emit {
     use super::*;
     use cranelift_codegen::ir::condcodes::IntCC;
-    use cranelift_codegen::ir::types::{F32, F32X4, I64};
+    use cranelift_codegen::ir::types::{F32, F32X4, I64, I8X16};
     use cranelift_codegen::ir::{BlockArg, MemFlagsData};
 
     /// Flags for every kernel memory access: aligned-agnostic, never trapping (bounds are
@@ -255,6 +275,18 @@ pub mod emit {
     /// Load an `f32x4` at element offset `off` from `p`.
     pub fn ld4(b: &mut FunctionBuilder, p: ir::Value, off: i64) -> ir::Value {
         b.ins().load(F32X4, mem(), p, (off * 4) as i32)
+    }
+
+    /// Lane `i` of the `f32x4` `v` in all four lanes: a byte shuffle of 32-bit lanes, which
+    /// x86-64 lowers to one `pshufd` (Cranelift has no lane broadcast of its own for f32x4).
+    pub fn lane(b: &mut FunctionBuilder, v: ir::Value, i: usize) -> ir::Value {
+        debug_assert!(i < 4, "f32x4 lane {i}");
+        let le = MemFlagsData::new().with_endianness(ir::Endianness::Little);
+        let bytes = b.ins().bitcast(I8X16, le, v);
+        let mask: Vec<u8> = (0..16).map(|j| (4 * i + j % 4) as u8).collect();
+        let mask = b.func.dfg.immediates.push(ir::ConstantData::from(mask));
+        let spread = b.ins().shuffle(bytes, bytes, mask);
+        b.ins().bitcast(F32X4, le, spread)
     }
 
     /// Store `v` (f32 or f32x4) at element offset `off` from `p`.

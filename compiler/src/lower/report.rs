@@ -127,6 +127,7 @@ pub fn conv_report(cases: &[ConvCase], naive: bool) -> Result<String> {
     let mut r = String::new();
     let peak = PeakKernel::compile()?.measure_gflops(30);
     let _ = writeln!(r, "128-bit FMA peak (JIT'd f32x4 fma loop, 1 thread): {peak:.1} GFLOP/s");
+    let _ = writeln!(r, "{}", super::gemm::Broadcast::host_summary());
     for (m, k) in [(64, 576), (64, 256), (576, 64)] {
         let gf = microkernel_gflops(m, k, 392, 5)?;
         let _ = writeln!(r, "micro-kernel only, M={m} K={k} (392 panels of 8): {gf:.1} GFLOP/s = {:.2} of peak", gf / peak);
