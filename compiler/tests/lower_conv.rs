@@ -517,9 +517,9 @@ fn transposed_convolutions_compute_transposed_outputs() {
     }
 }
 
-/// Both GEMM broadcast variants (`ConvOptions::broadcast`) compute every pass of every
+/// Every GEMM broadcast variant (`ConvOptions::broadcast`) computes every pass of every
 /// geometry above, and of layers on the 2-D and 1-D Winograd paths, to the same bits: the
-/// host picks either by speed alone.
+/// host picks one by speed alone.
 #[test]
 fn broadcast_variants_agree_bit_for_bit() {
     use cnnc_compiler::lower::gemm::Broadcast;
@@ -536,7 +536,7 @@ fn broadcast_variants_agree_bit_for_bit() {
         let b = rand_vec(&mut rng, g.cout);
         let dout = rand_vec(&mut rng, n * g.out_n());
         // Per variant: output, input gradient, weight gradient, bias gradient (then the paths).
-        let runs: Vec<([Vec<f32>; 4], String)> = [Broadcast::Folded, Broadcast::Lanes]
+        let runs: Vec<([Vec<f32>; 4], String)> = Broadcast::ALL
             .into_iter()
             .map(|bc| {
                 let opts = ConvOptions { broadcast: Some(bc), ..Default::default() };
@@ -551,14 +551,16 @@ fn broadcast_variants_agree_bit_for_bit() {
             })
             .collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let (f, l) = (&runs[0], &runs[1]);
+        let f = &runs[0];
         let what = format!("geometry {gi} {g:?} ({})", f.1);
         if gi >= all.len() - 3 {
             assert!(f.1.starts_with("winograd"), "{what}: expected the Winograd paths");
         }
-        close(&l.0[0], &ref_forward(g, &x, &w, Some(&b), n), &format!("{what}: forward (lanes)"));
-        for (i, pass) in ["forward", "backward data", "weight gradient", "bias gradient"].iter().enumerate() {
-            assert!(bits(&f.0[i]) == bits(&l.0[i]), "{what}: {pass} differs");
+        close(&f.0[0], &ref_forward(g, &x, &w, Some(&b), n), &format!("{what}: forward"));
+        for (bc, l) in Broadcast::ALL.iter().zip(&runs).skip(1) {
+            for (i, pass) in ["forward", "backward data", "weight gradient", "bias gradient"].iter().enumerate() {
+                assert!(bits(&f.0[i]) == bits(&l.0[i]), "{what}: {pass} with {bc:?} differs from Folded");
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The JIT GEMM micro-kernels and epilogues against a nested-loop reference, each generated
-//! with both `Broadcast` variants, which must also agree with each other bit for bit.
+//! with every `Broadcast` variant, which must also agree with each other bit for bit.
 #![cfg(feature = "jit")]
 
 use cnnc_compiler::lower::gemm::{pack_a, BiasKind, Broadcast, EpiArgs, FusedAct, GemmPlan, GemmSpec, NR};
@@ -19,14 +19,16 @@ fn close(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
-/// `run` with each broadcast variant: every result close to `want`, and the two the same bits.
-fn both(want: &[f32], what: &str, mut run: impl FnMut(Broadcast) -> Vec<f32>) {
-    let folded = run(Broadcast::Folded);
-    let lanes = run(Broadcast::Lanes);
-    close(&folded, want, &format!("{what} (folded)"));
-    close(&lanes, want, &format!("{what} (lanes)"));
+/// `run` with each broadcast variant: every result close to `want`, and all the same bits.
+fn every_broadcast(want: &[f32], what: &str, mut run: impl FnMut(Broadcast) -> Vec<f32>) {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert!(bits(&folded) == bits(&lanes), "{what}: the broadcast variants differ");
+    let folded = run(Broadcast::Folded);
+    close(&folded, want, &format!("{what} (folded)"));
+    for bc in [Broadcast::Mixed, Broadcast::Lanes] {
+        let got = run(bc);
+        close(&got, want, &format!("{what} ({bc:?})"));
+        assert!(bits(&got) == bits(&folded), "{what}: {bc:?} differs from Folded");
+    }
 }
 
 struct Case {
@@ -75,7 +77,7 @@ fn check(case: Case, rng: &mut StdRng) {
 
     let mut ap = Vec::new();
     pack_a(&mut ap, &a, m, k, k, 1);
-    both(&want, &format!("gemm {m}x{n}x{k} {spec:?}"), |bc| {
+    every_broadcast(&want, &format!("gemm {m}x{n}x{k} {spec:?}"), |bc| {
         let mut jit = Jit::with_broadcast("gemm_test", bc).unwrap();
         let plan = GemmPlan::define(&mut jit, "g", spec).unwrap();
         let fin = jit.finish().unwrap();
@@ -199,7 +201,7 @@ fn direct_b_edges() {
                 }
             }
         }
-        both(&want, &format!("direct {m}x{n} chans {chans} taps {taps:?} reps {reps}"), run);
+        every_broadcast(&want, &format!("direct {m}x{n} chans {chans} taps {taps:?} reps {reps}"), run);
     }
 }
 
@@ -217,7 +219,7 @@ fn wgrad_tiles() {
         let spec = WgradSpec { rows, width, pw, row_off, ldc };
         let mrs: Vec<usize> = (1..=MR).collect();
         let nrs: Vec<usize> = (1..=NR).collect();
-        let plans: Vec<_> = [Broadcast::Folded, Broadcast::Lanes]
+        let plans: Vec<_> = Broadcast::ALL
             .into_iter()
             .map(|bc| {
                 let mut jit = Jit::with_broadcast("wgrad_test", bc).unwrap();
@@ -247,7 +249,7 @@ fn wgrad_tiles() {
                         }
                     }
                 }
-                both(&want, &format!("wgrad {rows}x{width} tile {mr}x{nr}"), run);
+                every_broadcast(&want, &format!("wgrad {rows}x{width} tile {mr}x{nr}"), run);
             }
         }
     }

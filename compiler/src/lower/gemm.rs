@@ -60,44 +60,74 @@ const KU_DIRECT: usize = 4;
 /// did not help the multi-tap kernels (3x3 and 1x3 within 10% either way).
 const KU_ONE_TAP: usize = 64;
 /// Unroll factor of the weight-gradient tile's pixel loop (8 measured no better). A multiple
-/// of 4: with [`Broadcast::Lanes`] each `A` row is loaded four pixels at a time.
+/// of 4: with lane broadcasts ([`Broadcast::lane_rows`]) each `A` row is loaded four pixels at
+/// a time.
 const KU_WGRAD: usize = 4;
 const _: () = assert!(KU_WGRAD.is_multiple_of(4));
 
 /// How a tile spreads its `A` values (one per row and reduction step) across `f32x4` lanes for
-/// the `fma`s. Both feed the same `fma`s, with the same operands in the same order, so they
-/// give the same results bit for bit; they differ in the instructions around them, and which
-/// is faster depends on the machine's load ports ([`Broadcast::host`] times both).
+/// the `fma`s. Every variant feeds the same `fma`s with the same operands in the same order,
+/// so all give the same results bit for bit; they differ in the instructions that feed them,
+/// and which is fastest depends on the machine's load and shuffle ports ([`Broadcast::host`]
+/// times them).
 ///
-/// Per reduction step of a `4 x 8` tile (eight `fma`s):
-/// - [`Folded`](Broadcast::Folded): ten loads, the two `B` vectors and a `vbroadcastss` from
-///   memory for every `fma` (one per `fma`, since Cranelift's `vfmadd213ps` overwrites its
-///   multiplicand). Suits cores that issue three vector loads a cycle (Intel's Golden Cove:
-///   0.92 of the FMA peak for the bare micro-kernel at `K` = 576).
-/// - [`Lanes`](Broadcast::Lanes): three loads, the two `B` vectors and the step's four `A`
-///   values as one vector (a packed `A` panel holds them side by side; a weight-gradient tile
-///   loads four pixels of each row at once), each lane then broadcast in registers
-///   (`pshufd`) and shared by its row's two `fma`s. Suits cores that issue two vector loads a
-///   cycle, where ten loads take five cycles against the `fma`s' four (AMD Zen 3: the bare
-///   micro-kernel 0.77 -> 0.84 of peak, the convolution kernels 5-20% faster).
+/// Per reduction step of a `4 x 8` tile (eight `fma`s, two `B` vectors loaded):
+/// - [`Folded`](Broadcast::Folded): a `vbroadcastss` from memory for every `fma` (one per
+///   `fma`, as Cranelift's `vfmadd213ps` overwrites its multiplicand): ten loads. Suits cores
+///   that issue three vector loads a cycle (Intel's Golden Cove: the bare micro-kernel at 0.92
+///   of the FMA peak at `K` = 576).
+/// - [`Lanes`](Broadcast::Lanes): the step's four `A` values as one vector load (a packed `A`
+///   panel holds them side by side; a weight-gradient tile loads four pixels of each row at
+///   once), each row's lane broadcast in registers (`pshufd`) and shared by the row's two
+///   `fma`s: three loads and four shuffles.
+/// - [`Mixed`](Broadcast::Mixed): rows 0 and 1 as `Lanes`, rows 2 and 3 as `Folded`: seven
+///   loads and two shuffles. On AMD Zen 3 (two vector loads a cycle, shuffles sharing a pipe
+///   with the `fma`s) neither extreme keeps the two FMA pipes busy: the bare micro-kernel ran
+///   at 38.2 GFLOP/s folded, 41.7 lanes, 46.0 mixed (45.1 with three lane rows, 42.8 with one;
+///   one run, 200 alternated trials each, peak 51-55).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Broadcast {
     /// A `vbroadcastss` from memory per `fma`.
     Folded,
-    /// One vector load of four `A` values per step, lanes broadcast in registers.
+    /// Rows 0-1 from lanes of the step's `A` vector, rows 2-3 folded.
+    Mixed,
+    /// Every row from a lane of the step's `A` vector.
     Lanes,
 }
 
-/// [`Broadcast::host`]'s choice, with the GFLOP/s of each variant where it timed them (`None`
-/// when `CNNC_BROADCAST` chose), or what was wrong with the variable.
-type HostChoice = std::result::Result<(Broadcast, Option<[f64; 2]>), String>;
+/// [`Broadcast::host`]'s choice, with the GFLOP/s of each variant (in [`Broadcast::ALL`]'s
+/// order) where it timed them (`None` when `CNNC_BROADCAST` chose), or what was wrong with
+/// the variable.
+type HostChoice = std::result::Result<(Broadcast, Option<[f64; 3]>), String>;
 
 impl Broadcast {
-    /// The variant for this process's kernels: `CNNC_BROADCAST=folded` or `lanes` if set,
-    /// otherwise the faster of the two on this machine, timed once per process (about 2 ms:
-    /// the bare `4 x 8` micro-kernel at `K` = 256, seven alternated trials of each, thread
-    /// CPU time, [`Lanes`](Broadcast::Lanes) chosen when at least 3% faster). Errors on any
-    /// other value of the variable.
+    /// Every variant, in the order [`Broadcast::host`] prefers them on a tie.
+    pub const ALL: [Broadcast; 3] = [Broadcast::Folded, Broadcast::Mixed, Broadcast::Lanes];
+
+    /// Rows of a tile (of [`MR`]) whose `A` value comes from a lane broadcast; the rest fold
+    /// theirs into loads.
+    pub fn lane_rows(self) -> usize {
+        match self {
+            Broadcast::Folded => 0,
+            Broadcast::Mixed => 2,
+            Broadcast::Lanes => MR,
+        }
+    }
+
+    /// The name `CNNC_BROADCAST` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Broadcast::Folded => "folded",
+            Broadcast::Mixed => "mixed",
+            Broadcast::Lanes => "lanes",
+        }
+    }
+
+    /// The variant for this process's kernels: `CNNC_BROADCAST=folded`, `mixed` or `lanes` if
+    /// set, otherwise the fastest on this machine, timed once per process (about 3 ms: the
+    /// bare `4 x 8` micro-kernel at `K` = 256, seven alternated trials of each, thread CPU
+    /// time; `Folded` unless another is at least 3% faster). Errors on any other value of the
+    /// variable.
     pub fn host() -> std::result::Result<Broadcast, String> {
         Self::host_choice().as_ref().map(|&(b, _)| b).map_err(String::clone)
     }
@@ -105,8 +135,11 @@ impl Broadcast {
     /// One line saying which variant [`Broadcast::host`] chose and why (for benchmark headers).
     pub fn host_summary() -> String {
         match Self::host_choice() {
-            Ok((b, Some([f, l]))) => format!("GEMM broadcast: {b:?} (timed here: folded {f:.1}, lanes {l:.1} GFLOP/s)"),
-            Ok((b, None)) => format!("GEMM broadcast: {b:?} (set by CNNC_BROADCAST)"),
+            Ok((b, Some(g))) => {
+                let timed: Vec<String> = Self::ALL.iter().zip(g).map(|(v, g)| format!("{} {g:.1}", v.name())).collect();
+                format!("GEMM broadcast: {} (micro-kernel timed here: {} GFLOP/s)", b.name(), timed.join(", "))
+            }
+            Ok((b, None)) => format!("GEMM broadcast: {} (set by CNNC_BROADCAST)", b.name()),
             Err(e) => format!("GEMM broadcast: {e}"),
         }
     }
@@ -119,47 +152,54 @@ impl Broadcast {
 
     fn choose() -> HostChoice {
         match std::env::var("CNNC_BROADCAST") {
-            Ok(v) => match v.as_str() {
-                "folded" => Ok((Broadcast::Folded, None)),
-                "lanes" => Ok((Broadcast::Lanes, None)),
-                _ => Err(format!("CNNC_BROADCAST={v:?}: expected \"folded\" or \"lanes\"")),
+            Ok(v) => match Self::ALL.into_iter().find(|b| b.name() == v) {
+                Some(b) => Ok((b, None)),
+                None => Err(format!("CNNC_BROADCAST={v:?}: expected \"folded\", \"mixed\" or \"lanes\"")),
             },
             Err(_) => Self::calibrate().map_err(|e| format!("timing the GEMM broadcast variants: {e}")),
         }
     }
 
-    /// Time both variants on the bare micro-kernel (see [`Broadcast::host`]); GFLOP/s of each.
-    fn calibrate() -> Result<(Broadcast, Option<[f64; 2]>)> {
+    /// Time every variant on the bare micro-kernel (see [`Broadcast::host`]); GFLOP/s of each.
+    fn calibrate() -> Result<(Broadcast, Option<[f64; 3]>)> {
         const K: usize = 256;
         const PANELS: usize = 16;
-        let kernel = |bc: Broadcast| -> Result<_> {
-            let mut jit = Jit::with_broadcast("GEMM broadcast timing", bc)?;
-            let plan = GemmPlan::define(&mut jit, "calibrate", GemmSpec::plain(Some(MR), NR * PANELS, K, NR * PANELS, false))?;
-            let fin = jit.finish()?;
-            Ok((plan, fin))
-        };
-        let (kf, kl) = (kernel(Broadcast::Folded)?, kernel(Broadcast::Lanes)?);
-        let (gf, gl) = (kf.0.resolve(&kf.1), kl.0.resolve(&kl.1));
+        let kernels = Self::ALL
+            .iter()
+            .map(|&bc| {
+                let mut jit = Jit::with_broadcast("GEMM broadcast timing", bc)?;
+                let plan = GemmPlan::define(&mut jit, "calibrate", GemmSpec::plain(Some(MR), NR * PANELS, K, NR * PANELS, false))?;
+                Ok((plan, jit.finish()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let gemms: Vec<Gemm> = kernels.iter().map(|(p, f)| p.resolve(f)).collect();
         let mut a = Vec::new();
         let vals: Vec<f32> = (0..MR * K).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
         pack_a(&mut a, &vals, MR, K, K, 1);
         let b: Vec<f32> = (0..K * NR).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
         let mut c = vec![0.0f32; MR * NR * PANELS];
-        let run = |g: &Gemm, c: &mut [f32]| {
-            for _ in 0..8 {
-                for j in 0..PANELS {
-                    g.run_panel(c, j * NR, MR, j * NR, &a, &b, &EpiArgs::default());
-                }
-            }
-        };
-        let (mut tf, mut tl) = (f64::MAX, f64::MAX);
+        let mut best = [f64::MAX; 3];
         for _ in 0..7 {
-            tf = tf.min(super::peak::best_of(1, || run(&gf, &mut c)));
-            tl = tl.min(super::peak::best_of(1, || run(&gl, &mut c)));
+            for (g, t) in gemms.iter().zip(&mut best) {
+                let secs = super::peak::best_of(1, || {
+                    for _ in 0..8 {
+                        for j in 0..PANELS {
+                            g.run_panel(&mut c, j * NR, MR, j * NR, &a, &b, &EpiArgs::default());
+                        }
+                    }
+                });
+                *t = t.min(secs);
+            }
         }
         let flops = 2.0 * (8 * MR * K * NR * PANELS) as f64 / 1e9;
-        let pick = if tl <= 0.97 * tf { Broadcast::Lanes } else { Broadcast::Folded };
-        Ok((pick, Some([flops / tf, flops / tl])))
+        // The fastest, but the one before it in `ALL` unless 3% slower (noise keeps `Folded`).
+        let mut pick = 0;
+        for i in 1..best.len() {
+            if best[i] <= 0.97 * best[pick] {
+                pick = i;
+            }
+        }
+        Ok((Self::ALL[pick], Some(best.map(|t| flops / t))))
     }
 }
 
@@ -485,15 +525,16 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, (mr, n
     // many planes, where the extra loads slowed the 1x1 256->64 forward by 4-9% (its B loads
     // each touch a different page; measured with the kernels bench) while the folded form made
     // the 64-plane backward-data 4% faster.
-    // With `Broadcast::Lanes` the step's four `A` values (a packed panel's `K x 4` row, rows
-    // past `M` zero) are one vector load and every row's lane is broadcast in registers.
+    // The first `bc.lane_rows()` rows take their `A` value from a lane of the step's `A`
+    // vector (a packed panel's `K x 4` row, rows past `M` zero), broadcast in registers.
     let fold = direct.is_none_or(|d| d.chans <= 64);
     let halves = nr.div_ceil(4);
+    let lane_rows = bc.lane_rows().min(mr);
     let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, aoff: i64, boff: i64| {
         let bv: Vec<ir::Value> = (0..halves).map(|h| emit::ld4(b, pb, boff + 4 * h as i64)).collect();
-        let av = (bc == Broadcast::Lanes).then(|| emit::ld4(b, pa, aoff));
+        let av = (lane_rows > 0).then(|| emit::ld4(b, pa, aoff));
         for r in 0..mr {
-            if let Some(av) = av {
+            if let (Some(av), true) = (av, r < lane_rows) {
                 let xs = emit::lane(b, av, r);
                 for (h, &bv) in bv.iter().enumerate() {
                     fma_acc(b, acc[r * 2 + h], xs, bv);
@@ -1019,12 +1060,12 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
     let vb = b.declare_var(ptr_ty);
     let vcnt = b.declare_var(ptr_ty);
     let halves = nr.div_ceil(4);
-    // Pixel `u`'s step: `A[r][u]` broadcast, folded into loads ([`fma_bcast`]) or, with
-    // `Broadcast::Lanes`, lane `u % 4` of `rows[r]`, the row's four pixels from `u - u % 4`.
+    // Pixel `u`'s step: `A[r][u]` broadcast, folded into loads ([`fma_bcast`]) or, for the
+    // first `lane_rows` rows, lane `u % 4` of `rows[r]`, the row's four pixels from `u - u % 4`.
     let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, u: usize, rows: Option<&[ir::Value]>| {
         let bv: Vec<ir::Value> = (0..halves).map(|h| emit::ld4(b, pb, (u * NR + 4 * h) as i64)).collect();
         for r in 0..mr {
-            let xs = rows.map(|rows| emit::lane(b, rows[r], u % 4));
+            let xs = rows.filter(|rows| r < rows.len()).map(|rows| emit::lane(b, rows[r], u % 4));
             for (h, &bv) in bv.iter().enumerate() {
                 match xs {
                     Some(xs) => fma_acc(b, acc[r * 2 + h], xs, bv),
@@ -1064,13 +1105,13 @@ fn gen_wgrad_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &WgradSpec,
         b.switch_to_block(body);
         b.seal_block(body);
         let lb = b.use_var(vb);
-        let lanes = bc == Broadcast::Lanes;
+        let lane_rows = bc.lane_rows().min(mr);
         let mut rows = Vec::new();
         for u in 0..KU_WGRAD {
-            if lanes && u % 4 == 0 {
-                rows = (0..mr).map(|r| emit::ld4(b, la, (s.row_off[r] + u) as i64)).collect();
+            if lane_rows > 0 && u % 4 == 0 {
+                rows = (0..lane_rows).map(|r| emit::ld4(b, la, (s.row_off[r] + u) as i64)).collect();
             }
-            step(b, la, lb, u, lanes.then_some(rows.as_slice()));
+            step(b, la, lb, u, (lane_rows > 0).then_some(rows.as_slice()));
         }
         let na = emit::offset(b, la, KU_WGRAD as i64);
         let nb = emit::offset(b, lb, (KU_WGRAD * NR) as i64);
