@@ -65,10 +65,34 @@ fn bad_input_is_a_clear_error() {
     cnnc_fails_with(["bench", LENET, "--format", "xml"], &["xml"]);
 }
 
+/// The table's last line says which GEMM broadcast variant the kernels use and why;
+/// `CNNC_BROADCAST` sets it, and a value it does not know is a clean error naming it.
+#[test]
+fn broadcast_variant_is_reported_and_can_be_set() {
+    let out = cnnc_ok(["bench", LENET, "-b", "2", "-r", "1", "--no-naive", "--no-reference"]);
+    let last = out.lines().last().unwrap_or_default();
+    assert!(last.starts_with("note: GEMM broadcast: ") && last.contains("timed here: folded"), "{out}");
+    let run = |value: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cnnc"))
+            .args(["bench", LENET, "-b", "2", "-r", "1", "--no-naive", "--no-reference"])
+            .current_dir(common::root())
+            .env("CNNC_BROADCAST", value)
+            .output()
+            .expect("cannot start the cnnc binary")
+    };
+    let set = run("lanes");
+    let stdout = String::from_utf8_lossy(&set.stdout);
+    assert!(set.status.success() && stdout.contains("note: GEMM broadcast: lanes (set by CNNC_BROADCAST)"), "{stdout}");
+    let bad = run("wide");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("CNNC_BROADCAST=\"wide\"") && err.contains("\"mixed\"") && !err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn help_explains_the_command() {
     let help = cnnc_ok(["help", "bench"]);
-    for needle in ["--batch", "--reps", "--threads", "--no-naive", "--no-reference", "--format", "Examples:", "FMA peak"] {
+    for needle in ["--batch", "--reps", "--threads", "--no-naive", "--no-reference", "--format", "Examples:", "FMA peak", "CNNC_BROADCAST"] {
         assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
     }
     assert!(cnnc_ok(["--help"]).contains("bench"));
