@@ -2,9 +2,9 @@
 //! accumulators, `K` loop unrolled by 8, `fma` per step) with a fused epilogue, plus the packing
 //! routines and the panel driver that every convolution and dense kernel runs on.
 //!
-//! Each step broadcasts four `A` values across vectors, in one of two instruction sequences
+//! Each step broadcasts four `A` values across vectors, in one of three instruction sequences
 //! ([`Broadcast`]) that feed the same `fma`s in the same order; the host's is picked once per
-//! process by timing both ([`Broadcast::host`]).
+//! process by timing them ([`Broadcast::host`]).
 //!
 //! ## Computation
 //! For one GEMM `C[M, N] (=|+=) epi(A[M, K] · B[K, N])`, with `A` and `B` packed:
