@@ -521,13 +521,17 @@ fn gen_tile(b: &mut FunctionBuilder, args: &[ir::Value; 7], s: &GemmSpec, (mr, n
         .collect();
     // One K step reading A at element `aoff`, B at element `boff` from the current pointers
     // (rows past `mr` and a right half past `nr` are skipped: their results are never stored).
-    // The broadcasts are folded into loads ([`fma_bcast`]) except for a direct B spread over
-    // many planes, where the extra loads slowed the 1x1 256->64 forward by 4-9% (its B loads
-    // each touch a different page; measured with the kernels bench) while the folded form made
-    // the 64-plane backward-data 4% faster.
     // The first `bc.lane_rows()` rows take their `A` value from a lane of the step's `A`
-    // vector (a packed panel's `K x 4` row, rows past `M` zero), broadcast in registers.
-    let fold = direct.is_none_or(|d| d.chans <= 64);
+    // vector (a packed panel's `K x 4` row, rows past `M` zero), broadcast in registers. The
+    // other rows' broadcasts are folded into loads ([`fma_bcast`]), except, with
+    // `Broadcast::Folded`, for a direct B spread over many planes, where folding all four rows
+    // slowed the 1x1 256->64 forward by 4-9% on the Intel machine (its B loads each touch a
+    // different page; kernel bench) while it made the 64-plane backward data 4% faster. With
+    // `Mixed`, which folds only two rows, folding them there too was faster on the AMD
+    // machine (kernel passes timed alternately in one process, two runs): the 1x1 forwards
+    // over 128 planes 0.88-0.92 of the time, the backward data reading 96 planes 0.84-0.85,
+    // the 1x1 256->64 1-2% slower.
+    let fold = bc != Broadcast::Folded || direct.is_none_or(|d| d.chans <= 64);
     let halves = nr.div_ceil(4);
     let lane_rows = bc.lane_rows().min(mr);
     let step = |b: &mut FunctionBuilder, pa: ir::Value, pb: ir::Value, aoff: i64, boff: i64| {
