@@ -749,7 +749,7 @@ pub struct ConvOptions {
     /// [`ConvKernels::backward_weight`] then return an error.
     pub forward_only: bool,
     /// The GEMM tiles' [`Broadcast`] variant; `None` for the host's ([`Broadcast::host`]).
-    /// Either gives the same results bit for bit.
+    /// Every variant gives the same results bit for bit.
     pub broadcast: Option<Broadcast>,
 }
 
@@ -810,10 +810,10 @@ impl ConvKernels {
         let p = g.pixels();
         let mg = g.cout / g.groups;
         let kc = g.kc();
-        let mut jit = Jit::new(layer)?;
-        if let Some(bc) = opts.broadcast {
-            jit.set_broadcast(bc);
-        }
+        let mut jit = match opts.broadcast {
+            Some(bc) => Jit::with_broadcast(layer, bc)?,
+            None => Jit::new(layer)?,
+        };
         #[allow(clippy::large_enum_variant)]
         enum Plan {
             Blocked(

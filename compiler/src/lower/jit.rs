@@ -116,11 +116,6 @@ impl Jit {
         self.broadcast
     }
 
-    /// Generate this module's GEMM tiles from now on with `broadcast`.
-    pub fn set_broadcast(&mut self, broadcast: Broadcast) {
-        self.broadcast = broadcast;
-    }
-
     /// The layer name given to [`Jit::new`].
     pub fn layer(&self) -> &str {
         &self.layer
