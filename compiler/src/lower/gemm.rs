@@ -162,36 +162,16 @@ impl Broadcast {
 
     /// Time every variant on the bare micro-kernel (see [`Broadcast::host`]); GFLOP/s of each.
     fn calibrate() -> Result<(Broadcast, Option<[f64; 3]>)> {
-        const K: usize = 256;
-        const PANELS: usize = 16;
-        let kernels = Self::ALL
+        let mut tiles = Self::ALL
             .iter()
-            .map(|&bc| {
-                let mut jit = Jit::with_broadcast("GEMM broadcast timing", bc)?;
-                let plan = GemmPlan::define(&mut jit, "calibrate", GemmSpec::plain(Some(MR), NR * PANELS, K, NR * PANELS, false))?;
-                Ok((plan, jit.finish()?))
-            })
+            .map(|&bc| BareTiles::compile(Jit::with_broadcast("GEMM broadcast timing", bc)?, MR, 256, 16))
             .collect::<Result<Vec<_>>>()?;
-        let gemms: Vec<Gemm> = kernels.iter().map(|(p, f)| p.resolve(f)).collect();
-        let mut a = Vec::new();
-        let vals: Vec<f32> = (0..MR * K).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
-        pack_a(&mut a, &vals, MR, K, K, 1);
-        let b: Vec<f32> = (0..K * NR).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
-        let mut c = vec![0.0f32; MR * NR * PANELS];
         let mut best = [f64::MAX; 3];
         for _ in 0..7 {
-            for (g, t) in gemms.iter().zip(&mut best) {
-                let secs = super::peak::best_of(1, || {
-                    for _ in 0..8 {
-                        for j in 0..PANELS {
-                            g.run_panel(&mut c, j * NR, MR, j * NR, &a, &b, &EpiArgs::default());
-                        }
-                    }
-                });
-                *t = t.min(secs);
+            for (t, best) in tiles.iter_mut().zip(&mut best) {
+                *best = best.min(super::peak::best_of(1, || (0..8).for_each(|_| t.run())));
             }
         }
-        let flops = 2.0 * (8 * MR * K * NR * PANELS) as f64 / 1e9;
         // The fastest, but the one before it in `ALL` unless 3% slower (noise keeps `Folded`).
         let mut pick = 0;
         for i in 1..best.len() {
@@ -199,7 +179,46 @@ impl Broadcast {
                 pick = i;
             }
         }
-        Ok((Self::ALL[pick], Some(best.map(|t| flops / t))))
+        let gflop = 8.0 * tiles[0].flops() / 1e9;
+        Ok((Self::ALL[pick], Some(best.map(|t| gflop / t))))
+    }
+}
+
+/// The bare micro-kernel for timing ([`Broadcast::host`], the kernel report): the `m x 8`
+/// tiles of one packed `A` (`m x k`) and one `B` panel, run over `panels` 8-column panels of
+/// `C` with no packing and no epilogue, what a GEMM's tiles do on their own.
+pub struct BareTiles {
+    gemm: Gemm,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    m: usize,
+    k: usize,
+    panels: usize,
+}
+
+impl BareTiles {
+    /// Compile the tiles in `jit` (whose [`Broadcast`] they use) and fill the operands.
+    pub fn compile(mut jit: Jit, m: usize, k: usize, panels: usize) -> Result<BareTiles> {
+        let plan = GemmPlan::define(&mut jit, "bare_tiles", GemmSpec::plain(Some(m), NR * panels, k, NR * panels, false))?;
+        let gemm = plan.resolve(&jit.finish()?);
+        let mut a = Vec::new();
+        let vals: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+        pack_a(&mut a, &vals, m, k, k, 1);
+        let b = (0..k * NR).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+        Ok(BareTiles { gemm, a, b, c: vec![0.0; m * NR * panels], m, k, panels })
+    }
+
+    /// One pass over the panels.
+    pub fn run(&mut self) {
+        for j in 0..self.panels {
+            self.gemm.run_panel(&mut self.c, j * NR, self.m, j * NR, &self.a, &self.b, &EpiArgs::default());
+        }
+    }
+
+    /// FLOPs of one [`run`](Self::run).
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.k * NR * self.panels) as f64
     }
 }
 

@@ -6,7 +6,7 @@
 //! of that peak, single-threaded, timed by thread CPU time ([`best_of`]). Used by
 //! `benches/kernels.rs`.
 
-use super::gemm::{pack_a, EpiArgs, GemmPlan, GemmSpec, NR};
+use super::gemm::BareTiles;
 use super::jit::Jit;
 use super::hugebuf::HugeBuf;
 use super::peak::{best_of, PeakKernel};
@@ -106,20 +106,9 @@ pub fn fill(n: usize, seed: u64) -> Vec<f32> {
 /// GFLOP/s of the bare micro-kernel on an `m x 8` panel with reduction `k`, run `panels`
 /// times over the same packed operands (what a convolution's GEMM does without packing).
 pub fn microkernel_gflops(m: usize, k: usize, panels: usize, reps: usize) -> Result<f64> {
-    let mut jit = Jit::new("microkernel")?;
-    let plan = GemmPlan::define(&mut jit, "mk", GemmSpec::plain(Some(m), NR * panels, k, NR * panels, false))?;
-    let fin = jit.finish()?;
-    let g = plan.resolve(&fin);
-    let mut a = Vec::new();
-    pack_a(&mut a, &fill(m * k, 1), m, k, k, 1);
-    let b = fill(k * NR, 2);
-    let mut c = vec![0.0f32; m * NR * panels];
-    let secs = best_of(reps, || {
-        for j in 0..panels {
-            g.run_panel(&mut c, j * NR, m, j * NR, &a, &b, &EpiArgs::default());
-        }
-    });
-    Ok(2.0 * (m * k * NR * panels) as f64 / secs / 1e9)
+    let mut tiles = BareTiles::compile(Jit::new("microkernel")?, m, k, panels)?;
+    let secs = best_of(reps, || tiles.run());
+    Ok(tiles.flops() / secs / 1e9)
 }
 
 /// Run the full report over `cases`; `naive` adds the naive kernels (slow: seconds per op).
