@@ -73,12 +73,7 @@ fn broadcast_variant_is_reported_and_can_be_set() {
     let last = out.lines().last().unwrap_or_default();
     assert!(last.starts_with("note: GEMM broadcast: ") && last.contains("timed here: folded"), "{out}");
     let run = |value: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_cnnc"))
-            .args(["bench", LENET, "-b", "2", "-r", "1", "--no-naive", "--no-reference"])
-            .current_dir(common::root())
-            .env("CNNC_BROADCAST", value)
-            .output()
-            .expect("cannot start the cnnc binary")
+        common::cnnc_with_env(["bench", LENET, "-b", "2", "-r", "1", "--no-naive", "--no-reference"], &[("CNNC_BROADCAST", value)])
     };
     let set = run("lanes");
     let stdout = String::from_utf8_lossy(&set.stdout);
