@@ -254,3 +254,26 @@ fn wgrad_tiles() {
         }
     }
 }
+
+/// The host's variant is timed until seven rounds have been quiet (the fastest trial at 0.8 of
+/// the FMA peak loop) or the time budget (50 ms, far more than seven rounds) is spent: the
+/// summary's counts must say one or the other, and the picked variant is the one `Jit::new`
+/// builds with.
+#[test]
+fn host_timing_waits_for_quiet_rounds() {
+    if std::env::var_os("CNNC_BROADCAST").is_some() {
+        panic!("this test times the host's variants: run it without CNNC_BROADCAST");
+    }
+    let summary = Broadcast::host_summary();
+    let pick = Broadcast::host().expect("host variant");
+    assert!(summary.starts_with(&format!("GEMM broadcast: {} (micro-kernel timed here: folded ", pick.name())), "{summary}");
+    let count = |before: &str| -> usize {
+        let at = summary.find(before).unwrap_or_else(|| panic!("{before:?} missing: {summary}"));
+        let digits: String = summary[..at].chars().rev().take_while(char::is_ascii_digit).collect();
+        digits.chars().rev().collect::<String>().parse().unwrap_or_else(|e| panic!("count before {before:?}: {e}: {summary}"))
+    };
+    let (rounds, quiet) = (count(" rounds, "), count(" of them quiet"));
+    assert!(rounds >= 7 && quiet <= rounds && quiet <= 7, "{summary}");
+    assert!(quiet == 7 || rounds > 7, "stopped after {rounds} rounds with only {quiet} quiet: {summary}");
+    assert_eq!(Jit::new("any").expect("jit").broadcast(), pick);
+}

@@ -95,10 +95,8 @@ pub enum Broadcast {
     Lanes,
 }
 
-/// [`Broadcast::host`]'s choice, with the GFLOP/s of each variant (in [`Broadcast::ALL`]'s
-/// order) where it timed them (`None` when `CNNC_BROADCAST` chose), or what was wrong with
-/// the variable.
-type HostChoice = std::result::Result<(Broadcast, Option<[f64; 3]>), String>;
+/// [`Broadcast::host`]'s choice and how it was made, or what was wrong with the variable.
+type HostChoice = std::result::Result<HostPick, String>;
 
 impl Broadcast {
     /// Every variant, in the order [`Broadcast::host`] prefers them on a tie.
@@ -124,22 +122,29 @@ impl Broadcast {
     }
 
     /// The variant for this process's kernels: `CNNC_BROADCAST=folded`, `mixed` or `lanes` if
-    /// set, otherwise the fastest on this machine, timed once per process (about 3 ms: the
-    /// bare `4 x 8` micro-kernel at `K` = 256, seven alternated trials of each, thread CPU
-    /// time; `Folded` unless another is at least 3% faster). Errors on any other value of the
-    /// variable.
+    /// set, otherwise the fastest on this machine, timed once per process on the bare `4 x 8`
+    /// micro-kernel at `K` = 256 (rounds of one trial each, thread CPU time, until seven rounds
+    /// have run at 0.8 of the FMA peak loop or 50 ms have passed: 3-60 ms; `Folded` unless
+    /// another is at least 3% faster). Errors on any other value of the variable.
     pub fn host() -> std::result::Result<Broadcast, String> {
-        Self::host_choice().as_ref().map(|&(b, _)| b).map_err(String::clone)
+        Self::host_choice().as_ref().map(|c| c.pick).map_err(String::clone)
     }
 
     /// One line saying which variant [`Broadcast::host`] chose and why (for benchmark headers).
     pub fn host_summary() -> String {
         match Self::host_choice() {
-            Ok((b, Some(g))) => {
-                let timed: Vec<String> = Self::ALL.iter().zip(g).map(|(v, g)| format!("{} {g:.1}", v.name())).collect();
-                format!("GEMM broadcast: {} (micro-kernel timed here: {} GFLOP/s)", b.name(), timed.join(", "))
+            Ok(HostPick { pick, timed: Some(t) }) => {
+                let rates: Vec<String> = Self::ALL.iter().zip(t.gflops).map(|(v, g)| format!("{} {g:.1}", v.name())).collect();
+                format!(
+                    "GEMM broadcast: {} (micro-kernel timed here: {} GFLOP/s, best of {} rounds, {} of them quiet; FMA peak loop {:.1})",
+                    pick.name(),
+                    rates.join(", "),
+                    t.rounds,
+                    t.quiet,
+                    t.peak
+                )
             }
-            Ok((b, None)) => format!("GEMM broadcast: {} (set by CNNC_BROADCAST)", b.name()),
+            Ok(HostPick { pick, timed: None }) => format!("GEMM broadcast: {} (set by CNNC_BROADCAST)", pick.name()),
             Err(e) => format!("GEMM broadcast: {e}"),
         }
     }
@@ -153,24 +158,49 @@ impl Broadcast {
     fn choose() -> HostChoice {
         match std::env::var("CNNC_BROADCAST") {
             Ok(v) => match Self::ALL.into_iter().find(|b| b.name() == v) {
-                Some(b) => Ok((b, None)),
+                Some(pick) => Ok(HostPick { pick, timed: None }),
                 None => Err(format!("CNNC_BROADCAST={v:?}: expected \"folded\", \"mixed\" or \"lanes\"")),
             },
             Err(_) => Self::calibrate().map_err(|e| format!("timing the GEMM broadcast variants: {e}")),
         }
     }
 
-    /// Time every variant on the bare micro-kernel (see [`Broadcast::host`]); GFLOP/s of each.
-    fn calibrate() -> Result<(Broadcast, Option<[f64; 3]>)> {
+    /// Time every variant on the bare micro-kernel (see [`Broadcast::host`]) and pick one.
+    ///
+    /// Rounds of one trial of each variant (thread CPU time, the order rotated every round),
+    /// each variant's best trial kept, until [`CALIBRATION_ROUNDS`] rounds have been quiet
+    /// (the round's fastest trial at [`QUIET_FRACTION`] of the FMA peak loop, timed first) or
+    /// [`CALIBRATION_BUDGET_S`] of CPU time has passed. The wait is for quiet moments:
+    /// on a shared machine the core can go through spells in which code heavy in loads runs
+    /// at two thirds of its speed while the FMA peak loop does not slow at all. In such a
+    /// spell the variants run close together and the order among them differs from the
+    /// quiet one (measured on the AMD EPYC this project was tuned on, in 0.4 ms rounds
+    /// over 3 s: 55-65% of the rounds slow, spells of up to 1,000 rounds; slow folded 28-31,
+    /// mixed 29-32, lanes 29-33 GFLOP/s against quiet 36-37, 45.6-45.8 and 40-41; the FMA peak
+    /// loop 49.7 against 50.2), so 7 rounds regardless of quiet picked `folded` or `lanes` in
+    /// 4 processes of 60; waiting for quiet rounds, 157 of 160 picked `mixed`, and the other
+    /// three had no quiet round in the budget (their [`Broadcast::host_summary`] says so).
+    fn calibrate() -> Result<HostPick> {
         let mut tiles = Self::ALL
             .iter()
             .map(|&bc| BareTiles::compile(Jit::with_broadcast("GEMM broadcast timing", bc)?, MR, 256, 16))
             .collect::<Result<Vec<_>>>()?;
+        let peak = super::peak::PeakKernel::compile()?.measure_gflops(4);
+        let gflop = 8.0 * tiles[0].flops() / 1e9;
+        let start = super::peak::thread_time();
         let mut best = [f64::MAX; 3];
-        for _ in 0..7 {
-            for (t, best) in tiles.iter_mut().zip(&mut best) {
-                *best = best.min(super::peak::best_of(1, || (0..8).for_each(|_| t.run())));
+        let (mut rounds, mut quiet) = (0, 0);
+        while quiet < CALIBRATION_ROUNDS && super::peak::thread_time() - start < CALIBRATION_BUDGET_S {
+            let mut fastest = f64::MAX;
+            for k in 0..tiles.len() {
+                let i = (rounds + k) % tiles.len();
+                let t = &mut tiles[i];
+                let secs = super::peak::best_of(1, || (0..8).for_each(|_| t.run()));
+                best[i] = best[i].min(secs);
+                fastest = fastest.min(secs);
             }
+            rounds += 1;
+            quiet += usize::from(gflop / fastest >= QUIET_FRACTION * peak);
         }
         // The fastest, but the one before it in `ALL` unless 3% slower (noise keeps `Folded`).
         let mut pick = 0;
@@ -179,9 +209,39 @@ impl Broadcast {
                 pick = i;
             }
         }
-        let gflop = 8.0 * tiles[0].flops() / 1e9;
-        Ok((Self::ALL[pick], Some(best.map(|t| gflop / t))))
+        Ok(HostPick { pick: Self::ALL[pick], timed: Some(Timed { gflops: best.map(|t| gflop / t), rounds, quiet, peak }) })
     }
+}
+
+/// Quiet rounds [`Broadcast::calibrate`] waits for (each round ~0.4 ms on the AMD EPYC).
+const CALIBRATION_ROUNDS: usize = 7;
+/// The fraction of the FMA peak loop at which [`Broadcast::calibrate`] takes the core to be
+/// quiet: the fastest variant ran at 0.91 of it in quiet spells on the AMD EPYC, 0.66 in
+/// slow ones (the Intel Sapphire Rapids ran `folded` at 0.92 at `K` = 576).
+const QUIET_FRACTION: f64 = 0.8;
+/// CPU time after which [`Broadcast::calibrate`] stops waiting for a quiet moment and picks
+/// from what it has (most slow spells measured there were shorter than 20 ms).
+const CALIBRATION_BUDGET_S: f64 = 0.05;
+
+/// [`Broadcast::host`]'s choice and how it was made.
+#[derive(Clone, Copy, Debug)]
+struct HostPick {
+    pick: Broadcast,
+    /// The timings behind it; `None` where `CNNC_BROADCAST` chose.
+    timed: Option<Timed>,
+}
+
+/// What [`Broadcast::calibrate`] measured.
+#[derive(Clone, Copy, Debug)]
+struct Timed {
+    /// GFLOP/s of each variant in [`Broadcast::ALL`]'s order (its best trial).
+    gflops: [f64; 3],
+    /// Rounds timed.
+    rounds: usize,
+    /// The FMA peak loop's GFLOP/s ([`PeakKernel`](super::peak::PeakKernel)).
+    peak: f64,
+    /// Rounds in which the fastest trial reached [`QUIET_FRACTION`] of `peak`.
+    quiet: usize,
 }
 
 /// The bare micro-kernel for timing ([`Broadcast::host`], the kernel report): the `m x 8`
