@@ -129,6 +129,7 @@ def main():
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--model", choices=["cifar", "lenet", "both"], default="both")
     p.add_argument("--optimizer", action="store_true", help="add SGD's update to the step (cnnc bench's step has none)")
+    p.add_argument("--layout", choices=["nchw", "channels-last", "both"], default="both", help="memory formats to time")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cases = []
@@ -138,7 +139,7 @@ def main():
         cases.append(("CIFAR inception", CifarInception, (3, 32, 32), 32))
     print(f"PyTorch {torch.__version__}, {a.threads} threads, medians of {a.reps} steps")
     for name, cls, shape, batch in cases:
-        for cl in (False, True):
+        for cl in {"nchw": (False,), "channels-last": (True,), "both": (False, True)}[a.layout]:
             t, i = step_times(cls(), shape, batch, a.reps, cl, a.optimizer)
             fmt = "channels-last" if cl else "NCHW"
             print(
