@@ -404,11 +404,14 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
                 .collect();
             for (d, layout) in [(&d_out, GradPlanes::Same), (&d_out_t, GradPlanes::Transposed(rows, cols))] {
                 let mut parts = vec![(f64::NAN, f64::NAN); n * c];
+                let mut d = d.clone();
                 for (s, p) in parts.chunks_exact_mut(c).enumerate() {
                     let r = s * c * hw..(s + 1) * c * hw;
-                    batchnorm_sample_grad_sums(p, &d[r.clone()], &x[r], hw, &saved.mean, relu, layout);
+                    batchnorm_sample_grad_sums(p, &mut d[r.clone()], &x[r], hw, &saved.mean, relu, layout);
                 }
                 assert_eq!(batchnorm_finish_grad_sums(&parts, &saved.rstd), sums, "{rows}x{cols} {layout:?}: sums by sample");
+                // Transposed planes are left in x's orientation for the input gradient's pass.
+                assert_eq!(d, d_out, "{rows}x{cols} {layout:?}: d_out after the sums");
             }
             for write in [GradWrite::Accumulate, GradWrite::Overwrite] {
                 let (mut want, mut got) = (vec![0.25; x.len()], vec![0.25; x.len()]);

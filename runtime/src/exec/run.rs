@@ -19,8 +19,9 @@
 //! Layouts: values are NCHW planes, except those the plan stores as transposed planes
 //! (`Plan::transposed`, `passes::layout`): a convolution reading and writing them is compiled
 //! as its transpose (`Conv2d::transposed`), and a batch norm whose input and output differ in
-//! orientation transposes each plane as it normalises (forward and recomputation) and reads
-//! its output gradient back in its input's orientation, plane by plane (backward).
+//! orientation transposes each plane as it normalises (forward and recomputation) and, in
+//! backward, turns its output gradient's planes into its input's orientation in place (the
+//! first of its two passes, so the second reads them as they are).
 //!
 //! Memory: buffers sit at the plan's [`MemoryPlan`](cnnc_compiler::passes::memplan::MemoryPlan)
 //! offsets in the arena, which each step sees through an [`arena::Mem`](super::arena::Mem)
@@ -667,15 +668,15 @@ impl Program {
                         // Per-channel sums: each sample's terms on all threads (its d_out, a slice
                         // of the possibly concatenated gradient, and its x read in order), added
                         // in sample order (deterministic); then the input gradient per sample
-                        // where needed. (Output planes stored transposed: each d_out plane read
-                        // back in the input's orientation first, the same values in the same
-                        // order.)
+                        // where needed. (Output planes stored transposed: the sums' pass turns
+                        // each d_out plane into the input's orientation in place first, so both
+                        // passes read the same values in the same order as without.)
                         if bn_terms.len() < n * c {
                             bn_terms.resize(n * c, (0.0, 0.0));
                         }
                         let parts = &mut bn_terms[..n * c];
-                        parts.par_chunks_mut(c).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(p, (go, xs))| {
-                            pointwise::batchnorm_sample_grad_sums(p, &go[off..off + num], xs, hw, &saved.mean, relu.as_deref(), layout)
+                        parts.par_chunks_mut(c).zip(gr.par_chunks_mut(stride).zip(xin.par_chunks(num))).for_each(|(p, (go, xs))| {
+                            pointwise::batchnorm_sample_grad_sums(p, &mut go[off..off + num], xs, hw, &saved.mean, relu.as_deref(), layout)
                         });
                         let sums = pointwise::batchnorm_finish_grad_sums(parts, &saved.rstd[..c]);
                         if let Some(dx) = dx {
@@ -684,7 +685,7 @@ impl Program {
                             let write = if overwrite { GradWrite::Overwrite } else { GradWrite::Accumulate };
                             let dx = &mut dx[..n * xl.numel()];
                             dx.par_chunks_mut(num).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
-                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, (hw, layout), relu.as_deref(), write)
+                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, (hw, GradPlanes::Same), relu.as_deref(), write)
                             });
                         }
                         if trains(g, layer) {
