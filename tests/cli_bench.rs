@@ -46,6 +46,9 @@ fn json_parses_into_the_report() {
     assert!(r.engines.iter().all(|e| e.train_ns > 0 && e.infer_ns > 0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["engines"][0]["train_gflops"].as_f64().unwrap() > 0.0);
+    // The GEMM broadcast variant the kernels ran with is in the JSON too.
+    let bc: Vec<&String> = r.notes.iter().filter(|n| n.starts_with("GEMM broadcast: ")).collect();
+    assert!(bc.len() == 1 && bc[0].contains("timed here: folded"), "{:?}", r.notes);
 }
 
 #[test]

@@ -19,7 +19,9 @@
 //! three engines cover the same work. A group's backward time includes zeroing the gradients
 //! whose life starts at its step and recomputing its output where the memory plan recomputes it
 //! (`passes::memplan`); time outside any group (the loss, zeroing the heads' gradients, the
-//! input copy) is the engine row's `other` column.
+//! input copy) is the engine row's `other` column. The report's last note says which GEMM
+//! broadcast variant the JIT kernels ran with and how it was chosen
+//! (`lower::gemm::Broadcast::host_summary`).
 //!
 //! # Memory
 //! Beside the cost report's activation-memory figures ([`cost::Memory`]) each engine gets a
@@ -558,6 +560,8 @@ fn run_here(graph: &Graph, cfg: &BenchConfig, progress: &mut (dyn FnMut(Progress
         })
         .collect();
     tick("done", false);
+    // Which GEMM broadcast variant the JIT kernels ran with, and why (timed here or set).
+    notes.push(cnnc_compiler::lower::gemm::Broadcast::host_summary());
     Ok(BenchReport {
         model: graph.name.clone(),
         batch,

@@ -18,7 +18,7 @@ enum BenchFormat {
 /// Arguments of `cnnc bench`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  cnnc bench examples/models/lenet5.cnn --batch 64\n  cnnc bench tests/models/mini_inception.cnn --batch 32 --no-reference\n  cnnc bench examples/models/lenet5.cnn --reps 3 --format json\n  cnnc bench examples/models/lenet5.cnn --batch 64 --threads 1 --no-reference\n\nEnvironment:\n  CNNC_BROADCAST=folded|mixed|lanes  the GEMM tiles' broadcast variant (default: the fastest here, timed\n                                     once per process; the table's last line says which)"
+    after_help = "Examples:\n  cnnc bench examples/models/lenet5.cnn --batch 64\n  cnnc bench tests/models/mini_inception.cnn --batch 32 --no-reference\n  cnnc bench examples/models/lenet5.cnn --reps 3 --format json\n  cnnc bench examples/models/lenet5.cnn --batch 64 --threads 1 --no-reference\n\nEnvironment:\n  CNNC_BROADCAST=folded|mixed|lanes  the GEMM tiles' broadcast variant (default: the fastest here, timed\n                                     once per process; the report's last note says which)"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -79,9 +79,6 @@ pub fn run(a: Args) -> Result<(), CliError> {
             print!("{}", r.render_table());
         }
         reports.push(r);
-    }
-    if matches!(a.format, BenchFormat::Table) {
-        println!("note: {}", cnnc_compiler::lower::gemm::Broadcast::host_summary());
     }
     if matches!(a.format, BenchFormat::Json) {
         let v = match reports.as_slice() {
