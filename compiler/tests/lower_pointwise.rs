@@ -333,8 +333,8 @@ fn batchnorm_fused_activation_matches_separate_passes() {
         let (mut d1, mut d2) = (vec![0.5; len], vec![0.5; len]);
         for s in 0..n {
             let r = s * c * hw..(s + 1) * c * hw;
-            batchnorm_backward_sample(&mut d1[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), Some(&ab), GradWrite::Accumulate);
-            batchnorm_backward_sample(&mut d2[r.clone()], &masked[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), None, GradWrite::Accumulate);
+            batchnorm_backward_sample(&mut d1[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Accumulate);
+            batchnorm_backward_sample(&mut d2[r.clone()], &masked[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, None, GradWrite::Accumulate);
         }
         for (i, (p, q)) in d1.iter().zip(&d2).enumerate() {
             assert!(p.to_bits() == q.to_bits() || p.is_nan() && q.is_nan(), "{n}x{c}x{hw}: d_x[{i}] {p} vs {q}");
@@ -343,8 +343,8 @@ fn batchnorm_fused_activation_matches_separate_passes() {
         let (mut d3, mut d4) = (vec![7.25; len], vec![0.0; len]);
         for s in 0..n {
             let r = s * c * hw..(s + 1) * c * hw;
-            batchnorm_backward_sample(&mut d3[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), Some(&ab), GradWrite::Overwrite);
-            batchnorm_backward_sample(&mut d4[r.clone()], &d_out[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), Some(&ab), GradWrite::Accumulate);
+            batchnorm_backward_sample(&mut d3[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Overwrite);
+            batchnorm_backward_sample(&mut d4[r.clone()], &d_out[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, Some(&ab), GradWrite::Accumulate);
         }
         assert_eq!(d3, d4, "{n}x{c}x{hw}: overwrite vs accumulate into zeros");
     }
@@ -386,7 +386,8 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
         assert_eq!(mapped, want_mapped, "{rows}x{cols}: mapped");
 
         // Batch norm's backward with d_out stored transposed: the same sums and input
-        // gradient, bit for bit, as with d_out in x's orientation.
+        // gradient, bit for bit, as with d_out in x's orientation (the input gradient reading
+        // the planes the sums' pass turned).
         let d_out = rand_vec(&mut rng, n * c * hw);
         let d_out_t = transposed(&d_out, (rows, cols));
         let saved = BnSaved { mean: rand_vec(&mut rng, c), rstd: (0..c).map(|_| rng.random_range(0.5f32..2.0)).collect() };
@@ -402,6 +403,7 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
                     batchnorm_grad_sums(planes, saved.mean[ch], saved.rstd[ch], relu.map(|r| r[ch]))
                 })
                 .collect();
+            let mut turned = Vec::new();
             for (d, layout) in [(&d_out, GradPlanes::Same), (&d_out_t, GradPlanes::Transposed(rows, cols))] {
                 let mut parts = vec![(f64::NAN, f64::NAN); n * c];
                 let mut d = d.clone();
@@ -412,13 +414,14 @@ fn planes_transpose_and_batch_norm_reads_them_back() {
                 assert_eq!(batchnorm_finish_grad_sums(&parts, &saved.rstd), sums, "{rows}x{cols} {layout:?}: sums by sample");
                 // Transposed planes are left in x's orientation for the input gradient's pass.
                 assert_eq!(d, d_out, "{rows}x{cols} {layout:?}: d_out after the sums");
+                turned = d;
             }
             for write in [GradWrite::Accumulate, GradWrite::Overwrite] {
                 let (mut want, mut got) = (vec![0.25; x.len()], vec![0.25; x.len()]);
                 for s in 0..n {
                     let r = s * c * hw..(s + 1) * c * hw;
-                    batchnorm_backward_sample(&mut want[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Same), relu, write);
-                    batchnorm_backward_sample(&mut got[r.clone()], &d_out_t[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, (hw, GradPlanes::Transposed(rows, cols)), relu, write);
+                    batchnorm_backward_sample(&mut want[r.clone()], &d_out[r.clone()], &x[r.clone()], 0, &sums, &saved, &gamma, n * hw, hw, relu, write);
+                    batchnorm_backward_sample(&mut got[r.clone()], &turned[r.clone()], &x[r], 0, &sums, &saved, &gamma, n * hw, hw, relu, write);
                 }
                 assert_eq!(got, want, "{rows}x{cols} {write:?}: input gradient");
             }

@@ -544,23 +544,11 @@ pub enum GradPlanes {
 }
 
 impl GradPlanes {
-    /// The buffer [`GradPlanes::oriented`] needs: one plane for `Transposed`, none for `Same`.
+    /// The buffer turning a plane takes: one plane for `Transposed`, none for `Same`.
     fn buffer(self) -> Vec<f32> {
         match self {
             GradPlanes::Same => Vec::new(),
             GradPlanes::Transposed(rows, cols) => vec![0.0f32; rows * cols],
-        }
-    }
-
-    /// Output-gradient plane `g` in its input's orientation: `g` itself, or `g` transposed
-    /// into `t` (from [`GradPlanes::buffer`]), a buffer in cache.
-    fn oriented<'a>(self, g: &'a [f32], t: &'a mut [f32]) -> &'a [f32] {
-        match self {
-            GradPlanes::Same => g,
-            GradPlanes::Transposed(rows, cols) => {
-                transpose_plane(t, g, (cols, rows), |v| v);
-                t
-            }
         }
     }
 }
@@ -618,9 +606,8 @@ fn block_sums<const RELU: bool>(g: &[f32], x: &[f32], mean: f32, (a, b): (f32, f
 /// `g = d_out`, or `g = [x*a + b > 0] d_out` with `relu = Some(affine)` (`affine[ch] = (a, b)`,
 /// each channel's forward map before its ReLU, indexed like `gamma`). `write` says whether the
 /// result is added to `d_x` (`+=`) or replaces it (`=`, for a gradient nothing else has written
-/// yet: its buffer need not be zeroed first). With [`GradPlanes::Transposed`] (`rows * cols
-/// == hw`) each `d_out` plane is transposed into a buffer in cache, then used exactly as in
-/// [`GradPlanes::Same`].
+/// yet: its buffer need not be zeroed first). `d_out`'s planes are in `x`'s orientation
+/// (transposed ones are turned by [`batchnorm_sample_grad_sums`] first).
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward_sample(
     d_x: &mut [f32],
@@ -631,19 +618,14 @@ pub fn batchnorm_backward_sample(
     saved: &BnSaved,
     gamma: &[f32],
     values: usize,
-    (hw, layout): (usize, GradPlanes),
+    hw: usize,
     relu: Option<&[(f32, f32)]>,
     write: GradWrite,
 ) {
-    if let GradPlanes::Transposed(rows, cols) = layout {
-        assert_eq!(rows * cols, hw, "batch norm backward: transposed planes of {rows}x{cols}, not {hw} values");
-    }
-    let mut t = layout.buffer();
     for (i, &(sg, sgx)) in sums.iter().enumerate() {
         let ch = first + i;
         let p = ch * hw;
-        let g = layout.oriented(&d_out[p..p + hw], &mut t);
-        batchnorm_backward_plane(&mut d_x[p..p + hw], g, &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]), write);
+        batchnorm_backward_plane(&mut d_x[p..p + hw], &d_out[p..p + hw], &x[p..p + hw], (saved.mean[ch], saved.rstd[ch], gamma[ch]), (sg, sgx), values, relu.map(|r| r[ch]), write);
     }
 }
 
@@ -710,7 +692,7 @@ pub fn batchnorm_backward(
     }
     for s in 0..n {
         let r = s * c * hw..(s + 1) * c * hw;
-        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, (hw, GradPlanes::Same), None, GradWrite::Accumulate);
+        batchnorm_backward_sample(&mut d_x[r.clone()], &d_out[r.clone()], &x[r], channels.start, &sums, saved, gamma, n * hw, hw, None, GradWrite::Accumulate);
     }
     Ok(())
 }

@@ -685,7 +685,7 @@ impl Program {
                             let write = if overwrite { GradWrite::Overwrite } else { GradWrite::Accumulate };
                             let dx = &mut dx[..n * xl.numel()];
                             dx.par_chunks_mut(num).zip(gr.par_chunks(stride).zip(xin.par_chunks(num))).for_each(|(d, (go, xs))| {
-                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, (hw, GradPlanes::Same), relu.as_deref(), write)
+                                pointwise::batchnorm_backward_sample(d, &go[off..off + num], xs, 0, &sums, saved, gamma, n * hw, hw, relu.as_deref(), write)
                             });
                         }
                         if trains(g, layer) {
