@@ -1,6 +1,6 @@
-//! `CNNC_BROADCAST` with a value other than `folded` or `lanes`: every JIT module refuses to
-//! build, with an error naming the variable and the value (its own test binary: the host's
-//! choice is made once per process).
+//! `CNNC_BROADCAST` with a value other than `folded`, `mixed` or `lanes`: every JIT module
+//! refuses to build, with an error naming the variable and the value (its own test binary:
+//! the host's choice is made once per process).
 #![cfg(feature = "jit")]
 
 use cnnc_compiler::lower::gemm::Broadcast;

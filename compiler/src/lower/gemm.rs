@@ -1090,9 +1090,9 @@ impl WgradPlan {
     /// Define the `mr x nr` variants (`mrs` in `1..=4`, `nrs` in `1..=8`) of `spec`.
     pub fn define(jit: &mut Jit, name: &str, spec: WgradSpec, mrs: &[usize], nrs: &[usize]) -> Result<WgradPlan> {
         let mut ids = Vec::new();
+        let bc = jit.broadcast();
         for &mr in mrs {
             for &nr in nrs {
-                let bc = jit.broadcast();
                 let id = jit.define(&format!("{name}_{mr}x{nr}_{}x{}", spec.rows, spec.width), spec.extents(mr, nr), |b, args| {
                     gen_wgrad_tile(b, args, &spec, (mr, nr), bc)
                 })?;
