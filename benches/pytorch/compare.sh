@@ -23,6 +23,9 @@ models=${MODELS:-cifar lenet}
 [[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "error: PAIRS must be a positive integer, got \`$pairs\`" >&2; exit 1; }
 "$py" -c 'import torch' 2>/dev/null || { echo "error: \`$py\` cannot import torch (see the usage above)" >&2; exit 1; }
 
+# The median of the numbers on standard input, one a line.
+sort_median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+
 for model in $models; do
     case $model in
         cifar) file=examples/models/cifar_inception.cnn batch=32 ;;
@@ -43,7 +46,6 @@ for model in $models; do
         awk -v i="$i" -v cs="$cs" -v ts="$ts" -v ci="$ci" -v ti="$ti" \
             'BEGIN { printf "%5d %12.2f %12.2f %7.3f %14.2f %14.2f %7.3f\n", i, cs, ts, cs / ts, ci, ti, ci / ti }'
     done
-    sort_median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
     cs_m=$(awk '{print $1}' "$out" | sort_median); ts_m=$(awk '{print $2}' "$out" | sort_median)
     ci_m=$(awk '{print $3}' "$out" | sort_median); ti_m=$(awk '{print $4}' "$out" | sort_median)
     rs_m=$(awk '{print $1 / $2}' "$out" | sort_median); ri_m=$(awk '{print $3 / $4}' "$out" | sort_median)
