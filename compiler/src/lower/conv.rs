@@ -40,7 +40,11 @@
 //! Each sample's group input is copied once into zero-padded planes (`PW` = the output row
 //! rounded up to 8 plus the kernel's extent, planes an odd number of cache lines apart so a
 //! pixel of successive channels falls in different L1 sets); an unpadded 1x1 layer sees each
-//! plane as one row of `H*W` pixels.
+//! plane as one row of `H*W` pixels, and reads its source in place, with no copy, where whole
+//! tiles cover that row and its planes' blocks spread over the L1 sets anyway (56x56, 28x28;
+//! not 32x32 or 16x16, see `Planes::in_place`). Measured one thread, the copy switched inside
+//! one binary, eight alternated kernel-bench runs: 1x1 64->64 on 56x56 batch 8 forward 0.929,
+//! backward data 0.936 of the time, 64->256 forward 0.964, 256->64 backward data 0.969.
 //! - forward (output rows >= 8 wide, except large unpadded 1x1 layers, see above): a tile of 4 output channels x 8 pixels of one output row
 //!   reads its `B` in place, `x_pad[ci, oy + ky*dh, ox + kx*dw .. +8]`, at compile-time tap
 //!   offsets ([`DirectB`]); `A` is the packed weights as before. No packing of `B` at all.
@@ -316,6 +320,44 @@ impl Planes {
         Planes { chans, src_h, src_w, top, left, ph, pw, plane, out_h, out_w }
     }
 
+    /// These planes as the source's own layout where a direct GEMM may read its source in
+    /// place instead of a padded copy, else `self`: an unpadded 1x1 layer (one row of `src_w`
+    /// pixels a plane) whose rows hold whole 8-wide tiles (no tile reads past a plane), and
+    /// whose blocks of `reps` tiles ([`Direct::run`]) spread evenly over the L1 sets, with at
+    /// most [`PREFETCH_MIN_BYTES`] of source a sample (a larger one, beyond L2, is read faster
+    /// as the copy's sequential rows than as 8 pixels of every plane at once). Plane
+    /// starts `stride` bytes apart fall on `L1_WAY_BYTES / gcd(stride, L1_WAY_BYTES)` distinct
+    /// offsets within a way, so a block's bytes of every plane cover each set equally often
+    /// when they span at least `gcd(stride, L1_WAY_BYTES)` (56x56 planes: 12,544 bytes, gcd
+    /// 256, blocks of 256-512 bytes). Planes 4 KiB apart (32x32) put every plane's block in
+    /// the same sets and 1 KiB apart (16x16) in a quarter of them; those keep the copy, whose
+    /// planes are an odd number of lines apart.
+    fn in_place(self, reps: usize) -> Planes {
+        let unpadded = self.src_h == 1 && self.ph == 1 && self.top == 0 && self.left == 0 && self.out_w == self.src_w;
+        let stride = self.src_w * std::mem::size_of::<f32>();
+        if !unpadded || !self.src_w.is_multiple_of(NR) || self.chans * stride > PREFETCH_MIN_BYTES {
+            return self;
+        }
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        if reps * NR * std::mem::size_of::<f32>() >= gcd(stride, L1_WAY_BYTES) {
+            Planes { pw: self.src_w, plane: self.src_w, ..self }
+        } else {
+            self
+        }
+    }
+
+    /// Whether the planes are laid out as their source (`chans` planes of `src_h x src_w`,
+    /// back to back): a runner then hands the kernel the source itself ([`Planes::fill`]
+    /// would copy it unchanged).
+    fn is_source(&self) -> bool {
+        self.ph == self.src_h && self.pw == self.src_w && self.top == 0 && self.left == 0 && self.plane == self.src_h * self.src_w
+    }
+
     /// Elements of a buffer holding all planes.
     fn len(&self) -> usize {
         self.chans * self.plane
@@ -420,6 +462,11 @@ fn pack_groups(packs: &mut Vec<Vec<f32>>, groups: usize, mut pack: impl FnMut(&m
 fn rows_fit_tiles(w: usize) -> bool {
     w >= NR
 }
+
+/// Bytes of one way of the L1 data cache (64 sets of 64-byte lines: 32 KiB 8-way on AMD
+/// Zen 3 and Intel before Ice Lake, 48 KiB 12-way on Sapphire Rapids), the period of the
+/// address-to-set map [`Planes::in_place`] spreads blocks over.
+const L1_WAY_BYTES: usize = 4096;
 
 /// Bytes of `B` a direct GEMM's block of tiles may span (see [`Direct::run`]).
 const TILE_BLOCK_BYTES: usize = 32768;
@@ -870,7 +917,9 @@ impl ConvKernels {
                     let df = if rows_fit_tiles(ohw.1) && !(g.is_direct() && cg * g.h * g.w * 4 > PREFETCH_MIN_BYTES) {
                         let pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
                         let spec = GemmSpec { n: ohw.1, ..fwd };
-                        let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))), c_bytes(&spec));
+                        let taps = || (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)));
+                        let pl = pl.in_place(pl.direct(taps(), c_bytes(&spec)).reps);
+                        let d = pl.direct(taps(), c_bytes(&spec));
                         Some((GemmPlan::define_direct(&mut jit, "conv_fwd_direct", spec, &d)?, pl))
                     } else {
                         None
@@ -880,7 +929,9 @@ impl ConvKernels {
                         let left = (dk[1] - 1) as isize - g.pads[2] as isize;
                         let pl = Planes::new(mg, ohw, ihw, dk, top, left);
                         let spec = GemmSpec::plain(Some(cg), ihw.1, mg * kh * kw, g.h * g.w, !opts.overwrite_dx);
-                        let d = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))), c_bytes(&spec));
+                        let taps = || (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)));
+                        let pl = pl.in_place(pl.direct(taps(), c_bytes(&spec)).reps);
+                        let d = pl.direct(taps(), c_bytes(&spec));
                         Some((GemmPlan::define_direct(&mut jit, "conv_bwd_data_direct", spec, &d)?, pl))
                     } else {
                         None
@@ -1185,10 +1236,17 @@ impl ConvKernels {
             Impl::Blocked { fwd, direct_fwd, .. } => scratch::with(&SCRATCH, |sc| {
                 let packs = pack_groups(&mut sc.packs, g.groups, |dst, gi| pack_a(dst, &w[gi * mg * kc..], mg, kc, kc, 1));
                 if let Some(d) = direct_fwd {
-                    let pad = sc.pad.get(&d.planes);
+                    let mut pad = (!d.planes.is_source()).then(|| sc.pad.get(&d.planes));
                     for s in 0..n {
                         for (gi, ap) in packs.iter().enumerate() {
-                            d.planes.fill(pad, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
+                            let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
+                            let b: &[f32] = match pad.as_deref_mut() {
+                                Some(pad) => {
+                                    d.planes.fill(pad, xs);
+                                    pad
+                                }
+                                None => xs,
+                            };
                             let r0 = gi * mg;
                             let epi = EpiArgs {
                                 bias: if self.bias { &bias[r0..] } else { &[] },
@@ -1196,7 +1254,7 @@ impl ConvKernels {
                                 shift: if self.epi.affine { &shift[r0..] } else { &[] },
                                 residual: if self.epi.residual { &residual[(s * g.cout + r0) * p..] } else { &[] },
                             };
-                            d.run(out, (s * cs.total + cs.offset + gi * mg) * p, mg, ap, pad, &epi);
+                            d.run(out, (s * cs.total + cs.offset + gi * mg) * p, mg, ap, b, &epi);
                         }
                         sample_stats(out, s);
                     }
@@ -1374,12 +1432,19 @@ impl ConvKernels {
                     }
                     pack_a(a, wt, cg, mg * taps, mg * taps, 1);
                 });
-                let pad = sc.pad.get(&d.planes);
+                let mut pad = (!d.planes.is_source()).then(|| sc.pad.get(&d.planes));
                 for s in 0..n {
                     let dos = d_out.sample(s, region(s))?;
                     for (gi, ap) in packs.iter().enumerate() {
-                        d.planes.fill(pad, &dos[gi * mg * p..][..mg * p]);
-                        d.run(d_x, s * g.in_numel() + gi * cg * hw, cg, ap, pad, &EpiArgs::default());
+                        let src = &dos[gi * mg * p..][..mg * p];
+                        let b: &[f32] = match pad.as_deref_mut() {
+                            Some(pad) => {
+                                d.planes.fill(pad, src);
+                                pad
+                            }
+                            None => src,
+                        };
+                        d.run(d_x, s * g.in_numel() + gi * cg * hw, cg, ap, b, &EpiArgs::default());
                     }
                 }
                 Ok(())
@@ -1484,7 +1549,7 @@ impl ConvKernels {
                     dwt.fill(0.0);
                     for s in 0..n {
                         let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
-                        let pad: &[f32] = if g.is_direct() {
+                        let pad: &[f32] = if pl.is_source() {
                             xs
                         } else {
                             let pad = sc.pad.get(pl);
@@ -1842,3 +1907,45 @@ impl ConvKernels {
 
 #[allow(dead_code)]
 const _: () = assert!(MR == 4 && NR == 8);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1x1 unpadded layer's planes (`chans` planes of `h x w`, seen as one row each), as the
+    /// forward and backward data define them, and the tiles per block they run.
+    fn one_by_one(chans: usize, h: usize, w: usize, k: usize) -> (Planes, usize) {
+        let pl = Planes::new(chans, (1, h * w), (1, h * w), [1, 1], 0, 0);
+        let reps = pl.direct(std::iter::once((0, 0)), 0).reps;
+        assert_eq!(reps, tile_block(k, 0).min(h * w / NR).max(1));
+        (pl, reps)
+    }
+
+    #[test]
+    fn planes_are_read_in_place_only_where_blocks_spread_over_l1() {
+        // 56x56 (12,544-byte planes, gcd 256 with a 4 KiB way) and 28x28 (3,136, gcd 64):
+        // in place, the source's own layout.
+        for (chans, h, w) in [(64, 56, 56), (20, 28, 28), (12, 28, 28)] {
+            let (pl, reps) = one_by_one(chans, h, w, chans);
+            let ip = pl.in_place(reps);
+            assert!(ip.is_source(), "{chans}x{h}x{w}: {ip:?}");
+            assert_eq!((ip.plane, ip.pw, ip.len()), (h * w, h * w, chans * h * w));
+            // Blocks of 256 bytes still cover 56x56 planes' sets evenly, 224 do not.
+            assert_eq!(pl.in_place(8).is_source(), h == 56 || h == 28);
+            assert_eq!(pl.in_place(7).is_source(), h == 28);
+        }
+        // 32x32 (4 KiB planes: one set offset), 16x16 (1 KiB: four), 17x17 (tiles would
+        // read past a plane), a source over 1 MiB a sample (56x56x128): the padded copy,
+        // whose planes are an odd number of lines apart.
+        for (chans, h, w) in [(64, 32, 32), (128, 16, 16), (16, 17, 17), (128, 56, 56)] {
+            let (pl, reps) = one_by_one(chans, h, w, chans);
+            let ip = pl.in_place(reps);
+            assert_eq!(ip, pl, "{chans}x{h}x{w}");
+            assert!(!ip.is_source() && (ip.plane / 16) % 2 == 1, "{chans}x{h}x{w}: {ip:?}");
+        }
+        // Padded or multi-tap planes are never the source's layout.
+        let padded = Planes::new(8, (28, 28), (28, 28), [3, 3], 1, 1);
+        assert_eq!(padded.in_place(16), padded);
+        assert!(!padded.is_source());
+    }
+}
