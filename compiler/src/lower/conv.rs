@@ -326,10 +326,11 @@ impl Planes {
     /// whose blocks of `reps` tiles ([`Direct::run`]) spread evenly over the L1 sets, with at
     /// most [`PREFETCH_MIN_BYTES`] of source a sample (a larger one, beyond L2, is read faster
     /// as the copy's sequential rows than as 8 pixels of every plane at once). Plane
-    /// starts `stride` bytes apart fall on `L1_WAY_BYTES / gcd(stride, L1_WAY_BYTES)` distinct
-    /// offsets within a way, so a block's bytes of every plane cover each set equally often
-    /// when they span at least `gcd(stride, L1_WAY_BYTES)` (56x56 planes: 12,544 bytes, gcd
-    /// 256, blocks of 256-512 bytes). Planes 4 KiB apart (32x32) put every plane's block in
+    /// starts `stride` bytes apart fall on `L1_WAY_BYTES / period` distinct offsets within a
+    /// way, `period` being the largest power of two dividing `stride` (at most
+    /// `L1_WAY_BYTES`, itself a power of two: their gcd), so a block's bytes of every plane
+    /// cover each set equally often when they span at least `period` (56x56 planes: 12,544
+    /// bytes, period 256, blocks of 256-512 bytes). Planes 4 KiB apart (32x32) put every plane's block in
     /// the same sets and 1 KiB apart (16x16) in a quarter of them; those keep the copy, whose
     /// planes are an odd number of lines apart.
     fn in_place(self, reps: usize) -> Planes {
@@ -338,13 +339,8 @@ impl Planes {
         if !unpadded || !self.src_w.is_multiple_of(NR) || self.chans * stride > PREFETCH_MIN_BYTES {
             return self;
         }
-        let gcd = |mut a: usize, mut b: usize| {
-            while b != 0 {
-                (a, b) = (b, a % b);
-            }
-            a
-        };
-        if reps * NR * std::mem::size_of::<f32>() >= gcd(stride, L1_WAY_BYTES) {
+        let period = 1 << stride.trailing_zeros().min(L1_WAY_BYTES.trailing_zeros());
+        if reps * NR * std::mem::size_of::<f32>() >= period {
             Planes { pw: self.src_w, plane: self.src_w, ..self }
         } else {
             self
@@ -389,10 +385,15 @@ impl Planes {
     /// writing `c_bytes` of `C` a sample ([`tile_block`]).
     fn direct(&self, taps: impl Iterator<Item = (usize, usize)>, c_bytes: usize) -> DirectB {
         let taps: Vec<usize> = taps.map(|(y, x)| y * self.pw + x).collect();
-        // Tiles per call: the block `Direct::run` runs per row panel, or as many whole tiles
-        // as a shorter row holds.
-        let reps = tile_block(self.chans * taps.len(), c_bytes).min(self.out_w / NR).max(1);
+        let reps = self.block_tiles(taps.len(), c_bytes);
         DirectB { chans: self.chans, plane: self.plane, taps, reps }
+    }
+
+    /// Tiles per call of a direct GEMM over these planes with `taps` kernel taps, writing
+    /// `c_bytes` of `C` a sample: the block `Direct::run` runs per row panel
+    /// ([`tile_block`]), or as many whole tiles as a shorter row holds.
+    fn block_tiles(&self, taps: usize, c_bytes: usize) -> usize {
+        tile_block(self.chans * taps, c_bytes).min(self.out_w / NR).max(1)
     }
 }
 
@@ -414,6 +415,18 @@ impl PaddedPlanes {
             self.layout = Some(*pl);
         }
         &mut self.buf[..pl.len()]
+    }
+
+    /// `src` (`pl.chans` planes of `src_h x src_w`) as a kernel on `pl` reads it: `src` itself
+    /// where `pl` is its own layout ([`Planes::is_source`]), else copied into this buffer's
+    /// padded planes ([`Planes::fill`]).
+    fn view<'a>(&'a mut self, pl: &Planes, src: &'a [f32]) -> &'a [f32] {
+        if pl.is_source() {
+            return src;
+        }
+        let pad = self.get(pl);
+        pl.fill(pad, src);
+        pad
     }
 }
 
@@ -467,6 +480,7 @@ fn rows_fit_tiles(w: usize) -> bool {
 /// Zen 3 and Intel before Ice Lake, 48 KiB 12-way on Sapphire Rapids), the period of the
 /// address-to-set map [`Planes::in_place`] spreads blocks over.
 const L1_WAY_BYTES: usize = 4096;
+const _: () = assert!(L1_WAY_BYTES.is_power_of_two());
 
 /// Bytes of `B` a direct GEMM's block of tiles may span (see [`Direct::run`]).
 const TILE_BLOCK_BYTES: usize = 32768;
@@ -912,13 +926,13 @@ impl ConvKernels {
                     let cg = g.cin / g.groups;
                     // An unpadded 1x1 convolution sees each plane as one row of pixels.
                     let (ihw, ohw) = if g.is_direct() { ((1, g.h * g.w), (1, p)) } else { ((g.h, g.w), (g.oh, g.ow)) };
+                    let taps = || (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)));
                     // A 1x1 forward whose input outgrows L2 packs its B instead (see
                     // `ConvKernels::forward`).
                     let df = if rows_fit_tiles(ohw.1) && !(g.is_direct() && cg * g.h * g.w * 4 > PREFETCH_MIN_BYTES) {
                         let pl = Planes::new(cg, ihw, ohw, dk, g.pads[0] as isize, g.pads[2] as isize);
                         let spec = GemmSpec { n: ohw.1, ..fwd };
-                        let taps = || (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)));
-                        let pl = pl.in_place(pl.direct(taps(), c_bytes(&spec)).reps);
+                        let pl = pl.in_place(pl.block_tiles(kh * kw, c_bytes(&spec)));
                         let d = pl.direct(taps(), c_bytes(&spec));
                         Some((GemmPlan::define_direct(&mut jit, "conv_fwd_direct", spec, &d)?, pl))
                     } else {
@@ -929,8 +943,7 @@ impl ConvKernels {
                         let left = (dk[1] - 1) as isize - g.pads[2] as isize;
                         let pl = Planes::new(mg, ohw, ihw, dk, top, left);
                         let spec = GemmSpec::plain(Some(cg), ihw.1, mg * kh * kw, g.h * g.w, !opts.overwrite_dx);
-                        let taps = || (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)));
-                        let pl = pl.in_place(pl.direct(taps(), c_bytes(&spec)).reps);
+                        let pl = pl.in_place(pl.block_tiles(kh * kw, c_bytes(&spec)));
                         let d = pl.direct(taps(), c_bytes(&spec));
                         Some((GemmPlan::define_direct(&mut jit, "conv_bwd_data_direct", spec, &d)?, pl))
                     } else {
@@ -942,7 +955,7 @@ impl ConvKernels {
                         // rows are 4 streams; nothing is read past a plane).
                         pl = Planes { ph: 1, pw: p, plane: p, ..pl };
                     }
-                    let taps = pl.direct((0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw))), 0).taps;
+                    let taps = pl.direct(taps(), 0).taps;
                     let dw = if opts.forward_only { None } else { Some(DirectWPlan::define(&mut jit, pl, taps, cg, mg)?) };
                     (df, db, dw)
                 } else {
@@ -1238,17 +1251,9 @@ impl ConvKernels {
             Impl::Blocked { fwd, direct_fwd, .. } => scratch::with(&SCRATCH, |sc| {
                 let packs = pack_groups(&mut sc.packs, g.groups, |dst, gi| pack_a(dst, &w[gi * mg * kc..], mg, kc, kc, 1));
                 if let Some(d) = direct_fwd {
-                    let mut pad = (!d.planes.is_source()).then(|| sc.pad.get(&d.planes));
                     for s in 0..n {
                         for (gi, ap) in packs.iter().enumerate() {
-                            let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
-                            let b: &[f32] = match pad.as_deref_mut() {
-                                Some(pad) => {
-                                    d.planes.fill(pad, xs);
-                                    pad
-                                }
-                                None => xs,
-                            };
+                            let b = sc.pad.view(&d.planes, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
                             let r0 = gi * mg;
                             let epi = EpiArgs {
                                 bias: if self.bias { &bias[r0..] } else { &[] },
@@ -1434,18 +1439,10 @@ impl ConvKernels {
                     }
                     pack_a(a, wt, cg, mg * taps, mg * taps, 1);
                 });
-                let mut pad = (!d.planes.is_source()).then(|| sc.pad.get(&d.planes));
                 for s in 0..n {
                     let dos = d_out.sample(s, region(s))?;
                     for (gi, ap) in packs.iter().enumerate() {
-                        let src = &dos[gi * mg * p..][..mg * p];
-                        let b: &[f32] = match pad.as_deref_mut() {
-                            Some(pad) => {
-                                d.planes.fill(pad, src);
-                                pad
-                            }
-                            None => src,
-                        };
+                        let b = sc.pad.view(&d.planes, &dos[gi * mg * p..][..mg * p]);
                         d.run(d_x, s * g.in_numel() + gi * cg * hw, cg, ap, b, &EpiArgs::default());
                     }
                 }
@@ -1550,14 +1547,7 @@ impl ConvKernels {
                 for gi in 0..g.groups {
                     dwt.fill(0.0);
                     for s in 0..n {
-                        let xs = &x[s * g.in_numel() + gi * cg * hw..][..cg * hw];
-                        let pad: &[f32] = if pl.is_source() {
-                            xs
-                        } else {
-                            let pad = sc.pad.get(pl);
-                            pl.fill(pad, xs);
-                            pad
-                        };
+                        let pad = sc.pad.view(pl, &x[s * g.in_numel() + gi * cg * hw..][..cg * hw]);
                         let dout = &d_out[(s * cs.total + cs.offset + gi * mg) * p..][..mg * p];
                         // Pixel blocks: (first row, first column, kernels), along the row of a
                         // one-row output, else whole rows.
